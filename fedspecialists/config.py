@@ -1,0 +1,310 @@
+"""Experiment configuration: Hydra composition of ``conf/`` checked against a typed schema.
+
+``conf/`` is the single source of every experiment setting. :func:`load_config` composes it with
+Hydra (the same files a sweep uses), merges the result into the structured schema below so that an
+unknown key or a wrong type is refused with the key named, then checks value ranges.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
+TASK_SOURCES = ("builtin", "hub", "files")
+METHODS = ("fltac", "fedit", "oracle", "local")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range (the key is named)."""
+
+
+@dataclass
+class TaskSpec:
+    """One task of a suite: where its data comes from and how to read it.
+
+    ``source`` selects the loader: ``builtin`` (data shipped in packages, ``builtin`` names it),
+    ``hub`` (``datasets.load_dataset(path, subset)``; ``path`` may also be a local dataset folder) or
+    ``files`` (local CSV / JSON lines / Parquet files named in ``data_files``).
+    """
+
+    name: str = MISSING
+    kind: str = "text_classification"
+    source: str = "builtin"
+    builtin: str | None = None
+    path: str | None = None
+    subset: str | None = None
+    data_files: dict[str, str] = field(default_factory=dict)
+    train_split: str = "train"
+    test_split: str | None = "test"
+    test_fraction: float = 0.2
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    image_column: str = "image"
+    prompt_columns: list[str] = field(default_factory=lambda: ["instruction", "context"])
+    response_column: str = "response"
+    filter_column: str | None = None
+    filter_value: str | None = None
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+
+
+@dataclass
+class SuiteConfig:
+    name: str = MISSING
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """Base model. ``builtin:all-MiniLM-L6-v2`` resolves to the copy shipped in a package."""
+
+    name_or_path: str = "builtin:all-MiniLM-L6-v2"
+    pretrained: bool = True
+    tokenizer: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    head_module: str = "classifier"
+    max_length: int = 64
+    image_size: int | None = None
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 1
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class TrainSettings:
+    local_epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    num_threads: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """Which strategy runs, and how clients hold adapters (one per task, or one shared)."""
+
+    name: str = "fltac"
+    adapters: str = "per_task"
+
+
+@dataclass
+class FLTACConfig:
+    """Settings of ``TaskAdapterClustering``.
+
+    ``num_clusters``: ``null`` = number of tasks in the suite (the paper), an int, or ``auto``
+    (silhouette over ``auto_k_min..auto_k_max``).
+    """
+
+    num_clusters: Any = None
+    auto_k_min: int = 2
+    auto_k_max: int = 8
+    feature_source: str = "update"
+    feature_tensors: str = "all"
+    normalize: bool = True
+    weighting: str = "uniform"
+    kmeans_n_init: int = 10
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 10
+    fraction_train: float = 1.0
+    min_replies: int = 1
+    node_wait_s: float = 60.0
+    reply_timeout_s: float = 3600.0
+
+
+@dataclass
+class PartitionConfig:
+    alpha: float = 0.5
+    min_share: float = 0.01
+
+
+@dataclass
+class ValidationConfig:
+    max_abs_value: float = 1.0e4
+    max_update_norm: float | None = None
+
+
+@dataclass
+class OutputConfig:
+    root: str = "${oc.env:HOME}/fedspecialists-runs"
+    name: str | None = None
+    plots: bool = True
+    save_adapters: bool = True
+
+
+@dataclass
+class DataSettings:
+    cache_dir: str = "${oc.env:FEDSPECIALISTS_CACHE,${oc.env:HOME}/.cache/fedspecialists}"
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    num_rounds: int = 6
+    report_true_tasks: bool = True
+    method: MethodConfig = field(default_factory=MethodConfig)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    fltac: FLTACConfig = field(default_factory=FLTACConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+
+
+def parse_overrides(overrides: str | list[str] | None) -> list[str]:
+    """Split a run-config overrides string (``"method=fedit seed=1"``) into Hydra overrides."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return shlex.split(overrides)
+    return list(overrides)
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        # A context manager: Ray actors are reused and GlobalHydra is a process singleton.
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    except HydraException as exc:
+        raise ConfigError(f"invalid configuration override: {exc}") from exc
+
+
+def apply_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge ``cfg`` into the typed schema; unknown keys and wrong types raise ``ConfigError``."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    assert isinstance(merged, DictConfig)
+    validate(merged)
+    return merged
+
+
+def load_config(
+    overrides: str | list[str] | None = None, config_name: str = "config"
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type-check and range-check it."""
+    return apply_schema(_compose(parse_overrides(overrides), config_name))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the type system cannot express. Raises ``ConfigError`` naming the key."""
+    _check(cfg.seed >= 0, "seed", "must be >= 0")
+    _check(cfg.num_rounds >= 1, "num_rounds", "must be >= 1")
+    _check(cfg.method.name in METHODS, "method.name", f"must be one of {METHODS}")
+    _check(
+        cfg.method.adapters in ("per_task", "shared"),
+        "method.adapters",
+        "must be 'per_task' or 'shared'",
+    )
+    _check(len(cfg.suite.tasks) >= 1, "suite.tasks", "needs at least one task")
+    names = [t.name for t in cfg.suite.tasks]
+    _check(len(set(names)) == len(names), "suite.tasks", f"task names must be unique: {names}")
+    for i, task in enumerate(cfg.suite.tasks):
+        key = f"suite.tasks[{i}]"
+        _check(task.kind in TASK_KINDS, f"{key}.kind", f"must be one of {TASK_KINDS}")
+        _check(task.source in TASK_SOURCES, f"{key}.source", f"must be one of {TASK_SOURCES}")
+        if task.source == "builtin":
+            _check(task.builtin is not None, f"{key}.builtin", "required when source=builtin")
+        if task.source == "hub":
+            _check(task.path is not None, f"{key}.path", "required when source=hub")
+        if task.source == "files":
+            _check("train" in task.data_files, f"{key}.data_files", "needs a 'train' file")
+        _check(0.0 < task.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+        for limit in ("max_train_examples", "max_test_examples"):
+            value = task[limit]
+            _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
+    _check(cfg.model.max_length >= 8, "model.max_length", "must be >= 8")
+    _check(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    _check(cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0")
+    _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = all cores)")
+    k = cfg.fltac.num_clusters
+    _check(
+        k is None or k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+        "fltac.num_clusters",
+        "must be null (= number of tasks), 'auto' or an int >= 1",
+    )
+    _check(cfg.fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
+    _check(
+        cfg.fltac.auto_k_max >= cfg.fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min"
+    )
+    _check(
+        cfg.fltac.feature_source in ("update", "weights"),
+        "fltac.feature_source",
+        "must be 'update' or 'weights'",
+    )
+    _check(
+        cfg.fltac.feature_tensors in ("all", "lora", "head", "lora_product"),
+        "fltac.feature_tensors",
+        "must be one of all, lora, head, lora_product",
+    )
+    _check(
+        cfg.fltac.weighting in ("uniform", "samples"),
+        "fltac.weighting",
+        "must be 'uniform' or 'samples'",
+    )
+    _check(cfg.fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
+    _check(cfg.federation.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    _check(
+        0.0 < cfg.federation.fraction_train <= 1.0,
+        "federation.fraction_train",
+        "must be in (0, 1]",
+    )
+    _check(cfg.federation.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _check(cfg.federation.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
+    _check(cfg.federation.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
+    _check(cfg.partition.alpha > 0, "partition.alpha", "must be > 0")
+    _check(0.0 <= cfg.partition.min_share < 1.0, "partition.min_share", "must be in [0, 1)")
+    _check(cfg.validation.max_abs_value > 0, "validation.max_abs_value", "must be > 0")
+    mun = cfg.validation.max_update_norm
+    _check(mun is None or mun > 0, "validation.max_update_norm", "must be > 0 or null")
+    if cfg.method.name == "oracle":
+        _check(cfg.report_true_tasks, "report_true_tasks", "the oracle baseline needs true tasks")
+
+
+def num_clusters(cfg: DictConfig) -> int | str:
+    """K for FL-TAC: the configured value, or the number of tasks when unset (the paper)."""
+    k = cfg.fltac.num_clusters
+    return len(cfg.suite.tasks) if k is None else k
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
