@@ -272,9 +272,9 @@ def validate(cfg: DictConfig) -> None:
         "must be 'update' or 'weights'",
     )
     _check(
-        cfg.fltac.feature_tensors in ("all", "lora", "head", "lora_product"),
+        cfg.fltac.feature_tensors in ("all", "lora", "head"),
         "fltac.feature_tensors",
-        "must be one of all, lora, head, lora_product",
+        "must be one of all, lora, head",
     )
     _check(
         cfg.fltac.weighting in ("uniform", "samples"),

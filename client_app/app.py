@@ -1,0 +1,157 @@
+"""The ClientApp: one LoRA adapter per local task (FL-TAC, oracle, local only) or one shared
+adapter (FedIT), trained on the node's own share of every task.
+
+ClientApps are recreated for every message; what survives lives in the process (the base model,
+the encoded data: see ``fedspecialists.models``) or in ``context.state`` (the local-only baseline's
+adapters).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+from omegaconf import DictConfig
+
+from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
+from fedspecialists.config import load_config
+from fedspecialists.data import ClientTask, client_tasks, load_suite
+from fedspecialists.models import AdapterModel, build_preprocessor, get_adapter_model, suite_kind
+from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
+
+app = ClientApp()
+
+
+@dataclass
+class Slot:
+    """One adapter of this client and the tasks it serves (one task, or all for FedIT)."""
+
+    name: str
+    tasks: list[ClientTask]
+
+
+@lru_cache(maxsize=4)
+def _config(overrides: str) -> DictConfig:
+    return load_config(overrides)
+
+
+@lru_cache(maxsize=4)
+def _preprocessor(overrides: str) -> object:
+    cfg = _config(overrides)
+    return build_preprocessor(cfg.model, suite_kind(cfg))
+
+
+_ENCODED: dict[tuple[str, int, int, str, str], Encoded] = {}
+
+
+def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
+    key = (overrides, *partition, task.name, split)
+    if key not in _ENCODED:
+        cfg = _config(overrides)
+        _ENCODED[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
+    return _ENCODED[key]
+
+
+def _setup(msg: Message, context: Context) -> tuple[str, DictConfig, list[Slot], AdapterModel]:
+    overrides = str(context.run_config.get("overrides", ""))
+    cfg = _config(overrides)
+    threads = cfg.train.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(int(threads))
+    partition_id = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    num_partitions = int(context.node_config["num-partitions"])  # type: ignore[arg-type]
+    tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
+    mine = client_tasks(
+        tasks, partition_id, num_partitions, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
+    )
+    if cfg.method.adapters == "shared":
+        slots = [Slot("slot0", list(mine))] if mine else []
+    else:
+        slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
+    adapters = get_adapter_model(cfg, max(t.num_labels for t in tasks))
+    return overrides, cfg, slots, adapters
+
+
+def _load_sources(msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel) -> None:
+    """Load every slot's starting adapter: the one the server named, or the locally kept one."""
+    config = msg.content.config_records["config"]
+    if "slot-sources" in config:
+        sources = [str(s) for s in config["slot-sources"]]  # type: ignore[union-attr]
+        if len(sources) != len(slots):
+            raise ValueError(f"server sent {len(sources)} slot sources for {len(slots)} slots")
+    else:
+        sources = [str(config["default-source"])] * len(slots)
+    for slot, source in zip(slots, sources, strict=True):
+        if source == "local":
+            record = context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"]
+        else:
+            record = msg.content.array_records[f"{ADAPTER_PREFIX}{source}"]
+        adapters.load(slot.name, record_to_state(record))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train each local adapter on its own task data; reply with all adapters, no task labels."""
+    overrides, cfg, slots, adapters = _setup(msg, context)
+    _load_sources(msg, context, slots, adapters)
+    partition = (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))  # type: ignore[arg-type]
+    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
+    reply = RecordDict()
+    examples: list[int] = []
+    weighted_loss = 0.0
+    for i, slot in enumerate(slots):
+        enc = concat([_encoded(overrides, partition, t, "train") for t in slot.tasks])
+        seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
+        loss, steps = train_adapter(adapters, slot.name, enc, cfg.train, seed)
+        record = state_to_record(adapters.state(slot.name))
+        reply.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
+        if keep_local:
+            context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
+        examples.append(len(enc))
+        weighted_loss += loss * len(enc)
+    total = sum(examples)
+    reply.metric_records["metrics"] = MetricRecord(
+        {
+            "num-examples": total,
+            "slot-examples": examples,
+            "train-loss": weighted_loss / total if total else 0.0,
+        }
+    )
+    if cfg.report_true_tasks:
+        # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.
+        reply.config_records["truth"] = ConfigRecord(
+            {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in slots]}
+        )
+    log(INFO, "node %s trained %s adapter(s) on %s examples", partition[0], len(slots), total)
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the adapters this node would use now, on its share of every task's test data."""
+    overrides, cfg, slots, adapters = _setup(msg, context)
+    _load_sources(msg, context, slots, adapters)
+    partition = (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))  # type: ignore[arg-type]
+    metrics: dict[str, int | float] = {}
+    total = 0
+    for slot in slots:
+        for task in slot.tasks:
+            enc = _encoded(overrides, partition, task, "test")
+            correct, count, loss = evaluate_adapter(
+                adapters, slot.name, enc, cfg.train.eval_batch_size
+            )
+            metrics[f"correct.{task.name}"] = correct
+            metrics[f"total.{task.name}"] = count
+            metrics[f"loss.{task.name}"] = loss
+            total += count
+    metrics["num-examples"] = total
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+__all__ = ["ArrayRecord", "app"]

@@ -1,0 +1,199 @@
+"""Local training and evaluation of one adapter on one client's data.
+
+Classification heads are shared-width (see ``fedspecialists.models``): an example of a task with C
+labels only sees the first C logits; the others are masked out of its loss and its prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from fedspecialists.data import ClientTask
+from fedspecialists.models import AdapterModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """Model-ready examples of one or more tasks.
+
+    ``inputs`` holds one dict per example (token ids, or ``pixel_values`` of shape ``(3, H, W)``);
+    ``labels`` is ``(N,)`` for classification; ``num_labels`` ``(N,)`` is each example's own label
+    count; ``tasks`` names each example's task.
+    """
+
+    inputs: list[dict[str, Any]]
+    labels: torch.Tensor
+    num_labels: torch.Tensor
+    tasks: list[str]
+    kind: str
+    pad_token_id: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def encode(task: ClientTask, split: str, preprocessor: Any, max_length: int) -> Encoded:
+    """Tokenise (or preprocess) one task's ``train`` or ``test`` examples once."""
+    data = task.train if split == "train" else task.test
+    n = len(data)
+    if task.kind == "text_classification":
+        pairs = data["text_pair"] if "text_pair" in data.column_names else None
+        tok = preprocessor(
+            list(data["text"]), pairs, truncation=True, max_length=max_length, padding=False
+        )
+        inputs = [{key: tok[key][i] for key in tok} for i in range(n)]
+        labels = torch.tensor(list(data["label"]), dtype=torch.long)
+    elif task.kind == "image_classification":
+        images = [image.convert("RGB") for image in data["image"]]
+        pixels = preprocessor(images=images, return_tensors="pt")["pixel_values"] if n else []
+        inputs = [{"pixel_values": pixels[i]} for i in range(n)]
+        labels = torch.tensor(list(data["label"]), dtype=torch.long)
+    else:  # causal_lm: loss and accuracy on the response tokens only
+        inputs = []
+        for prompt, response in zip(data["prompt"], data["response"], strict=True):
+            p_ids = preprocessor(prompt, add_special_tokens=True)["input_ids"]
+            r_ids = preprocessor(response, add_special_tokens=False)["input_ids"]
+            eos = [preprocessor.eos_token_id] if preprocessor.eos_token_id is not None else []
+            ids = (p_ids + r_ids + eos)[:max_length]
+            lab = ([IGNORE_INDEX] * len(p_ids) + r_ids + eos)[:max_length]
+            inputs.append({"input_ids": ids, "labels": lab})
+        labels = torch.zeros(n, dtype=torch.long)
+    pad = getattr(preprocessor, "pad_token_id", 0) or 0
+    return Encoded(
+        inputs=inputs,
+        labels=labels,
+        num_labels=torch.full((n,), task.num_labels, dtype=torch.long),
+        tasks=[task.name] * n,
+        kind=task.kind,
+        pad_token_id=int(pad),
+    )
+
+
+def concat(parts: Sequence[Encoded]) -> Encoded:
+    """Several tasks' examples as one set (FedIT's shared adapter trains on all of them)."""
+    return Encoded(
+        inputs=[x for p in parts for x in p.inputs],
+        labels=torch.cat([p.labels for p in parts]),
+        num_labels=torch.cat([p.num_labels for p in parts]),
+        tasks=[t for p in parts for t in p.tasks],
+        kind=parts[0].kind,
+        pad_token_id=parts[0].pad_token_id,
+    )
+
+
+def collate(enc: Encoded, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A padded batch of examples ``index`` (dynamic padding to the longest in the batch)."""
+    rows = [enc.inputs[i] for i in index]
+    if enc.kind == "image_classification":
+        return {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+    longest = max(len(r["input_ids"]) for r in rows)
+    batch: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        fill = {"input_ids": enc.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+        batch[key] = torch.tensor([list(r[key]) + [fill] * (longest - len(r[key])) for r in rows])
+    batch["attention_mask"] = torch.tensor(
+        [[1] * len(r["input_ids"]) + [0] * (longest - len(r["input_ids"])) for r in rows]
+    )
+    return batch
+
+
+def masked_logits(logits: torch.Tensor, num_labels: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, C_max)`` with the columns ``>= num_labels[b]`` of row b pushed to -1e9."""
+    columns = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    return logits.masked_fill(columns >= num_labels[:, None], -1e9)
+
+
+def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """``steps`` shuffled mini-batches, reshuffling at each pass over the data."""
+    order = rng.permutation(n)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n and pos > 0:
+            order, pos = rng.permutation(n), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def batch_loss(model: torch.nn.Module, enc: Encoded, index: np.ndarray) -> torch.Tensor:
+    batch = collate(enc, index.tolist())
+    if enc.kind == "causal_lm":
+        return model(**batch).loss
+    logits = model(**batch).logits
+    return F.cross_entropy(masked_logits(logits, enc.num_labels[index]), enc.labels[index])
+
+
+def train_adapter(
+    adapters: AdapterModel, name: str, enc: Encoded, train_cfg: DictConfig, seed: int
+) -> tuple[float, int]:
+    """Train adapter ``name`` on ``enc`` for ``train_cfg.local_epochs`` epochs.
+
+    Returns
+    -------
+    tuple[float, int]
+        Mean training loss and the number of optimisation steps.
+    """
+    if len(enc) == 0:
+        return 0.0, 0
+    params = adapters.activate(name)
+    model = adapters.model
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    batch_size = min(int(train_cfg.batch_size), len(enc))
+    steps = max(1, math.ceil(train_cfg.local_epochs * len(enc) / batch_size))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    total = 0.0
+    for index in _batches(len(enc), batch_size, steps, rng):
+        loss = batch_loss(model, enc, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    model.eval()
+    return total / steps, steps
+
+
+@torch.no_grad()
+def evaluate_adapter(
+    adapters: AdapterModel, name: str, enc: Encoded, batch_size: int
+) -> tuple[int, int, float]:
+    """Accuracy counts of adapter ``name`` on ``enc``: (correct, total, summed loss).
+
+    Classification counts examples; a causal LM counts response tokens (next-token accuracy).
+    """
+    if len(enc) == 0:
+        return 0, 0, 0.0
+    adapters.activate(name)
+    model = adapters.model
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for start in range(0, len(enc), batch_size):
+        index = np.arange(start, min(start + batch_size, len(enc)))
+        batch = collate(enc, index.tolist())
+        out = model(**batch)
+        if enc.kind == "causal_lm":
+            labels = batch["labels"][:, 1:]
+            predictions = out.logits[:, :-1].argmax(-1)
+            valid = labels != IGNORE_INDEX
+            correct += int(((predictions == labels) & valid).sum())
+            total += int(valid.sum())
+            loss_sum += float(out.loss) * int(valid.sum())
+        else:
+            logits = masked_logits(out.logits, enc.num_labels[index])
+            labels = enc.labels[index]
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(index)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+    return correct, total, loss_sum

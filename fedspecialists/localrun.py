@@ -1,0 +1,208 @@
+"""Run the app through ``flwr run`` on a local simulation SuperLink this module owns.
+
+``flwr run .`` starts a background SuperLink that outlives the command and exits 0 even when the
+run failed. Scripts and tests here instead start the SuperLink themselves (so they know its PID and
+stop it), submit the run, and read its real outcome with ``flwr ls --run-id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalSuperLink:
+    """A simulation SuperLink on loopback, started and stopped by PID."""
+
+    home: Path
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    port: int
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (its process group), by PID."""
+        if self.process.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+
+@contextmanager
+def local_superlink(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[LocalSuperLink]:
+    """Start ``flower-superlink --simulation`` with its own ``FLWR_HOME`` and ports; stop on exit.
+
+    ``flwr`` commands run with :attr:`LocalSuperLink.env` find this SuperLink as the ``local``
+    connection (same ports), so they never start one of their own.
+    """
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port, control = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        # Never `uv sync` the app's dependencies at run time (it would fetch CUDA torch).
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **(extra_env or {}),
+    }
+    log_file = home / "superlink.log"
+    command = [
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{control}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(home / "state.db"),
+        "--log-file",
+        str(log_file),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so stop() reaches its children too
+    )
+    link = LocalSuperLink(home=home, process=process, env=env, port=port)
+    try:
+        deadline = time.time() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited ({process.returncode}); see {log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"flower-superlink not healthy after 60 s; see {log_file}")
+            time.sleep(0.3)
+        yield link
+    finally:
+        link.stop()
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str
+    details: dict[str, object]
+    log: str
+
+
+def run_app(
+    link: LocalSuperLink,
+    overrides: str = "",
+    num_supernodes: int = 10,
+    app_dir: Path = PROJECT_DIR,
+    timeout_s: float = 3600,
+    federation_config: str = "",
+) -> RunOutcome:
+    """``flwr run`` the app on ``link`` and wait for the run to end; returns its real status.
+
+    Parameters
+    ----------
+    overrides : str
+        Hydra overrides (``"method=fedit seed=1"``), passed as the run-config ``overrides``.
+    num_supernodes : int
+        Simulated SuperNodes (the federation's clients).
+    """
+    fed = f"num-supernodes={num_supernodes} {federation_config}".strip()
+    command = [
+        "flwr",
+        "run",
+        str(app_dir),
+        "--run-config",
+        f"overrides={json.dumps(overrides)}",
+        "--federation-config",
+        fed,
+        "--format",
+        "json",
+    ]
+    started = subprocess.run(
+        command, env=link.env, capture_output=True, text=True, timeout=300, cwd=app_dir
+    )
+    text = started.stdout.strip()
+    try:
+        run_id = int(json.loads(text[text.index("{") :])["run-id"])
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(
+            f"`{shlex.join(command)}` did not start a run:\n{started.stdout}\n{started.stderr}"
+        ) from exc
+    deadline = time.time() + timeout_s
+    status, details = "unknown", {}
+    while time.time() < deadline:
+        status, details = run_status(link, run_id)
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    logs = subprocess.run(
+        ["flwr", "log", str(run_id), "--show"],
+        env=link.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=app_dir,
+    )
+    return RunOutcome(run_id=run_id, status=status, details=details, log=logs.stdout + logs.stderr)
+
+
+def run_status(link: LocalSuperLink, run_id: int) -> tuple[str, dict[str, object]]:
+    """The run's status as the SuperLink reports it, e.g. ``finished:completed``."""
+    out = subprocess.run(
+        ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
+        env=link.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_DIR,
+    )
+    text = out.stdout
+    try:
+        payload = json.loads(text[text.index("{") :])
+    except ValueError:
+        return "unknown", {"stdout": out.stdout, "stderr": out.stderr}
+    runs = payload.get("runs", [])
+    if not runs:
+        return "unknown", payload
+    run = runs[0]
+    return str(run.get("status", "unknown")), run

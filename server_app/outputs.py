@@ -1,0 +1,228 @@
+"""What a run leaves behind: its folder, per-round metrics, summary, plots and final adapters.
+
+Layout of a run folder::
+
+    config.yaml          resolved experiment config
+    metrics.jsonl        one JSON object per round (accuracy per task, loss, bytes, agreement, time)
+    embeddings.jsonl     per round: 2-D PCA of every uploaded adapter, its true task and group
+    summary.json         method, final per-task and mean accuracy, total bytes, agreement per round
+    plots/*.png          accuracy per task, cumulative bytes, adapter embeddings per round
+    adapters/<id>/       final global adapters as peft folders (PeftModel.from_pretrained loads)
+    status.json          "running" / "completed" / "failed" (with the error)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+from omegaconf import DictConfig, OmegaConf
+
+from logging import INFO
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """Absolute run folder (the ServerApp's working directory is wherever the SuperLink started)."""
+    root = Path(str(cfg.output.root)).expanduser().resolve()
+    name = cfg.output.name or (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method.name}-{cfg.suite.name}"
+        f"-r{cfg.lora.rank}-s{cfg.seed}"
+    )
+    path = root / str(name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RunRecorder:
+    """Writes a run's files as the rounds go by."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+        self.embeddings: list[dict[str, Any]] = []
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        for name in ("metrics.jsonl", "embeddings.jsonl"):
+            (run_dir / name).write_text("")
+        self.set_status("running")
+
+    def set_status(self, status: str, **details: Any) -> None:
+        payload = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
+        (self.run_dir / "status.json").write_text(json.dumps(payload, indent=2))
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        """Append the round to metrics.jsonl (embedding to embeddings.jsonl) and print progress."""
+        record = dict(record)
+        embedding = record.pop("embedding", None)
+        self.rounds.append(record)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if embedding is not None:
+            entry = {"round": record["round"], **embedding}
+            self.embeddings.append(entry)
+            with (self.run_dir / "embeddings.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        acc = record.get("accuracy", {})
+        per_task = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+        cum = record.get("bytes", {}).get("cumulative", {})
+        ari = record.get("clustering_agreement")
+        mean = record.get("mean_accuracy")
+        log(
+            INFO,
+            "[round %s/%s] mean acc %s | %s | loss %s | ARI %s | up %s down %s (train, cumulative) "
+            "| %.1fs",
+            record["round"],
+            self.cfg.num_rounds,
+            f"{mean:.3f}" if mean is not None else "n/a",
+            per_task,
+            f"{record['train_loss']:.3f}" if record.get("train_loss") is not None else "n/a",
+            f"{ari:.3f}" if ari is not None else "n/a",
+            _human(cum.get("train_up", 0)),
+            _human(cum.get("train_down", 0)),
+            record.get("round_time_s", 0.0),
+        )
+
+    def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+        last = self.rounds[-1] if self.rounds else {}
+        cum = last.get("bytes", {}).get("cumulative", {})
+        round_times = [r.get("round_time_s", 0.0) for r in self.rounds]
+        summary = {
+            "method": self.cfg.method.name,
+            "suite": self.cfg.suite.name,
+            "seed": self.cfg.seed,
+            "lora_rank": self.cfg.lora.rank,
+            "num_rounds": len(self.rounds),
+            "per_task_accuracy": last.get("accuracy", {}),
+            "mean_accuracy": last.get("mean_accuracy"),
+            "total_bytes_up": int(cum.get("train_up", 0)),
+            "total_bytes_down": int(cum.get("train_down", 0)),
+            "total_bytes_eval_up": int(cum.get("evaluate_up", 0)),
+            "total_bytes_eval_down": int(cum.get("evaluate_down", 0)),
+            "clustering_agreement_per_round": [
+                r.get("clustering_agreement") for r in self.rounds
+            ],
+            "seconds_per_round": (sum(round_times) / len(round_times)) if round_times else None,
+            "wall_time_s": last.get("wall_time_s"),
+            **extra,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def write_plots(self) -> list[Path]:
+        """PNG plots: accuracy per task over rounds, cumulative bytes, adapter embeddings."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = self.run_dir / "plots"
+        out.mkdir(exist_ok=True)
+        written: list[Path] = []
+        rounds = [r["round"] for r in self.rounds]
+        tasks = sorted({t for r in self.rounds for t in r.get("accuracy", {})})
+        method = self.cfg.method.name
+        if rounds and tasks:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for task in tasks:
+                ax.plot(rounds, [r.get("accuracy", {}).get(task) for r in self.rounds], "o-", label=task)
+            ax.plot(rounds, [r.get("mean_accuracy") for r in self.rounds], "k--", label="mean")
+            ax.set(xlabel="round", ylabel="test accuracy", title=f"{method}: accuracy per task")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, out / "accuracy_per_task.png"))
+        if rounds:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for key, label in (("train_up", "up (train)"), ("train_down", "down (train)")):
+                values = [r.get("bytes", {}).get("cumulative", {}).get(key, 0) / 1e6 for r in self.rounds]
+                ax.plot(rounds, values, "o-", label=label)
+            ax.set(xlabel="round", ylabel="cumulative MB", title=f"{method}: communication")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, out / "cumulative_bytes.png"))
+        if self.embeddings:
+            n = len(self.embeddings)
+            cols = min(n, 4)
+            rows_n = math.ceil(n / cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.0 * rows_n), squeeze=False)
+            names = sorted({t for e in self.embeddings for t in e["task"]})
+            colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(names)}
+            markers = "osD^v<>p*hX"
+            for ax, emb in zip(axes.ravel(), self.embeddings, strict=False):
+                groups = sorted(set(emb["group"]))
+                for x, y, task, group in zip(emb["x"], emb["y"], emb["task"], emb["group"], strict=True):
+                    ax.scatter(x, y, color=colours[task], marker=markers[groups.index(group) % len(markers)], s=22)
+                ax.set_title(f"round {emb['round']}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            for ax in axes.ravel()[n:]:
+                ax.axis("off")
+            handles = [
+                plt.Line2D([], [], color=colours[t], marker="o", linestyle="", label=t) for t in names
+            ]
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 5), fontsize=8)
+            fig.suptitle(f"{method}: uploaded adapters (PCA of clustering features); colour = true task, marker = group", fontsize=9)
+            fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+            written.append(_save(fig, out / "adapter_embeddings.png"))
+        return written
+
+
+def save_adapters(
+    run_dir: Path, cfg: DictConfig, num_labels: int, adapters: dict[str, dict[str, Any]], names: dict[str, str]
+) -> list[Path]:
+    """Save final global adapters as peft folders under ``adapters/<id>/``.
+
+    ``names`` maps an adapter id to a readable label (its majority true task in simulation) that
+    is written to ``adapters/index.json``.
+    """
+    if not adapters:
+        return []
+    from fedspecialists.models import build_base_model, lora_config, suite_kind
+    from peft import get_peft_model, set_peft_model_state_dict
+    import torch
+
+    kind = suite_kind(cfg)
+    torch.manual_seed(cfg.seed)
+    base = build_base_model(cfg.model, kind, num_labels)
+    ids = sorted(adapters)
+    model = get_peft_model(base, lora_config(cfg, kind), adapter_name=ids[0])
+    for gid in ids[1:]:
+        model.add_adapter(gid, lora_config(cfg, kind))
+    out = run_dir / "adapters"
+    paths = []
+    for gid in ids:
+        state = {k: torch.as_tensor(v) for k, v in adapters[gid].items()}
+        set_peft_model_state_dict(model, state, adapter_name=gid)
+    # peft writes adapter "x" to <dir>/x for every adapter but the first name "default".
+    model.save_pretrained(str(out), selected_adapters=ids)
+    for gid in ids:
+        paths.append(out / gid if (out / gid).exists() else out)
+    (out / "index.json").write_text(
+        json.dumps(
+            {
+                gid: {"path": str(p.relative_to(run_dir)), "majority_true_task": names.get(gid)}
+                for gid, p in zip(ids, paths, strict=True)
+            },
+            indent=2,
+        )
+    )
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.1f}{unit}" if unit != "B" else f"{int(nbytes)}B"
+        nbytes /= 1000
+    return f"{nbytes:.1f}GB"

@@ -1,0 +1,66 @@
+"""Baselines FL-TAC is compared with, as variations of its grouping step.
+
+* :class:`FedIT` (Zhang et al. 2023): FedAvg over one LoRA adapter shared by all tasks (clients
+  train a single adapter on all their local data; the mean is weighted by example counts).
+* :class:`OracleClustering`: adapters grouped by their true task (the upper bound of perfect
+  clustering); needs clients to report true tasks, which FL-TAC itself never uses.
+* :class:`LocalOnly`: no federation; every client keeps and trains its own adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from strategies.fltac import PoolEntry, TaskAdapterClustering
+
+GLOBAL_ID = "global"
+
+
+class FedIT(TaskAdapterClustering):
+    """FedAvg over one shared adapter: every upload joins the single group ``global``."""
+
+    method = "fedit"
+
+    def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
+        kwargs.setdefault("weighting", "samples")  # FedAvg weights by local example counts
+        super().__init__(initial_adapter, num_clusters=1, **kwargs)
+
+    def assign_groups(
+        self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
+    ) -> list[str] | None:
+        return [GLOBAL_ID] * len(pool)
+
+
+class OracleClustering(TaskAdapterClustering):
+    """Group by true task id: FL-TAC's aggregation with a perfect clustering."""
+
+    method = "oracle"
+
+    def assign_groups(
+        self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
+    ) -> list[str] | None:
+        missing = [e.node_id for e in pool if e.true_task is None]
+        if missing:
+            raise ValueError(
+                f"the oracle needs true tasks, but nodes {sorted(set(missing))} reported none "
+                "(set report_true_tasks=true)"
+            )
+        return [str(e.true_task) for e in pool]
+
+
+class LocalOnly(TaskAdapterClustering):
+    """No aggregation: clients keep their own adapters between rounds (in their state)."""
+
+    method = "local"
+
+    def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
+        kwargs["keep_local"] = True
+        super().__init__(initial_adapter, **kwargs)
+
+    def assign_groups(
+        self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
+    ) -> list[str] | None:
+        return None

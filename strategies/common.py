@@ -1,0 +1,113 @@
+"""Method-independent pieces shared by the strategies: traffic accounting, node sampling,
+failure logging and the 2-D embedding of client uploads."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Message
+from flwr.common.logger import log
+
+from fedspecialists.records import content_nbytes
+
+
+@dataclass
+class TrafficLedger:
+    """Bytes that really travelled (serialized message contents), per node, phase and direction.
+
+    ``phase`` is ``train`` or ``evaluate``; ``direction`` is ``down`` (server -> node) or ``up``.
+    """
+
+    round_bytes: dict[tuple[str, str], dict[int, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
+    total_bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    per_node_total: dict[int, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: {"down": 0, "up": 0})
+    )
+
+    def start_round(self) -> None:
+        self.round_bytes = defaultdict(lambda: defaultdict(int))
+
+    def count(self, phase: str, direction: str, node_id: int, nbytes: int) -> None:
+        self.round_bytes[(phase, direction)][node_id] += nbytes
+        self.total_bytes[(phase, direction)] += nbytes
+        self.per_node_total[node_id][direction] += nbytes
+
+    def count_messages(self, phase: str, messages: Iterable[Message]) -> list[Message]:
+        """Count outgoing messages (down) and return them as a list."""
+        out = list(messages)
+        for message in out:
+            self.count(phase, "down", message.metadata.dst_node_id, content_nbytes(message.content))
+        return out
+
+    def count_replies(self, phase: str, replies: Iterable[Message]) -> list[Message]:
+        """Count replies that carry content (up) and return them as a list."""
+        out = list(replies)
+        for reply in out:
+            if not reply.has_error():
+                self.count(phase, "up", reply.metadata.src_node_id, content_nbytes(reply.content))
+        return out
+
+    def round_summary(self) -> dict[str, object]:
+        """This round's bytes by phase/direction, per node, and the cumulative totals."""
+        summary: dict[str, object] = {}
+        for (phase, direction), per_node in self.round_bytes.items():
+            summary[f"{phase}_{direction}"] = int(sum(per_node.values()))
+        summary["per_node"] = {
+            str(node): {
+                f"{phase}_{direction}": int(per_node.get(node, 0))
+                for (phase, direction), per_node in self.round_bytes.items()
+            }
+            for node in sorted({n for per_node in self.round_bytes.values() for n in per_node})
+        }
+        summary["cumulative"] = {f"{p}_{d}": int(v) for (p, d), v in self.total_bytes.items()}
+        summary["cumulative_per_node"] = {
+            str(node): dict(v) for node, v in sorted(self.per_node_total.items())
+        }
+        return summary
+
+
+def sample_round_nodes(node_ids: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """A seeded sample of ``ceil(fraction * len(node_ids))`` nodes (all of them at fraction 1)."""
+    nodes = sorted(node_ids)
+    if fraction >= 1.0:
+        return nodes
+    count = max(1, math.ceil(fraction * len(nodes)))
+    return sorted(random.Random(seed).sample(nodes, count))
+
+
+def log_failed_reply(reply: Message, phase: str) -> None:
+    """Log a node's failure (its ClientApp raised, or it timed out) without stopping the round."""
+    log(
+        WARNING,
+        "%s reply from node %s failed and is skipped: %s",
+        phase,
+        reply.metadata.src_node_id,
+        reply.error.reason if reply.has_error() else "unknown",
+    )
+
+
+def log_rejected_reply(node_id: int, phase: str, reason: str) -> None:
+    log(WARNING, "%s reply from node %s rejected, not aggregated: %s", phase, node_id, reason)
+
+
+def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D PCA of ``features`` ``(M, D)`` -> ``(M, 2)`` for plotting uploads per round."""
+    from sklearn.decomposition import PCA
+
+    m, d = features.shape
+    if m < 2 or d < 2:
+        return np.zeros((m, 2))
+    coords = PCA(n_components=2, random_state=seed).fit_transform(features)
+    return np.asarray(coords)
+
+
+def log_round_line(server_round: int, text: str) -> None:
+    log(INFO, "[round %s] %s", server_round, text)

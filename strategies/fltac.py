@@ -1,0 +1,676 @@
+"""FL-TAC: low-rank, task-specific adapter clustering (Ping et al., arXiv 2404.15384).
+
+Each client trains one LoRA adapter per local task and uploads them all without task labels. The
+server pools every adapter, runs K-means (K = number of tasks by default), replaces each adapter by
+the mean of its cluster and sends every node exactly the cluster means its slots need. After
+training the K cluster means are the task-specific global adapters.
+
+The maths is in pure functions (arrays in, arrays out); :class:`TaskAdapterClustering` is the thin
+Flower glue around them. Choices the paper leaves open are ours and configurable:
+
+* features: by default the *update* since the broadcast (what the client learned this round), all
+  trainable tensors (LoRA A, B and the head), L2-normalised per adapter. Raw weights cluster
+  poorly after round 1: members of a cluster restart from one mean and stay together even when
+  wrong; updates re-separate them, so a wrong grouping can be undone in the next round.
+* cluster identity: K-means labels are arbitrary, so each new cluster takes the global id that
+  most of its members held before (Hungarian assignment on the overlap), ties broken by distance
+  to the previous global adapters. "Global adapter k" then means the same task across rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+from fedspecialists.records import (
+    ADAPTER_PREFIX,
+    adapter_names,
+    check_adapter,
+    record_to_numpy,
+    state_to_record,
+)
+from strategies.common import (
+    TrafficLedger,
+    log_failed_reply,
+    log_rejected_reply,
+    planar_embedding,
+    sample_round_nodes,
+)
+
+LOCAL = "local"  # slot source meaning "the adapter the client kept itself" (local only)
+
+Adapter = Mapping[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure maths
+# --------------------------------------------------------------------------------------------
+def select_feature_keys(
+    keys: Sequence[str], which: str, head_module: str = "classifier"
+) -> list[str]:
+    """The tensor names K-means looks at.
+
+    Parameters
+    ----------
+    keys : Sequence[str]
+        All tensor names of an adapter (peft state-dict keys).
+    which : str
+        ``all`` (every tensor), ``lora`` (``lora_A``/``lora_B`` only) or ``head`` (the head only).
+    head_module : str
+        Name of the classification head module.
+    """
+    is_lora = [("lora_A" in k or "lora_B" in k) for k in keys]
+    is_head = [f"{head_module}." in k and not lora for k, lora in zip(keys, is_lora, strict=True)]
+    if which == "all":
+        selected = list(keys)
+    elif which == "lora":
+        selected = [k for k, lora in zip(keys, is_lora, strict=True) if lora]
+    elif which == "head":
+        selected = [k for k, head in zip(keys, is_head, strict=True) if head]
+    else:
+        raise ValueError(f"feature_tensors must be all, lora or head, not {which!r}")
+    if not selected:
+        raise ValueError(f"no adapter tensors match feature_tensors={which!r}")
+    return sorted(selected)
+
+
+def adapter_features(
+    adapters: Sequence[Adapter],
+    keys: Sequence[str],
+    references: Sequence[Adapter] | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
+    """One feature row per adapter: the selected tensors flattened and concatenated.
+
+    Parameters
+    ----------
+    adapters : Sequence[Mapping[str, np.ndarray]]
+        M uploaded adapters.
+    keys : Sequence[str]
+        Tensor names to use, in order (see :func:`select_feature_keys`).
+    references : Sequence[Mapping[str, np.ndarray]], optional
+        When given, row m is ``adapters[m] - references[m]`` (the update since what was sent).
+    normalize : bool
+        Divide each row by its L2 norm (rows of norm 0 are left at 0).
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(M, D)``, float64, ``D`` = total size of the selected tensors.
+    """
+    rows = []
+    for m, adapter in enumerate(adapters):
+        parts = []
+        for key in keys:
+            value = np.asarray(adapter[key], dtype=np.float64).ravel()
+            if references is not None:
+                value = value - np.asarray(references[m][key], dtype=np.float64).ravel()
+            parts.append(value)
+        rows.append(np.concatenate(parts))
+    features = np.stack(rows)
+    if normalize:
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        features = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+    return features
+
+
+def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
+    """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M."""
+    k = max(1, min(k, features.shape[0]))
+    if k == 1:
+        return np.zeros(features.shape[0], dtype=np.int64)
+    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    return model.fit_predict(features).astype(np.int64)
+
+
+def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
+    """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score."""
+    upper = min(k_max, features.shape[0] - 1)
+    if upper < k_min:
+        return max(1, min(k_min, features.shape[0]))
+    scores = {
+        k: float(silhouette_score(features, kmeans_labels(features, k, seed, n_init)))
+        for k in range(k_min, upper + 1)
+    }
+    return max(scores, key=lambda k: (scores[k], -k))
+
+
+def group_means(
+    adapters: Sequence[Adapter], labels: Sequence[int], weights: Sequence[float] | None = None
+) -> dict[int, dict[str, np.ndarray]]:
+    """Mean adapter of every group (unweighted as in the paper, or weighted by ``weights``).
+
+    Returns
+    -------
+    dict[int, dict[str, np.ndarray]]
+        Label -> adapter whose every tensor is the (weighted) mean over the label's members.
+    """
+    out: dict[int, dict[str, np.ndarray]] = {}
+    labels_arr = np.asarray(labels)
+    for label in sorted(set(labels_arr.tolist())):
+        members = np.flatnonzero(labels_arr == label)
+        w = np.ones(len(members)) if weights is None else np.asarray(weights, float)[members]
+        if w.sum() <= 0:
+            w = np.ones(len(members))
+        w = w / w.sum()
+        out[int(label)] = {
+            key: np.sum(
+                [
+                    w[i] * np.asarray(adapters[m][key], dtype=np.float64)
+                    for i, m in enumerate(members)
+                ],
+                axis=0,
+            ).astype(np.asarray(adapters[members[0]][key]).dtype)
+            for key in adapters[members[0]]
+        }
+    return out
+
+
+def match_cluster_ids(
+    labels: Sequence[int],
+    previous_ids: Sequence[str | None],
+    known_ids: Sequence[str],
+    new_means: Mapping[int, Adapter] | None = None,
+    previous_globals: Mapping[str, Adapter] | None = None,
+) -> dict[int, str]:
+    """Give each new cluster a stable global id.
+
+    Cluster ``c`` takes the previous id held by most of its members (maximum total overlap over
+    all clusters, by Hungarian assignment); where overlaps tie, the previous global adapter closest
+    to the cluster's new mean wins. Clusters left without an id get fresh ones ``g<n>``.
+
+    Parameters
+    ----------
+    labels : Sequence[int]
+        New K-means label of every pooled adapter, shape ``(M,)``.
+    previous_ids : Sequence[str | None]
+        Global id each adapter's slot held before this round (None: none yet, e.g. round 1).
+    known_ids : Sequence[str]
+        Ids in use so far (candidates to keep).
+    new_means, previous_globals : optional
+        Cluster means and previous global adapters, used to break overlap ties by distance.
+
+    Returns
+    -------
+    dict[int, str]
+        New label -> global id, injective.
+    """
+    clusters = sorted(set(int(c) for c in labels))
+    candidates = list(known_ids)
+    mapping: dict[int, str] = {}
+    if candidates:
+        overlap = np.zeros((len(clusters), len(candidates)))
+        for label, prev in zip(labels, previous_ids, strict=True):
+            if prev in candidates:
+                overlap[clusters.index(int(label)), candidates.index(prev)] += 1
+        distance = np.zeros_like(overlap)
+        if new_means is not None and previous_globals is not None:
+            for i, c in enumerate(clusters):
+                for j, gid in enumerate(candidates):
+                    if gid in previous_globals:
+                        distance[i, j] = _distance(new_means[c], previous_globals[gid])
+            if distance.max() > 0:
+                distance = distance / distance.max()
+        # Overlap counts are integers, so a distance term < 1 only ever breaks ties.
+        cost = -overlap + 0.5 * distance
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows, cols, strict=True):
+            if overlap[r, c] > 0 or (new_means is not None and previous_globals is not None):
+                mapping[clusters[r]] = candidates[c]
+    used = set(mapping.values())
+    fresh = (f"g{n}" for n in range(10**6) if f"g{n}" not in used and f"g{n}" not in candidates)
+    for c in clusters:
+        if c not in mapping:
+            mapping[c] = next(fresh)
+    return mapping
+
+
+def clustering_agreement(true_tasks: Sequence[str], labels: Sequence[int]) -> float:
+    """Adjusted Rand index between the true tasks and the cluster labels (1.0 = perfect)."""
+    if len(true_tasks) < 2:
+        return 1.0
+    return float(adjusted_rand_score(list(true_tasks), list(labels)))
+
+
+def node_payload(slot_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """What one node needs: the distinct global ids of its slots, and slot -> id.
+
+    A node whose two task slots fell into the same cluster receives that adapter once.
+    """
+    return sorted(set(slot_ids)), list(slot_ids)
+
+
+def _distance(a: Adapter, b: Adapter) -> float:
+    return float(
+        np.sqrt(
+            sum(
+                np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2)
+                for k in a
+            )
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Flower glue
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PoolEntry:
+    """One uploaded adapter: who sent it, for which slot, and what that slot had received."""
+
+    node_id: int
+    slot: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    previous_id: str
+    true_task: str | None
+
+
+class TaskAdapterClustering(Strategy):
+    """FL-TAC's server strategy (Flower Message API): cluster all task adapters, average per cluster.
+
+    Every node gets its own message carrying exactly the global adapters its task slots need
+    (``adapter.<id>`` ArrayRecords plus a ``slot-sources`` list); it replies with one adapter per
+    local task (``adapter.slot<i>``), without task labels. Replies that fail validation are
+    rejected with a logged reason and never enter clustering or aggregation; failed nodes keep
+    their previous adapters.
+
+    Parameters
+    ----------
+    initial_adapter : Mapping[str, np.ndarray]
+        The round-0 adapter v0 broadcast to every node; also the template (keys, shapes) every
+        uploaded adapter must match.
+    num_clusters : int | str, default 4
+        K: an int (the number of tasks, as in the paper) or ``"auto"`` (best silhouette score for
+        K in ``auto_k_range``).
+    auto_k_range : tuple[int, int], default (2, 8)
+        Range of K tried when ``num_clusters="auto"``.
+    kmeans_n_init : int, default 10
+        K-means restarts.
+    feature_source : str, default "update"
+        Cluster on the update since the broadcast (``update``) or the raw weights (``weights``).
+    feature_tensors : str, default "all"
+        Tensors K-means sees: ``all``, ``lora`` (A and B) or ``head``.
+    normalize : bool, default True
+        L2-normalise each adapter's feature vector.
+    weighting : str, default "uniform"
+        Mean inside a cluster: ``uniform`` (the paper) or ``samples`` (by local example count).
+    head_module : str, default "classifier"
+        Name of the classification head inside the adapter.
+    seed : int, default 0
+        Seed of K-means and node sampling.
+    fraction_train : float, default 1.0
+        Fraction of nodes sampled each round (the paper uses all).
+    min_replies : int, default 1
+        Fewer valid replies than this: the round's aggregation is skipped (logged).
+    max_abs_value : float, default 1e4
+        Largest absolute tensor value accepted in a reply.
+    max_update_norm : float | None, default None
+        Largest L2 norm of an adapter's update accepted (None: no bound).
+    keep_local : bool, default False
+        Ask clients to keep their adapters in their own state (the local-only baseline).
+    on_round_end : Callable[[dict], None] | None
+        Receives each round's metrics record (the ServerApp writes it to disk).
+    """
+
+    method = "fltac"
+
+    def __init__(
+        self,
+        initial_adapter: Mapping[str, np.ndarray],
+        num_clusters: int | str = 4,
+        auto_k_range: tuple[int, int] = (2, 8),
+        kmeans_n_init: int = 10,
+        feature_source: str = "update",
+        feature_tensors: str = "all",
+        normalize: bool = True,
+        weighting: str = "uniform",
+        head_module: str = "classifier",
+        seed: int = 0,
+        fraction_train: float = 1.0,
+        min_replies: int = 1,
+        max_abs_value: float = 1.0e4,
+        max_update_norm: float | None = None,
+        keep_local: bool = False,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if num_clusters != "auto" and (
+            not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
+        ):
+            raise ValueError(f"num_clusters must be an int >= 1 or 'auto', not {num_clusters!r}")
+        if feature_source not in ("update", "weights"):
+            raise ValueError(
+                f"feature_source must be 'update' or 'weights', not {feature_source!r}"
+            )
+        if weighting not in ("uniform", "samples"):
+            raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, not {min_replies}")
+        self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
+        self.num_clusters = num_clusters
+        self.auto_k_range = auto_k_range
+        self.kmeans_n_init = kmeans_n_init
+        self.feature_source = feature_source
+        self.feature_keys = select_feature_keys(list(self.template), feature_tensors, head_module)
+        self.feature_tensors = feature_tensors
+        self.normalize = normalize
+        self.weighting = weighting
+        self.seed = seed
+        self.fraction_train = fraction_train
+        self.min_replies = min_replies
+        self.max_abs_value = max_abs_value
+        self.max_update_norm = max_update_norm
+        self.keep_local = keep_local
+        self.on_round_end = on_round_end
+        # Global adapters by id ("v0" is the broadcast init) and each node's slot -> id.
+        self.globals: dict[str, dict[str, np.ndarray]] = {"v0": dict(self.template)}
+        self.node_slots: dict[int, list[str]] = {}
+        self.majority_task: dict[str, str] = {}
+        self.ledger = TrafficLedger()
+        self.history: list[dict[str, Any]] = []
+        self._record: dict[str, Any] = {}
+        self._t_start = time.time()
+        self._t_round = time.time()
+
+    # -- what each method changes --------------------------------------------------------------
+    def assign_groups(
+        self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
+    ) -> list[str] | None:
+        """Global id for every pooled adapter (entries with equal ids are averaged together).
+
+        FL-TAC: K-means on ``features`` ``(M, D)``, clusters matched to stable ids. Returning
+        ``None`` means "no aggregation" (the local-only baseline).
+        """
+        seed = self.seed + server_round
+        if self.num_clusters == "auto":
+            k = choose_k(features, *self.auto_k_range, seed=seed, n_init=self.kmeans_n_init)
+        else:
+            k = int(self.num_clusters)
+        labels = kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init).tolist()
+        means = group_means([e.arrays for e in pool], labels, self.group_weights(pool))
+        known = [gid for gid in self.globals if gid != "v0"]
+        mapping = match_cluster_ids(
+            labels, [e.previous_id for e in pool], known, means, self.globals
+        )
+        return [mapping[label] for label in labels]
+
+    def group_weights(self, pool: Sequence[PoolEntry]) -> list[float] | None:
+        return [float(e.num_examples) for e in pool] if self.weighting == "samples" else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "num_clusters": self.num_clusters,
+            "feature_source": self.feature_source,
+            "feature_tensors": self.feature_tensors,
+            "normalize": self.normalize,
+            "weighting": self.weighting,
+            "fraction_train": self.fraction_train,
+            "min_replies": self.min_replies,
+        }
+
+    # -- Strategy API ----------------------------------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "%s settings: %s", type(self).__name__, self.describe())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t_round = time.time()
+        self.ledger.start_round()
+        self._record = {"round": server_round}
+        nodes = sample_round_nodes(
+            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
+        )
+        messages = [
+            Message(
+                content=self._payload(node, server_round, config),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        return self.ledger.count_messages("train", messages)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self.ledger.count_replies("train", replies)
+        pool: list[PoolEntry] = []
+        losses: list[tuple[float, int]] = []
+        failed = rejected = accepted = 0
+        for reply in replies:
+            if reply.has_error():
+                log_failed_reply(reply, "train")
+                failed += 1
+                continue
+            node = reply.metadata.src_node_id
+            reason, entries, loss = self._parse_train_reply(node, reply.content)
+            if reason is not None:
+                log_rejected_reply(node, "train", reason)
+                rejected += 1
+                continue
+            accepted += 1
+            pool.extend(entries)
+            if loss is not None:
+                losses.append(loss)
+        self._record.update(
+            {"replies_ok": accepted, "replies_failed": failed, "replies_rejected": rejected}
+        )
+        if accepted < self.min_replies or not pool:
+            log(
+                WARNING,
+                "round %s: %s valid replies (< min_replies=%s): aggregation skipped",
+                server_round,
+                accepted,
+                self.min_replies,
+            )
+            self._record["aggregated"] = False
+            return None, None
+        self._aggregate(server_round, pool)
+        train_loss = (
+            sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses)) if losses else None
+        )
+        self._record["train_loss"] = train_loss
+        self._record["aggregated"] = True
+        metrics = {"num-adapters": len(pool)}
+        if train_loss is not None:
+            metrics["train-loss"] = float(train_loss)
+        if self._record.get("clustering_agreement") is not None:
+            metrics["clustering-agreement"] = float(self._record["clustering_agreement"])
+        return None, MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Every known node evaluates the adapters it would use now, on its own test split.
+        messages = [
+            Message(
+                content=self._payload(node, server_round, config),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node,
+            )
+            for node in sorted(grid.get_node_ids())
+        ]
+        return self.ledger.count_messages("evaluate", messages)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = self.ledger.count_replies("evaluate", replies)
+        correct: dict[str, float] = defaultdict(float)
+        total: dict[str, float] = defaultdict(float)
+        for reply in replies:
+            if reply.has_error():
+                log_failed_reply(reply, "evaluate")
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is None:
+                log_rejected_reply(reply.metadata.src_node_id, "evaluate", "no 'metrics' record")
+                continue
+            for key, value in metrics.items():
+                if key.startswith("correct."):
+                    correct[key[len("correct.") :]] += float(value)  # type: ignore[arg-type]
+                elif key.startswith("total."):
+                    total[key[len("total.") :]] += float(value)  # type: ignore[arg-type]
+        accuracy = {task: correct[task] / total[task] for task in sorted(total) if total[task] > 0}
+        mean = float(np.mean(list(accuracy.values()))) if accuracy else None
+        now = time.time()
+        self._record.update(
+            {
+                "accuracy": accuracy,
+                "mean_accuracy": mean,
+                "test_examples": {task: int(total[task]) for task in sorted(total)},
+                "round_time_s": now - self._t_round,
+                "wall_time_s": now - self._t_start,
+                "bytes": self.ledger.round_summary(),
+            }
+        )
+        self.history.append(self._record)
+        if self.on_round_end is not None:
+            self.on_round_end(self._record)
+        out = {f"accuracy.{task}": acc for task, acc in accuracy.items()}
+        if mean is not None:
+            out["mean-accuracy"] = mean
+        return MetricRecord(out) if out else None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _payload(self, node: int, server_round: int, config: ConfigRecord) -> RecordDict:
+        content = RecordDict()
+        slot_ids = self.node_slots.get(node)
+        cfg = ConfigRecord(dict(config))
+        cfg["server-round"] = server_round
+        cfg["keep-local"] = self.keep_local
+        if slot_ids is None:
+            # A node not heard from yet: every one of its task slots starts from v0.
+            needed: list[str] = ["v0"]
+            cfg["default-source"] = "v0"
+        else:
+            needed, slot_map = node_payload(slot_ids)
+            cfg["slot-sources"] = slot_map
+        for gid in needed:
+            if gid != LOCAL:
+                content.array_records[f"{ADAPTER_PREFIX}{gid}"] = state_to_record(self.globals[gid])
+        content.config_records["config"] = cfg
+        return content
+
+    def _parse_train_reply(
+        self, node: int, content: RecordDict
+    ) -> tuple[str | None, list[PoolEntry], tuple[float, int] | None]:
+        """Validate one reply; returns (reason to reject or None, its adapters, (loss, n))."""
+        metrics = content.metric_records.get("metrics")
+        if metrics is None or "slot-examples" not in metrics:
+            return "no 'metrics' record with 'slot-examples'", [], None
+        slot_examples = metrics["slot-examples"]
+        if not isinstance(slot_examples, list) or any(
+            not isinstance(n, int) or n < 0 for n in slot_examples
+        ):
+            return "'slot-examples' must be a list of non-negative ints", [], None
+        num_slots = len(slot_examples)
+        names = adapter_names(content)
+        expected = [f"slot{i}" for i in range(num_slots)]
+        if names != sorted(expected):
+            return f"adapters {names} do not match {num_slots} slots", [], None
+        previous = self.node_slots.get(node, ["v0"] * num_slots)
+        if len(previous) != num_slots:
+            return f"{num_slots} slots, but the node had {len(previous)} before", [], None
+        truth_rec = content.config_records.get("truth")
+        truth = list(truth_rec["slot-tasks"]) if truth_rec and "slot-tasks" in truth_rec else None  # type: ignore[arg-type]
+        entries = []
+        for i in range(num_slots):
+            arrays = record_to_numpy(content.array_records[f"{ADAPTER_PREFIX}slot{i}"])
+            reference = self.globals.get(previous[i])
+            reason = check_adapter(
+                arrays, self.template, self.max_abs_value, reference, self.max_update_norm
+            )
+            if reason is not None:
+                return f"adapter slot{i}: {reason}", [], None
+            entries.append(
+                PoolEntry(
+                    node_id=node,
+                    slot=i,
+                    arrays=arrays,
+                    num_examples=int(slot_examples[i]),
+                    previous_id=previous[i],
+                    true_task=str(truth[i]) if truth is not None and i < len(truth) else None,
+                )
+            )
+        loss = None
+        if "train-loss" in metrics:
+            loss = (float(metrics["train-loss"]), int(sum(slot_examples)))  # type: ignore[arg-type]
+        return None, entries, loss
+
+    def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
+        references = None
+        if self.feature_source == "update":
+            # A "local" slot's previous adapter never reached the server: use v0 as reference.
+            references = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
+        features = adapter_features(
+            [e.arrays for e in pool], self.feature_keys, references, self.normalize
+        )
+        ids = self.assign_groups(server_round, pool, features)
+        groups = list(ids) if ids is not None else [LOCAL] * len(pool)
+        labels = sorted(set(groups))
+        index = [labels.index(gid) for gid in groups]
+        if ids is not None:
+            means = group_means([e.arrays for e in pool], index, self.group_weights(pool))
+            for label, gid in enumerate(labels):
+                self.globals[gid] = means[label]
+        new_slots: dict[int, dict[int, str]] = defaultdict(dict)
+        for entry, gid in zip(pool, groups, strict=True):
+            new_slots[entry.node_id][entry.slot] = gid
+        for node, slots in new_slots.items():
+            self.node_slots[node] = [slots[i] for i in range(len(slots))]
+        truth = [e.true_task for e in pool]
+        has_truth = all(t is not None for t in truth)
+        record: dict[str, Any] = {
+            "num_adapters": len(pool),
+            "groups": dict(sorted(Counter(groups).items())),
+        }
+        if has_truth:
+            if ids is not None:
+                record["clustering_agreement"] = clustering_agreement(truth, index)  # type: ignore[arg-type]
+            for gid in labels:
+                members = [t for t, g in zip(truth, groups, strict=True) if g == gid]
+                self.majority_task[gid] = str(Counter(members).most_common(1)[0][0])
+            record["group_tasks"] = {
+                gid: dict(Counter(t for t, g in zip(truth, groups, strict=True) if g == gid))
+                for gid in sorted(set(groups))
+            }
+        coords = planar_embedding(features, seed=self.seed)
+        record["embedding"] = {
+            "x": coords[:, 0].round(5).tolist(),
+            "y": coords[:, 1].round(5).tolist(),
+            "task": [t if t is not None else "?" for t in truth],
+            "group": groups,
+            "node": [e.node_id for e in pool],
+        }
+        self._record.update(record)
+        ari = record.get("clustering_agreement")
+        log(
+            INFO,
+            "round %s: %s adapters -> groups %s%s",
+            server_round,
+            len(pool),
+            record["groups"],
+            f", clustering agreement (ARI) {ari:.3f}" if ari is not None else "",
+        )
+
+    def final_adapters(self) -> dict[str, dict[str, np.ndarray]]:
+        """The global adapters after training (id -> tensors); empty for local only."""
+        return {gid: arrays for gid, arrays in self.globals.items() if gid != "v0"}

@@ -1,0 +1,124 @@
+"""FL-TAC's maths against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from strategies.fltac import (
+    adapter_features,
+    choose_k,
+    clustering_agreement,
+    group_means,
+    kmeans_labels,
+    match_cluster_ids,
+    node_payload,
+    select_feature_keys,
+)
+
+KEYS = [
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
+    "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight",
+    "base_model.model.classifier.weight",
+    "base_model.model.classifier.bias",
+]
+
+
+def _adapter(a: float, b: float, w: float, bias: float) -> dict[str, np.ndarray]:
+    return {
+        KEYS[0]: np.array([[a, 0.0]], dtype=np.float32),
+        KEYS[1]: np.array([[b], [0.0]], dtype=np.float32),
+        KEYS[2]: np.array([[w, 0.0]], dtype=np.float32),
+        KEYS[3]: np.array([bias], dtype=np.float32),
+    }
+
+
+def test_select_feature_keys() -> None:
+    assert select_feature_keys(KEYS, "all") == sorted(KEYS)
+    assert select_feature_keys(KEYS, "lora") == sorted(KEYS[:2])
+    assert select_feature_keys(KEYS, "head") == sorted(KEYS[2:])
+    with pytest.raises(ValueError, match="feature_tensors"):
+        select_feature_keys(KEYS, "everything")
+
+
+def test_adapter_features_update_and_normalisation() -> None:
+    # Prepare: one adapter and the reference it started from.
+    adapter = _adapter(a=4.0, b=0.0, w=3.0, bias=0.0)
+    reference = _adapter(a=1.0, b=0.0, w=-1.0, bias=0.0)
+    keys = select_feature_keys(KEYS, "all")  # sorted: lora_A, lora_B, classifier.bias, .weight
+    # Execute
+    raw = adapter_features([adapter], keys, normalize=False)
+    update = adapter_features([adapter], keys, references=[reference], normalize=False)
+    unit = adapter_features([adapter], keys, references=[reference], normalize=True)
+    # Assert: raw = [A row | B column | bias | w row] = [4 0 | 0 0 | 0 | 3 0]
+    assert_allclose(raw, [[4, 0, 0, 0, 0, 3, 0]])
+    # update = adapter - reference = [3 0 | 0 0 | 0 | 4 0]; its norm is 5
+    assert_allclose(update, [[3, 0, 0, 0, 0, 4, 0]])
+    assert_allclose(unit, [[0.6, 0, 0, 0, 0, 0.8, 0]])
+
+
+def test_zero_update_stays_zero_when_normalised() -> None:
+    adapter = _adapter(1.0, 1.0, 1.0, 1.0)
+    out = adapter_features([adapter], select_feature_keys(KEYS, "all"), [adapter], True)
+    assert_allclose(out, np.zeros((1, 7)))
+
+
+def test_group_means_uniform_and_weighted() -> None:
+    adapters = [_adapter(1, 0, 0, 0), _adapter(3, 0, 0, 0), _adapter(10, 0, 0, 2)]
+    labels = [0, 0, 1]
+    uniform = group_means(adapters, labels)
+    # cluster 0: mean of 1 and 3 = 2; cluster 1: the single member.
+    assert_allclose(uniform[0][KEYS[0]], [[2.0, 0.0]])
+    assert_allclose(uniform[1][KEYS[0]], [[10.0, 0.0]])
+    assert_allclose(uniform[1][KEYS[3]], [2.0])
+    weighted = group_means(adapters, labels, weights=[1, 3, 5])
+    # (1*1 + 3*3) / 4 = 2.5
+    assert_allclose(weighted[0][KEYS[0]], [[2.5, 0.0]])
+    assert weighted[0][KEYS[0]].dtype == np.float32
+
+
+def test_kmeans_separates_obvious_groups_and_caps_k() -> None:
+    features = np.array([[0, 0], [0, 0.1], [10, 10], [10, 10.1]], dtype=float)
+    labels = kmeans_labels(features, k=2, seed=0)
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+    assert_allclose(kmeans_labels(features[:1], k=3, seed=0), [0])  # k capped at M
+
+
+def test_choose_k_finds_three_blobs() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], dtype=float)
+    features = np.concatenate([c + 0.1 * rng.standard_normal((5, 2)) for c in centres])
+    assert choose_k(features, 2, 6, seed=0) == 3
+
+
+def test_match_cluster_ids_follows_majority_of_members() -> None:
+    # Members 0,1,2 held g0 and g0,g1; members 3,4 held g1. New labels are swapped: 1 for the
+    # g0 majority, 0 for the g1 majority.
+    labels = [1, 1, 1, 0, 0]
+    previous = ["g0", "g0", "g1", "g1", "g1"]
+    assert match_cluster_ids(labels, previous, ["g0", "g1"]) == {1: "g0", 0: "g1"}
+
+
+def test_match_cluster_ids_first_round_gets_fresh_ids() -> None:
+    assert match_cluster_ids([0, 1, 1], [None, None, None], []) == {0: "g0", 1: "g1"}
+
+
+def test_match_cluster_ids_breaks_ties_by_distance() -> None:
+    # No overlap information (all came from v0); cluster 0's mean is close to g1's adapter.
+    means = {0: {"w": np.array([5.0])}, 1: {"w": np.array([0.0])}}
+    previous_globals = {"g0": {"w": np.array([0.1])}, "g1": {"w": np.array([4.9])}}
+    mapping = match_cluster_ids([0, 1], ["v0", "v0"], ["g0", "g1"], means, previous_globals)
+    assert mapping == {0: "g1", 1: "g0"}
+
+
+def test_clustering_agreement() -> None:
+    assert clustering_agreement(["a", "a", "b", "b"], [1, 1, 0, 0]) == pytest.approx(1.0)
+    # ARI of {a,a,b,b} vs {0,1,0,1}: contingency all ones -> index sum C(1,2) = 0; rows and
+    # columns each give C(2,2)+C(2,2) = 2; expected = 2*2/C(4,2) = 2/3; max = (2+2)/2 = 2.
+    # ARI = (0 - 2/3) / (2 - 2/3) = -0.5
+    assert clustering_agreement(["a", "a", "b", "b"], [0, 1, 0, 1]) == pytest.approx(-0.5)
+
+
+def test_node_payload_sends_each_cluster_once() -> None:
+    assert node_payload(["g2", "g0", "g2"]) == (["g0", "g2"], ["g2", "g0", "g2"])
