@@ -9,6 +9,7 @@ adapters).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO
@@ -77,7 +78,9 @@ def _setup(msg: Message, context: Context) -> tuple[str, DictConfig, list[Slot],
     return overrides, cfg, slots, adapters
 
 
-def _load_sources(msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel) -> None:
+def _load_sources(
+    msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel
+) -> None:
     """Load every slot's starting adapter: the one the server named, or the locally kept one."""
     config = msg.content.config_records["config"]
     if "slot-sources" in config:
@@ -97,9 +100,13 @@ def _load_sources(msg: Message, context: Context, slots: list[Slot], adapters: A
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train each local adapter on its own task data; reply with all adapters, no task labels."""
+    started = time.perf_counter()
     overrides, cfg, slots, adapters = _setup(msg, context)
     _load_sources(msg, context, slots, adapters)
-    partition = (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))  # type: ignore[arg-type]
+    partition = (
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+    )  # type: ignore[arg-type]
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
     reply = RecordDict()
@@ -108,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     for i, slot in enumerate(slots):
         enc = concat([_encoded(overrides, partition, t, "train") for t in slot.tasks])
         seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
-        loss, steps = train_adapter(adapters, slot.name, enc, cfg.train, seed)
+        loss, _ = train_adapter(adapters, slot.name, enc, cfg.train, seed)
         record = state_to_record(adapters.state(slot.name))
         reply.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
         if keep_local:
@@ -128,7 +135,14 @@ def train(msg: Message, context: Context) -> Message:
         reply.config_records["truth"] = ConfigRecord(
             {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in slots]}
         )
-    log(INFO, "node %s trained %s adapter(s) on %s examples", partition[0], len(slots), total)
+    log(
+        INFO,
+        "partition %s: trained %s adapter(s) on %s examples in %.1fs",
+        partition[0],
+        len(slots),
+        total,
+        time.perf_counter() - started,
+    )
     return Message(content=reply, reply_to=msg)
 
 
@@ -137,8 +151,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the adapters this node would use now, on its share of every task's test data."""
     overrides, cfg, slots, adapters = _setup(msg, context)
     _load_sources(msg, context, slots, adapters)
-    partition = (int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))  # type: ignore[arg-type]
-    metrics: dict[str, int | float] = {}
+    partition = (
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+    )  # type: ignore[arg-type]
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
     total = 0
     for slot in slots:
         for task in slot.tasks:

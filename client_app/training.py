@@ -148,7 +148,16 @@ def train_adapter(
     params = adapters.activate(name)
     model = adapters.model
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if train_cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params,
+            lr=train_cfg.lr,
+            momentum=train_cfg.momentum,
+            weight_decay=train_cfg.weight_decay,
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     batch_size = min(int(train_cfg.batch_size), len(enc))
     steps = max(1, math.ceil(train_cfg.local_epochs * len(enc) / batch_size))
     rng = np.random.default_rng(seed)

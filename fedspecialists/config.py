@@ -31,8 +31,8 @@ class TaskSpec:
     """One task of a suite: where its data comes from and how to read it.
 
     ``source`` selects the loader: ``builtin`` (data shipped in packages, ``builtin`` names it),
-    ``hub`` (``datasets.load_dataset(path, subset)``; ``path`` may also be a local dataset folder) or
-    ``files`` (local CSV / JSON lines / Parquet files named in ``data_files``).
+    ``hub`` (``datasets.load_dataset(path, subset)``; ``path`` may be a local dataset folder)
+    or ``files`` (local CSV / JSON lines / Parquet files named in ``data_files``).
     """
 
     name: str = MISSING
@@ -72,6 +72,7 @@ class ModelConfig:
     tokenizer: str | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
     head_module: str = "classifier"
+    pooling: str = "cls"
     max_length: int = 64
     image_size: int | None = None
 
@@ -86,6 +87,8 @@ class LoraSettings:
 
 @dataclass
 class TrainSettings:
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     local_epochs: float = 1.0
     batch_size: int = 16
     lr: float = 1e-3
@@ -113,8 +116,9 @@ class FLTACConfig:
     num_clusters: Any = None
     auto_k_min: int = 2
     auto_k_max: int = 8
+    clustering: str = "constrained_kmeans"
     feature_source: str = "update"
-    feature_tensors: str = "all"
+    feature_tensors: str = "head"
     normalize: bool = True
     weighting: str = "uniform"
     kmeans_n_init: int = 10
@@ -246,11 +250,14 @@ def validate(cfg: DictConfig) -> None:
         for limit in ("max_train_examples", "max_test_examples"):
             value = task[limit]
             _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
+    _check(cfg.model.pooling in ("cls", "mean"), "model.pooling", "must be 'cls' or 'mean'")
     _check(cfg.model.max_length >= 8, "model.max_length", "must be >= 8")
     _check(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
     _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     _check(cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0")
+    _check(cfg.train.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
+    _check(0.0 <= cfg.train.momentum < 1.0, "train.momentum", "must be in [0, 1)")
     _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _check(cfg.train.lr > 0, "train.lr", "must be > 0")
@@ -265,6 +272,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
     _check(
         cfg.fltac.auto_k_max >= cfg.fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min"
+    )
+    _check(
+        cfg.fltac.clustering in ("kmeans", "constrained_kmeans"),
+        "fltac.clustering",
+        "must be 'kmeans' or 'constrained_kmeans'",
     )
     _check(
         cfg.fltac.feature_source in ("update", "weights"),

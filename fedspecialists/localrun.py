@@ -54,7 +54,9 @@ class LocalSuperLink:
 
 
 @contextmanager
-def local_superlink(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[LocalSuperLink]:
+def local_superlink(
+    home: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[LocalSuperLink]:
     """Start ``flower-superlink --simulation`` with its own ``FLWR_HOME`` and ports; stop on exit.
 
     ``flwr`` commands run with :attr:`LocalSuperLink.env` find this SuperLink as the ``local``
@@ -106,7 +108,9 @@ def local_superlink(home: Path, extra_env: dict[str, str] | None = None) -> Iter
         deadline = time.time() + 60
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited ({process.returncode}); see {log_file}")
+                raise RuntimeError(
+                    f"flower-superlink exited ({process.returncode}); see {log_file}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     if r.status == 200:
@@ -169,7 +173,8 @@ def run_app(
             f"`{shlex.join(command)}` did not start a run:\n{started.stdout}\n{started.stderr}"
         ) from exc
     deadline = time.time() + timeout_s
-    status, details = "unknown", {}
+    status: str = "unknown"
+    details: dict[str, object] = {}
     while time.time() < deadline:
         status, details = run_status(link, run_id)
         if status.startswith("finished"):

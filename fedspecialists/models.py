@@ -55,6 +55,52 @@ def _auto_classes(kind: str) -> Any:
     }[kind]
 
 
+class MeanPoolingClassifier(torch.nn.Module):
+    """A text encoder, mean pooling over its tokens, and a linear head.
+
+    Sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with mean pooling;
+    their CLS pooler (what ``AutoModelForSequenceClassification`` uses) was never trained, and a
+    head on it learns several times slower. ``config`` is the encoder's, so peft finds the
+    architecture's default LoRA targets.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.dropout = torch.nn.Dropout(dropout)
+        hidden_size = int(encoder.config.hidden_size)  # type: ignore[union-attr,arg-type]
+        self.classifier = torch.nn.Linear(hidden_size, num_labels)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **_: Any,
+    ) -> Any:
+        """Logits ``(B, num_labels)`` for token ids ``(B, T)``."""
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        mask = (
+            (attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2]))
+            .unsqueeze(-1)
+            .to(hidden.dtype)
+        )
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+
+def _config_overrides(model_cfg: DictConfig) -> dict[str, Any]:
+    """``model.config_overrides`` as a plain dict (e.g. a tiny BERT's layer count)."""
+    container = OmegaConf.to_container(model_cfg.config_overrides) or {}
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
 def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model for ``kind``, pretrained or randomly initialised from its config.
 
@@ -67,10 +113,21 @@ def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch
     num_labels : int
         Width of the (shared, padded) classification head; ignored for ``causal_lm``.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
 
     path = resolve_model_path(model_cfg.name_or_path)
-    overrides: dict[str, Any] = dict(OmegaConf.to_container(model_cfg.config_overrides) or {})  # type: ignore[arg-type]
+    if kind == "text_classification" and model_cfg.pooling == "mean":
+        if model_cfg.pretrained:
+            encoder = AutoModel.from_pretrained(
+                path, add_pooling_layer=False, **_config_overrides(model_cfg)
+            )
+        else:
+            encoder = AutoModel.from_config(
+                AutoConfig.from_pretrained(path, **_config_overrides(model_cfg)),
+                add_pooling_layer=False,
+            )
+        return MeanPoolingClassifier(encoder, num_labels)
+    overrides = _config_overrides(model_cfg)
     if kind != "causal_lm":
         overrides["num_labels"] = num_labels
     auto = _auto_classes(kind)
@@ -121,9 +178,9 @@ def lora_config(cfg: DictConfig, kind: str) -> LoraConfig:
         "lora_dropout": float(cfg.lora.dropout),
         "target_modules": target,
     }
-    if kind == "text_classification":
+    if kind == "text_classification" and cfg.model.pooling != "mean":
         return LoraConfig(task_type="SEQ_CLS", modules_to_save=[cfg.model.head_module], **common)
-    if kind == "image_classification":
+    if kind in ("text_classification", "image_classification"):
         return LoraConfig(modules_to_save=[cfg.model.head_module], **common)
     return LoraConfig(task_type="CAUSAL_LM", **common)
 
@@ -159,7 +216,7 @@ class AdapterModel:
             raise ValueError(f"adapter state has keys the model lacks: {unexpected[:3]}")
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s tensors (LoRA A/B and head), detached copies, no adapter name in keys."""
+        """Adapter ``name``'s tensors (LoRA A/B, head) as detached copies; keys name no adapter."""
         state = get_peft_model_state_dict(self.model, adapter_name=name)
         return {key: value.detach().clone() for key, value in state.items()}
 
@@ -209,7 +266,7 @@ def get_adapter_model(cfg: DictConfig, num_labels: int) -> AdapterModel:
 
 
 def initial_adapter(cfg: DictConfig, num_labels: int) -> dict[str, torch.Tensor]:
-    """The server's round-0 adapter v0 (LoRA A random, B zero, fresh head), seeded by ``cfg.seed``."""
+    """The server's round-0 adapter v0 (LoRA A random, B zero, new head), seeded by ``cfg.seed``."""
     kind = suite_kind(cfg)
     torch.manual_seed(cfg.seed)
     base = build_base_model(cfg.model, kind, num_labels)

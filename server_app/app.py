@@ -59,6 +59,7 @@ def build_strategy(
         num_clusters=k,
         auto_k_range=(cfg.fltac.auto_k_min, cfg.fltac.auto_k_max),
         kmeans_n_init=cfg.fltac.kmeans_n_init,
+        clustering=cfg.fltac.clustering,
         **common,
     )
 
@@ -74,7 +75,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
             raise RuntimeError(
                 f"federation.num_clients={expected} but only {len(nodes)} SuperNode(s) connected "
                 f"within {timeout_s:.0f}s. In simulation pass --federation-config "
-                f"\"num-supernodes={expected}\" (or set federation.num_clients to match)."
+                f'"num-supernodes={expected}" (or set federation.num_clients to match).'
             )
         time.sleep(1.0)
 
@@ -86,7 +87,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(overrides)  # refuses unknown keys / bad values before any training
     run_dir = run_dir_for(cfg)
     recorder = RunRecorder(run_dir, cfg)
-    log(INFO, "fedspecialists: method=%s suite=%s, writing to %s", cfg.method.name, cfg.suite.name, run_dir)
+    log(
+        INFO,
+        "fedspecialists: method=%s suite=%s, writing to %s",
+        cfg.method.name,
+        cfg.suite.name,
+        run_dir,
+    )
     try:
         tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
         num_labels = max(t.num_labels for t in tasks)
@@ -118,7 +125,12 @@ def main(grid: Grid, context: Context) -> None:
         if not recorder.rounds or summary["mean_accuracy"] is None:
             raise RuntimeError("no round produced evaluation results (did every client fail?)")
         recorder.set_status("completed")
-        log(INFO, "Run finished: mean accuracy %.4f; results in %s", summary["mean_accuracy"], run_dir)
+        log(
+            INFO,
+            "Run finished: mean accuracy %.4f; results in %s",
+            summary["mean_accuracy"],
+            run_dir,
+        )
     except Exception as exc:
         recorder.set_status("failed", error=repr(exc), traceback=traceback.format_exc())
         log(ERROR, "Run failed: %r (run folder %s)", exc, run_dir)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
-
-from logging import INFO
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -102,9 +102,7 @@ class RunRecorder:
             "total_bytes_down": int(cum.get("train_down", 0)),
             "total_bytes_eval_up": int(cum.get("evaluate_up", 0)),
             "total_bytes_eval_down": int(cum.get("evaluate_down", 0)),
-            "clustering_agreement_per_round": [
-                r.get("clustering_agreement") for r in self.rounds
-            ],
+            "clustering_agreement_per_round": [r.get("clustering_agreement") for r in self.rounds],
             "seconds_per_round": (sum(round_times) / len(round_times)) if round_times else None,
             "wall_time_s": last.get("wall_time_s"),
             **extra,
@@ -128,8 +126,14 @@ class RunRecorder:
         if rounds and tasks:
             fig, ax = plt.subplots(figsize=(6, 4))
             for task in tasks:
-                ax.plot(rounds, [r.get("accuracy", {}).get(task) for r in self.rounds], "o-", label=task)
-            ax.plot(rounds, [r.get("mean_accuracy") for r in self.rounds], "k--", label="mean")
+                ax.plot(
+                    rounds,
+                    [r.get("accuracy", {}).get(task, np.nan) for r in self.rounds],
+                    "o-",
+                    label=task,
+                )
+            means = [r.get("mean_accuracy") or np.nan for r in self.rounds]
+            ax.plot(rounds, means, "k--", label="mean")
             ax.set(xlabel="round", ylabel="test accuracy", title=f"{method}: accuracy per task")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
@@ -137,7 +141,9 @@ class RunRecorder:
         if rounds:
             fig, ax = plt.subplots(figsize=(6, 4))
             for key, label in (("train_up", "up (train)"), ("train_down", "down (train)")):
-                values = [r.get("bytes", {}).get("cumulative", {}).get(key, 0) / 1e6 for r in self.rounds]
+                values = [
+                    r.get("bytes", {}).get("cumulative", {}).get(key, 0) / 1e6 for r in self.rounds
+                ]
                 ax.plot(rounds, values, "o-", label=label)
             ax.set(xlabel="round", ylabel="cumulative MB", title=f"{method}: communication")
             ax.legend()
@@ -147,31 +153,50 @@ class RunRecorder:
             n = len(self.embeddings)
             cols = min(n, 4)
             rows_n = math.ceil(n / cols)
-            fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.0 * rows_n), squeeze=False)
+            fig, axes = plt.subplots(
+                rows_n, cols, figsize=(3.2 * cols, 3.0 * rows_n), squeeze=False
+            )
             names = sorted({t for e in self.embeddings for t in e["task"]})
             colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(names)}
             markers = "osD^v<>p*hX"
             for ax, emb in zip(axes.ravel(), self.embeddings, strict=False):
                 groups = sorted(set(emb["group"]))
-                for x, y, task, group in zip(emb["x"], emb["y"], emb["task"], emb["group"], strict=True):
-                    ax.scatter(x, y, color=colours[task], marker=markers[groups.index(group) % len(markers)], s=22)
+                for x, y, task, group in zip(
+                    emb["x"], emb["y"], emb["task"], emb["group"], strict=True
+                ):
+                    ax.scatter(
+                        x,
+                        y,
+                        color=colours[task],
+                        marker=markers[groups.index(group) % len(markers)],
+                        s=22,
+                    )
                 ax.set_title(f"round {emb['round']}", fontsize=9)
                 ax.set_xticks([])
                 ax.set_yticks([])
             for ax in axes.ravel()[n:]:
                 ax.axis("off")
             handles = [
-                plt.Line2D([], [], color=colours[t], marker="o", linestyle="", label=t) for t in names
+                plt.Line2D([], [], color=colours[t], marker="o", linestyle="", label=t)
+                for t in names
             ]
             fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 5), fontsize=8)
-            fig.suptitle(f"{method}: uploaded adapters (PCA of clustering features); colour = true task, marker = group", fontsize=9)
+            fig.suptitle(
+                f"{method}: uploaded adapters (PCA of clustering features)\n"
+                "colour = true task, marker = group",
+                fontsize=9,
+            )
             fig.tight_layout(rect=(0, 0.06, 1, 0.95))
             written.append(_save(fig, out / "adapter_embeddings.png"))
         return written
 
 
 def save_adapters(
-    run_dir: Path, cfg: DictConfig, num_labels: int, adapters: dict[str, dict[str, Any]], names: dict[str, str]
+    run_dir: Path,
+    cfg: DictConfig,
+    num_labels: int,
+    adapters: dict[str, dict[str, Any]],
+    names: dict[str, str],
 ) -> list[Path]:
     """Save final global adapters as peft folders under ``adapters/<id>/``.
 
@@ -180,9 +205,10 @@ def save_adapters(
     """
     if not adapters:
         return []
-    from fedspecialists.models import build_base_model, lora_config, suite_kind
-    from peft import get_peft_model, set_peft_model_state_dict
     import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from fedspecialists.models import build_base_model, lora_config, suite_kind
 
     kind = suite_kind(cfg)
     torch.manual_seed(cfg.seed)

@@ -136,6 +136,70 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> 
     return model.fit_predict(features).astype(np.int64)
 
 
+def constrained_kmeans_labels(
+    features: np.ndarray,
+    owners: Sequence[int],
+    k: int,
+    seed: int,
+    n_init: int = 10,
+    max_iter: int = 100,
+) -> np.ndarray:
+    """K-means in which adapters of the same owner never share a cluster (cannot-link).
+
+    A client trains one adapter per *distinct* local task, so two adapters from one upload are
+    of different tasks by construction: no label is needed to know that. The assignment step
+    solves, for each owner, a small linear assignment of its adapters to distinct clusters
+    (Hungarian, squared Euclidean cost); the update step is the usual mean. An owner with more
+    adapters than clusters falls back to nearest-centroid assignment. Best of ``n_init``
+    k-means++ starts by inertia.
+
+    Parameters
+    ----------
+    features : np.ndarray
+        ``(M, D)`` feature rows.
+    owners : Sequence[int]
+        ``(M,)`` owner (node id) of each row.
+    k : int
+        Number of clusters (capped at M).
+
+    Returns
+    -------
+    np.ndarray
+        ``(M,)`` int labels in ``[0, k)``.
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    m = features.shape[0]
+    k = max(1, min(k, m))
+    if k == 1:
+        return np.zeros(m, dtype=np.int64)
+    owners_arr = np.asarray(owners)
+    rows_of = {o: np.flatnonzero(owners_arr == o) for o in dict.fromkeys(owners_arr.tolist())}
+    best_labels, best_inertia = np.zeros(m, dtype=np.int64), np.inf
+    for start in range(n_init):
+        centroids, _ = kmeans_plusplus(features, k, random_state=seed + start)
+        labels = np.full(m, -1, dtype=np.int64)
+        for _ in range(max_iter):
+            cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (M, k)
+            new = np.empty(m, dtype=np.int64)
+            for rows in rows_of.values():
+                if len(rows) > k:
+                    new[rows] = cost[rows].argmin(1)
+                else:
+                    r, c = linear_sum_assignment(cost[rows])
+                    new[rows[r]] = c
+            if np.array_equal(new, labels):
+                break
+            labels = new
+            for c in range(k):
+                if np.any(labels == c):
+                    centroids[c] = features[labels == c].mean(0)
+        inertia = float(((features - centroids[labels]) ** 2).sum())
+        if inertia < best_inertia - 1e-12:
+            best_labels, best_inertia = labels.copy(), inertia
+    return best_labels
+
+
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
     """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score."""
     upper = min(k_max, features.shape[0] - 1)
@@ -169,12 +233,12 @@ def group_means(
         out[int(label)] = {
             key: np.sum(
                 [
-                    w[i] * np.asarray(adapters[m][key], dtype=np.float64)
+                    w[i] * np.asarray(adapters[int(m)][key], dtype=np.float64)
                     for i, m in enumerate(members)
                 ],
                 axis=0,
-            ).astype(np.asarray(adapters[members[0]][key]).dtype)
-            for key in adapters[members[0]]
+            ).astype(np.asarray(adapters[int(members[0])][key]).dtype)
+            for key in adapters[int(members[0])]
         }
     return out
 
@@ -280,7 +344,7 @@ class PoolEntry:
 
 
 class TaskAdapterClustering(Strategy):
-    """FL-TAC's server strategy (Flower Message API): cluster all task adapters, average per cluster.
+    """FL-TAC's server (Flower Message API): cluster all task adapters, average per cluster.
 
     Every node gets its own message carrying exactly the global adapters its task slots need
     (``adapter.<id>`` ArrayRecords plus a ``slot-sources`` list); it replies with one adapter per
@@ -300,6 +364,9 @@ class TaskAdapterClustering(Strategy):
         Range of K tried when ``num_clusters="auto"``.
     kmeans_n_init : int, default 10
         K-means restarts.
+    clustering : str, default "constrained_kmeans"
+        ``kmeans`` (the paper) or ``constrained_kmeans``: K-means in which the adapters of one
+        node never share a cluster (a node trains one adapter per distinct task).
     feature_source : str, default "update"
         Cluster on the update since the broadcast (``update``) or the raw weights (``weights``).
     feature_tensors : str, default "all"
@@ -334,8 +401,9 @@ class TaskAdapterClustering(Strategy):
         num_clusters: int | str = 4,
         auto_k_range: tuple[int, int] = (2, 8),
         kmeans_n_init: int = 10,
+        clustering: str = "constrained_kmeans",
         feature_source: str = "update",
-        feature_tensors: str = "all",
+        feature_tensors: str = "head",
         normalize: bool = True,
         weighting: str = "uniform",
         head_module: str = "classifier",
@@ -357,6 +425,8 @@ class TaskAdapterClustering(Strategy):
             )
         if weighting not in ("uniform", "samples"):
             raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
+        if clustering not in ("kmeans", "constrained_kmeans"):
+            raise ValueError(f"clustering must be kmeans or constrained_kmeans, not {clustering!r}")
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
         if min_replies < 1:
@@ -365,6 +435,7 @@ class TaskAdapterClustering(Strategy):
         self.num_clusters = num_clusters
         self.auto_k_range = auto_k_range
         self.kmeans_n_init = kmeans_n_init
+        self.clustering = clustering
         self.feature_source = feature_source
         self.feature_keys = select_feature_keys(list(self.template), feature_tensors, head_module)
         self.feature_tensors = feature_tensors
@@ -401,7 +472,12 @@ class TaskAdapterClustering(Strategy):
             k = choose_k(features, *self.auto_k_range, seed=seed, n_init=self.kmeans_n_init)
         else:
             k = int(self.num_clusters)
-        labels = kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init).tolist()
+        if self.clustering == "constrained_kmeans":
+            owners = [e.node_id for e in pool]
+            found = constrained_kmeans_labels(features, owners, k, seed, self.kmeans_n_init)
+        else:
+            found = kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init)
+        labels = found.tolist()
         means = group_means([e.arrays for e in pool], labels, self.group_weights(pool))
         known = [gid for gid in self.globals if gid != "v0"]
         mapping = match_cluster_ids(
@@ -416,6 +492,7 @@ class TaskAdapterClustering(Strategy):
         return {
             "method": self.method,
             "num_clusters": self.num_clusters,
+            "clustering": self.clustering,
             "feature_source": self.feature_source,
             "feature_tensors": self.feature_tensors,
             "normalize": self.normalize,
@@ -484,11 +561,13 @@ class TaskAdapterClustering(Strategy):
             return None, None
         self._aggregate(server_round, pool)
         train_loss = (
-            sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses)) if losses else None
+            sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))
+            if losses
+            else None
         )
         self._record["train_loss"] = train_loss
         self._record["aggregated"] = True
-        metrics = {"num-adapters": len(pool)}
+        metrics: dict[str, int | float | list[int] | list[float]] = {"num-adapters": len(pool)}
         if train_loss is not None:
             metrics["train-loss"] = float(train_loss)
         if self._record.get("clustering_agreement") is not None:
@@ -544,7 +623,9 @@ class TaskAdapterClustering(Strategy):
         self.history.append(self._record)
         if self.on_round_end is not None:
             self.on_round_end(self._record)
-        out = {f"accuracy.{task}": acc for task, acc in accuracy.items()}
+        out: dict[str, int | float | list[int] | list[float]] = {
+            f"accuracy.{task}": acc for task, acc in accuracy.items()
+        }
         if mean is not None:
             out["mean-accuracy"] = mean
         return MetricRecord(out) if out else None

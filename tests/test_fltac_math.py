@@ -10,6 +10,7 @@ from strategies.fltac import (
     adapter_features,
     choose_k,
     clustering_agreement,
+    constrained_kmeans_labels,
     group_means,
     kmeans_labels,
     match_cluster_ids,
@@ -83,6 +84,26 @@ def test_kmeans_separates_obvious_groups_and_caps_k() -> None:
     labels = kmeans_labels(features, k=2, seed=0)
     assert labels[0] == labels[1] != labels[2] == labels[3]
     assert_allclose(kmeans_labels(features[:1], k=3, seed=0), [0])  # k capped at M
+
+
+def test_constrained_kmeans_never_puts_one_nodes_adapters_together() -> None:
+    # 1-D points: node A has 0.0 and 0.2, node B has 10.0 and 0.1. Plain K-means groups
+    # {0, 0.1, 0.2} | {10}. With cannot-link inside a node, the two feasible partitions are
+    #   {0, 0.1} | {0.2, 10}: SSE = 2 * 0.05^2 + 2 * 4.9^2 = 48.025
+    #   {0, 10} | {0.2, 0.1}: SSE = 2 * 5^2 + 2 * 0.05^2 = 50.005
+    # so the first one is optimal.
+    features = np.array([[0.0], [0.2], [10.0], [0.1]])
+    owners = [1, 1, 2, 2]
+    plain = kmeans_labels(features, 2, seed=0)
+    assert plain[0] == plain[1] == plain[3] != plain[2]
+    labels = constrained_kmeans_labels(features, owners, 2, seed=0)
+    assert labels[0] == labels[3] and labels[1] == labels[2] and labels[0] != labels[1]
+
+
+def test_constrained_kmeans_falls_back_when_a_node_has_more_adapters_than_clusters() -> None:
+    features = np.array([[0.0], [0.1], [0.2], [5.0]])
+    labels = constrained_kmeans_labels(features, [1, 1, 1, 2], 2, seed=0)
+    assert labels[0] == labels[1] == labels[2] != labels[3]
 
 
 def test_choose_k_finds_three_blobs() -> None:

@@ -1,0 +1,67 @@
+"""Configuration: shipped configs compose; bad keys and values are refused with the key named."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedspecialists.config import ConfigError, load_config, num_clusters
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "",
+        "method=fedit",
+        "method=oracle",
+        "method=local",
+        "suite=glue model=bert_base",
+        "suite=cifar model=vit_b16",
+        "suite=dolly model=causal_lm",
+        "suite=tiny_text model=tiny_bert",
+    ],
+)
+def test_shipped_configs_compose(overrides: str) -> None:
+    cfg = load_config(overrides)
+    assert cfg.suite.tasks
+
+
+def test_method_defaults_follow_the_paper() -> None:
+    assert load_config("").lora.rank == 1  # FL-TAC: rank 1 per task
+    assert load_config("method=fedit").lora.rank == 16  # FedIT: rank 16 (Table 2)
+    assert load_config("method=fedit lora.rank=4").lora.rank == 4  # the user's override wins
+    assert num_clusters(load_config("")) == 4  # K = number of tasks by default
+    assert num_clusters(load_config("fltac.num_clusters=auto")) == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ("fltac.no_such_key=1", "fltac.no_such_key"),
+        ("+no_such_key=1", "no_such_key"),
+        ("lora.rank=0", "lora.rank"),
+        ("lora.rank=abc", "lora.rank"),
+        ("lora.alpha=-1", "lora.alpha"),
+        ("partition.alpha=0", "partition.alpha"),
+        ("partition.min_share=1.5", "partition.min_share"),
+        ("federation.fraction_train=0", "federation.fraction_train"),
+        ("federation.fraction_train=1.5", "federation.fraction_train"),
+        ("federation.min_replies=0", "federation.min_replies"),
+        ("train.lr=0", "train.lr"),
+        ("train.local_epochs=-1", "train.local_epochs"),
+        ("train.optimizer=lion", "train.optimizer"),
+        ("fltac.num_clusters=0", "fltac.num_clusters"),
+        ("fltac.num_clusters=many", "fltac.num_clusters"),
+        ("fltac.feature_source=gradients", "fltac.feature_source"),
+        ("fltac.weighting=median", "fltac.weighting"),
+        ("num_rounds=0", "num_rounds"),
+        ("method.name=fedprox", "method.name"),
+        ("model.pooling=max", "model.pooling"),
+        ("validation.max_abs_value=0", "validation.max_abs_value"),
+        ("method=oracle report_true_tasks=false", "report_true_tasks"),
+        ("suite.tasks.0.source=ftp", "suite.tasks[0].source"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(overrides: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    assert key in str(info.value)

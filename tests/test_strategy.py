@@ -1,0 +1,319 @@
+"""TaskAdapterClustering and its baselines as Flower strategies, driven with hand-made messages."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from numpy.testing import assert_allclose
+
+from fedspecialists.records import content_nbytes, record_to_numpy, state_to_record
+from strategies.baselines import FedIT, LocalOnly, OracleClustering
+from strategies.fltac import TaskAdapterClustering
+
+A = "base_model.model.layer.lora_A.weight"
+W = "base_model.model.classifier.weight"
+V0 = {A: np.zeros((1, 2), np.float32), W: np.zeros((2, 2), np.float32)}
+
+
+def _adapter(x: float, y: float) -> dict[str, np.ndarray]:
+    """An adapter pointing along task "x" (first coordinates) or task "y" (second)."""
+    return {
+        A: np.array([[x, y]], np.float32),
+        W: np.array([[x, 0.0], [0.0, y]], np.float32),
+    }
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # Messages built outside Flower's runtime need a task identity.
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+def _reply(
+    msg: Message,
+    adapters: list[dict[str, np.ndarray]],
+    examples: list[int] | None = None,
+    tasks: list[str] | None = None,
+) -> Message:
+    content = RecordDict()
+    for i, adapter in enumerate(adapters):
+        content.array_records[f"adapter.slot{i}"] = state_to_record(adapter)
+    content.metric_records["metrics"] = MetricRecord(
+        {
+            "slot-examples": examples or [1] * len(adapters),
+            "train-loss": 0.5,
+            "num-examples": sum(examples or [1] * len(adapters)),
+        }
+    )
+    if tasks is not None:
+        content.config_records["truth"] = ConfigRecord({"slot-tasks": tasks})
+    return Message(content, reply_to=msg)
+
+
+def _by_node(messages: list[Message]) -> dict[int, Message]:
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def _round(strategy: TaskAdapterClustering, server_round: int, grid: FakeGrid, make_replies):  # type: ignore[no-untyped-def]
+    messages = _by_node(list(strategy.configure_train(server_round, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    replies = make_replies(messages)
+    strategy.aggregate_train(server_round, replies)
+    return messages
+
+
+def test_round_one_broadcasts_v0_to_every_node() -> None:
+    strategy = TaskAdapterClustering(V0, num_clusters=2)
+    messages = _by_node(list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2]))))  # type: ignore[arg-type]
+    assert sorted(messages) == [1, 2]
+    for msg in messages.values():
+        assert list(msg.content.array_records) == ["adapter.v0"]
+        assert msg.content.config_records["config"]["default-source"] == "v0"
+        assert_allclose(record_to_numpy(msg.content.array_records["adapter.v0"])[W], V0[W])
+
+
+def test_clusters_are_averaged_and_each_node_gets_exactly_its_adapters() -> None:
+    # Prepare: node 1 holds tasks (x, y), node 2 holds (y, x).
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(1, 0), _adapter(0, 1)], tasks=["x", "y"]),
+            _reply(messages[2], [_adapter(0, 3), _adapter(3, 0)], tasks=["y", "x"]),
+        ]
+
+    # Execute
+    _round(strategy, 1, grid, replies)
+    agreement = strategy._record["clustering_agreement"]
+    second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+
+    # Assert: x cluster = mean of (1,0) and (3,0) = (2,0); y cluster = (0,2).
+    assert agreement == pytest.approx(1.0)
+    slots1 = list(second[1].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
+    slots2 = list(second[2].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
+    x_id, y_id = slots1
+    assert x_id != y_id and slots2 == [y_id, x_id]
+    for node in (1, 2):
+        assert sorted(second[node].content.array_records) == sorted(
+            [f"adapter.{x_id}", f"adapter.{y_id}"]
+        )
+    x = record_to_numpy(second[1].content.array_records[f"adapter.{x_id}"])
+    y = record_to_numpy(second[1].content.array_records[f"adapter.{y_id}"])
+    assert_allclose(x[A], [[2.0, 0.0]])
+    assert_allclose(y[W], [[0.0, 0.0], [0.0, 2.0]])
+
+
+def test_cluster_ids_stay_stable_across_rounds() -> None:
+    # Each slot trains like a real client: what it received plus a step along its task.
+    grid = FakeGrid([1, 2, 3])
+    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+    tasks = {1: ["x", "y"], 2: ["y", "x"], 3: ["x"]}
+    step = {"x": _adapter(1, 0), "y": _adapter(0, 1)}
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        out = []
+        for node, msg in messages.items():
+            config = msg.content.config_records["config"]
+            sources = list(config.get("slot-sources", [config.get("default-source")] * 3))  # type: ignore[arg-type]
+            trained = []
+            for slot, task in enumerate(tasks[node]):
+                start = record_to_numpy(msg.content.array_records[f"adapter.{sources[slot]}"])
+                trained.append({k: start[k] + step[task][k] for k in start})
+            out.append(_reply(msg, trained, tasks=tasks[node]))
+        return out
+
+    _round(strategy, 1, grid, replies)
+    first = {node: list(slots) for node, slots in strategy.node_slots.items()}
+    assert first[1][0] == first[2][1] == first[3][0] != first[1][1] == first[2][0]
+    for server_round in (2, 3, 4):
+        _round(strategy, server_round, grid, replies)
+        assert strategy.node_slots == first
+        assert strategy._record["clustering_agreement"] == pytest.approx(1.0)
+    # After 4 rounds the x adapter has moved 4 steps along x, the y adapter along y.
+    x_id, y_id = first[1]
+    assert_allclose(strategy.globals[x_id][A], [[4.0, 0.0]])
+    assert_allclose(strategy.globals[y_id][A], [[0.0, 4.0]])
+
+
+def test_a_node_whose_slots_share_a_cluster_receives_it_once() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(1, 0), _adapter(2, 0)]),
+            _reply(messages[2], [_adapter(0, 3)]),
+        ]
+
+    _round(strategy, 1, grid, replies)
+    second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    sources = list(second[1].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
+    assert sources[0] == sources[1]
+    assert list(second[1].content.array_records) == [f"adapter.{sources[0]}"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({A: np.array([[np.nan, 0]], np.float32), W: np.zeros((2, 2), np.float32)}, "non-finite"),
+        ({A: np.array([[np.inf, 0]], np.float32), W: np.zeros((2, 2), np.float32)}, "non-finite"),
+        ({A: np.zeros((2, 2), np.float32), W: np.zeros((2, 2), np.float32)}, "wrong shape"),
+        ({A: np.zeros((1, 2), np.float32)}, "missing keys"),
+        ({**V0, "extra.weight": np.zeros(1, np.float32)}, "unexpected keys"),
+        ({A: np.array([[1e9, 0]], np.float32), W: np.zeros((2, 2), np.float32)}, "max_abs_value"),
+    ],
+)
+def test_bad_replies_are_rejected_and_never_aggregated(
+    bad: dict[str, np.ndarray], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    grid = FakeGrid([1, 2, 3])
+    strategy = TaskAdapterClustering(V0, num_clusters=1, seed=0)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(1, 0)]),
+            _reply(messages[2], [_adapter(3, 0)]),
+            _reply(messages[3], [_adapter(5, 0), bad]),
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    assert any(reason in r.getMessage() and "node 3" in r.getMessage() for r in caplog.records)
+    (gid,) = strategy.final_adapters()
+    # Only nodes 1 and 2 entered: mean of 1 and 3 (node 3's good slot was dropped with its reply).
+    assert_allclose(strategy.globals[gid][A], [[2.0, 0.0]])
+    assert 3 not in strategy.node_slots
+    assert strategy._record["replies_rejected"] == 1
+
+
+def test_failed_client_does_not_stop_the_round(caplog: pytest.LogCaptureFixture) -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=1)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(4, 0)]),
+            Message(Error(code=1, reason="ClientApp raised"), reply_to=messages[2]),
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    assert any("ClientApp raised" in r.getMessage() for r in caplog.records)
+    assert_allclose(next(iter(strategy.final_adapters().values()))[A], [[4.0, 0.0]])
+    assert strategy._record["replies_failed"] == 1
+
+
+def test_too_few_replies_skip_aggregation() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=1, min_replies=2)
+    _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(4, 0)])])
+    assert strategy.final_adapters() == {}
+    assert strategy._record["aggregated"] is False
+
+
+def test_malformed_metrics_are_rejected() -> None:
+    grid = FakeGrid([1])
+    strategy = TaskAdapterClustering(V0, num_clusters=1)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        reply = _reply(messages[1], [_adapter(1, 0)])
+        reply.content.metric_records["metrics"] = MetricRecord({"slot-examples": [1, 1]})
+        return [reply]
+
+    _round(strategy, 1, grid, replies)
+    assert strategy._record["replies_rejected"] == 1
+    assert strategy.final_adapters() == {}
+
+
+def test_update_norm_bound() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=1, max_update_norm=2.0)
+    # |update| of _adapter(1, 0) from v0 = sqrt(1 + 1) = 1.41 (accepted); of (3, 0) = 4.24.
+    _round(
+        strategy,
+        1,
+        grid,
+        lambda m: [_reply(m[1], [_adapter(1, 0)]), _reply(m[2], [_adapter(3, 0)])],
+    )
+    assert_allclose(next(iter(strategy.final_adapters().values()))[A], [[1.0, 0.0]])
+
+
+def test_fedit_is_example_weighted_fedavg_of_one_adapter() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = FedIT(V0)
+    _round(
+        strategy,
+        1,
+        grid,
+        lambda m: [
+            _reply(m[1], [_adapter(1, 0)], examples=[1]),
+            _reply(m[2], [_adapter(0, 4)], examples=[3]),
+        ],
+    )
+    # (1 * (1, 0) + 3 * (0, 4)) / 4 = (0.25, 3)
+    assert_allclose(strategy.final_adapters()["global"][A], [[0.25, 3.0]])
+    second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    assert list(second[1].content.array_records) == ["adapter.global"]
+
+
+def test_oracle_groups_by_true_task() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = OracleClustering(V0, num_clusters=2)
+    # Adapters deliberately look alike across tasks: only the reported truth groups them.
+    _round(
+        strategy,
+        1,
+        grid,
+        lambda m: [
+            _reply(m[1], [_adapter(1, 0), _adapter(1, 0)], tasks=["x", "y"]),
+            _reply(m[2], [_adapter(3, 0), _adapter(5, 0)], tasks=["x", "y"]),
+        ],
+    )
+    adapters = strategy.final_adapters()
+    assert_allclose(adapters["x"][A], [[2.0, 0.0]])
+    assert_allclose(adapters["y"][A], [[3.0, 0.0]])
+
+
+def test_oracle_without_truth_fails_loudly() -> None:
+    strategy = OracleClustering(V0, num_clusters=2)
+    with pytest.raises(ValueError, match="true tasks"):
+        _round(strategy, 1, FakeGrid([1]), lambda m: [_reply(m[1], [_adapter(1, 0)])])
+
+
+def test_local_only_sends_no_adapters_after_round_one() -> None:
+    grid = FakeGrid([1])
+    strategy = LocalOnly(V0)
+    _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(1, 0), _adapter(0, 1)])])
+    second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    config = second[1].content.config_records["config"]
+    assert list(config["slot-sources"]) == ["local", "local"]  # type: ignore[arg-type]
+    assert config["keep-local"] is True
+    assert len(second[1].content.array_records) == 0
+    assert strategy.final_adapters() == {}
+
+
+def test_traffic_ledger_counts_serialized_sizes() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters=1)
+    messages = _by_node(list(strategy.configure_train(1, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    replies = [_reply(messages[n], [_adapter(1, 0)]) for n in (1, 2)]
+    strategy.aggregate_train(1, replies)
+    summary = strategy.ledger.round_summary()
+    assert summary["train_down"] == sum(content_nbytes(m.content) for m in messages.values())
+    assert summary["train_up"] == sum(content_nbytes(r.content) for r in replies)
+    per_node = summary["per_node"]
+    assert per_node["1"]["train_down"] == content_nbytes(messages[1].content)  # type: ignore[index]
