@@ -117,7 +117,7 @@ class FLTACConfig:
     auto_k_min: int = 2
     auto_k_max: int = 8
     clustering: str = "constrained_kmeans"
-    feature_source: str = "update"
+    feature_source: str = "cumulative"
     feature_tensors: str = "head"
     normalize: bool = True
     weighting: str = "uniform"
@@ -279,9 +279,9 @@ def validate(cfg: DictConfig) -> None:
         "must be 'kmeans' or 'constrained_kmeans'",
     )
     _check(
-        cfg.fltac.feature_source in ("update", "weights"),
+        cfg.fltac.feature_source in ("update", "cumulative", "weights"),
         "fltac.feature_source",
-        "must be 'update' or 'weights'",
+        "must be 'update', 'cumulative' or 'weights'",
     )
     _check(
         cfg.fltac.feature_tensors in ("all", "lora", "head"),
