@@ -151,7 +151,7 @@ def test_cluster_ids_stay_stable_across_rounds() -> None:
 
 def test_a_node_whose_slots_share_a_cluster_receives_it_once() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0, clustering="kmeans")
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
