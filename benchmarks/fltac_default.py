@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fedspecialists.localrun import local_superlink, run_app  # noqa: E402
+from fedspecialists.localrun import local_superlink, run_app
 
 METHODS = {
     "fltac": "FL-TAC (rank 1 per task)",
@@ -47,7 +44,8 @@ def run_all(out: Path, seeds: list[int], methods: list[str], extra: str) -> None
                     num_supernodes=10,
                 )
                 print(
-                    f"{name}: {outcome.status} in {time.time() - started:.0f}s (run {outcome.run_id})",
+                    f"{name}: {outcome.status} in {time.time() - started:.0f}s "
+                    f"(run {outcome.run_id})",
                     flush=True,
                 )
                 (out / f"{name}.log").write_text(outcome.log)

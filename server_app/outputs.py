@@ -214,9 +214,10 @@ def save_adapters(
     torch.manual_seed(cfg.seed)
     base = build_base_model(cfg.model, kind, num_labels)
     ids = sorted(adapters)
-    model = get_peft_model(base, lora_config(cfg, kind), adapter_name=ids[0])
+    lcfg = lora_config(cfg, kind, base)
+    model = get_peft_model(base, lcfg, adapter_name=ids[0])
     for gid in ids[1:]:
-        model.add_adapter(gid, lora_config(cfg, kind))
+        model.add_adapter(gid, lcfg)
     out = run_dir / "adapters"
     paths = []
     for gid in ids:
