@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -72,6 +72,30 @@ class TrafficLedger:
             str(node): dict(v) for node, v in sorted(self.per_node_total.items())
         }
         return summary
+
+
+def weighted_mean(
+    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float] | None = None
+) -> dict[str, np.ndarray]:
+    """Tensor-by-tensor weighted mean of parameter dicts (weights renormalised; None = uniform).
+
+    Accumulates in float64 and returns each tensor in its input dtype.
+    """
+    if not states:
+        raise ValueError("nothing to average")
+    w = np.ones(len(states)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != len(states):
+        raise ValueError(f"{len(w)} weights for {len(states)} parameter sets")
+    if w.sum() <= 0:
+        raise ValueError("weights must have a positive sum")
+    w = w / w.sum()
+    out = {}
+    for key, first in states[0].items():
+        total = np.zeros(np.shape(first), dtype=np.float64)
+        for wi, state in zip(w, states, strict=True):
+            total += wi * np.asarray(state[key], dtype=np.float64)
+        out[key] = total.astype(np.asarray(first).dtype)
+    return out
 
 
 def sample_round_nodes(node_ids: Sequence[int], fraction: float, seed: int) -> list[int]:

@@ -54,6 +54,7 @@ from strategies.common import (
     log_rejected_reply,
     planar_embedding,
     sample_round_nodes,
+    weighted_mean,
 )
 
 LOCAL = "local"  # slot source meaning "the adapter the client kept itself" (local only)
@@ -228,24 +229,14 @@ def group_means(
     dict[int, dict[str, np.ndarray]]
         Label -> adapter whose every tensor is the (weighted) mean over the label's members.
     """
-    out: dict[int, dict[str, np.ndarray]] = {}
     labels_arr = np.asarray(labels)
+    out: dict[int, dict[str, np.ndarray]] = {}
     for label in sorted(set(labels_arr.tolist())):
-        members = np.flatnonzero(labels_arr == label)
-        w = np.ones(len(members)) if weights is None else np.asarray(weights, float)[members]
-        if w.sum() <= 0:
-            w = np.ones(len(members))
-        w = w / w.sum()
-        out[int(label)] = {
-            key: np.sum(
-                [
-                    w[i] * np.asarray(adapters[int(m)][key], dtype=np.float64)
-                    for i, m in enumerate(members)
-                ],
-                axis=0,
-            ).astype(np.asarray(adapters[int(members[0])][key]).dtype)
-            for key in adapters[int(members[0])]
-        }
+        members = np.flatnonzero(labels_arr == label).tolist()
+        member_weights = None if weights is None else [float(weights[m]) for m in members]
+        if member_weights is not None and sum(member_weights) <= 0:
+            member_weights = None
+        out[int(label)] = weighted_mean([adapters[m] for m in members], member_weights)
     return out
 
 

@@ -1,0 +1,105 @@
+"""FedMoE-DA's Eq. 8-11 against matrices computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from strategies.fedmoe_da import (
+    aggregation_matrix,
+    correlation_matrix,
+    mix_experts,
+    recompute_round,
+    renormalise,
+    sync_plans,
+    top_p_mask,
+)
+
+R = np.array(
+    [
+        [1.0, 0.8, 0.3, 0.8],
+        [0.8, 1.0, 0.5, 0.1],
+        [0.3, 0.5, 1.0, 0.2],
+        [0.8, 0.1, 0.2, 1.0],
+    ]
+)
+
+
+def test_eq8_cosine_of_gate_vectors() -> None:
+    proxies = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [0.0, 0.0]])
+    expected = np.array(
+        [
+            [1, 0, 1 / math.sqrt(2), 0],
+            [0, 1, 1 / math.sqrt(2), 0],
+            [1 / math.sqrt(2), 1 / math.sqrt(2), 1, 0],
+            [0, 0, 0, 0],  # a zero gate vector is similar to nothing
+        ]
+    )
+    assert_allclose(correlation_matrix(proxies), expected, atol=1e-12)
+
+
+def test_eq9_top_p_mask_keeps_ties() -> None:
+    # P = 1: row 0 sorted is 1, .8, .8, .3 -> threshold .8 -> keeps 0, 1 and 3 (tie kept).
+    expected = np.array([[1, 1, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], float)
+    assert_allclose(top_p_mask(R, 1), expected)
+
+
+def test_eq9_p_zero_and_p_at_least_pool_size() -> None:
+    assert_allclose(top_p_mask(R, 0), np.eye(4))
+    assert_allclose(top_p_mask(R, 3), np.ones((4, 4)))
+    assert_allclose(top_p_mask(R, 10), np.ones((4, 4)))
+    with pytest.raises(ValueError):
+        top_p_mask(R, -1)
+
+
+def test_eq10_softmax_over_the_mask() -> None:
+    a = aggregation_matrix(R, p=1, tau=1.0)
+    # Row 1 keeps {0, 1}: e^.8 / (e^.8 + e^1) = 1 / (1 + e^.2) = 0.450166
+    assert_allclose(a[1], [1 / (1 + math.exp(0.2)), 1 / (1 + math.exp(-0.2)), 0, 0], atol=1e-9)
+    # Row 0 keeps {0, 1, 3}: (e, e^.8, 0, e^.8) / (e + 2 e^.8)
+    z = math.e + 2 * math.exp(0.8)
+    assert_allclose(a[0], [math.e / z, math.exp(0.8) / z, 0, math.exp(0.8) / z], atol=1e-9)
+    assert_allclose(a.sum(axis=1), np.ones(4))
+
+
+def test_eq10_temperature_limits() -> None:
+    sharp = aggregation_matrix(R, p=1, tau=1e-3)
+    assert_allclose(sharp, np.eye(4), atol=1e-9)  # all weight on the most similar: itself
+    flat = aggregation_matrix(R, p=1, tau=1e6)
+    assert_allclose(flat[0], [1 / 3, 1 / 3, 0, 1 / 3], atol=1e-6)  # uniform over the mask
+    assert_allclose(aggregation_matrix(R, p=3, tau=1e6), np.full((4, 4), 0.25), atol=1e-6)
+    assert_allclose(aggregation_matrix(R, p=0, tau=1.0), np.eye(4))
+    with pytest.raises(ValueError):
+        aggregation_matrix(R, p=1, tau=0.0)
+
+
+def test_eq11_mixing_and_renormalisation() -> None:
+    experts = [{"w": np.array([0.0, 4.0], np.float32)}, {"w": np.array([4.0, 0.0], np.float32)}]
+    mixed = mix_experts([0.25, 0.75], experts)
+    assert_allclose(mixed["w"], [3.0, 1.0])
+    assert mixed["w"].dtype == np.float32
+    # A missing or tampered peer drops out and the others are renormalised: .5/.7 and .2/.7.
+    assert_allclose(renormalise([0.5, 0.3, 0.2], [True, False, True]), [5 / 7, 0, 2 / 7])
+    with pytest.raises(ValueError):
+        renormalise([0.5, 0.5], [False, False])
+
+
+def test_recompute_every_i_rounds() -> None:
+    assert [recompute_round(r, 1) for r in range(1, 4)] == [True, True, True]
+    assert [recompute_round(r, 5) for r in range(1, 12)] == [
+        True, False, False, False, False, True, False, False, False, False, True,
+    ]  # fmt: skip
+
+
+def test_sync_plans_name_sources_weights_and_hashes() -> None:
+    a = aggregation_matrix(R, p=1, tau=1.0)
+    ids = ["a/0", "a/1", "b/0", "b/1"]
+    hashes = {e: f"h-{e}" for e in ids}
+    plans = sync_plans(a, ids, owners=[1, 1, 2, 2], hashes=hashes)
+    assert sorted(plans) == [1, 2]
+    assert [src for src, _, _ in plans[1]["a/1"]] == ["a/0", "a/1"]
+    assert [h for _, _, h in plans[2]["b/0"]] == ["h-a/1", "h-b/0"]
+    assert sum(w for _, w, _ in plans[1]["a/0"]) == pytest.approx(1.0)
