@@ -156,7 +156,7 @@ def sync_plans(
     for i, (expert, owner) in enumerate(zip(expert_ids, owners, strict=True)):
         row = [
             (expert_ids[j], float(matrix[i, j]), hashes[expert_ids[j]])
-            for j in np.flatnonzero(matrix[i] > 0)
+            for j in np.flatnonzero(matrix[i] > 0).tolist()
         ]
         plans.setdefault(int(owner), {})[expert] = row
     return plans
