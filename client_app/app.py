@@ -30,6 +30,20 @@ app = ClientApp()
 
 
 @dataclass
+class Setup:
+    """What one message's handler needs: the composed config, this node's slots and the model."""
+
+    overrides: str
+    cfg: DictConfig
+    partition: tuple[int, int]  # (partition id, number of partitions)
+    slots: list[Slot]
+    adapters: AdapterModel
+
+    def encoded(self, task: ClientTask, split: str) -> Encoded:
+        return _encoded(self.overrides, self.partition, task, split)
+
+
+@dataclass
 class Slot:
     """One adapter of this client and the tasks it serves (one task, or all for FedIT)."""
 
@@ -59,23 +73,24 @@ def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split
     return _ENCODED[key]
 
 
-def _setup(msg: Message, context: Context) -> tuple[str, DictConfig, list[Slot], AdapterModel]:
+def _setup(msg: Message, context: Context) -> Setup:
+    """Compose the config, find this node's tasks and load each slot's starting adapter."""
     overrides = str(context.run_config.get("overrides", ""))
     cfg = _config(overrides)
-    threads = cfg.train.num_threads or os.cpu_count() or 1
-    torch.set_num_threads(int(threads))
-    partition_id = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    num_partitions = int(context.node_config["num-partitions"])  # type: ignore[arg-type]
-    tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
-    mine = client_tasks(
-        tasks, partition_id, num_partitions, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
+    torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
+    partition = (
+        int(context.node_config["partition-id"]),  # type: ignore[arg-type]
+        int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
     )
+    tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
+    mine = client_tasks(tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed)
     if cfg.method.adapters == "shared":
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
     adapters = get_adapter_model(cfg, max(t.num_labels for t in tasks))
-    return overrides, cfg, slots, adapters
+    _load_sources(msg, context, slots, adapters)
+    return Setup(overrides, cfg, partition, slots, adapters)
 
 
 def _load_sources(
@@ -101,22 +116,18 @@ def _load_sources(
 def train(msg: Message, context: Context) -> Message:
     """Train each local adapter on its own task data; reply with all adapters, no task labels."""
     started = time.perf_counter()
-    overrides, cfg, slots, adapters = _setup(msg, context)
-    _load_sources(msg, context, slots, adapters)
-    partition = (
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
-    )  # type: ignore[arg-type]
+    setup = _setup(msg, context)
+    cfg, partition = setup.cfg, setup.partition
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
     reply = RecordDict()
     examples: list[int] = []
     weighted_loss = 0.0
-    for i, slot in enumerate(slots):
-        enc = concat([_encoded(overrides, partition, t, "train") for t in slot.tasks])
+    for i, slot in enumerate(setup.slots):
+        enc = concat([setup.encoded(t, "train") for t in slot.tasks])
         seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
-        loss, _ = train_adapter(adapters, slot.name, enc, cfg.train, seed)
-        record = state_to_record(adapters.state(slot.name))
+        loss, _ = train_adapter(setup.adapters, slot.name, enc, cfg.train, seed)
+        record = state_to_record(setup.adapters.state(slot.name))
         reply.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
         if keep_local:
             context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
@@ -133,13 +144,13 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.report_true_tasks:
         # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.
         reply.config_records["truth"] = ConfigRecord(
-            {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in slots]}
+            {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in setup.slots]}
         )
     log(
         INFO,
         "partition %s: trained %s adapter(s) on %s examples in %.1fs",
         partition[0],
-        len(slots),
+        len(setup.slots),
         total,
         time.perf_counter() - started,
     )
@@ -149,19 +160,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the adapters this node would use now, on its share of every task's test data."""
-    overrides, cfg, slots, adapters = _setup(msg, context)
-    _load_sources(msg, context, slots, adapters)
-    partition = (
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
-    )  # type: ignore[arg-type]
+    setup = _setup(msg, context)
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     total = 0
-    for slot in slots:
+    for slot in setup.slots:
         for task in slot.tasks:
-            enc = _encoded(overrides, partition, task, "test")
             correct, count, loss = evaluate_adapter(
-                adapters, slot.name, enc, cfg.train.eval_batch_size
+                setup.adapters,
+                slot.name,
+                setup.encoded(task, "test"),
+                setup.cfg.train.eval_batch_size,
             )
             metrics[f"correct.{task.name}"] = correct
             metrics[f"total.{task.name}"] = count
