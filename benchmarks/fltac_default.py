@@ -77,7 +77,8 @@ def table(out: Path, methods: list[str]) -> str:
         mb = _fmt([(r["total_bytes_up"] + r["total_bytes_down"]) / 1e6 for r in runs], digits=2)
         spr = _fmt([r["seconds_per_round"] for r in runs], digits=1)
         aris = [a for r in runs for a in r["clustering_agreement_per_round"][1:] if a is not None]
-        ari = f"{min(aris):.2f}–{max(aris):.2f}" if aris and method != "local" else "n/a"
+        clustered = aris and method in ("fltac", "oracle")
+        ari = f"{min(aris):.2f}–{max(aris):.2f}" if clustered else "n/a"
         lines.append(
             "| "
             + " | ".join([METHODS[method], *per_task, mean, mb, spr, ari, str(len(runs))])

@@ -23,6 +23,7 @@ class FedIT(TaskAdapterClustering):
     """FedAvg over one shared adapter: every upload joins the single group ``global``."""
 
     method = "fedit"
+    reports_clustering = False
 
     def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
         kwargs.setdefault("weighting", "samples")  # FedAvg weights by local example counts

@@ -392,6 +392,7 @@ class TaskAdapterClustering(Strategy):
     """
 
     method = "fltac"
+    reports_clustering = True  # clustering agreement is meaningless for one group (FedIT)
 
     def __init__(
         self,
@@ -724,7 +725,7 @@ class TaskAdapterClustering(Strategy):
             "groups": dict(sorted(Counter(groups).items())),
         }
         if has_truth:
-            if ids is not None:
+            if ids is not None and self.reports_clustering:
                 record["clustering_agreement"] = clustering_agreement(truth, index)  # type: ignore[arg-type]
             for gid in labels:
                 members = [t for t, g in zip(truth, groups, strict=True) if g == gid]
