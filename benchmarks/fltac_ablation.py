@@ -1,12 +1,12 @@
 """FL-TAC's open choices on the default benchmark: what K-means sees, and the pooling.
 
-Each variant is a full ``flwr run`` of FL-TAC (seed 0, 10 SuperNodes) with a few overrides; the
+Each variant is a full ``flwr run`` of FL-TAC (one seed, 10 SuperNodes) with a few overrides; the
 table shows clustering agreement (adjusted Rand index) per round and the final accuracy.
 
 Usage::
 
-    python benchmarks/fltac_ablation.py --out runs/fltac_ablation \
-        --reuse-default runs/fltac_default/fltac-s0
+    python benchmarks/fltac_ablation.py --out runs/fltac_ablation --seed 1 \
+        --reuse-default runs/fltac_default/fltac-s1
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ VARIANTS = {
         "K-means on raw weights of all tensors, unnormalised (the public re-implementation)",
         "fltac.clustering=kmeans fltac.feature_source=weights fltac.feature_tensors=all "
         "fltac.normalize=false",
+    ),
+    "update_features": (
+        "constrained K-means, head, update since what the slot received",
+        "fltac.feature_source=update",
     ),
     "kmeans_head": (
         "plain K-means, head, cumulative",
