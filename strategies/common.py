@@ -127,8 +127,8 @@ def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     from sklearn.decomposition import PCA
 
     m, d = features.shape
-    if m < 2 or d < 2:
-        return np.zeros((m, 2))
+    if m < 2 or d < 2 or float(features.var(axis=0).sum()) == 0.0:
+        return np.zeros((m, 2))  # nothing to project (PCA would divide by zero variance)
     coords = PCA(n_components=2, random_state=seed).fit_transform(features)
     return np.asarray(coords)
 
