@@ -114,6 +114,26 @@ def _auto_config(path: str, overrides: dict[str, Any]) -> Any:
 
 
 def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
+    """The frozen base model (see :func:`_build_base_model`), without transformers' load report.
+
+    The report (and progress bar) lists the new head and the unused CLS pooler as missing or
+    unexpected weights in every ClientApp process: expected here, and noise in a run's log.
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build_base_model(model_cfg, kind, num_labels)
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model for ``kind``, pretrained or randomly initialised from its config.
 
     Parameters
