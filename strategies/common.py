@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Message
@@ -131,7 +131,3 @@ def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
         return np.zeros((m, 2))  # nothing to project (PCA would divide by zero variance)
     coords = PCA(n_components=2, random_state=seed).fit_transform(features)
     return np.asarray(coords)
-
-
-def log_round_line(server_round: int, text: str) -> None:
-    log(INFO, "[round %s] %s", server_round, text)
