@@ -1,5 +1,6 @@
 """The ClientApp: one LoRA adapter per local task (FL-TAC, oracle, local only) or one shared
-adapter (FedIT), trained on the node's own share of every task.
+adapter (FedIT), trained on the node's own share of every task. The mixture-of-experts methods
+(FedMoE-DA and its baselines) are handled in :mod:`client_app.moe`.
 
 ClientApps are recreated for every message; what survives lives in the process (the base model,
 the encoded data: see ``fedspecialists.models``) or in ``context.state`` (the local-only baseline's
@@ -20,8 +21,9 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from omegaconf import DictConfig
 
+from client_app import moe
 from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
-from fedspecialists.config import load_config
+from fedspecialists.config import MOE_METHODS, load_config
 from fedspecialists.data import ClientTask, client_tasks, load_suite
 from fedspecialists.models import AdapterModel, build_preprocessor, get_adapter_model, suite_kind
 from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
@@ -112,9 +114,15 @@ def _load_sources(
         adapters.load(slot.name, record_to_state(record))
 
 
+def _is_moe(context: Context) -> bool:
+    return _config(str(context.run_config.get("overrides", ""))).method.name in MOE_METHODS
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train each local adapter on its own task data; reply with all adapters, no task labels."""
+    if _is_moe(context):
+        return moe.train(msg, context)
     started = time.perf_counter()
     setup = _setup(msg, context)
     cfg, partition = setup.cfg, setup.partition
@@ -160,6 +168,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the adapters this node would use now, on its share of every task's test data."""
+    if _is_moe(context):
+        return moe.evaluate(msg, context)
     setup = _setup(msg, context)
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     total = 0

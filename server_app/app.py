@@ -13,9 +13,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedspecialists.config import load_config, num_clusters
+from fedspecialists.config import MOE_METHODS, load_config, num_clusters
 from fedspecialists.data import load_suite
 from fedspecialists.models import initial_adapter
+from server_app.moe import run_moe
 from server_app.outputs import RunRecorder, run_dir_for, save_adapters
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
 from strategies.fltac import TaskAdapterClustering
@@ -94,6 +95,9 @@ def main(grid: Grid, context: Context) -> None:
         run_dir,
     )
     try:
+        if cfg.method.name in MOE_METHODS:
+            run_moe(grid, cfg, recorder, run_dir, wait_for_nodes)
+            return
         tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
         num_labels = max(t.num_labels for t in tasks)
         template = {k: v.numpy() for k, v in initial_adapter(cfg, num_labels).items()}

@@ -9,6 +9,13 @@ Layout of a run folder::
     plots/*.png          accuracy per task, cumulative bytes, adapter embeddings per round
     adapters/<id>/       final global adapters as peft folders (PeftModel.from_pretrained loads)
     status.json          "running" / "completed" / "failed" (with the error)
+
+Mixture-of-experts runs (FedMoE-DA and its baselines) write instead of adapters::
+
+    aggregation.jsonl    per recompute: FedMoE-DA's correlation R and aggregation matrix A
+    shared_model.safetensors   final parameters aggregated through the server
+    nodes/node-<id>/personal.safetensors   each client's final personal parts (gate, experts)
+    plots/               personalised/global accuracy, server vs peer bytes, A, routing
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 def run_dir_for(cfg: DictConfig) -> Path:
     """Absolute run folder (the ServerApp's working directory is wherever the SuperLink started)."""
     root = Path(str(cfg.output.root)).expanduser().resolve()
+    from fedspecialists.config import MOE_METHODS
+
+    setting = (
+        f"P{cfg.fedmoe_da.num_peers}" if cfg.method.name in MOE_METHODS else f"r{cfg.lora.rank}"
+    )
     name = cfg.output.name or (
-        f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method.name}-{cfg.suite.name}"
-        f"-r{cfg.lora.rank}-s{cfg.seed}"
+        f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method.name}-{cfg.suite.name}-{setting}-s{cfg.seed}"
     )
     path = root / str(name)
     path.mkdir(parents=True, exist_ok=True)
@@ -46,7 +57,8 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.embeddings: list[dict[str, Any]] = []
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        for name in ("metrics.jsonl", "embeddings.jsonl"):
+        self.aggregations: list[dict[str, Any]] = []
+        for name in ("metrics.jsonl", "embeddings.jsonl", "aggregation.jsonl"):
             (run_dir / name).write_text("")
         self.set_status("running")
 
@@ -58,7 +70,13 @@ class RunRecorder:
         """Append the round to metrics.jsonl (embedding to embeddings.jsonl) and print progress."""
         record = dict(record)
         embedding = record.pop("embedding", None)
+        aggregation = record.pop("aggregation", None)
         self.rounds.append(record)
+        if aggregation is not None:
+            entry = {"round": record["round"], **aggregation}
+            self.aggregations.append(entry)
+            with (self.run_dir / "aggregation.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if embedding is not None:
@@ -66,6 +84,9 @@ class RunRecorder:
             self.embeddings.append(entry)
             with (self.run_dir / "embeddings.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+        if "personalised_accuracy" in record:
+            self._log_moe_round(record)
+            return
         acc = record.get("accuracy", {})
         per_task = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
         cum = record.get("bytes", {}).get("cumulative", {})
@@ -83,6 +104,26 @@ class RunRecorder:
             f"{ari:.3f}" if ari is not None else "n/a",
             _human(cum.get("train_up", 0)),
             _human(cum.get("train_down", 0)),
+            record.get("round_time_s", 0.0),
+        )
+
+    def _log_moe_round(self, record: dict[str, Any]) -> None:
+        personal = record.get("personalised_accuracy", {})
+        cum = record.get("bytes", {}).get("cumulative", {})
+        server = cum.get("train_up", 0) + cum.get("train_down", 0)
+        log(
+            INFO,
+            "[round %s/%s] personalised acc %s +- %s | global acc %s | loss %s | server %s, "
+            "peers %s (train, cumulative) | peer failures %s | %.1fs",
+            record["round"],
+            self.cfg.num_rounds,
+            _fmt(personal.get("mean")),
+            _fmt(personal.get("std")),
+            _fmt(record.get("global_accuracy", {}).get("mean")),
+            _fmt(record.get("train_loss")),
+            _human(server),
+            _human(record.get("peer_bytes", {}).get("cumulative", 0)),
+            record.get("peer_failures", 0),
             record.get("round_time_s", 0.0),
         )
 
@@ -190,6 +231,100 @@ class RunRecorder:
             written.append(_save(fig, out / "adapter_embeddings.png"))
         return written
 
+    def write_moe_plots(self, domains: list[str], num_experts: int) -> list[Path]:
+        """PNG plots of a mixture-of-experts run: accuracy, server vs peer bytes, A, routing."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = self.run_dir / "plots"
+        out.mkdir(exist_ok=True)
+        written: list[Path] = []
+        method = self.cfg.method.name
+        rounds = [r["round"] for r in self.rounds if "personalised_accuracy" in r]
+        evaluated = [r for r in self.rounds if "personalised_accuracy" in r]
+        if rounds:
+            mean = np.array([r["personalised_accuracy"]["mean"] or np.nan for r in evaluated])
+            std = np.array([r["personalised_accuracy"]["std"] or 0.0 for r in evaluated])
+            glob = [r["global_accuracy"]["mean"] or np.nan for r in evaluated]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(rounds, mean, "o-", label="personalised (own test split)")
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+            ax.plot(rounds, glob, "s--", label="global test set")
+            ax.set(xlabel="round", ylabel="accuracy", title=f"{method}: accuracy (mean, +-1 std)")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, out / "accuracy.png"))
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+            cum = [r.get("bytes", {}).get("cumulative", {}) for r in evaluated]
+            ax.plot(
+                rounds,
+                [(c.get("train_down", 0) + c.get("train_up", 0)) / 1e6 for c in cum],
+                "o-",
+                label="through the server (train, up + down)",
+            )
+            ax.plot(
+                rounds,
+                [r.get("peer_bytes", {}).get("cumulative", 0) / 1e6 for r in evaluated],
+                "s-",
+                label="between peers (experts)",
+            )
+            ax.set(xlabel="round", ylabel="cumulative MB", title=f"{method}: server vs peer bytes")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, out / "server_vs_peer_bytes.png"))
+        if self.aggregations:
+            last = self.aggregations[-1]
+            matrix = np.asarray(last["matrix"])
+            fig, ax = plt.subplots(figsize=(6.4, 5.6))
+            image = ax.imshow(matrix, cmap="viridis", vmin=0)
+            ids = last["expert_ids"]
+            owners = [i.split("/")[0] for i in ids]
+            starts = [j for j in range(len(ids)) if j == 0 or owners[j] != owners[j - 1]]
+            for j in starts[1:]:
+                ax.axhline(j - 0.5, color="w", lw=0.4)
+                ax.axvline(j - 0.5, color="w", lw=0.4)
+            ax.set_xticks(starts, [f"n{k}" for k in range(len(starts))], fontsize=7)
+            ax.set_yticks(starts, [f"n{k}" for k in range(len(starts))], fontsize=7)
+            ax.set(
+                xlabel="source expert j (by client)",
+                ylabel="expert i (by client)",
+                title=f"aggregation matrix A, round {last['round']} (Eq. 10)",
+            )
+            fig.colorbar(image, ax=ax, shrink=0.8, label="a_ij")
+            written.append(_save(fig, out / "aggregation_matrix.png"))
+        routed = [r for r in self.rounds if r.get("routing")]
+        if routed:
+            counts = np.asarray(routed[-1]["routing"], dtype=float).reshape(
+                len(domains), num_experts
+            )
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            image = ax.imshow(share, cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks(range(num_experts), [f"expert {k}" for k in range(num_experts)])
+            ax.set_yticks(range(len(domains)), domains)
+            for (i, j), value in np.ndenumerate(share):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if value < 0.6 else "k",
+                )
+            ax.set_title(
+                f"{method}: where each domain is routed (round {routed[-1]['round']},\n"
+                "share of top-k assignments on clients' own test data)",
+                fontsize=9,
+            )
+            fig.colorbar(image, ax=ax, shrink=0.8)
+            fig.tight_layout()
+            written.append(_save(fig, out / "routing_by_domain.png"))
+        return written
+
 
 def save_adapters(
     run_dir: Path,
@@ -237,6 +372,10 @@ def save_adapters(
         )
     )
     return paths
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -1,10 +1,21 @@
-"""Baselines FL-TAC is compared with, as variations of its grouping step.
+"""Baselines of both methods.
+
+FL-TAC's, as variations of its grouping step:
 
 * :class:`FedIT` (Zhang et al. 2023): FedAvg over one LoRA adapter shared by all tasks (clients
   train a single adapter on all their local data; the mean is weighted by example counts).
 * :class:`OracleClustering`: adapters grouped by their true task (the upper bound of perfect
   clustering); needs clients to report true tasks, which FL-TAC itself never uses.
 * :class:`LocalOnly`: no federation; every client keeps and trains its own adapters.
+
+FedMoE-DA's, as variations of what the server aggregates (no peer exchange in any of them):
+
+* :class:`FedAvgMoE`: FedAvg on the whole MoE model (backbone, gate, experts via the server);
+* :class:`FedAvgDense`: FedAvg on a dense model of similar size;
+* :class:`LocalMoE`: every client trains its own MoE model; nothing is exchanged.
+
+FedMoE-DA with P = 0 is :class:`~strategies.fedmoe_da.DomainAwareMoEAggregation` itself with
+``num_peers=0`` (backbone shared, experts never aggregated).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from strategies.fedmoe_da import DomainAwareMoEAggregation
 from strategies.fltac import PoolEntry, TaskAdapterClustering
 
 GLOBAL_ID = "global"
@@ -65,3 +77,24 @@ class LocalOnly(TaskAdapterClustering):
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
     ) -> list[str] | None:
         return None
+
+
+class FedAvgMoE(DomainAwareMoEAggregation):
+    """FedAvg over every parameter of the MoE model (``initial_shared`` holds all of them)."""
+
+    method = "fedavg_moe"
+    exchanges_experts = False
+
+
+class FedAvgDense(DomainAwareMoEAggregation):
+    """FedAvg over every parameter of the dense model."""
+
+    method = "fedavg_dense"
+    exchanges_experts = False
+
+
+class LocalMoE(DomainAwareMoEAggregation):
+    """No federation: nothing is shared (``initial_shared`` is empty), only metrics travel."""
+
+    method = "local_moe"
+    exchanges_experts = False

@@ -13,17 +13,36 @@ that scores it), and experts are mixed across clients by the similarity of those
 
 A is recomputed every I rounds and reused in between. P = 0 means no expert aggregation (A = I).
 
-This module holds the maths as pure functions (arrays in, arrays out). The Flower strategy and the
-peer-to-peer expert exchange are not built yet (issue 3).
+The maths are pure functions (arrays in, arrays out); :class:`DomainAwareMoEAggregation` is the
+Flower strategy around them. What travels where (our reading, METHODS.md): the backbone is
+FedAvg'd through the server so gate vectors live in one feature space; gates stay personal and
+are uploaded as proxies; the server sends each client its sync plan; expert tensors travel client
+to client through a peer transport (``fedspecialists.peer``), never through the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from strategies.common import weighted_mean
+from fedspecialists.peer import GrantIssuer
+from fedspecialists.records import check_adapter, record_to_numpy, state_to_record
+from strategies.common import (
+    TrafficLedger,
+    log_failed_reply,
+    log_rejected_reply,
+    sample_round_nodes,
+    weighted_mean,
+)
 
 
 def correlation_matrix(proxies: np.ndarray) -> np.ndarray:
@@ -160,3 +179,398 @@ def sync_plans(
         ]
         plans.setdefault(int(owner), {})[expert] = row
     return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Flower strategy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertPool:
+    """The latest proxies of every client-expert heard from, in pool order ``<node>/<k>``."""
+
+    proxies: dict[int, np.ndarray]  # node -> (K, d) gate vectors
+    hashes: dict[int, list[str]]  # node -> K content hashes
+    addresses: dict[int, str]  # node -> peer address
+
+    def order(self) -> tuple[list[str], list[int], np.ndarray]:
+        """Expert ids, their owners and the ``(M, d)`` proxy matrix, nodes sorted."""
+        ids: list[str] = []
+        owners: list[int] = []
+        rows = []
+        for node in sorted(self.proxies):
+            for k, row in enumerate(self.proxies[node]):
+                ids.append(f"{node}/{k}")
+                owners.append(node)
+                rows.append(row)
+        return ids, owners, np.asarray(rows, dtype=np.float64)
+
+
+class DomainAwareMoEAggregation(Strategy):
+    """FedMoE-DA's server: FedAvg of the shared parts, aggregation matrix A, per-node sync plans.
+
+    Each node gets its own message: ``shared`` (the FedAvg'd parameters of ``shared_parts``) and a
+    ``config`` record with its sync plan (for each of its experts: source expert ids, weights,
+    content hashes and owner addresses) and a signed per-round fetch grant. Replies carry the
+    trained shared parts, the gate vectors (``proxies``), the experts' content hashes and the
+    node's peer address; expert tensors never pass through here. Replies that fail validation
+    are rejected with a logged reason and never enter aggregation or the pool.
+
+    Parameters
+    ----------
+    initial_shared : Mapping[str, np.ndarray]
+        Round-0 values of the parameters aggregated through the server; also the template every
+        reply must match. Empty: nothing is aggregated (local only).
+    shared_parts : Sequence[str]
+        Model parts the server aggregates (``backbone``, ``gate``, ``experts``, ``head``).
+    num_experts : int
+        K per client.
+    num_peers : int
+        P of Eq. 9. ``exchange_experts`` is off when P = 0.
+    tau : float
+        Temperature of Eq. 10.
+    interval : int
+        I: A is recomputed every I rounds (and whenever the pool changes).
+    peer_root : str | None
+        Folder under which simulation nodes keep their expert stores (sent to the nodes).
+    grant_ttl_s : float
+        Lifetime of the per-round fetch grants.
+    seed, fraction_train, min_replies, max_abs_value, on_round_end
+        As in ``TaskAdapterClustering``.
+    """
+
+    method = "fedmoe_da"
+    exchanges_experts = True
+
+    def __init__(
+        self,
+        initial_shared: Mapping[str, np.ndarray],
+        shared_parts: Sequence[str],
+        num_experts: int,
+        num_peers: int = 5,
+        tau: float = 1.0,
+        interval: int = 1,
+        peer_root: str | None = None,
+        grant_ttl_s: float = 900.0,
+        seed: int = 0,
+        fraction_train: float = 1.0,
+        min_replies: int = 1,
+        max_abs_value: float = 1.0e4,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if num_peers < 0:
+            raise ValueError(f"P (num_peers) must be >= 0, not {num_peers}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, not {tau}")
+        if interval < 1:
+            raise ValueError(f"the interval I must be >= 1, not {interval}")
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+        self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
+        self.template = dict(self.shared)
+        self.shared_parts = list(shared_parts)
+        self.num_experts = num_experts
+        self.num_peers = num_peers
+        self.exchange = self.exchanges_experts and num_peers > 0
+        self.tau = tau
+        self.interval = interval
+        self.peer_root = peer_root
+        self.grant_ttl_s = grant_ttl_s
+        self.seed = seed
+        self.fraction_train = fraction_train
+        self.min_replies = min_replies
+        self.max_abs_value = max_abs_value
+        self.on_round_end = on_round_end
+        self.pool = ExpertPool({}, {}, {})
+        self.matrix: np.ndarray | None = None
+        self.matrix_ids: list[str] = []
+        self.grants = GrantIssuer()
+        self.ledger = TrafficLedger()
+        self.peer_bytes_total = 0
+        self.history: list[dict[str, Any]] = []
+        self._record: dict[str, Any] = {}
+        self._t_start = time.time()
+        self._t_round = time.time()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "shared_parts": self.shared_parts,
+            "exchange_experts": self.exchange,
+            "num_experts": self.num_experts,
+            "num_peers": self.num_peers,
+            "tau": self.tau,
+            "interval": self.interval,
+            "fraction_train": self.fraction_train,
+            "min_replies": self.min_replies,
+        }
+
+    def summary(self) -> None:
+        log(INFO, "%s settings: %s", type(self).__name__, self.describe())
+
+    # -- messages ------------------------------------------------------------------------------
+    def _config(self, node: int, server_round: int, phase: str) -> ConfigRecord:
+        cfg = ConfigRecord(
+            {
+                "server-round": server_round,
+                "share": list(self.shared_parts),
+                "exchange": self.exchange,
+            }
+        )
+        if self.peer_root is not None:
+            cfg["peer-root"] = self.peer_root
+        if phase == "train" and self.exchange:
+            cfg["grant-key"] = self.grants.public_key
+            cfg["grant"] = self.grants.issue(server_round, node, self.grant_ttl_s)
+            for expert, sources in self.plan_for(node).items():
+                k = expert.split("/")[1]
+                cfg[f"plan.{k}.ids"] = [s[0] for s in sources]
+                cfg[f"plan.{k}.weights"] = [s[1] for s in sources]
+                cfg[f"plan.{k}.hashes"] = [s[2] for s in sources]
+                cfg[f"plan.{k}.addresses"] = [
+                    self.pool.addresses[int(s[0].split("/")[0])] for s in sources
+                ]
+        return cfg
+
+    def plan_for(self, node: int) -> dict[str, list[tuple[str, float, str]]]:
+        """This node's sync plan from the current A and the latest hashes (empty before A)."""
+        if self.matrix is None or node not in self.pool.proxies:
+            return {}
+        ids, owners, _ = self.pool.order()
+        if ids != self.matrix_ids:
+            return {}
+        flat = {f"{n}/{k}": h for n, hs in self.pool.hashes.items() for k, h in enumerate(hs)}
+        return sync_plans(self.matrix, ids, owners, flat).get(node, {})
+
+    def _message(self, node: int, server_round: int, phase: str) -> Message:
+        content = RecordDict({"config": self._config(node, server_round, phase)})
+        if self.shared:
+            content.array_records["shared"] = state_to_record(self.shared)
+        return Message(
+            content=content,
+            message_type=MessageType.TRAIN if phase == "train" else MessageType.EVALUATE,
+            dst_node_id=node,
+        )
+
+    # -- Strategy API --------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t_round = time.time()
+        self.ledger.start_round()
+        self._record = {"round": server_round}
+        nodes = sample_round_nodes(
+            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
+        )
+        return self.ledger.count_messages(
+            "train", [self._message(node, server_round, "train") for node in nodes]
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self.ledger.count_replies("train", replies)
+        accepted: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]] = []
+        failed = rejected = 0
+        for reply in replies:
+            if reply.has_error():
+                log_failed_reply(reply, "train")
+                failed += 1
+                continue
+            node = reply.metadata.src_node_id
+            reason, parsed = self._parse_train_reply(reply.content)
+            if reason is not None:
+                log_rejected_reply(node, "train", reason)
+                rejected += 1
+                continue
+            accepted.append((node, *parsed))
+        peer_bytes = sum(int(m["peer-bytes"]) for _, _, m in accepted)
+        self.peer_bytes_total += peer_bytes
+        self._record.update(
+            {
+                "replies_ok": len(accepted),
+                "replies_failed": failed,
+                "replies_rejected": rejected,
+                "peer_bytes": {"round": peer_bytes, "cumulative": self.peer_bytes_total},
+                "peer_fetches": sum(int(m["peer-fetches"]) for _, _, m in accepted),
+                "peer_failures": sum(int(m["peer-failures"]) for _, _, m in accepted),
+            }
+        )
+        if len(accepted) < self.min_replies:
+            log(
+                WARNING,
+                "round %s: %s valid replies (< min_replies=%s): aggregation skipped",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
+            self._record["aggregated"] = False
+            return None, None
+        examples = [float(m["num-examples"]) for _, _, m in accepted]
+        if self.shared:
+            self.shared = weighted_mean([shared for _, shared, _ in accepted], examples)
+        total = sum(examples)
+        train_loss = (
+            sum(float(m["train-loss"]) * n for (_, _, m), n in zip(accepted, examples, strict=True))
+            / total
+        )
+        self._record.update({"train_loss": train_loss, "aggregated": True})
+        if self.exchange:
+            self._update_pool(server_round, accepted)
+        return None, MetricRecord({"train-loss": train_loss})
+
+    def _update_pool(
+        self, server_round: int, accepted: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]]
+    ) -> None:
+        for node, _, meta in accepted:
+            self.pool.proxies[node] = meta["proxies"]
+            self.pool.hashes[node] = meta["hashes"]
+            self.pool.addresses[node] = meta["address"]
+        ids, _, proxies = self.pool.order()
+        if (
+            self.matrix is None
+            or ids != self.matrix_ids
+            or recompute_round(server_round, self.interval)
+        ):
+            correlation = correlation_matrix(proxies)
+            self.matrix = aggregation_matrix(correlation, self.num_peers, self.tau)
+            self.matrix_ids = ids
+            self._record["aggregation"] = {
+                "expert_ids": ids,
+                "matrix": np.round(self.matrix, 5).tolist(),
+                "correlation": np.round(correlation, 5).tolist(),
+            }
+        self._record["aggregation_recomputed"] = "aggregation" in self._record
+
+    def _parse_train_reply(
+        self, content: RecordDict
+    ) -> tuple[str | None, tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        """Validate one reply; return (reason it is rejected, or None; (shared, metadata))."""
+        empty: tuple[dict[str, np.ndarray], dict[str, Any]] = ({}, {})
+        metrics = content.metric_records.get("metrics")
+        if metrics is None:
+            return "no 'metrics' record", empty
+        meta: dict[str, Any] = {}
+        for key in ("num-examples", "train-loss", "peer-bytes", "peer-fetches", "peer-failures"):
+            value = metrics.get(key)
+            if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+                return f"metric '{key}' missing or invalid ({value!r})", empty
+            meta[key] = value
+        if meta["num-examples"] <= 0:
+            return "no training examples", empty
+        shared: dict[str, np.ndarray] = {}
+        if self.template:
+            if "shared" not in content.array_records:
+                return "no 'shared' parameters", empty
+            shared = record_to_numpy(content.array_records["shared"])
+            reason = check_adapter(shared, self.template, self.max_abs_value)
+            if reason is not None:
+                return f"shared parameters: {reason}", empty
+        if self.exchange:
+            proxies_rec = content.array_records.get("proxies")
+            experts = content.config_records.get("experts")
+            if proxies_rec is None or experts is None:
+                return "no gate proxies / expert hashes", empty
+            proxies = record_to_numpy(proxies_rec).get("gate")
+            if proxies is None or proxies.ndim != 2 or proxies.shape[0] != self.num_experts:
+                return f"gate proxies must be ({self.num_experts}, d)", empty
+            expected = next(iter(self.pool.proxies.values()), proxies).shape
+            if proxies.shape != expected or not np.all(np.isfinite(proxies)):
+                return (
+                    f"gate proxies of shape {proxies.shape} (expected {expected}) or non-finite",
+                    empty,
+                )
+            if float(np.max(np.abs(proxies))) > self.max_abs_value:
+                return "gate proxies above validation.max_abs_value", empty
+            hashes = [str(h) for h in experts.get("hashes", [])]  # type: ignore[union-attr]
+            if len(hashes) != self.num_experts or not all(_is_sha256(h) for h in hashes):
+                return f"expert hashes must be {self.num_experts} SHA-256 hex digests", empty
+            address = experts.get("address")
+            if not isinstance(address, str) or not address:
+                return "no peer address", empty
+            meta.update({"proxies": proxies, "hashes": hashes, "address": address})
+        return None, (shared, meta)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Every node evaluates the model it holds now: shared parts from here, the rest its own.
+        return self.ledger.count_messages(
+            "evaluate",
+            [self._message(node, server_round, "evaluate") for node in sorted(grid.get_node_ids())],
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = self.ledger.count_replies("evaluate", replies)
+        personal: dict[str, float] = {}
+        global_acc: dict[str, float] = {}
+        domain_correct: np.ndarray | None = None
+        domain_total: np.ndarray | None = None
+        routing: np.ndarray | None = None
+        for reply in replies:
+            if reply.has_error():
+                log_failed_reply(reply, "evaluate")
+                continue
+            node = reply.metadata.src_node_id
+            m = reply.content.metric_records.get("metrics")
+            if m is None or float(m.get("personal-total", 0)) <= 0:  # type: ignore[arg-type]
+                log_rejected_reply(node, "evaluate", "no personalised test results")
+                continue
+            personal[str(node)] = float(m["personal-correct"]) / float(m["personal-total"])  # type: ignore[arg-type]
+            global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
+            dc = np.asarray(m["domain-correct"], dtype=np.float64)
+            dt = np.asarray(m["domain-total"], dtype=np.float64)
+            domain_correct = dc if domain_correct is None else domain_correct + dc
+            domain_total = dt if domain_total is None else domain_total + dt
+            if "routing" in m:
+                r = np.asarray(m["routing"], dtype=np.float64)
+                routing = r if routing is None else routing + r
+        now = time.time()
+        pvals = list(personal.values())
+        gvals = list(global_acc.values())
+        record = self._record
+        record.update(
+            {
+                "personalised_accuracy": {
+                    "mean": float(np.mean(pvals)) if pvals else None,
+                    "std": float(np.std(pvals)) if pvals else None,
+                    "per_node": personal,
+                },
+                "global_accuracy": {
+                    "mean": float(np.mean(gvals)) if gvals else None,
+                    "std": float(np.std(gvals)) if gvals else None,
+                },
+                "mean_accuracy": float(np.mean(pvals)) if pvals else None,
+                "round_time_s": now - self._t_round,
+                "wall_time_s": now - self._t_start,
+                "bytes": self.ledger.round_summary(),
+            }
+        )
+        if domain_total is not None and domain_correct is not None:
+            record["domain_accuracy"] = (
+                np.divide(
+                    domain_correct,
+                    domain_total,
+                    out=np.zeros_like(domain_total),
+                    where=domain_total > 0,
+                )
+                .round(5)
+                .tolist()
+            )
+        if routing is not None:
+            record["routing"] = routing.tolist()  # flattened (domains x K) assignment counts
+        self.history.append(record)
+        if self.on_round_end is not None:
+            self.on_round_end(record)
+        out: dict[str, float] = {}
+        if pvals:
+            out["personalised-accuracy"] = float(np.mean(pvals))
+            out["global-accuracy"] = float(np.mean(gvals))
+        return MetricRecord(out) if out else None  # type: ignore[arg-type]
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)

@@ -1,0 +1,362 @@
+"""ClientApp handlers of the mixture-of-experts methods (FedMoE-DA and its baselines).
+
+One training round of a FedMoE-DA client::
+
+    shared parts from the server  +  personal parts from its own store
+    -> fetch the peer experts its sync plan names, check them, mix (Eq. 11)
+    -> train backbone, gate and experts (cross-entropy + load-balancing loss)
+    -> keep personal parts, publish experts to peers
+    -> reply: shared parts, gate vectors (proxies), expert hashes, metrics
+
+What the server does not aggregate stays on the node, in ``<node dir>/personal.safetensors``
+(the final personalised model of every client, loadable with ``safetensors``). The node folder
+is ``<peer root>/node-<node id>``: the root comes from the server in simulation, or from the
+``peer-root`` key of ``--node-config`` in a deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from fedspecialists.config import load_config
+from fedspecialists.domains import ClientDomains, client_domains, global_test_set, load_domains
+from fedspecialists.moe import (
+    DenseClassifier,
+    MoEClassifier,
+    build_model,
+    expert_state,
+    load_balancing_loss,
+    part_of,
+)
+from fedspecialists.peer import ExpertRef, LocalPeerStore, PeerFetchError
+from fedspecialists.records import check_adapter, record_to_state, state_to_record
+from strategies.fedmoe_da import mix_experts, renormalise
+
+PERSONAL_FILE = "personal.safetensors"
+
+
+@lru_cache(maxsize=4)
+def _config(overrides: str) -> DictConfig:
+    return load_config(overrides)
+
+
+@lru_cache(maxsize=16)
+def _client_data(overrides: str, partition: tuple[int, int]) -> ClientDomains:
+    cfg = _config(overrides)
+    return client_domains(
+        load_domains(cfg),
+        *partition,
+        domain_alpha=cfg.partition.domain_alpha,
+        label_alpha=cfg.partition.alpha,
+        train_per_client=cfg.partition.train_per_client,
+        test_per_client=cfg.partition.test_per_client,
+        seed=cfg.seed,
+    )
+
+
+@lru_cache(maxsize=4)
+def _global_test(overrides: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cfg = _config(overrides)
+    return global_test_set(load_domains(cfg), cfg.moe.global_test_per_domain, cfg.seed)
+
+
+@dataclass
+class Node:
+    """What one message's handler works with."""
+
+    cfg: DictConfig
+    overrides: str
+    node_id: int
+    partition: tuple[int, int]
+    data: ClientDomains
+    model: MoEClassifier | DenseClassifier
+    shared_parts: list[str]
+    folder: Path
+
+    @property
+    def personal_keys(self) -> list[str]:
+        return [k for k in self.model.state_dict() if not _is_shared(k, self.shared_parts)]
+
+
+def _is_shared(key: str, parts: list[str]) -> bool:
+    part = part_of(key)
+    return part in parts or (part.startswith("expert.") and "experts" in parts)
+
+
+def _node(msg: Message, context: Context) -> Node:
+    """Build the model and load this node's state: initial, then personal, then shared."""
+    overrides = str(context.run_config.get("overrides", ""))
+    cfg = _config(overrides)
+    torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
+    partition = (
+        int(context.node_config["partition-id"]),  # type: ignore[arg-type]
+        int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
+    )
+    config = msg.content.config_records["config"]
+    root = context.node_config.get("peer-root") or config.get("peer-root")
+    if not root:
+        raise ValueError("no peer root: set peer-root in --node-config (or peer.root)")
+    folder = Path(str(root)) / f"node-{context.node_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _client_data(overrides, partition)
+    domains = load_domains(cfg)
+    model = build_model(
+        data.x_train.shape[1:],
+        max(d.num_labels for d in domains),
+        cfg.moe,
+        dense=cfg.method.name == "fedavg_dense",
+        seed=cfg.seed,  # the federation's common initialisation
+    )
+    node = Node(
+        cfg,
+        overrides,
+        int(context.node_id),
+        partition,
+        data,
+        model,
+        [str(p) for p in config["share"]],  # type: ignore[union-attr]
+        folder,
+    )
+    if (folder / PERSONAL_FILE).exists():
+        model.load_state_dict(load_file(folder / PERSONAL_FILE), strict=False)
+    if "shared" in msg.content.array_records:
+        shared = record_to_state(msg.content.array_records["shared"])
+        model.load_state_dict(shared, strict=False)
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Expert synchronisation (Eq. 11 with peer experts)
+# --------------------------------------------------------------------------------------------
+
+
+def sync_experts(node: Node, config: ConfigRecord, transport: LocalPeerStore) -> dict[str, int]:
+    """Mix every expert named in this node's sync plan (Eq. 11), over the experts that arrived.
+
+    Sources owned by this node are read from its own model; peers' through ``transport``,
+    checked against the owner's hash and against the expected keys, shapes and value bound. A
+    source that fails is dropped and the weights renormalised over the rest.
+
+    Returns
+    -------
+    dict
+        ``fetches`` (peer experts used), ``failures`` (peer experts refused or unreachable).
+    """
+    model = node.model
+    assert isinstance(model, MoEClassifier)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    own = {k: expert_state(state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
+    grant = str(config.get("grant", "")) or None
+    fetched: dict[str, dict[str, np.ndarray] | None] = {}
+    fetches = failures = 0
+    for k in range(len(model.experts)):
+        ids = config.get(f"plan.{k}.ids")
+        if not ids:
+            continue
+        weights = [float(w) for w in config[f"plan.{k}.weights"]]  # type: ignore[union-attr]
+        hashes = [str(h) for h in config[f"plan.{k}.hashes"]]  # type: ignore[union-attr]
+        addresses = [str(a) for a in config[f"plan.{k}.addresses"]]  # type: ignore[union-attr]
+        experts: list[dict[str, np.ndarray] | None] = []
+        for expert_id, sha, address in zip(ids, hashes, addresses, strict=True):  # type: ignore[arg-type]
+            owner, index = (int(x) for x in str(expert_id).split("/"))
+            if owner == node.node_id:
+                experts.append(own[index])
+                continue
+            if expert_id not in fetched:
+                ref = ExpertRef(str(expert_id), owner, address, sha)
+                try:
+                    tensors = transport.fetch(ref, grant, requester=node.node_id)
+                    reason = check_adapter(tensors, own[k], node.cfg.validation.max_abs_value)
+                    if reason is not None:
+                        raise PeerFetchError(f"expert {expert_id}: {reason}")
+                    fetched[str(expert_id)] = tensors
+                    fetches += 1
+                except PeerFetchError as exc:
+                    log(WARNING, "node %s: peer expert refused: %s", node.node_id, exc)
+                    fetched[str(expert_id)] = None
+                    failures += 1
+            experts.append(fetched[str(expert_id)])
+        arrived = [e is not None for e in experts]
+        w = renormalise(weights, arrived)
+        mixed = mix_experts(
+            [wi for wi, ok in zip(w.tolist(), arrived, strict=True) if ok],
+            [e for e in experts if e is not None],
+        )
+        for name, value in mixed.items():
+            state[f"experts.{k}.{name}"] = value
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return {"fetches": fetches, "failures": failures}
+
+
+# --------------------------------------------------------------------------------------------
+# Local training and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def train_model(
+    model: MoEClassifier | DenseClassifier,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: DictConfig,
+    seed: int,
+) -> tuple[float, float]:
+    """Local epochs of cross-entropy (+ load-balancing loss for MoE). Returns mean (CE, aux)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params,
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    steps = max(1, round(cfg.train.local_epochs * len(y) / cfg.train.batch_size))
+    model.train()
+    ce_sum = aux_sum = 0.0
+    order = torch.randperm(len(y), generator=generator)
+    cursor = 0
+    for _ in range(steps):
+        if cursor >= len(order):
+            order, cursor = torch.randperm(len(y), generator=generator), 0
+        idx = order[cursor : cursor + cfg.train.batch_size]
+        cursor += cfg.train.batch_size
+        out = model(xt[idx])
+        ce = F.cross_entropy(out.logits, yt[idx])
+        loss = ce
+        if isinstance(model, MoEClassifier):
+            aux = load_balancing_loss(out.router_probs, out.selected)
+            loss = ce + cfg.moe.load_balance_coef * aux
+            aux_sum += float(aux.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ce_sum += float(ce.detach())
+    return ce_sum / steps, aux_sum / steps
+
+
+@torch.no_grad()
+def predict(
+    model: MoEClassifier | DenseClassifier, x: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted labels ``(N,)`` and, for MoE, the chosen experts ``(N, top_k)``."""
+    model.eval()
+    preds, chosen = [], []
+    for start in range(0, len(x), batch_size):
+        out = model(torch.from_numpy(x[start : start + batch_size]))
+        preds.append(out.logits.argmax(-1))
+        chosen.append(out.selected)
+    selected = torch.cat(chosen).numpy() if isinstance(model, MoEClassifier) else None
+    return torch.cat(preds).numpy(), selected
+
+
+# --------------------------------------------------------------------------------------------
+# Message handlers
+# --------------------------------------------------------------------------------------------
+
+
+def train(msg: Message, context: Context) -> Message:
+    """One round: sync experts from peers, train, keep personal parts, publish, reply."""
+    started = time.perf_counter()
+    node = _node(msg, context)
+    cfg = node.cfg
+    config = msg.content.config_records["config"]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    exchange = bool(config.get("exchange", False))
+    transport = LocalPeerStore(node.folder, cfg.peer.max_bytes) if exchange else None
+    sync = {"fetches": 0, "failures": 0}
+    if transport is not None:
+        transport.trust(str(config["grant-key"]))
+        if any(str(k).startswith("plan.") for k in config):
+            sync = sync_experts(node, config, transport)
+    seed = cfg.seed * 1_000_003 + server_round * 1_009 + node.partition[0]
+    ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
+    state = node.model.state_dict()
+    personal = {k: state[k].contiguous() for k in node.personal_keys}
+    if personal:
+        save_file(personal, node.folder / PERSONAL_FILE)
+    reply = RecordDict()
+    shared = {k: v for k, v in state.items() if _is_shared(k, node.shared_parts)}
+    if shared:
+        reply.array_records["shared"] = state_to_record(shared)
+    if transport is not None:
+        model = node.model
+        assert isinstance(model, MoEClassifier)
+        numpy_state = {k: v.numpy() for k, v in state.items()}
+        experts = {str(k): expert_state(numpy_state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
+        hashes = transport.publish(server_round, experts)
+        reply.array_records["proxies"] = state_to_record({"gate": state["gate.weight"]})
+        reply.config_records["experts"] = ConfigRecord(
+            {
+                "hashes": [hashes[str(k)] for k in range(len(model.experts))],
+                "address": transport.address,
+            }
+        )
+    reply.metric_records["metrics"] = MetricRecord(
+        {
+            "num-examples": len(node.data.y_train),
+            "train-loss": ce,
+            "aux-loss": aux,
+            "peer-bytes": transport.bytes_fetched if transport is not None else 0,
+            "peer-fetches": sync["fetches"],
+            "peer-failures": sync["failures"],
+            "domain-examples": node.data.domain_counts(len(load_domains(cfg))),
+        }
+    )
+    log(
+        INFO,
+        "partition %s: round %s trained on %s examples (loss %.3f), %s peer experts (%s refused), "
+        "%.1fs",
+        node.partition[0],
+        server_round,
+        len(node.data.y_train),
+        ce,
+        sync["fetches"],
+        sync["failures"],
+        time.perf_counter() - started,
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised accuracy (own test split, per domain), global test accuracy and routing."""
+    node = _node(msg, context)
+    cfg, data = node.cfg, node.data
+    num_domains = len(load_domains(cfg))
+    batch = cfg.train.eval_batch_size
+    pred, selected = predict(node.model, data.x_test, batch)
+    hit = pred == data.y_test
+    x_global, y_global, _ = _global_test(node.overrides)
+    global_pred, _ = predict(node.model, x_global, batch)
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "personal-correct": int(hit.sum()),
+        "personal-total": len(hit),
+        "global-correct": int((global_pred == y_global).sum()),
+        "global-total": len(y_global),
+        "domain-correct": np.bincount(data.d_test, weights=hit, minlength=num_domains)
+        .astype(int)
+        .tolist(),
+        "domain-total": np.bincount(data.d_test, minlength=num_domains).tolist(),
+        "num-examples": len(hit),
+    }
+    if selected is not None:
+        k = node.cfg.moe.num_experts
+        counts = np.zeros((num_domains, k), dtype=np.int64)
+        np.add.at(counts, (np.repeat(data.d_test, selected.shape[1]), selected.ravel()), 1)
+        metrics["routing"] = counts.ravel().tolist()
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,210 @@
+"""Mixture-of-experts classifier of the FedMoE-DA experiments, and its dense counterpart.
+
+Per client (FedMoE-DA's model, our reading of the paper; see ``shared/docs/METHODS.md``)::
+
+    x -> backbone -> h (B, d) -> gate: router logits = h @ Pi^T (B, K) -> top-k softmax weights
+                              -> experts: y = sum_{k in top-k} w_k E_k(h)   (B, C)
+
+The gate is one linear layer ``Pi`` (K, d) without bias, like Mixtral's router: row ``pi_k`` is
+expert k's gate vector, the proxy FedMoE-DA's server compares (Eq. 8). Routing follows Mixtral:
+softmax over all K logits, keep the top-k, renormalise them to sum to 1. The auxiliary
+load-balancing loss is Switch Transformer's ``K * sum_e f_e P_e``.
+
+Parameter names (what each method shares): ``backbone.*``, ``gate.weight`` and
+``experts.<k>.*`` for the MoE model; ``backbone.*`` and ``head.*`` for the dense model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+T = TypeVar("T")
+
+
+class ConvBackbone(nn.Module):
+    """Small plain-torch CNN: conv-ReLU-maxpool blocks, then adaptive average pooling.
+
+    ``(B, C, H, W)`` -> ``(B, channels[-1] * pooled_size**2)``; any input size works.
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], pooled_size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            previous = width
+        layers += [nn.AdaptiveAvgPool2d(pooled_size), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = previous * pooled_size * pooled_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ProjectionBackbone(nn.Module):
+    """Trainable part of the text backbone: frozen-encoder features ``(B, D)`` -> ``(B, d)``."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU())
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Expert(nn.Module):
+    """One expert: a two-layer MLP ``(B, d) -> (B, C)``."""
+
+    def __init__(self, in_dim: int, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_labels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+@dataclass
+class MoEOutput:
+    """Logits ``(B, C)``, router probabilities ``(B, K)`` and chosen experts ``(B, top_k)``."""
+
+    logits: torch.Tensor
+    router_probs: torch.Tensor
+    selected: torch.Tensor
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixtral routing: softmax over experts, keep the top-k, renormalise them.
+
+    Parameters
+    ----------
+    router_logits : torch.Tensor
+        ``(B, K)``.
+    top_k : int
+        Experts used per input.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        Dense combine weights ``(B, K)`` (zero outside the top-k, rows summing to 1), router
+        probabilities ``(B, K)`` and the selected expert indices ``(B, top_k)``.
+    """
+    probs = F.softmax(router_logits, dim=-1)
+    top_w, top_i = probs.topk(top_k, dim=-1)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    combine = torch.zeros_like(probs).scatter(-1, top_i, top_w)
+    return combine, probs, top_i
+
+
+def load_balancing_loss(router_probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss ``K * sum_e f_e * P_e`` (1.0 when perfectly balanced).
+
+    ``f_e`` is the fraction of routing assignments (B * top_k of them) that went to expert e and
+    ``P_e`` the mean router probability of e. (Mixtral's version in transformers is ``top_k``
+    times this.)
+
+    Parameters
+    ----------
+    router_probs : torch.Tensor
+        ``(B, K)`` softmax router probabilities.
+    selected : torch.Tensor
+        ``(B, top_k)`` chosen expert indices.
+    """
+    num_experts = router_probs.shape[-1]
+    assignments = F.one_hot(selected, num_experts).float()  # (B, top_k, K)
+    f = assignments.sum(dim=(0, 1)) / assignments.sum()
+    p = router_probs.mean(dim=0)
+    return num_experts * torch.sum(f * p)
+
+
+class MoEClassifier(nn.Module):
+    """Backbone, gate ``Pi`` (K, d) and K experts with top-k routing.
+
+    Every expert runs on every input and the top-k combine weights zero the others: the same
+    outputs and gradients as a sparse dispatch, and faster at these sizes (K small, d ~ 500).
+    """
+
+    def __init__(
+        self, backbone: nn.Module, num_experts: int, top_k: int, hidden: int, num_labels: int
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts}, not {top_k}")
+        self.backbone = backbone
+        dim = int(backbone.out_dim)  # type: ignore[arg-type]
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(dim, hidden, num_labels) for _ in range(num_experts))
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        h = self.backbone(x)
+        combine, probs, selected = route(self.gate(h), self.top_k)
+        outputs = torch.stack([expert(h) for expert in self.experts], dim=1)  # (B, K, C)
+        logits = torch.einsum("bk,bkc->bc", combine, outputs)
+        return MoEOutput(logits, probs, selected)
+
+
+class DenseClassifier(nn.Module):
+    """The dense baseline: backbone and one MLP head ``(B, d) -> hidden -> (B, C)``."""
+
+    def __init__(self, backbone: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = Expert(int(backbone.out_dim), hidden, num_labels)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        logits = self.head(self.backbone(x))
+        empty = torch.zeros(len(logits), 0)
+        return MoEOutput(logits, empty, empty.long())
+
+
+def build_model(
+    input_shape: Sequence[int],
+    num_labels: int,
+    moe_cfg: object,
+    dense: bool,
+    seed: int,
+) -> MoEClassifier | DenseClassifier:
+    """The model of ``moe_cfg`` for inputs of ``input_shape`` (``(C, H, W)`` or ``(D,)``).
+
+    The same ``seed`` gives the same initial weights everywhere (the federation's common start).
+    """
+    torch.manual_seed(seed)
+    cfg = moe_cfg
+    if len(input_shape) == 3:
+        backbone: nn.Module = ConvBackbone(
+            int(input_shape[0]),
+            list(cfg.channels),  # type: ignore[attr-defined]
+            int(cfg.pooled_size),  # type: ignore[attr-defined]
+        )
+    else:
+        backbone = ProjectionBackbone(int(input_shape[0]), int(cfg.projection_dim))  # type: ignore[attr-defined]
+    num_experts = int(cfg.num_experts)  # type: ignore[attr-defined]
+    hidden = int(cfg.expert_hidden)  # type: ignore[attr-defined]
+    if dense:
+        dense_hidden = cfg.dense_hidden or num_experts * hidden  # type: ignore[attr-defined]
+        return DenseClassifier(backbone, int(dense_hidden), num_labels)
+    return MoEClassifier(backbone, num_experts, int(cfg.top_k), hidden, num_labels)  # type: ignore[attr-defined]
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to: ``backbone``, ``gate``, ``expert.<k>`` or ``head``."""
+    if name.startswith("experts."):
+        return "expert." + name.split(".")[1]
+    return name.split(".")[0]
+
+
+def expert_state(state: Mapping[str, T], k: int) -> dict[str, T]:
+    """Expert k's parameters with the ``experts.<k>.`` prefix stripped (``fc1.weight``, ...)."""
+    prefix = f"experts.{k}."
+    return {key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)}

@@ -1,0 +1,243 @@
+"""Peer-to-peer expert exchange for FedMoE-DA: expert tensors travel client to client.
+
+Flower has no node-to-node channel (issues #3149, #4273), so experts move through a transport of
+our own, behind one small interface (:class:`PeerTransport`):
+
+* ``publish(expert_key, tensors) -> sha256``: the owner makes an expert available to peers and
+  reports the content hash to the server (in its reply);
+* ``fetch(ref, grant) -> tensors``: a peer reads a named expert. The transport refuses a missing
+  or expired server authorisation, a payload over the size limit, and content whose SHA-256 differs
+  from the hash the owner reported (:class:`PeerFetchError` with the reason).
+
+Authorisation: every round the server signs (Ed25519) a grant for each node it sends a sync plan
+to, naming the round, the node and an expiry time. Owners verify grants with the server's public
+key, which the server sends them in their own messages. Nodes can verify grants but not mint them.
+
+:class:`LocalPeerStore` is the simulation transport: each node owns a folder (its *address*);
+peers read it directly, so no expert byte goes through the SuperLink. A network transport for
+real deployments (a peer endpoint per SuperNode, address from ``--node-config``, TLS, timeout)
+implements the same interface.
+
+Experts are stored as safetensors; content-addressed files (``experts/<sha256>.safetensors``) keep
+each publication immutable, so a peer reading while its owner re-publishes still gets exactly the
+version the server named. The owner keeps its last two publications.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+
+class PeerFetchError(RuntimeError):
+    """A peer expert could not be used (missing, unauthorised, too large, tampered, ...)."""
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """An expert named in a sync plan: who owns it, where it is and what its content hash is."""
+
+    expert_id: str  # "<owner node id>/<expert index>"
+    owner: int
+    address: str
+    sha256: str
+
+
+# --------------------------------------------------------------------------------------------
+# Expert bytes
+# --------------------------------------------------------------------------------------------
+
+
+def expert_to_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """An expert as safetensors bytes (what is stored, hashed and sent)."""
+    return st_save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())})
+
+
+def expert_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    return dict(st_load(data))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-round authorisation
+# --------------------------------------------------------------------------------------------
+
+
+class GrantIssuer:
+    """The server's signing key for peer-fetch grants (one per run)."""
+
+    def __init__(self, private_key: Ed25519PrivateKey | None = None) -> None:
+        self._key = private_key or Ed25519PrivateKey.generate()
+
+    @property
+    def public_key(self) -> str:
+        """Raw public key, hex (sent to every node so owners can verify grants)."""
+        return self._key.public_key().public_bytes_raw().hex()
+
+    def issue(self, server_round: int, node_id: int, ttl_s: float, now: float | None = None) -> str:
+        """A grant letting ``node_id`` fetch peer experts in ``server_round`` for ``ttl_s``."""
+        payload = json.dumps(
+            {"round": server_round, "node": node_id, "exp": (now or time.time()) + ttl_s},
+            sort_keys=True,
+        ).encode()
+        signature = self._key.sign(payload)
+        return _b64(payload) + "." + _b64(signature)
+
+
+def verify_grant(
+    grant: str | None, public_key_hex: str, node_id: int | None = None, now: float | None = None
+) -> dict[str, float]:
+    """Check a grant's signature and expiry (and, if given, that it was issued to ``node_id``).
+
+    Returns
+    -------
+    dict
+        The grant's payload (``round``, ``node``, ``exp``).
+
+    Raises
+    ------
+    PeerFetchError
+        No grant, a bad signature, an expired grant or a grant of another node.
+    """
+    if not grant:
+        raise PeerFetchError("no authorisation: the request carries no server grant")
+    try:
+        payload_b64, signature_b64 = grant.split(".")
+        payload, signature = _unb64(payload_b64), _unb64(signature_b64)
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, payload)
+        claims = json.loads(payload)
+    except (ValueError, InvalidSignature) as exc:
+        raise PeerFetchError(f"authorisation refused: invalid grant ({exc!r})") from exc
+    if float(claims["exp"]) < (now or time.time()):
+        raise PeerFetchError(f"authorisation refused: grant expired (round {claims['round']})")
+    if node_id is not None and int(claims["node"]) != node_id:
+        raise PeerFetchError(f"authorisation refused: grant issued to node {claims['node']}")
+    return dict(claims)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Transports
+# --------------------------------------------------------------------------------------------
+
+
+class PeerTransport(Protocol):
+    """What FedMoE-DA's client needs from an expert transport."""
+
+    address: str
+    bytes_fetched: int
+
+    def trust(self, public_key_hex: str) -> None:
+        """Accept grants signed by this server key from now on (the owner side)."""
+
+    def publish(
+        self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> dict[str, str]:
+        """Make this node's experts available; return expert key -> SHA-256 of its bytes."""
+
+    def fetch(self, ref: ExpertRef, grant: str | None, requester: int) -> dict[str, np.ndarray]:
+        """Read a peer's expert; raise :class:`PeerFetchError` when it cannot be used."""
+
+
+class LocalPeerStore:
+    """Simulation transport: node-local folders that peers read directly (no SuperLink bytes).
+
+    Parameters
+    ----------
+    address : str
+        This node's folder; the server passes it to peers in their sync plans.
+    max_bytes : int
+        Largest expert payload read from a peer.
+    keep_publications : int
+        Publications kept (older content-addressed files are deleted).
+    """
+
+    def __init__(self, address: str | Path, max_bytes: int, keep_publications: int = 2) -> None:
+        self.address = str(address)
+        self.max_bytes = int(max_bytes)
+        self.keep = keep_publications
+        self.bytes_fetched = 0
+        (Path(self.address) / "experts").mkdir(parents=True, exist_ok=True)
+
+    # -- owner side --------------------------------------------------------------------------
+    def trust(self, public_key_hex: str) -> None:
+        _atomic_write(Path(self.address) / "grant_key", public_key_hex.encode())
+
+    def publish(
+        self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> dict[str, str]:
+        folder = Path(self.address)
+        hashes = {}
+        for key, tensors in experts.items():
+            data = expert_to_bytes(tensors)
+            digest = sha256(data)
+            path = folder / "experts" / f"{digest}.safetensors"
+            if not path.exists():
+                _atomic_write(path, data)
+            hashes[key] = digest
+        index_path = folder / "publications.json"
+        index = json.loads(index_path.read_text()) if index_path.exists() else []
+        index = [*index, {"round": server_round, "hashes": hashes}][-self.keep :]
+        _atomic_write(index_path, json.dumps(index).encode())
+        live = {h for entry in index for h in entry["hashes"].values()}
+        for old in (folder / "experts").glob("*.safetensors"):
+            if old.stem not in live:
+                old.unlink(missing_ok=True)
+        return hashes
+
+    # -- requester side ----------------------------------------------------------------------
+    def fetch(self, ref: ExpertRef, grant: str | None, requester: int) -> dict[str, np.ndarray]:
+        owner = Path(ref.address)
+        key_file = owner / "grant_key"
+        if not key_file.exists():
+            raise PeerFetchError(f"peer {ref.owner} unreachable: no store at {owner}")
+        # The owner's check: a grant signed by the server key the owner trusts.
+        verify_grant(grant, key_file.read_text().strip(), node_id=requester)
+        path = owner / "experts" / f"{ref.sha256}.safetensors"
+        if not path.exists():
+            raise PeerFetchError(f"peer {ref.owner} does not hold expert {ref.expert_id}")
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise PeerFetchError(
+                f"expert {ref.expert_id}: {size} bytes over the {self.max_bytes} limit"
+            )
+        data = path.read_bytes()
+        self.bytes_fetched += len(data)
+        if sha256(data) != ref.sha256:
+            raise PeerFetchError(f"expert {ref.expert_id}: content does not match its owner's hash")
+        try:
+            return expert_from_bytes(data)
+        except Exception as exc:  # a corrupt payload is the peer's failure, not ours
+            raise PeerFetchError(f"expert {ref.expert_id}: unreadable ({exc!r})") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
