@@ -33,10 +33,12 @@ import pickle
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 
 from fedspecialists.config import TaskSpec
 from fedspecialists.data import as_task_spec, split_counts
@@ -306,8 +308,12 @@ def encode_text_domains(
 
 def _pooled(model: Any, batch: Any, pooling: str) -> Any:
     """Sentence features of a frozen encoder: mean of token states, or the [CLS] state."""
-    base = getattr(model, model.base_model_prefix, model)
-    hidden = base(**batch).last_hidden_state  # (B, T, D)
+    # MeanPoolingClassifier keeps its encoder in .encoder; HF classifiers under base_model_prefix.
+    base = getattr(model, "encoder", None) or getattr(model, model.base_model_prefix)
+    inputs = {
+        k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    hidden = base(**inputs).last_hidden_state  # (B, T, D)
     if pooling == "cls":
         return hidden[:, 0]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -492,6 +498,15 @@ def client_domains(
     test = domain_mixture_partition(
         [d.y_test for d in domains], mixture, test_per_client, seed + 2, disjoint=False
     )[partition_id]
+    held = sum(len(i) for i in train)
+    if held < train_per_client:
+        log(
+            WARNING,
+            "partition %s holds %s training examples, not %s: some (domain, label) pools ran out",
+            partition_id,
+            held,
+            train_per_client,
+        )
     return ClientDomains(*_gather(domains, "train", train), *_gather(domains, "test", test))
 
 

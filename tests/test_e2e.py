@@ -10,7 +10,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from fedspecialists.localrun import LocalSuperLink, local_superlink, run_app
 
@@ -91,3 +93,68 @@ def test_bad_config_is_refused_before_training(superlink: LocalSuperLink, tmp_pa
     assert outcome.status == "finished:failed"
     assert "lora.rank" in outcome.log
     assert not list(tmp_path.iterdir())  # refused before a run folder was even made
+
+
+MOE_TINY = (
+    "method={method} num_rounds=2 federation.num_clients=3 partition.train_per_client=60 "
+    "partition.test_per_client=30 moe.channels=[4] moe.expert_hidden=16 "
+    "moe.global_test_per_domain=20 fedmoe_da.num_peers=2"
+)
+
+
+def _moe_run(link: LocalSuperLink, out: Path, method: str) -> Path:
+    name = f"moe-{method}"
+    outcome = run_app(
+        link,
+        overrides=f"{MOE_TINY.format(method=method)} output.root={out} output.name={name}",
+        num_supernodes=3,
+        timeout_s=900,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    return out / name
+
+
+def test_fedmoe_da_two_rounds_experts_go_peer_to_peer(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    run = _moe_run(superlink, tmp_path, "fedmoe_da")
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["replies_ok"] == 3
+        assert 0.0 <= record["personalised_accuracy"]["mean"] <= 1.0
+        assert 0.0 <= record["global_accuracy"]["mean"] <= 1.0
+        assert len(record["personalised_accuracy"]["per_node"]) == 3
+        assert len(record["routing"]) == 4 * 4  # domains x experts
+    # Round 1 has no plan yet; in round 2 every client fetched peer experts, none refused.
+    assert rounds[0]["peer_bytes"]["round"] == 0
+    assert rounds[1]["peer_bytes"]["round"] > 0 and rounds[1]["peer_fetches"] > 0
+    assert rounds[1]["peer_failures"] == 0
+    aggregation = [json.loads(x) for x in (run / "aggregation.jsonl").read_text().splitlines()]
+    matrix = np.asarray(aggregation[-1]["matrix"])
+    assert matrix.shape == (12, 12)  # 3 clients x K = 4 experts
+    assert np.allclose(matrix.sum(axis=1), 1.0)
+    assert ((matrix > 0).sum(axis=1) >= 3).all()  # itself + P = 2 (ties keep more)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["shared_parts"] == ["backbone"]
+    assert summary["total_peer_bytes"] == rounds[-1]["peer_bytes"]["cumulative"]
+    # Each client's personal gate and experts, as safetensors.
+    assert len(summary["personal_models"]) == 3
+    personal = load_file(run / summary["personal_models"][0])
+    assert "gate.weight" in personal and "experts.3.fc2.bias" in personal
+    assert not any(k.startswith("backbone.") for k in personal)
+    shared = load_file(run / "shared_model.safetensors")
+    assert shared and all(k.startswith("backbone.") for k in shared)
+    for plot in (
+        "accuracy.png",
+        "server_vs_peer_bytes.png",
+        "aggregation_matrix.png",
+        "routing_by_domain.png",
+    ):
+        assert (run / "plots" / plot).stat().st_size > 1000
+
+    fedavg = json.loads((_moe_run(superlink, tmp_path, "fedavg_moe") / "summary.json").read_text())
+    assert fedavg["total_peer_bytes"] == 0
+    # The experts' bytes did not go through the SuperLink: far fewer server bytes than FedAvg.
+    assert summary["total_server_bytes"] < 0.5 * fedavg["total_server_bytes"]

@@ -1,0 +1,132 @@
+"""The FedMoE-DA client's expert synchronisation (Eq. 11) over the simulation peer transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+from numpy.testing import assert_allclose
+
+from client_app.moe import Node, sync_experts
+from fedspecialists.moe import build_model, expert_state
+from fedspecialists.peer import GrantIssuer, LocalPeerStore
+
+MOE = SimpleNamespace(
+    channels=[4],
+    pooled_size=2,
+    projection_dim=8,
+    num_experts=2,
+    top_k=1,
+    expert_hidden=3,
+    dense_hidden=None,
+)
+CFG = SimpleNamespace(validation=SimpleNamespace(max_abs_value=1e4))
+
+
+def _node(node_id: int, tmp_path: Path) -> tuple[Node, LocalPeerStore]:
+    model = build_model((1, 8, 8), 3, MOE, dense=False, seed=node_id)
+    folder = tmp_path / f"node-{node_id}"
+    node = Node(CFG, "", node_id, (node_id, 4), None, model, ["backbone"], folder)  # type: ignore[arg-type]
+    return node, LocalPeerStore(folder, max_bytes=1_000_000)
+
+
+def _experts(node: Node) -> dict[str, dict[str, np.ndarray]]:
+    state = {k: v.numpy().copy() for k, v in node.model.state_dict().items()}
+    return {str(k): expert_state(state, k) for k in range(2)}
+
+
+def _plan(
+    sources: list[tuple[str, float, str, str]], issuer: GrantIssuer, node: int
+) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "grant": issuer.issue(2, node, 60),
+            "plan.0.ids": [s[0] for s in sources],
+            "plan.0.weights": [s[1] for s in sources],
+            "plan.0.hashes": [s[2] for s in sources],
+            "plan.0.addresses": [s[3] for s in sources],
+        }
+    )
+
+
+def _setup(
+    tmp_path: Path,
+) -> tuple[dict[int, Node], dict[int, LocalPeerStore], dict[int, Any], GrantIssuer]:
+    issuer = GrantIssuer()
+    nodes, stores, hashes = {}, {}, {}
+    for n in (1, 2, 3):
+        nodes[n], stores[n] = _node(n, tmp_path)
+        stores[n].trust(issuer.public_key)
+        hashes[n] = stores[n].publish(1, _experts(nodes[n]))
+    return nodes, stores, hashes, issuer
+
+
+def test_eq11_mixes_own_and_peer_experts(tmp_path: Path) -> None:
+    nodes, stores, hashes, issuer = _setup(tmp_path)
+    before = {n: _experts(nodes[n]) for n in nodes}
+    plan = _plan(
+        [
+            ("1/0", 0.5, hashes[1]["0"], stores[1].address),
+            ("1/1", 0.1, hashes[1]["1"], stores[1].address),  # an expert of the same client
+            ("2/1", 0.4, hashes[2]["1"], stores[2].address),
+        ],
+        issuer,
+        1,
+    )
+    result = sync_experts(nodes[1], plan, stores[1])
+    after = _experts(nodes[1])
+    for key, value in after["0"].items():
+        expected = 0.5 * before[1]["0"][key] + 0.1 * before[1]["1"][key] + 0.4 * before[2]["1"][key]
+        assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+    for key, value in after["1"].items():  # no plan for expert 1: unchanged
+        assert_allclose(value, before[1]["1"][key])
+    assert result == {"fetches": 1, "failures": 0}
+    assert (
+        stores[1].bytes_fetched
+        == (Path(stores[2].address) / "experts" / f"{hashes[2]['1']}.safetensors").stat().st_size
+    )
+
+
+def test_tampered_and_missing_peers_renormalise(tmp_path: Path) -> None:
+    nodes, stores, hashes, issuer = _setup(tmp_path)
+    before = {n: _experts(nodes[n]) for n in nodes}
+    tampered = Path(stores[3].address) / "experts" / f"{hashes[3]['0']}.safetensors"
+    data = bytearray(tampered.read_bytes())
+    data[-1] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    plan = _plan(
+        [
+            ("1/0", 0.2, hashes[1]["0"], stores[1].address),
+            ("2/0", 0.3, hashes[2]["0"], stores[2].address),
+            ("3/0", 0.4, hashes[3]["0"], stores[3].address),  # tampered: refused
+            ("4/0", 0.1, "b" * 64, str(tmp_path / "node-4")),  # never existed: unreachable
+        ],
+        issuer,
+        1,
+    )
+    result = sync_experts(nodes[1], plan, stores[1])
+    assert result == {"fetches": 1, "failures": 2}
+    for key, value in _experts(nodes[1])["0"].items():
+        expected = (0.2 * before[1]["0"][key] + 0.3 * before[2]["0"][key]) / 0.5
+        assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_poisoned_expert_with_a_valid_hash_is_refused(tmp_path: Path) -> None:
+    nodes, stores, _, issuer = _setup(tmp_path)
+    with torch.no_grad():
+        nodes[2].model.experts[0].fc1.weight.fill_(float("nan"))  # type: ignore[attr-defined]
+    poisoned = stores[2].publish(2, _experts(nodes[2]))["0"]  # hash matches the NaN content
+    plan = _plan(
+        [("1/0", 0.5, "", stores[1].address), ("2/0", 0.5, poisoned, stores[2].address)],
+        issuer,
+        1,
+    )
+    before = _experts(nodes[1])["0"]
+    result = sync_experts(nodes[1], plan, stores[1])
+    assert result == {"fetches": 0, "failures": 1}
+    for key, value in _experts(nodes[1])["0"].items():
+        assert_allclose(value, before[key], rtol=1e-6)  # only itself remained

@@ -1,0 +1,103 @@
+"""The mixture-of-experts model: Mixtral routing and the load-balancing loss by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+
+from fedspecialists.moe import (
+    DenseClassifier,
+    MoEClassifier,
+    build_model,
+    expert_state,
+    load_balancing_loss,
+    part_of,
+    route,
+)
+
+MOE = SimpleNamespace(
+    channels=[4, 8],
+    pooled_size=2,
+    projection_dim=16,
+    num_experts=3,
+    top_k=2,
+    expert_hidden=5,
+    dense_hidden=None,
+)
+
+
+def test_route_keeps_top_k_and_renormalises() -> None:
+    logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0)]])  # softmax = 1/6, 2/6, 3/6
+    combine, probs, selected = route(logits, top_k=2)
+    assert_allclose(probs.numpy(), [[1 / 6, 2 / 6, 3 / 6]], rtol=1e-6)
+    assert sorted(selected[0].tolist()) == [1, 2]
+    # top-2 weights 2/6 and 3/6 renormalised: 0.4 and 0.6, the third expert gets nothing.
+    assert_allclose(combine.numpy(), [[0.0, 0.4, 0.6]], rtol=1e-6)
+
+
+def test_load_balancing_loss_by_hand() -> None:
+    # Perfect balance: f = P = 1/K -> K * sum(1/K * 1/K) = 1.
+    probs = torch.full((4, 2), 0.5)
+    selected = torch.tensor([[0], [1], [0], [1]])
+    assert float(load_balancing_loss(probs, selected)) == pytest.approx(1.0)
+    # All routed to expert 0 with P = (0.9, 0.1): f = (1, 0) -> 2 * (1 * 0.9) = 1.8.
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    selected = torch.tensor([[0], [0]])
+    assert float(load_balancing_loss(probs, selected)) == pytest.approx(1.8)
+    # top-2 of 3: assignments (0,1), (0,2) -> f = (2/4, 1/4, 1/4); P = mean rows = (.5, .3, .2).
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.3, 0.3]])
+    selected = torch.tensor([[0, 1], [0, 2]])
+    expected = 3 * (0.5 * 0.5 + 0.25 * 0.3 + 0.25 * 0.2)
+    assert float(load_balancing_loss(probs, selected)) == pytest.approx(expected)
+
+
+def test_moe_output_equals_sparse_dispatch() -> None:
+    model = build_model((1, 12, 12), 4, MOE, dense=False, seed=0)
+    assert isinstance(model, MoEClassifier)
+    x = torch.rand(6, 1, 12, 12)
+    out = model(x)
+    h = model.backbone(x)
+    probs = torch.softmax(model.gate(h), -1)
+    for b in range(6):
+        top = probs[b].topk(2)
+        weights = top.values / top.values.sum()
+        manual = sum(
+            w * model.experts[int(i)](h[b : b + 1])[0]
+            for w, i in zip(weights, top.indices, strict=False)
+        )
+        assert torch.allclose(out.logits[b], manual, atol=1e-6)
+    assert out.router_probs.shape == (6, 3)
+    assert out.selected.shape == (6, 2)
+
+
+def test_parts_names_and_same_init_everywhere() -> None:
+    a = build_model((1, 12, 12), 4, MOE, dense=False, seed=3).state_dict()
+    b = build_model((1, 12, 12), 4, MOE, dense=False, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the federation's common start
+    parts = {part_of(k) for k in a}
+    assert parts == {"backbone", "gate", "expert.0", "expert.1", "expert.2"}
+    assert a["gate.weight"].shape == (3, 8 * 2 * 2)  # one gate vector per expert
+    assert set(expert_state(a, 1)) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_dense_model_has_a_similar_size_and_text_backbone() -> None:
+    moe = build_model((1, 12, 12), 4, MOE, dense=False, seed=0)
+    dense = build_model((1, 12, 12), 4, MOE, dense=True, seed=0)
+    assert isinstance(dense, DenseClassifier)
+    n_moe = sum(p.numel() for p in moe.parameters())
+    n_dense = sum(p.numel() for p in dense.parameters())
+    assert abs(n_moe - n_dense) / n_moe < 0.2
+    text = build_model((24,), 3, MOE, dense=False, seed=0)
+    assert text(torch.rand(5, 24)).logits.shape == (5, 3)
+
+
+def test_top_k_out_of_range_is_refused() -> None:
+    bad = SimpleNamespace(**{**vars(MOE), "top_k": 4})
+    with pytest.raises(ValueError, match="top_k"):
+        build_model((1, 12, 12), 4, bad, dense=False, seed=0)
+    assert np.isfinite(1.0)

@@ -1,0 +1,210 @@
+"""DomainAwareMoEAggregation and the MoE baselines, driven with hand-made messages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from numpy.testing import assert_allclose
+
+from fedspecialists.peer import verify_grant
+from fedspecialists.records import record_to_numpy, state_to_record
+from strategies.baselines import FedAvgMoE, LocalMoE
+from strategies.fedmoe_da import DomainAwareMoEAggregation, aggregation_matrix, correlation_matrix
+
+BACKBONE = {"backbone.w": np.zeros((2, 2), np.float32)}
+K = 2
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+def _hash(node: int, k: int, r: int = 1) -> str:
+    return f"{node:02x}{k:02x}{r:02x}".ljust(64, "a")
+
+
+def _reply(
+    msg: Message,
+    backbone: float,
+    gates: np.ndarray,
+    examples: int = 10,
+    server_round: int = 1,
+    hashes: list[str] | None = None,
+) -> Message:
+    node = msg.metadata.dst_node_id
+    content = RecordDict()
+    content.array_records["shared"] = state_to_record(
+        {"backbone.w": np.full((2, 2), backbone, np.float32)}
+    )
+    content.array_records["proxies"] = state_to_record({"gate": gates.astype(np.float32)})
+    content.config_records["experts"] = ConfigRecord(
+        {
+            "hashes": hashes or [_hash(node, k, server_round) for k in range(K)],
+            "address": f"/stores/node-{node}",
+        }
+    )
+    content.metric_records["metrics"] = MetricRecord(
+        {
+            "num-examples": examples,
+            "train-loss": 1.0,
+            "peer-bytes": 100,
+            "peer-fetches": 1,
+            "peer-failures": 0,
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+GATES = {
+    1: np.array([[1.0, 0.0], [0.0, 1.0]]),
+    2: np.array([[1.0, 0.1], [0.0, 1.0]]),
+    3: np.array([[0.0, 1.0], [1.0, 0.0]]),
+}
+
+
+def _round(
+    strategy: DomainAwareMoEAggregation,
+    server_round: int,
+    make: Callable[[int, Message], Message],
+    nodes: tuple[int, ...] = (1, 2, 3),
+) -> dict[int, Message]:
+    grid = FakeGrid(list(nodes))
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(server_round, None, ConfigRecord(), grid)  # type: ignore[arg-type]
+    }
+    strategy.aggregate_train(server_round, [make(n, m) for n, m in messages.items()])
+    return messages
+
+
+def _strategy(**kwargs: object) -> DomainAwareMoEAggregation:
+    return DomainAwareMoEAggregation(
+        BACKBONE,
+        ["backbone"],
+        num_experts=K,
+        num_peers=1,
+        tau=0.5,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_backbone_is_fedavg_weighted_by_examples() -> None:
+    strategy = _strategy()
+    _round(strategy, 1, lambda n, m: _reply(m, float(n), GATES[n], examples=10 * n))
+    # (1*10 + 2*20 + 3*30) / 60 = 140 / 60
+    assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), 140 / 60), rtol=1e-6)
+
+
+def test_aggregation_matrix_and_per_node_sync_plans() -> None:
+    strategy = _strategy(peer_root="/stores")
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
+    proxies = np.concatenate([GATES[1], GATES[2], GATES[3]])
+    expected = aggregation_matrix(correlation_matrix(proxies), 1, 0.5)
+    assert strategy.matrix is not None
+    assert_allclose(strategy.matrix, expected)
+    assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1", "3/0", "3/1"]
+
+    messages = _round(strategy, 2, lambda n, m: _reply(m, 0.0, GATES[n], server_round=2))
+    config = messages[1].content.config_records["config"]
+    ids = list(config["plan.0.ids"])  # type: ignore[arg-type]
+    weights = list(config["plan.0.weights"])  # type: ignore[arg-type]
+    # Row of expert 1/0: itself plus its most related expert (2/0, cos ~ .995) and 3/1 (cos 1).
+    row = expected[0]
+    assert ids == [strategy.matrix_ids[j] for j in np.flatnonzero(row > 0)]
+    assert_allclose(weights, row[row > 0])
+    assert list(config["plan.0.hashes"]) == [  # type: ignore[arg-type]
+        _hash(int(i.split("/")[0]), int(i.split("/")[1]), 1) for i in ids
+    ]
+    assert list(config["plan.0.addresses"])[1].startswith("/stores/node-")  # type: ignore[index]
+    assert config["peer-root"] == "/stores"
+    # A signed grant for this node and this round, verifiable with the key sent alongside.
+    claims = verify_grant(str(config["grant"]), str(config["grant-key"]), node_id=1)
+    assert claims["round"] == 2
+
+
+def test_no_expert_tensor_goes_through_the_server() -> None:
+    strategy = _strategy()
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
+    messages = _round(strategy, 2, lambda n, m: _reply(m, 0.0, GATES[n]))
+    for message in messages.values():
+        arrays = {k: record_to_numpy(v) for k, v in message.content.array_records.items()}
+        assert list(arrays) == ["shared"]
+        assert list(arrays["shared"]) == ["backbone.w"]
+    assert strategy._record["peer_bytes"] == {"round": 300, "cumulative": 600}
+
+
+def test_matrix_reused_between_recomputes_when_interval_is_two() -> None:
+    strategy = _strategy(interval=2)
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
+    first = strategy.matrix.copy()  # type: ignore[union-attr]
+    swapped = {n: g[::-1] for n, g in GATES.items()}
+    swapped[1] = np.array([[0.0, 1.0], [0.3, 0.7]])
+    _round(strategy, 2, lambda n, m: _reply(m, 0.0, swapped[n], server_round=2))
+    assert_allclose(strategy.matrix, first)  # round 2: reused (I = 2)
+    assert strategy._record["aggregation_recomputed"] is False
+    _round(strategy, 3, lambda n, m: _reply(m, 0.0, swapped[n], server_round=3))
+    assert not np.allclose(strategy.matrix, first)  # round 3 = 1 + I: recomputed
+    # Plans use the latest hashes even while A is reused.
+    assert strategy.pool.hashes[1] == [_hash(1, k, 3) for k in range(K)]
+
+
+def test_bad_replies_are_rejected_and_failures_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy()
+
+    def make(node: int, msg: Message) -> Message:
+        if node == 1:
+            return _reply(msg, float("nan"), GATES[node])  # poisoned backbone
+        if node == 2:
+            return _reply(msg, 0.0, GATES[node], hashes=["not-a-hash", "x"])
+        return Message(Error(code=0, reason="client crashed"), reply_to=msg)
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, make)
+    assert strategy._record["replies_rejected"] == 2
+    assert strategy._record["replies_failed"] == 1
+    assert strategy._record["aggregated"] is False
+    assert (
+        "non-finite" in caplog.text and "SHA-256" in caplog.text and "client crashed" in caplog.text
+    )
+    assert_allclose(strategy.shared["backbone.w"], 0.0)  # nothing entered aggregation
+    assert strategy.matrix is None
+
+
+def test_wrong_proxy_shape_is_rejected() -> None:
+    strategy = _strategy()
+    _round(strategy, 1, lambda n, m: _reply(m, 1.0, GATES[n] if n != 3 else np.ones((3, 2))))
+    assert strategy._record["replies_rejected"] == 1
+    assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1"]
+
+
+def test_p_zero_sends_no_plan_and_baselines_share_what_they_say() -> None:
+    p0 = DomainAwareMoEAggregation(BACKBONE, ["backbone"], num_experts=K, num_peers=0)
+    assert not p0.exchange
+    msg = next(iter(p0.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
+    config = msg.content.config_records["config"]
+    assert config["exchange"] is False and not any(str(k).startswith("plan.") for k in config)
+
+    local = LocalMoE({}, [], num_experts=K)
+    msg = next(iter(local.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
+    assert not msg.content.array_records  # local only: the server sends no parameters
+
+    everything = {**BACKBONE, "gate.weight": np.zeros((K, 2), np.float32)}
+    fedavg = FedAvgMoE(everything, ["backbone", "gate", "experts"], num_experts=K)
+    msg = next(iter(fedavg.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
+    assert set(record_to_numpy(msg.content.array_records["shared"])) == set(everything)
