@@ -286,6 +286,10 @@ def train(msg: Message, context: Context) -> Message:
             sync = sync_experts(node, config, transport)
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + node.partition[0]
     ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
+    # Accuracy of the model as local training left it (own backbone), next to the evaluate
+    # round's, which uses the server's aggregate of the shared parts.
+    pred, _ = predict(node.model, node.data.x_test, cfg.train.eval_batch_size)
+    local_correct = int((pred == node.data.y_test).sum())
     state = node.model.state_dict()
     personal = {k: state[k].contiguous() for k in node.personal_keys}
     if personal:
@@ -316,6 +320,8 @@ def train(msg: Message, context: Context) -> Message:
             "peer-fetches": sync["fetches"],
             "peer-failures": sync["failures"],
             "domain-examples": node.data.domain_counts(len(load_domains(cfg))),
+            "after-training-correct": local_correct,
+            "after-training-total": len(node.data.y_test),
         }
     )
     log(

@@ -415,7 +415,22 @@ class DomainAwareMoEAggregation(Strategy):
             sum(float(m["train-loss"]) * n for (_, _, m), n in zip(accepted, examples, strict=True))
             / total
         )
-        self._record.update({"train_loss": train_loss, "aggregated": True})
+        after = [
+            float(m["after-training-correct"]) / float(m["after-training-total"])
+            for _, _, m in accepted
+            if float(m.get("after-training-total", 0)) > 0
+        ]
+        self._record.update(
+            {
+                "train_loss": train_loss,
+                "aggregated": True,
+                # Each client's model as its local training left it (own backbone), own test split.
+                "accuracy_after_training": {
+                    "mean": float(np.mean(after)) if after else None,
+                    "std": float(np.std(after)) if after else None,
+                },
+            }
+        )
         if self.exchange:
             self._update_pool(server_round, accepted)
         return None, MetricRecord({"train-loss": train_loss})
@@ -459,6 +474,10 @@ class DomainAwareMoEAggregation(Strategy):
             meta[key] = value
         if meta["num-examples"] <= 0:
             return "no training examples", empty
+        for key in ("after-training-correct", "after-training-total"):  # optional
+            value = metrics.get(key)
+            if isinstance(value, int | float) and np.isfinite(value) and value >= 0:
+                meta[key] = value
         shared: dict[str, np.ndarray] = {}
         if self.template:
             if "shared" not in content.array_records:
