@@ -18,6 +18,14 @@ from fedspecialists.config import ConfigError, load_config, num_clusters
         "suite=cifar model=vit_b16",
         "suite=dolly model=causal_lm",
         "suite=tiny_text model=tiny_bert",
+        "method=fedmoe_da",
+        "method=fedmoe_da_p0",
+        "method=fedavg_moe",
+        "method=fedavg_dense",
+        "method=local_moe",
+        "method=fedmoe_da suite=offline_text",
+        "method=fedmoe_da suite=cifar10",
+        "+experiment=rank_sweep",
     ],
 )
 def test_shipped_configs_compose(overrides: str) -> None:
@@ -59,6 +67,16 @@ def test_method_defaults_follow_the_paper() -> None:
         ("validation.max_abs_value=0", "validation.max_abs_value"),
         ("method=oracle report_true_tasks=false", "report_true_tasks"),
         ("suite.tasks.0.source=ftp", "suite.tasks[0].source"),
+        ("method=fedmoe_da fedmoe_da.num_peers=-1", "fedmoe_da.num_peers"),
+        ("method=fedmoe_da fedmoe_da.tau=0", "fedmoe_da.tau"),
+        ("method=fedmoe_da fedmoe_da.interval=0", "fedmoe_da.interval"),
+        ("method=fedmoe_da moe.top_k=5", "moe.top_k"),
+        ("method=fedmoe_da moe.num_experts=0", "moe.num_experts"),
+        ("method=fedmoe_da partition.domain_alpha=0", "partition.domain_alpha"),
+        ("method=fedmoe_da partition.train_per_client=null", "partition.train_per_client"),
+        ("method=fedmoe_da peer.transport=carrier_pigeon", "peer.transport"),
+        ("method=fedmoe_da moe.no_such_key=1", "moe.no_such_key"),
+        ("method=fedmoe_da fedmoe_da.tau=warm", "fedmoe_da.tau"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides: str, key: str) -> None:

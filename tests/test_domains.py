@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,7 @@ def test_client_domains_tags_every_example_with_its_domain() -> None:
     assert np.bincount(d).tolist() == [10, 10] and len(x) == len(y) == 20
 
 
-def test_sklearn_digits_become_28x28_in_unit_range(tmp_path: pytest.TempPathFactory) -> None:
+def test_sklearn_digits_become_28x28_in_unit_range(tmp_path: Path) -> None:
     spec = {
         "name": "digits",
         "kind": "image_classification",
@@ -83,7 +85,7 @@ def test_sklearn_digits_become_28x28_in_unit_range(tmp_path: pytest.TempPathFact
 
 
 @pytest.mark.parametrize("builtin", ["mnist", "fashion_mnist", "animal_silhouettes"])
-def test_offline_image_domains_load(builtin: str, tmp_path: pytest.TempPathFactory) -> None:
+def test_offline_image_domains_load(builtin: str, tmp_path: Path) -> None:
     from fedspecialists.data import default_cache_dir
 
     spec = {
@@ -96,9 +98,39 @@ def test_offline_image_domains_load(builtin: str, tmp_path: pytest.TempPathFacto
     }
     # The wheels live in the project's cache (scripts/fetch_data.py); the npz goes to tmp.
     wheels = default_cache_dir() / "wheels"
-    (tmp_path / "wheels").symlink_to(wheels)  # type: ignore[operator]
+    (tmp_path / "wheels").symlink_to(wheels)
     domain = load_domain(spec, 0, tmp_path)
     assert domain.x_train.shape == (500, 1, 28, 28)
     assert domain.num_labels == 10
     assert len(np.unique(domain.y_train)) == 10
     assert 0.05 < float(domain.x_train.mean()) < 0.6  # real pictures, not blanks
+
+
+def test_hub_colour_images_become_channels_first(tmp_path: Path) -> None:
+    """The CIFAR path (hub / local dataset folder) on an 8x8 RGB stand-in."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar_like"
+    folder.mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        pixels = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+        ds = datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(p) for p in pixels], "label": [i % 4 for i in range(n)]}
+        ).cast_column("img", datasets.Image())
+        ds.to_parquet(str(folder / f"{split}.parquet"))
+        if split == "test":
+            expected = pixels[0].transpose(2, 0, 1) / 255.0
+    spec = {
+        "name": "cifar",
+        "kind": "image_classification",
+        "source": "hub",
+        "path": str(folder),
+        "image_column": "img",
+    }
+    domain = load_domain(spec, 0, tmp_path)
+    assert domain.x_train.shape == (40, 3, 8, 8) and domain.x_test.shape == (10, 3, 8, 8)
+    assert domain.num_labels == 4
+    # The test split keeps its order: the first test image, channels first, scaled to [0, 1].
+    assert np.allclose(domain.x_test[0], expected, atol=1e-6)
