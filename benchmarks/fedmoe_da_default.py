@@ -20,13 +20,14 @@ from pathlib import Path
 
 from fedspecialists.localrun import local_superlink, run_app
 
-# label -> (Hydra method config, description)
+# label -> (Hydra overrides, description)
 METHODS = {
-    "fedmoe_da": ("fedmoe_da", "FedMoE-DA (P=5, tau=1, I=1)"),
-    "fedavg_moe": ("fedavg_moe", "FedAvg, whole MoE model"),
-    "fedavg_dense": ("fedavg_dense", "FedAvg, dense model of similar size"),
-    "local_moe": ("local_moe", "Local only (MoE)"),
-    "fedmoe_da_p0": ("fedmoe_da_p0", "FedMoE-DA, P=0 (no expert aggregation)"),
+    "fedmoe_da": ("method=fedmoe_da", "FedMoE-DA (P=5, tau=1, I=1)"),
+    "fedmoe_da_tau0.1": ("method=fedmoe_da fedmoe_da.tau=0.1", "FedMoE-DA (P=5, tau=0.1, I=1)"),
+    "fedavg_moe": ("method=fedavg_moe", "FedAvg, whole MoE model"),
+    "fedavg_dense": ("method=fedavg_dense", "FedAvg, dense model of similar size"),
+    "local_moe": ("method=local_moe", "Local only (MoE)"),
+    "fedmoe_da_p0": ("method=fedmoe_da_p0", "FedMoE-DA, P=0 (no expert aggregation)"),
 }
 
 
@@ -42,7 +43,7 @@ def run_all(out: Path, seeds: list[int], labels: list[str], extra: str) -> None:
                 started = time.time()
                 outcome = run_app(
                     link,
-                    overrides=f"method={METHODS[label][0]} seed={seed} output.root={out} "
+                    overrides=f"{METHODS[label][0]} seed={seed} output.root={out} "
                     f"output.name={name} {extra}",
                     num_supernodes=10,
                 )
@@ -74,6 +75,7 @@ def table(out: Path, labels: list[str]) -> str:
     head = [
         "method",
         "personalised acc.",
+        "acc. right after local training",
         "spread across clients (std)",
         "global test acc.",
         "server MB (train, up+down)",
@@ -92,6 +94,7 @@ def table(out: Path, labels: list[str]) -> str:
                 [
                     METHODS[label][1],
                     _fmt([r["personalised_accuracy"] for r in runs]),
+                    _fmt([r["accuracy_after_training"] for r in runs]),
                     _fmt([r["personalised_accuracy_std"] for r in runs]),
                     _fmt([r["global_accuracy"] for r in runs]),
                     _fmt([r["total_server_bytes"] for r in runs], 1e-6, 2),

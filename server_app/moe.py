@@ -126,6 +126,7 @@ def run_moe(
             "personalised_accuracy": last.get("personalised_accuracy", {}).get("mean"),
             "personalised_accuracy_std": last.get("personalised_accuracy", {}).get("std"),
             "global_accuracy": last.get("global_accuracy", {}).get("mean"),
+            "accuracy_after_training": last.get("accuracy_after_training", {}).get("mean"),
             "domain_accuracy": dict(
                 zip(domain_names, last.get("domain_accuracy", []), strict=False)
             ),
