@@ -39,18 +39,71 @@ class LocalSuperLink:
     port: int
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started (its process group), by PID."""
-        if self.process.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        """Stop the SuperLink and everything it started, by PID.
+
+        The SuperLink leads its own process group, but the SuperExec it spawns (and, under it, a
+        running simulation with its Ray workers) start sessions of their own: their groups are
+        collected first and stopped with it, so a run in progress is not orphaned.
+        """
+        groups = [self.process.pid, *_descendant_groups(self.process.pid)]
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            for group in groups:
                 try:
-                    os.killpg(self.process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.process.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
+                    os.killpg(group, sig)
+                except (ProcessLookupError, PermissionError):
                     continue
+            try:
+                self.process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not any(_group_alive(g) for g in groups):
+                break
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _descendant_groups(pid: int) -> list[int]:
+    """Process groups of every descendant of ``pid`` (other than ``pid``'s own)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    groups: list[int] = []
+    for child in children:
+        try:
+            group = os.getpgid(child.pid)
+        except ProcessLookupError:
+            continue
+        if group != pid and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    import psutil
+
+    # Zombies still count for killpg; a group of zombies only is stopped.
+    return any(
+        p.status() != psutil.STATUS_ZOMBIE
+        for p in psutil.process_iter(["pid"])
+        if _safe_pgid(p.pid) == group
+    )
+
+
+def _safe_pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 @contextmanager
@@ -133,23 +186,14 @@ class RunOutcome:
     log: str
 
 
-def run_app(
+def submit_run(
     link: LocalSuperLink,
     overrides: str = "",
     num_supernodes: int = 10,
     app_dir: Path = PROJECT_DIR,
-    timeout_s: float = 3600,
     federation_config: str = "",
-) -> RunOutcome:
-    """``flwr run`` the app on ``link`` and wait for the run to end; returns its real status.
-
-    Parameters
-    ----------
-    overrides : str
-        Hydra overrides (``"method=fedit seed=1"``), passed as the run-config ``overrides``.
-    num_supernodes : int
-        Simulated SuperNodes (the federation's clients).
-    """
+) -> int:
+    """``flwr run`` the app on ``link`` without waiting; return the run id."""
     fed = f"num-supernodes={num_supernodes} {federation_config}".strip()
     command = [
         "flwr",
@@ -172,6 +216,27 @@ def run_app(
         raise RuntimeError(
             f"`{shlex.join(command)}` did not start a run:\n{started.stdout}\n{started.stderr}"
         ) from exc
+    return run_id
+
+
+def run_app(
+    link: LocalSuperLink,
+    overrides: str = "",
+    num_supernodes: int = 10,
+    app_dir: Path = PROJECT_DIR,
+    timeout_s: float = 3600,
+    federation_config: str = "",
+) -> RunOutcome:
+    """``flwr run`` the app on ``link`` and wait for the run to end; returns its real status.
+
+    Parameters
+    ----------
+    overrides : str
+        Hydra overrides (``"method=fedit seed=1"``), passed as the run-config ``overrides``.
+    num_supernodes : int
+        Simulated SuperNodes (the federation's clients).
+    """
+    run_id = submit_run(link, overrides, num_supernodes, app_dir, federation_config)
     deadline = time.time() + timeout_s
     status: str = "unknown"
     details: dict[str, object] = {}
@@ -180,6 +245,8 @@ def run_app(
         if status.startswith("finished"):
             break
         time.sleep(2)
+    if not link.alive():
+        return RunOutcome(run_id=run_id, status=status, details=details, log="")
     logs = subprocess.run(
         ["flwr", "log", str(run_id), "--show"],
         env=link.env,
@@ -193,6 +260,9 @@ def run_app(
 
 def run_status(link: LocalSuperLink, run_id: int) -> tuple[str, dict[str, object]]:
     """The run's status as the SuperLink reports it, e.g. ``finished:completed``."""
+    if not link.alive():
+        # `flwr ls` would start a SuperLink of its own on these ports, outliving us.
+        raise RuntimeError(f"the SuperLink (PID {link.process.pid}) is no longer running")
     out = subprocess.run(
         ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
         env=link.env,

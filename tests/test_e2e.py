@@ -158,3 +158,30 @@ def test_fedmoe_da_two_rounds_experts_go_peer_to_peer(
     assert fedavg["total_peer_bytes"] == 0
     # The experts' bytes did not go through the SuperLink: far fewer server bytes than FedAvg.
     assert summary["total_server_bytes"] < 0.5 * fedavg["total_server_bytes"]
+
+
+def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> None:
+    """The SuperExec and a running simulation live in process groups of their own."""
+    import time
+
+    import psutil
+
+    from fedspecialists.localrun import run_status, submit_run
+
+    with local_superlink(tmp_path / "flwr-home") as link:
+        run_id = submit_run(
+            link, f"{TINY} num_rounds=50 output.root={tmp_path}/out", num_supernodes=3
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            spawned = psutil.Process(link.process.pid).children(recursive=True)
+            if run_status(link, run_id)[0].startswith("running") and any(
+                "flwr-simulation" in " ".join(p.cmdline()) for p in spawned
+            ):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the run never started")
+        pids = [link.process.pid, *(p.pid for p in spawned)]
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, [psutil.Process(p).cmdline()[:2] for p in alive]
