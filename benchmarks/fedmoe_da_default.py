@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-from fedspecialists.localrun import local_superlink, run_app
+from runner import fmt as _fmt
+from runner import run_all
 
 # label -> (Hydra overrides, description)
 METHODS = {
@@ -29,38 +28,6 @@ METHODS = {
     "local_moe": ("method=local_moe", "Local only (MoE)"),
     "fedmoe_da_p0": ("method=fedmoe_da_p0", "FedMoE-DA, P=0 (no expert aggregation)"),
 }
-
-
-def run_all(out: Path, seeds: list[int], labels: list[str], extra: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with local_superlink(out / "flwr-home") as link:
-        for seed in seeds:
-            for label in labels:
-                name = f"{label}-s{seed}"
-                if (out / name / "summary.json").exists():
-                    print(f"{name}: done already", flush=True)
-                    continue
-                started = time.time()
-                outcome = run_app(
-                    link,
-                    overrides=f"{METHODS[label][0]} seed={seed} output.root={out} "
-                    f"output.name={name} {extra}",
-                    num_supernodes=10,
-                )
-                print(
-                    f"{name}: {outcome.status} in {time.time() - started:.0f}s "
-                    f"(run {outcome.run_id})",
-                    flush=True,
-                )
-                (out / f"{name}.log").write_text(outcome.log)
-
-
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _runs(out: Path, label: str) -> list[dict]:
@@ -160,7 +127,12 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     if not args.table_only:
-        run_all(out, args.seeds, args.methods, args.overrides)
+        jobs = {
+            f"{label}-s{seed}": f"{METHODS[label][0]} seed={seed} {args.overrides}"
+            for seed in args.seeds
+            for label in args.methods
+        }
+        run_all(out, jobs)
     text = table(out, args.methods)
     (out / "table.md").write_text(text + "\n")
     plot(out, args.methods)

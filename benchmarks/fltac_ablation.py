@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
-from fedspecialists.localrun import local_superlink, run_app
+from runner import run_all
 
 VARIANTS = {
     "default": ("constrained K-means, head, cumulative (default)", ""),
@@ -54,18 +53,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.reuse_default and not (out / "default").exists():
         shutil.copytree(args.reuse_default, out / "default")
-    todo = [v for v in args.variants if not (out / v / "summary.json").exists()]
-    if todo:
-        with local_superlink(out / "flwr-home") as link:
-            for variant in todo:
-                started = time.time()
-                outcome = run_app(
-                    link,
-                    overrides=f"method=fltac seed={args.seed} output.root={out} "
-                    f"output.name={variant} {VARIANTS[variant][1]}",
-                    num_supernodes=10,
-                )
-                print(f"{variant}: {outcome.status} in {time.time() - started:.0f}s", flush=True)
+    run_all(
+        out,
+        {v: f"method=fltac seed={args.seed} {VARIANTS[v][1]}" for v in args.variants},
+    )
     lines = [
         "| variant | overrides | ARI per round | mean accuracy |",
         "|---|---|---|---|",

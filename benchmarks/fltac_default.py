@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-from fedspecialists.localrun import local_superlink, run_app
+from runner import fmt as _fmt
+from runner import run_all
 
 METHODS = {
     "fltac": "FL-TAC (rank 1 per task)",
@@ -25,38 +24,6 @@ METHODS = {
     "oracle": "Oracle clustering (rank 1 per task)",
     "local": "Local only (rank 1 per task)",
 }
-
-
-def run_all(out: Path, seeds: list[int], methods: list[str], extra: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with local_superlink(out / "flwr-home") as link:
-        for seed in seeds:
-            for method in methods:
-                name = f"{method}-s{seed}"
-                if (out / name / "summary.json").exists():
-                    print(f"{name}: done already", flush=True)
-                    continue
-                started = time.time()
-                outcome = run_app(
-                    link,
-                    overrides=f"method={method} seed={seed} output.root={out} output.name={name} "
-                    + extra,
-                    num_supernodes=10,
-                )
-                print(
-                    f"{name}: {outcome.status} in {time.time() - started:.0f}s "
-                    f"(run {outcome.run_id})",
-                    flush=True,
-                )
-                (out / f"{name}.log").write_text(outcome.log)
-
-
-def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table(out: Path, methods: list[str]) -> str:
@@ -96,7 +63,12 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     if not args.table_only:
-        run_all(args.out.resolve(), args.seeds, args.methods, args.overrides)
+        jobs = {
+            f"{m}-s{seed}": f"method={m} seed={seed} {args.overrides}"
+            for seed in args.seeds
+            for m in args.methods
+        }
+        run_all(args.out.resolve(), jobs)
     text = table(args.out.resolve(), args.methods)
     (args.out / "table.md").write_text(text + "\n")
     print(text)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from conftest import FakeGrid
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from numpy.testing import assert_allclose
 
 from fedspecialists.peer import verify_grant
@@ -18,21 +18,6 @@ from strategies.fedmoe_da import DomainAwareMoEAggregation, aggregation_matrix, 
 
 BACKBONE = {"backbone.w": np.zeros((2, 2), np.float32)}
 K = 2
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 1
 
 
 def _hash(node: int, k: int, r: int = 1) -> str:

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import FakeGrid
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from numpy.testing import assert_allclose
 
 from fedspecialists.records import content_nbytes, record_to_numpy, state_to_record
@@ -25,22 +25,6 @@ def _adapter(x: float, y: float) -> dict[str, np.ndarray]:
         A: np.array([[x, y]], np.float32),
         W: np.array([[x, 0.0], [0.0, y]], np.float32),
     }
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    # Messages built outside Flower's runtime need a task identity.
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 1
 
 
 def _reply(

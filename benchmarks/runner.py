@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: run named jobs on one local SuperLink, format mean ± std."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from fedspecialists.localrun import local_superlink, run_app
+
+
+def run_all(out: Path, jobs: dict[str, str], num_supernodes: int = 10) -> None:
+    """``flwr run`` each job (run-folder name -> Hydra overrides) not done yet, in order.
+
+    One simulation SuperLink serves them all and is stopped, by PID, at the end. Each job's
+    log goes to ``<out>/<name>.log``; a folder holding ``summary.json`` counts as done.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    todo = {n: o for n, o in jobs.items() if not (out / n / "summary.json").exists()}
+    for name in jobs.keys() - todo.keys():
+        print(f"{name}: done already", flush=True)
+    if not todo:
+        return
+    with local_superlink(out / "flwr-home") as link:
+        for name, overrides in todo.items():
+            started = time.time()
+            outcome = run_app(
+                link,
+                overrides=f"{overrides} output.root={out} output.name={name}",
+                num_supernodes=num_supernodes,
+            )
+            print(
+                f"{name}: {outcome.status} in {time.time() - started:.0f}s (run {outcome.run_id})",
+                flush=True,
+            )
+            (out / f"{name}.log").write_text(outcome.log)
+
+
+def fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± std`` (sample std; 0 for one value) of ``values * scale``, or ``n/a``."""
+    if not values:
+        return "n/a"
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -1,0 +1,24 @@
+"""Fixtures shared by the strategy tests, which drive strategies with hand-made messages."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class FakeGrid:
+    """The part of Flower's ``Grid`` a strategy's ``configure_*`` calls: the connected nodes."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # Messages built outside Flower's runtime need a task identity.
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
