@@ -10,8 +10,10 @@ One training round of a FedMoE-DA client::
 
 What the server does not aggregate stays on the node, in ``<node dir>/personal.safetensors``
 (the final personalised model of every client, loadable with ``safetensors``). The node folder
-is ``<peer root>/node-<node id>``: the root comes from the server in simulation, or from the
-``peer-root`` key of ``--node-config`` in a deployment.
+is ``<peer root>/node-<node id>`` in simulation (the root comes from the server), or the
+``peer-store`` key of ``--node-config`` in a deployment, where ``peer-address`` (this site's
+gRPC peer endpoint, ``fedspecialists-peer``) and ``peer-root-certificates`` select the network
+transport.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from fedspecialists.moe import (
     load_balancing_loss,
     part_of,
 )
-from fedspecialists.peer import ExpertRef, LocalPeerStore, PeerFetchError
+from fedspecialists.peer import ExpertRef, LocalPeerStore, PeerFetchError, PeerTransport
+from fedspecialists.peer_grpc import GrpcPeerTransport
 from fedspecialists.records import check_adapter, record_to_state, state_to_record
 from strategies.fedmoe_da import mix_experts, renormalise
 
@@ -106,10 +109,13 @@ def _node(msg: Message, context: Context) -> Node:
         int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
     )
     config = msg.content.config_records["config"]
-    root = context.node_config.get("peer-root") or config.get("peer-root")
-    if not root:
-        raise ValueError("no peer root: set peer-root in --node-config (or peer.root)")
-    folder = Path(str(root)) / f"node-{context.node_id}"
+    if context.node_config.get("peer-store"):  # a deployment names the site's folder
+        folder = Path(str(context.node_config["peer-store"]))
+    else:
+        root = config.get("peer-root")
+        if not root:
+            raise ValueError("no peer store: set peer-store in --node-config (or peer.root)")
+        folder = Path(str(root)) / f"node-{context.node_id}"
     folder.mkdir(parents=True, exist_ok=True)
     data = _client_data(overrides, partition)
     domains = load_domains(cfg)
@@ -143,7 +149,23 @@ def _node(msg: Message, context: Context) -> Node:
 # --------------------------------------------------------------------------------------------
 
 
-def sync_experts(node: Node, config: ConfigRecord, transport: LocalPeerStore) -> dict[str, int]:
+def _transport(node: Node, context: Context) -> PeerTransport:
+    """Simulation: node folders peers read directly. A deployment (``peer-address`` in
+    ``--node-config``): this site's folder, served to peers by its gRPC endpoint."""
+    node_config = context.node_config
+    if node_config.get("peer-address"):
+        certs = node_config.get("peer-root-certificates")
+        return GrpcPeerTransport(
+            node.folder,
+            str(node_config["peer-address"]),
+            Path(str(certs)) if certs else None,
+            node.cfg.peer.max_bytes,
+            node.cfg.peer.timeout_s,
+        )
+    return LocalPeerStore(node.folder, node.cfg.peer.max_bytes)
+
+
+def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> dict[str, int]:
     """Mix every expert named in this node's sync plan (Eq. 11), over the experts that arrived.
 
     Sources owned by this node are read from its own model; peers' through ``transport``,
@@ -278,7 +300,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     exchange = bool(config.get("exchange", False))
-    transport = LocalPeerStore(node.folder, cfg.peer.max_bytes) if exchange else None
+    transport = _transport(node, context) if exchange else None
     sync = {"fetches": 0, "failures": 0}
     if transport is not None:
         transport.trust(str(config["grant-key"]))

@@ -185,3 +185,23 @@ def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> Non
         pids = [link.process.pid, *(p.pid for p in spawned)]
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not alive, [psutil.Process(p).cmdline()[:2] for p in alive]
+
+
+def test_fedmoe_da_text_variant_completes(superlink: LocalSuperLink, tmp_path: Path) -> None:
+    """The MoE head on frozen-encoder features of FL-TAC's text tasks (tiny random encoder)."""
+    outcome = run_app(
+        superlink,
+        overrides=(
+            "method=fedmoe_da suite=tiny_text model=tiny_bert num_rounds=2 "
+            "federation.num_clients=3 partition.train_per_client=30 partition.test_per_client=15 "
+            f"moe.projection_dim=16 moe.expert_hidden=8 fedmoe_da.num_peers=2 "
+            f"output.root={tmp_path} output.name=text"
+        ),
+        num_supernodes=3,
+        timeout_s=900,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    summary = json.loads((tmp_path / "text" / "summary.json").read_text())
+    assert summary["domains"] == ["bbc_topic", "tweet_sentiment", "movie_sentiment"]
+    assert summary["parameters"]["backbone"] == 32 * 16 + 16  # projection of the 32-d features
+    assert summary["total_peer_bytes"] > 0
