@@ -1,0 +1,306 @@
+"""A real Flower deployment on one machine: a TLS SuperLink with SuperNode authentication,
+SuperNodes with their node config, and a FedMoE-DA peer endpoint per site.
+
+This is the multi-machine runbook (README, *Deployment*) played on loopback, for trying it and for
+the tests: every process is started here and stopped by PID (its process group). The SuperLink
+and SuperNodes are Flower's own executables; the ClientApps and ServerApp are this app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedspecialists.certs import make_ca, make_node_key, make_server_cert
+from fedspecialists.localrun import PROJECT_DIR, RunOutcome
+
+CONNECTION = "fedspecialists-local"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Site:
+    """One organisation: its SuperNode, its peer endpoint and their settings."""
+
+    index: int
+    node_key: Path
+    node_pub: Path
+    store: Path
+    peer_port: int
+    supernode: subprocess.Popen[bytes] | None = None
+    peer: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class LocalFederation:
+    """Processes and credentials of a loopback deployment (see :func:`local_federation`)."""
+
+    home: Path
+    credentials: Path
+    env: dict[str, str]
+    fleet_address: str
+    control_address: str
+    superlink: subprocess.Popen[bytes]
+    sites: list[Site] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    # -- processes -----------------------------------------------------------------------------
+    def _spawn(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
+        handle = log.open("ab")
+        process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches its children
+        )
+        self.processes.append(process)
+        return process
+
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["flwr", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=PROJECT_DIR,
+        )
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess[str]:
+        """``flwr supernode register`` a SuperNode's public key with the SuperLink."""
+        return self.flwr("supernode", "register", str(public_key), CONNECTION)
+
+    def start_supernode(
+        self,
+        site: Site,
+        num_sites: int,
+        tls: bool = True,
+        key: Path | None = None,
+        extra_config: str = "",
+    ) -> subprocess.Popen[bytes]:
+        """Start a SuperNode for ``site`` (its data partition and peer endpoint in node config)."""
+        node_config = (
+            f"partition-id={site.index} num-partitions={num_sites} "
+            f'peer-store="{site.store}" peer-address="127.0.0.1:{site.peer_port}" '
+            f'peer-root-certificates="{self.credentials / "ca.crt"}" {extra_config}'
+        ).strip()
+        command = [
+            "flower-supernode",
+            "--superlink",
+            self.fleet_address,
+            "--port",
+            str(free_port()),
+            "--isolation",
+            "subprocess",
+            "--node-config",
+            node_config,
+        ]
+        if tls:
+            command += ["--root-certificates", str(self.credentials / "ca.crt")]
+            command += ["--auth-supernode-private-key", str(key or site.node_key)]
+        else:
+            command += ["--insecure"]
+        return self._spawn(command, self.home / f"supernode{site.index}.log")
+
+    def start_peer(self, site: Site) -> subprocess.Popen[bytes]:
+        c = self.credentials
+        return self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "fedspecialists.peer_grpc",
+                "--store",
+                str(site.store),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(site.peer_port),
+                "--certfile",
+                str(c / f"peer{site.index}.crt"),
+                "--keyfile",
+                str(c / f"peer{site.index}.key"),
+            ],
+            self.home / f"peer{site.index}.log",
+        )
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> list[dict[str, object]]:
+        """Until ``count`` SuperNodes are online (``flwr supernode list``)."""
+        deadline = time.time() + timeout_s
+        nodes: list[dict[str, object]] = []
+        while time.time() < deadline:
+            out = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+            try:
+                payload = json.loads(out.stdout[out.stdout.index("{") :])
+                nodes = [
+                    n for n in payload.get("nodes", []) if str(n.get("status", "")) == "online"
+                ]
+            except ValueError:
+                nodes = []
+            if len(nodes) >= count:
+                return nodes
+            time.sleep(1)
+        raise RuntimeError(f"only {len(nodes)} of {count} SuperNodes online after {timeout_s}s")
+
+    # -- runs ----------------------------------------------------------------------------------
+    def run(self, overrides: str, timeout_s: float = 1800) -> RunOutcome:
+        """``flwr run`` the app on this federation; wait for and return its real status."""
+        started = self.flwr(
+            "run",
+            str(PROJECT_DIR),
+            CONNECTION,
+            "--run-config",
+            f"overrides={json.dumps(overrides)}",
+            "--format",
+            "json",
+        )
+        text = started.stdout
+        try:
+            run_id = int(json.loads(text[text.index("{") :])["run-id"])
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"flwr run did not start:\n{started.stdout}\n{started.stderr}"
+            ) from exc
+        deadline = time.time() + timeout_s
+        status: str = "unknown"
+        details: dict[str, object] = {}
+        while time.time() < deadline:
+            out = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+            try:
+                runs = json.loads(out.stdout[out.stdout.index("{") :]).get("runs", [])
+                details = runs[0] if runs else {}
+                status = str(details.get("status", "unknown"))
+            except ValueError:
+                pass
+            if status.startswith("finished"):
+                break
+            time.sleep(2)
+        logs = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=120)
+        return RunOutcome(run_id, status, details, logs.stdout + logs.stderr)
+
+    def stop(self) -> None:
+        """Stop every process started here (their process groups), SIGTERM then SIGKILL."""
+        from fedspecialists.localrun import _descendant_groups
+
+        groups: list[int] = []
+        for process in self.processes:
+            if process.poll() is None:
+                groups += [process.pid, *_descendant_groups(process.pid)]
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            for group in groups:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, sig)
+            deadline = time.time() + wait
+            for process in self.processes:
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.1, deadline - time.time()))
+            if all(p.poll() is not None for p in self.processes):
+                break
+
+
+@contextmanager
+def local_federation(
+    home: Path,
+    num_sites: int = 3,
+    register: bool = True,
+    start_nodes: bool = True,
+) -> Iterator[LocalFederation]:
+    """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
+
+    Each site gets an EC key pair (registered with the SuperLink when ``register``), a SuperNode
+    whose node config names its partition, its store and its peer endpoint, and that endpoint
+    (gRPC over TLS). Everything is stopped, by PID, on exit.
+    """
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    creds = home / "credentials"
+    ca, ca_key = make_ca(creds)
+    make_server_cert(creds, "server", ["127.0.0.1", "localhost"], ca, ca_key)
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    (home / "flwr-home").mkdir(exist_ok=True)
+    (home / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{control}"\nroot-certificates = "{ca}"\n'
+    )
+    command = [
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(ca),
+        "--ssl-certfile",
+        str(creds / "server.crt"),
+        "--ssl-keyfile",
+        str(creds / "server.key"),
+        "--enable-supernode-auth",
+        "--fleet-api-address",
+        fleet,
+        "--control-api-address",
+        control,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--isolation",
+        "subprocess",
+        "--database",
+        str(home / "state.db"),
+    ]
+    log = (home / "superlink.log").open("ab")
+    superlink = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    fed = LocalFederation(home, creds, env, fleet, control, superlink, processes=[superlink])
+    try:
+        _wait_port(control, superlink, home / "superlink.log")
+        for i in range(num_sites):
+            make_server_cert(creds, f"peer{i}", ["127.0.0.1", "localhost"], ca, ca_key)
+            key, pub = make_node_key(creds, f"supernode{i}")
+            site = Site(i, key, pub, home / f"site{i}" / "store", free_port())
+            site.store.mkdir(parents=True, exist_ok=True)
+            fed.sites.append(site)
+            if register:
+                done = fed.register(pub)
+                if done.returncode != 0:
+                    raise RuntimeError(f"registering {pub} failed:\n{done.stdout}\n{done.stderr}")
+            site.peer = fed.start_peer(site)
+            if start_nodes:
+                site.supernode = fed.start_supernode(site, num_sites)
+        yield fed
+    finally:
+        fed.stop()
+
+
+def _wait_port(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{shlex.join(process.args)} exited; see {log}")  # type: ignore[arg-type]
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listens on {address} after 60 s; see {log}")
