@@ -90,12 +90,18 @@ def make_server_cert(
 
 
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's EC key pair: ``<name>`` (private, PEM) and ``<name>.pub`` (OpenSSH)."""
+    """A SuperNode's EC key pair: ``<name>`` (private) and ``<name>.pub``, both in OpenSSH form."""
     key = ec.generate_private_key(ec.SECP384R1())
     folder.mkdir(parents=True, exist_ok=True)
     private = folder / name
     public = folder / f"{name}.pub"
-    private.write_bytes(_pem_key(key))
+    private.write_bytes(  # the OpenSSH form ssh-keygen writes, which flower-supernode reads
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH

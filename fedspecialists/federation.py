@@ -231,7 +231,9 @@ def local_federation(
     creds = home / "credentials"
     ca, ca_key = make_ca(creds)
     make_server_cert(creds, "server", ["127.0.0.1", "localhost"], ca, ca_key)
-    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    # Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port.
+    port = free_port()
+    fleet = control = f"127.0.0.1:{port}"
     env = {
         **os.environ,
         "FLWR_HOME": str(home / "flwr-home"),
@@ -255,14 +257,10 @@ def local_federation(
         "--ssl-keyfile",
         str(creds / "server.key"),
         "--enable-supernode-auth",
-        "--fleet-api-address",
-        fleet,
-        "--control-api-address",
-        control,
         "--host",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(port),
         "--isolation",
         "subprocess",
         "--database",
