@@ -24,7 +24,13 @@ from omegaconf import DictConfig
 from client_app import moe
 from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
 from fedspecialists.config import MOE_METHODS, load_config
-from fedspecialists.data import ClientTask, client_tasks, load_suite
+from fedspecialists.data import (
+    ClientTask,
+    client_tasks,
+    declared_num_labels,
+    load_suite,
+    site_tasks,
+)
 from fedspecialists.models import AdapterModel, build_preprocessor, get_adapter_model, suite_kind
 from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
 
@@ -84,13 +90,21 @@ def _setup(msg: Message, context: Context) -> Setup:
         int(context.node_config["partition-id"]),  # type: ignore[arg-type]
         int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
     )
-    tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
-    mine = client_tasks(tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed)
+    data_dir = context.node_config.get("data-dir")
+    if data_dir:  # a site with its own files: all of them, nothing partitioned
+        mine = site_tasks(cfg.suite.tasks, str(data_dir), cfg.seed, cfg.data.cache_dir)
+        counts = declared_num_labels(cfg.suite.tasks) or [t.num_labels for t in mine]
+    else:
+        tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
+        mine = client_tasks(
+            tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
+        )
+        counts = [t.num_labels for t in tasks]
     if cfg.method.adapters == "shared":
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
-    adapters = get_adapter_model(cfg, max(t.num_labels for t in tasks))
+    adapters = get_adapter_model(cfg, max(counts))
     _load_sources(msg, context, slots, adapters)
     return Setup(overrides, cfg, partition, slots, adapters)
 

@@ -50,6 +50,9 @@ class TaskSpec:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    # The classes, in id order. Optional, except where sites bring their own files: then every
+    # site encodes labels the same way, and the server needs no data to size the heads.
+    label_names: list[str] | None = None
     image_column: str = "image"
     prompt_columns: list[str] = field(default_factory=lambda: ["instruction", "context"])
     response_column: str = "response"

@@ -407,10 +407,33 @@ def _drop_unlabelled(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _encode_labels(
-    task: str, train: datasets.Dataset, test: datasets.Dataset | None
+    task: str,
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    label_names: Sequence[str] | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
-    """Give ``label`` a ClassLabel feature with the same ids in both splits."""
+    """Give ``label`` a ClassLabel feature with the same ids in both splits.
+
+    With ``label_names`` the ids are those names' positions (a label outside them is an error
+    naming the task); otherwise the sorted distinct values of the data.
+    """
     feature = train.features["label"]
+    if isinstance(feature, datasets.ClassLabel) and label_names is not None:
+        # Back to names, then encoded against the declared list below.
+        def to_names(ds: datasets.Dataset) -> datasets.Dataset:
+            names_of = ds.features["label"].names
+            return ds.cast_column("label", datasets.Value("int64")).map(
+                lambda b: {
+                    "label": [None if v is None or v < 0 else names_of[v] for v in b["label"]]
+                },
+                batched=True,
+                features=datasets.Features({**ds.features, "label": datasets.Value("string")}),
+                keep_in_memory=True,
+            )
+
+        train = to_names(train)
+        test = None if test is None else to_names(test)
+        feature = train.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         names = [str(n) for n in feature.names]
         if test is not None:
@@ -424,8 +447,15 @@ def _encode_labels(
     # to_pylist, not numpy: an int column with missing cells would turn into floats and NaN.
     raw = [ds.with_format("arrow")["label"].to_pylist() for ds in splits]
     values = sorted({v for labels in raw for v in labels if v is not None})
-    names = [str(v) for v in values]
-    ids = {v: i for i, v in enumerate(values)}
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        unknown = sorted({str(v) for v in values} - set(names))
+        if unknown:
+            raise ValueError(f"task '{task}': labels {unknown[:5]} are not in label_names {names}")
+        ids = {v: names.index(str(v)) for v in values}
+    else:
+        names = [str(v) for v in values]
+        ids = {v: i for i, v in enumerate(values)}
     class_label = datasets.ClassLabel(names=names)
 
     def encode(ds: datasets.Dataset) -> datasets.Dataset:
@@ -644,7 +674,7 @@ def _prepare(
     classification = ts.kind != "causal_lm"
     label_names: list[str] = []
     if classification:
-        train, test, label_names = _encode_labels(ts.name, train, test)
+        train, test, label_names = _encode_labels(ts.name, train, test, ts.label_names)
     if test is None:
         train, test = _carve_test(ts, train, classification)
     if len(train) == 0:
@@ -906,3 +936,53 @@ __all__: list[str] = [
     "partition_suite",
     "split_counts",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Bring your own data: a site's own files, named by its node config
+# --------------------------------------------------------------------------------------------
+
+
+def declared_num_labels(tasks: Sequence[Any]) -> list[int] | None:
+    """Label counts from the specs alone (every task declares ``label_names``), else None.
+
+    Lets the ServerApp size the heads without holding any site's data.
+    """
+    specs = [as_task_spec(t) for t in tasks]
+    if all(s.kind == "causal_lm" or s.label_names for s in specs):
+        return [0 if s.kind == "causal_lm" else len(s.label_names or []) for s in specs]
+    return None
+
+
+def site_tasks(
+    tasks: Sequence[Any], data_dir: str | Path, seed: int, cache_dir: str | Path
+) -> list[ClientTask]:
+    """The tasks a site holds in its own files (node config ``data-dir``), nothing partitioned.
+
+    The suite's ``files`` tasks name their files relative to each site's ``data-dir`` (absolute
+    paths are kept); a task whose train file this site lacks is not one of its tasks. Labels are
+    encoded against each task's declared ``label_names``, so every site uses the same ids.
+    """
+    root = Path(data_dir).expanduser()
+    mine: list[ClientTask] = []
+    for index, raw in enumerate(tasks):
+        spec = as_task_spec(raw)
+        if spec.source != "files":
+            raise ValueError(
+                f"task '{spec.name}': a site's own data (data-dir) needs source: files, "
+                f"not '{spec.source}'"
+            )
+        if spec.kind != "causal_lm" and not spec.label_names:
+            raise ValueError(
+                f"task '{spec.name}': bring-your-own-data tasks need label_names, so that every "
+                "site encodes labels the same way"
+            )
+        files = {k: str(root / v) for k, v in spec.data_files.items()}
+        if not Path(files["train"]).is_file():
+            continue
+        local = dataclasses.replace(spec, data_files=files)
+        task = load_task(local, seed, cache_dir)
+        mine.append(ClientTask(index, task.name, task.kind, task.num_labels, task.train, task.test))
+    if not mine:
+        raise ValueError(f"no task of the suite has its train file under {root}")
+    return mine

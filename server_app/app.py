@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fedspecialists.config import MOE_METHODS, load_config, num_clusters
-from fedspecialists.data import load_suite
+from fedspecialists.data import declared_num_labels, load_suite
 from fedspecialists.models import initial_adapter
 from server_app.moe import run_moe
 from server_app.outputs import RunRecorder, run_dir_for, save_adapters
@@ -98,8 +98,15 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.method.name in MOE_METHODS:
             run_moe(grid, cfg, recorder, run_dir, wait_for_nodes)
             return
-        tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
-        num_labels = max(t.num_labels for t in tasks)
+        declared = declared_num_labels(cfg.suite.tasks)
+        if declared is None:
+            counts = [
+                t.num_labels for t in load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
+            ]
+        else:  # every task declares its labels: the server needs none of the sites' data
+            counts = declared
+        num_labels = max(counts)
+        task_names = [t.name for t in cfg.suite.tasks]
         template = {k: v.numpy() for k, v in initial_adapter(cfg, num_labels).items()}
         strategy = build_strategy(cfg, template, recorder)
         wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.node_wait_s)
@@ -115,7 +122,7 @@ def main(grid: Grid, context: Context) -> None:
         saved = save_adapters(run_dir, cfg, num_labels, adapters, strategy.majority_task)
         summary = recorder.write_summary(
             {
-                "tasks": [t.name for t in tasks],
+                "tasks": task_names,
                 "adapter_parameters": int(sum(v.size for v in template.values())),
                 "global_adapters": {
                     gid: strategy.majority_task.get(gid) for gid in sorted(adapters)

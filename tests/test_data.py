@@ -30,10 +30,12 @@ from fedspecialists.data import (
     TaskData,
     apply_min_share,
     client_tasks,
+    declared_num_labels,
     dirichlet_shares,
     load_suite,
     load_task,
     partition_suite,
+    site_tasks,
     split_counts,
 )
 
@@ -558,3 +560,80 @@ def test_bad_column_and_missing_file_errors(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match="filter column 'category' not found"):
         load_task(bad_filter, seed=0, cache_dir=CACHE)
+
+
+def test_sites_bring_their_own_files_with_shared_label_ids(tmp_path: Path) -> None:
+    """Two sites, same relative file names, different contents and label subsets."""
+    for site, rows in (
+        ("a", [("great", "pos"), ("awful", "neg")] * 5),
+        ("b", [("fine", "neutral"), ("bad", "neg")] * 5),
+    ):
+        folder = tmp_path / site / "reviews"
+        folder.mkdir(parents=True)
+        pd.DataFrame(rows, columns=["body", "stars"]).to_csv(folder / "train.csv", index=False)
+    (tmp_path / "a" / "tickets").mkdir()
+    pd.DataFrame([("printer", "it")] * 6, columns=["body", "stars"]).to_csv(
+        tmp_path / "a" / "tickets" / "train.csv", index=False
+    )
+    names = ["neg", "neutral", "pos"]
+    suite = [
+        {
+            "name": "reviews",
+            "source": "files",
+            "data_files": {"train": "reviews/train.csv"},
+            "text_column": "body",
+            "label_column": "stars",
+            "label_names": names,
+        },
+        {
+            "name": "tickets",
+            "source": "files",
+            "data_files": {"train": "tickets/train.csv"},
+            "text_column": "body",
+            "label_column": "stars",
+            "label_names": ["it", "hr"],
+        },
+    ]
+    assert declared_num_labels(suite) == [3, 2]
+    a = site_tasks(suite, tmp_path / "a", seed=0, cache_dir=CACHE)
+    b = site_tasks(suite, tmp_path / "b", seed=0, cache_dir=CACHE)
+    assert [t.name for t in a] == ["reviews", "tickets"] and [t.name for t in b] == ["reviews"]
+    for tasks in (a, b):
+        reviews = tasks[0]
+        assert reviews.num_labels == 3 and reviews.task_index == 0
+        texts = list(reviews.train["text"]) + list(reviews.test["text"])
+        labels = list(reviews.train["label"]) + list(reviews.test["label"])
+        for text, label in zip(texts, labels, strict=True):
+            expected = {"great": "pos", "awful": "neg", "fine": "neutral", "bad": "neg"}[text]
+            assert names[label] == expected  # the same id for "neg" at both sites
+
+
+def test_own_files_need_declared_labels_and_known_values(tmp_path: Path) -> None:
+    folder = tmp_path / "site" / "reviews"
+    folder.mkdir(parents=True)
+    pd.DataFrame([("x", "pos"), ("y", "meh")] * 4, columns=["text", "label"]).to_csv(
+        folder / "train.csv", index=False
+    )
+    spec = {"name": "reviews", "source": "files", "data_files": {"train": "reviews/train.csv"}}
+    with pytest.raises(ValueError, match="need label_names"):
+        site_tasks([spec], tmp_path / "site", 0, CACHE)
+    with pytest.raises(ValueError, match=r"labels \['meh'\] are not in label_names"):
+        site_tasks([{**spec, "label_names": ["neg", "pos"]}], tmp_path / "site", 0, CACHE)
+    assert declared_num_labels([spec]) is None
+
+
+def test_declared_label_names_reorder_a_class_label_column(tmp_path: Path) -> None:
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 1]})
+    ds = ds.cast_column("label", datasets.ClassLabel(names=["cat", "dog"]))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    spec = {
+        "name": "pets",
+        "source": "files",
+        "data_files": {"train": str(tmp_path / "train.parquet")},
+        "label_names": ["dog", "cat", "bird"],
+        "test_fraction": 0.34,
+    }
+    task = load_task(spec, seed=0, cache_dir=CACHE)
+    assert task.label_names == ["dog", "cat", "bird"]
+    rows = {r["text"]: r["label"] for split in (task.train, task.test) for r in split}
+    assert rows == {"a": 1, "b": 0, "c": 0}  # cat -> 1, dog -> 0
