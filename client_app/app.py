@@ -31,7 +31,13 @@ from fedspecialists.data import (
     load_suite,
     site_tasks,
 )
-from fedspecialists.models import AdapterModel, build_preprocessor, get_adapter_model, suite_kind
+from fedspecialists.models import (
+    AdapterModel,
+    build_preprocessor,
+    get_adapter_model,
+    resolve_device,
+    suite_kind,
+)
 from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
 
 app = ClientApp()
@@ -104,7 +110,8 @@ def _setup(msg: Message, context: Context) -> Setup:
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
-    adapters = get_adapter_model(cfg, max(counts))
+    device = resolve_device(str(context.node_config.get("device") or cfg.train.device))
+    adapters = get_adapter_model(cfg, max(counts), device)
     _load_sources(msg, context, slots, adapters)
     return Setup(overrides, cfg, partition, slots, adapters)
 

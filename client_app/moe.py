@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from logging import INFO, WARNING
 from pathlib import Path
@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from fedspecialists.config import load_config
 from fedspecialists.domains import ClientDomains, client_domains, global_test_set, load_domains
+from fedspecialists.models import resolve_device
 from fedspecialists.moe import (
     DenseClassifier,
     MoEClassifier,
@@ -88,6 +89,7 @@ class Node:
     model: MoEClassifier | DenseClassifier
     shared_parts: list[str]
     folder: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def personal_keys(self) -> list[str]:
@@ -141,6 +143,8 @@ def _node(msg: Message, context: Context) -> Node:
     if "shared" in msg.content.array_records:
         shared = record_to_state(msg.content.array_records["shared"])
         model.load_state_dict(shared, strict=False)
+    node.device = resolve_device(str(context.node_config.get("device") or cfg.train.device))
+    model.to(node.device)
     return node
 
 
@@ -179,7 +183,7 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
     """
     model = node.model
     assert isinstance(model, MoEClassifier)
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     own = {k: expert_state(state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
     grant = str(config.get("grant", "")) or None
     fetched: dict[str, dict[str, np.ndarray] | None] = {}
@@ -219,7 +223,7 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
         )
         for name, value in mixed.items():
             state[f"experts.{k}.{name}"] = value
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})  # copies to device
     return {"fetches": fetches, "failures": failures}
 
 
@@ -237,6 +241,7 @@ def train_model(
 ) -> tuple[float, float]:
     """Local epochs of cross-entropy (+ load-balancing loss for MoE). Returns mean (CE, aux)."""
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -258,8 +263,8 @@ def train_model(
             order, cursor = torch.randperm(len(y), generator=generator), 0
         idx = order[cursor : cursor + cfg.train.batch_size]
         cursor += cfg.train.batch_size
-        out = model(xt[idx])
-        ce = F.cross_entropy(out.logits, yt[idx])
+        out = model(xt[idx].to(device))
+        ce = F.cross_entropy(out.logits, yt[idx].to(device))
         loss = ce
         if isinstance(model, MoEClassifier):
             aux = load_balancing_loss(out.router_probs, out.selected)
@@ -278,11 +283,12 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicted labels ``(N,)`` and, for MoE, the chosen experts ``(N, top_k)``."""
     model.eval()
+    device = next(model.parameters()).device
     preds, chosen = [], []
     for start in range(0, len(x), batch_size):
-        out = model(torch.from_numpy(x[start : start + batch_size]))
-        preds.append(out.logits.argmax(-1))
-        chosen.append(out.selected)
+        out = model(torch.from_numpy(x[start : start + batch_size]).to(device))
+        preds.append(out.logits.argmax(-1).cpu())
+        chosen.append(out.selected.cpu())
     selected = torch.cat(chosen).numpy() if isinstance(model, MoEClassifier) else None
     return torch.cat(preds).numpy(), selected
 
@@ -312,7 +318,7 @@ def train(msg: Message, context: Context) -> Message:
     # round's, which uses the server's aggregate of the shared parts.
     pred, _ = predict(node.model, node.data.x_test, cfg.train.eval_batch_size)
     local_correct = int((pred == node.data.y_test).sum())
-    state = node.model.state_dict()
+    state = {k: v.detach().cpu() for k, v in node.model.state_dict().items()}
     personal = {k: state[k].contiguous() for k in node.personal_keys}
     if personal:
         save_file(personal, node.folder / PERSONAL_FILE)

@@ -125,12 +125,23 @@ def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> I
         pos += batch_size
 
 
+def logits_device(out: object) -> torch.device:
+    return out.logits.device  # type: ignore[attr-defined,no-any-return]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def batch_loss(model: torch.nn.Module, enc: Encoded, index: np.ndarray) -> torch.Tensor:
-    batch = collate(enc, index.tolist())
+    device = _device(model)
+    batch = {k: v.to(device) for k, v in collate(enc, index.tolist()).items()}
     if enc.kind == "causal_lm":
         return model(**batch).loss
     logits = model(**batch).logits
-    return F.cross_entropy(masked_logits(logits, enc.num_labels[index]), enc.labels[index])
+    return F.cross_entropy(
+        masked_logits(logits, enc.num_labels[index].to(device)), enc.labels[index].to(device)
+    )
 
 
 def train_adapter(
@@ -190,7 +201,7 @@ def evaluate_adapter(
     loss_sum = 0.0
     for start in range(0, len(enc), batch_size):
         index = np.arange(start, min(start + batch_size, len(enc)))
-        batch = collate(enc, index.tolist())
+        batch = {k: v.to(_device(model)) for k, v in collate(enc, index.tolist()).items()}
         out = model(**batch)
         if enc.kind == "causal_lm":
             labels = batch["labels"][:, 1:]
@@ -200,8 +211,8 @@ def evaluate_adapter(
             total += int(valid.sum())
             loss_sum += float(out.loss) * int(valid.sum())
         else:
-            logits = masked_logits(out.logits, enc.num_labels[index])
-            labels = enc.labels[index]
+            logits = masked_logits(out.logits, enc.num_labels[index].to(logits_device(out)))
+            labels = enc.labels[index].to(logits_device(out))
             correct += int((logits.argmax(-1) == labels).sum())
             total += len(index)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))

@@ -100,6 +100,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     num_threads: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -323,6 +324,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.lr > 0, "train.lr", "must be > 0")
     _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = all cores)")
+    _check(
+        cfg.train.device in ("auto", "cpu", "mps") or str(cfg.train.device).startswith("cuda"),
+        "train.device",
+        "must be auto, cpu, mps, cuda or cuda:<index>",
+    )
     k = cfg.fltac.num_clusters
     _check(
         k is None or k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),

@@ -259,7 +259,7 @@ class AdapterModel:
     def state(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s tensors (LoRA A/B, head) as detached copies; keys name no adapter."""
         state = get_peft_model_state_dict(self.model, adapter_name=name)
-        return {key: value.detach().clone() for key, value in state.items()}
+        return {key: value.detach().cpu().clone() for key, value in state.items()}
 
     def activate(self, name: str) -> list[torch.nn.Parameter]:
         """Make ``name`` the active adapter; returns exactly its trainable parameters."""
@@ -277,7 +277,16 @@ _CACHE: dict[str, AdapterModel] = {}
 _LOCK = threading.Lock()
 
 
-def get_adapter_model(cfg: DictConfig, num_labels: int) -> AdapterModel:
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` -> the first CUDA GPU torch sees (else the CPU); anything else as given."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def get_adapter_model(
+    cfg: DictConfig, num_labels: int, device: torch.device | None = None
+) -> AdapterModel:
     """The process's base model + adapters for this config (built once, then reused).
 
     ClientApps are recreated for every message, but the worker process survives: caching here is
@@ -303,7 +312,9 @@ def get_adapter_model(cfg: DictConfig, num_labels: int) -> AdapterModel:
             peft_model = get_peft_model(base, lcfg, adapter_name="slot0")
             _CACHE.clear()  # one model per process: a new config replaces the old one
             _CACHE[key] = AdapterModel(peft_model, kind, num_labels, lcfg)
-        return _CACHE[key]
+        model = _CACHE[key]
+        model.model.to(device or torch.device("cpu"))
+        return model
 
 
 def initial_adapter(cfg: DictConfig, num_labels: int) -> dict[str, torch.Tensor]:

@@ -164,7 +164,7 @@ class DenseClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         logits = self.head(self.backbone(x))
-        empty = torch.zeros(len(logits), 0)
+        empty = torch.zeros(len(logits), 0, device=logits.device)
         return MoEOutput(logits, empty, empty.long())
 
 
