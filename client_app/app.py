@@ -9,21 +9,20 @@ adapters).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from omegaconf import DictConfig
 
 from client_app import moe
+from client_app.node import config_for, device_of, partition_of, run_config
 from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
-from fedspecialists.config import MOE_METHODS, load_config
+from fedspecialists.config import MOE_METHODS
 from fedspecialists.data import (
     ClientTask,
     client_tasks,
@@ -35,7 +34,6 @@ from fedspecialists.models import (
     AdapterModel,
     build_preprocessor,
     get_adapter_model,
-    resolve_device,
     suite_kind,
 )
 from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
@@ -66,13 +64,8 @@ class Slot:
 
 
 @lru_cache(maxsize=4)
-def _config(overrides: str) -> DictConfig:
-    return load_config(overrides)
-
-
-@lru_cache(maxsize=4)
 def _preprocessor(overrides: str) -> object:
-    cfg = _config(overrides)
+    cfg = config_for(overrides)
     return build_preprocessor(cfg.model, suite_kind(cfg))
 
 
@@ -82,20 +75,15 @@ _ENCODED: dict[tuple[str, int, int, str, str], Encoded] = {}
 def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
     key = (overrides, *partition, task.name, split)
     if key not in _ENCODED:
-        cfg = _config(overrides)
+        cfg = config_for(overrides)
         _ENCODED[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
     return _ENCODED[key]
 
 
 def _setup(msg: Message, context: Context) -> Setup:
     """Compose the config, find this node's tasks and load each slot's starting adapter."""
-    overrides = str(context.run_config.get("overrides", ""))
-    cfg = _config(overrides)
-    torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
-    partition = (
-        int(context.node_config["partition-id"]),  # type: ignore[arg-type]
-        int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
-    )
+    overrides, cfg = run_config(context)
+    partition = partition_of(context)
     data_dir = context.node_config.get("data-dir")
     if data_dir:  # a site with its own files: all of them, nothing partitioned
         mine = site_tasks(cfg.suite.tasks, str(data_dir), cfg.seed, cfg.data.cache_dir)
@@ -110,8 +98,7 @@ def _setup(msg: Message, context: Context) -> Setup:
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
-    device = resolve_device(str(context.node_config.get("device") or cfg.train.device))
-    adapters = get_adapter_model(cfg, max(counts), device)
+    adapters = get_adapter_model(cfg, max(counts), device_of(context, cfg))
     _load_sources(msg, context, slots, adapters)
     return Setup(overrides, cfg, partition, slots, adapters)
 
@@ -136,7 +123,7 @@ def _load_sources(
 
 
 def _is_moe(context: Context) -> bool:
-    return _config(str(context.run_config.get("overrides", ""))).method.name in MOE_METHODS
+    return config_for(str(context.run_config.get("overrides", ""))).method.name in MOE_METHODS
 
 
 @app.train()

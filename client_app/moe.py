@@ -18,7 +18,6 @@ transport.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,9 +32,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from fedspecialists.config import load_config
+from client_app.node import config_for, device_of, partition_of, run_config
 from fedspecialists.domains import ClientDomains, client_domains, global_test_set, load_domains
-from fedspecialists.models import resolve_device
 from fedspecialists.moe import (
     DenseClassifier,
     MoEClassifier,
@@ -52,14 +50,9 @@ from strategies.fedmoe_da import mix_experts, renormalise
 PERSONAL_FILE = "personal.safetensors"
 
 
-@lru_cache(maxsize=4)
-def _config(overrides: str) -> DictConfig:
-    return load_config(overrides)
-
-
 @lru_cache(maxsize=16)
 def _client_data(overrides: str, partition: tuple[int, int]) -> ClientDomains:
-    cfg = _config(overrides)
+    cfg = config_for(overrides)
     return client_domains(
         load_domains(cfg),
         *partition,
@@ -73,7 +66,7 @@ def _client_data(overrides: str, partition: tuple[int, int]) -> ClientDomains:
 
 @lru_cache(maxsize=4)
 def _global_test(overrides: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cfg = _config(overrides)
+    cfg = config_for(overrides)
     return global_test_set(load_domains(cfg), cfg.moe.global_test_per_domain, cfg.seed)
 
 
@@ -103,13 +96,8 @@ def _is_shared(key: str, parts: list[str]) -> bool:
 
 def _node(msg: Message, context: Context) -> Node:
     """Build the model and load this node's state: initial, then personal, then shared."""
-    overrides = str(context.run_config.get("overrides", ""))
-    cfg = _config(overrides)
-    torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
-    partition = (
-        int(context.node_config["partition-id"]),  # type: ignore[arg-type]
-        int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
-    )
+    overrides, cfg = run_config(context)
+    partition = partition_of(context)
     config = msg.content.config_records["config"]
     if context.node_config.get("peer-store"):  # a deployment names the site's folder
         folder = Path(str(context.node_config["peer-store"]))
@@ -143,7 +131,7 @@ def _node(msg: Message, context: Context) -> Node:
     if "shared" in msg.content.array_records:
         shared = record_to_state(msg.content.array_records["shared"])
         model.load_state_dict(shared, strict=False)
-    node.device = resolve_device(str(context.node_config.get("device") or cfg.train.device))
+    node.device = device_of(context, cfg)
     model.to(node.device)
     return node
 
