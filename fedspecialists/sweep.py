@@ -23,6 +23,7 @@ import atexit
 import itertools
 import json
 import shlex
+import signal
 import sys
 from logging import ERROR, INFO, getLogger
 from pathlib import Path
@@ -109,6 +110,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console entry point: validate every job, then hand the command line to Hydra."""
     import hydra
@@ -126,6 +131,10 @@ def main() -> None:
         raise SystemExit(2) from exc
     if jobs is not None:
         print(f"fedspecialists-sweep: {jobs} job(s) validated", file=sys.stderr)
+    # SIGTERM (and SIGINT, which a background shell job ignores) end the sweep through
+    # SystemExit, so the atexit hook stops the SuperLink and its simulation by PID.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_job)()
 
 
