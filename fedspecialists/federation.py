@@ -93,8 +93,14 @@ class LocalFederation:
         tls: bool = True,
         key: Path | None = None,
         extra_config: str = "",
+        max_retries: int | None = None,
+        log_name: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a SuperNode for ``site`` (its data partition and peer endpoint in node config)."""
+        """Start a SuperNode for ``site`` (its data partition and peer endpoint in node config).
+
+        ``max_retries`` bounds its reconnection attempts (by default it retries for ever, as a
+        SuperNode waiting for its SuperLink should).
+        """
         node_config = (
             f"partition-id={site.index} num-partitions={num_sites} "
             f'peer-store="{site.store}" peer-address="127.0.0.1:{site.peer_port}" '
@@ -116,7 +122,9 @@ class LocalFederation:
             command += ["--auth-supernode-private-key", str(key or site.node_key)]
         else:
             command += ["--insecure"]
-        return self._spawn(command, self.home / f"supernode{site.index}.log")
+        if max_retries is not None:
+            command += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
+        return self._spawn(command, self.home / (log_name or f"supernode{site.index}.log"))
 
     def start_peer(self, site: Site) -> subprocess.Popen[bytes]:
         c = self.credentials

@@ -68,14 +68,19 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
 def test_unregistered_and_insecure_supernodes_are_refused(federation: LocalFederation) -> None:
     stranger_key, _ = make_node_key(federation.credentials, "stranger")
     site = federation.sites[0]
-    unregistered = federation.start_supernode(site, 3, key=stranger_key)
-    insecure = federation.start_supernode(site, 3, tls=False)
-    for process in (unregistered, insecure):
+    unregistered = federation.start_supernode(
+        site, 3, key=stranger_key, max_retries=2, log_name="unregistered.log"
+    )
+    insecure = federation.start_supernode(
+        site, 3, tls=False, max_retries=2, log_name="insecure.log"
+    )
+    for process, log in ((unregistered, "unregistered.log"), (insecure, "insecure.log")):
         try:
-            code = process.wait(timeout=120)
-        except Exception:  # still running = it was let in
-            pytest.fail("a SuperNode that should be refused kept running")
-        assert code != 0
+            code = process.wait(timeout=180)
+        except Exception:  # still running after its retries = it was let in
+            pytest.fail(f"a SuperNode that should be refused kept running ({log})")
+        assert code != 0, (federation.home / log).read_text()[-2000:]
+    assert "Failed to activate SuperNode" in (federation.home / "unregistered.log").read_text()
     assert len(federation.wait_for_nodes(3)) == 3  # the three registered nodes only
 
 
