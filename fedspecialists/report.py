@@ -79,13 +79,14 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
     """Completed runs under ``paths``, and the (folder, status) of those that did not complete."""
     runs: list[Run] = []
     skipped: list[tuple[Path, str]] = []
-    # A run folder holds config.yaml and status.json (written when the run starts).
+    # A run folder holds config.yaml and status.json (written when the run starts). Skipped:
+    # Flower's own folders (a SuperLink home keeps copies of the app, docs/results included).
     folders = sorted(
         {
             p.parent
             for root in paths
             for p in Path(root).rglob("status.json")
-            if (p.parent / "config.yaml").exists()
+            if (p.parent / "config.yaml").exists() and not _in_flower_home(p, Path(root))
         }
     )
     for folder in folders:
@@ -121,6 +122,11 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
             )
         )
     return runs, skipped
+
+
+def _in_flower_home(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts[:-1]
+    return any(p.startswith(".") or p in ("flwr-home", "apps") for p in parts)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
