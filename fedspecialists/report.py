@@ -165,7 +165,7 @@ def table_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], list[di
         "setting",
         *tasks,
         "mean",
-        "params via server",
+        "params",
         "MB (train, up+down)",
         "seeds",
     ]
@@ -206,9 +206,10 @@ def write_tables(runs: Sequence[Run], out: Path, skipped: Sequence[tuple[Path, s
     text = "\n".join(lines) + "\n"
     text += (
         "\nAccuracy after the last round, mean ± std over seeds (for MoE methods: personalised "
-        "accuracy, and per-domain columns). `params via server` = parameters a client uploads "
-        "per round (its adapters, or the MoE parts the server aggregates); MB = every training "
-        "message up and down over all rounds.\n"
+        "accuracy, and per-domain columns). `params` = trainable parameters of one adapter "
+        "(FL-TAC clients send one per local task, FedIT one in all) or of the MoE parts the "
+        "server aggregates; MB = every training message, up and down, over all rounds; `seeds` "
+        "lists the seeds averaged.\n"
     )
     if skipped:
         text += "\nNot included (did not complete):\n" + "".join(
