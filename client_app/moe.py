@@ -8,7 +8,9 @@ One training round of a FedMoE-DA client::
     -> keep personal parts, publish experts to peers
     -> reply: shared parts, gate vectors (proxies), expert hashes, metrics
 
-What the server does not aggregate stays on the node, in ``<node dir>/personal.safetensors``
+What the server does not aggregate stays on the node, in
+``<node dir>/run-<run id>/personal.safetensors`` (one folder per run, so a later run on the same
+site never starts from an earlier run's experts)
 (the final personalised model of every client, loadable with ``safetensors``). The node folder
 is ``<peer root>/node-<node id>`` in simulation (the root comes from the server), or the
 ``peer-store`` key of ``--node-config`` in a deployment, where ``peer-address`` (this site's
@@ -82,6 +84,7 @@ class Node:
     model: MoEClassifier | DenseClassifier
     shared_parts: list[str]
     folder: Path
+    run_id: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -125,9 +128,11 @@ def _node(msg: Message, context: Context) -> Node:
         model,
         [str(p) for p in config["share"]],  # type: ignore[union-attr]
         folder,
+        int(context.run_id),
     )
-    if (folder / PERSONAL_FILE).exists():
-        model.load_state_dict(load_file(folder / PERSONAL_FILE), strict=False)
+    personal = folder / f"run-{context.run_id}" / PERSONAL_FILE
+    if personal.exists():
+        model.load_state_dict(load_file(personal), strict=False)
     if "shared" in msg.content.array_records:
         shared = record_to_state(msg.content.array_records["shared"])
         model.load_state_dict(shared, strict=False)
@@ -309,7 +314,9 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in node.model.state_dict().items()}
     personal = {k: state[k].contiguous() for k in node.personal_keys}
     if personal:
-        save_file(personal, node.folder / PERSONAL_FILE)
+        path = node.folder / f"run-{node.run_id}" / PERSONAL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(personal, path)
     reply = RecordDict()
     shared = {k: v for k, v in state.items() if _is_shared(k, node.shared_parts)}
     if shared:

@@ -114,7 +114,7 @@ def run_moe(
         save_file(strategy.shared, str(run_dir / "shared_model.safetensors"))
     personal = [
         str(p.relative_to(run_dir) if p.is_relative_to(run_dir) else p)
-        for p in sorted(Path(peer_root).glob("node-*/personal.safetensors"))
+        for p in sorted(Path(peer_root).glob("node-*/run-*/personal.safetensors"))
     ]
     last = recorder.rounds[-1] if recorder.rounds else {}
     summary = recorder.write_summary(

@@ -14,7 +14,7 @@ Mixture-of-experts runs (FedMoE-DA and its baselines) write instead of adapters:
 
     aggregation.jsonl    per recompute: FedMoE-DA's correlation R and aggregation matrix A
     shared_model.safetensors   final parameters aggregated through the server
-    nodes/node-<id>/personal.safetensors   each client's final personal parts (gate, experts)
+    nodes/node-<id>/run-<run id>/personal.safetensors   each client's final personal parts
     plots/               personalised/global accuracy, server vs peer bytes, A, routing
 """
 

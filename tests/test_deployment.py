@@ -60,9 +60,9 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
     server = summary["total_server_bytes"]
     assert isinstance(server, int)
     assert server < 0.2 * _summary(tmp_path, "fedavg")["total_server_bytes"]  # type: ignore[operator]
-    # Each site kept its personal experts in its own store.
+    # Each site kept its personal experts in its own store, one folder per run.
     for site in federation.sites:
-        assert (site.store / "personal.safetensors").exists()
+        assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
 
 
 def test_unregistered_and_insecure_supernodes_are_refused(federation: LocalFederation) -> None:
