@@ -22,15 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedspecialists.certs import make_ca, make_node_key, make_server_cert
-from fedspecialists.localrun import PROJECT_DIR, RunOutcome
+from fedspecialists.localrun import PROJECT_DIR, RunOutcome, free_port
 
 CONNECTION = "fedspecialists-local"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

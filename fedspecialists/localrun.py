@@ -23,7 +23,8 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -117,7 +118,7 @@ def local_superlink(
     """
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(home),

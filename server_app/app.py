@@ -8,7 +8,7 @@ from logging import ERROR, INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from fedspecialists.config import MOE_METHODS, load_config, num_clusters
 from fedspecialists.data import declared_num_labels, load_suite
 from fedspecialists.models import initial_adapter
-from server_app.moe import run_moe
+from server_app.moe import run_moe, run_rounds
 from server_app.outputs import RunRecorder, run_dir_for, save_adapters
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
 from strategies.fltac import TaskAdapterClustering
@@ -110,14 +110,7 @@ def main(grid: Grid, context: Context) -> None:
         template = {k: v.numpy() for k, v in initial_adapter(cfg, num_labels).items()}
         strategy = build_strategy(cfg, template, recorder)
         wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.node_wait_s)
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(),
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.federation.reply_timeout_s,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-        )
+        run_rounds(strategy, grid, cfg)
         adapters = strategy.final_adapters() if cfg.output.save_adapters else {}
         saved = save_adapters(run_dir, cfg, num_labels, adapters, strategy.majority_task)
         summary = recorder.write_summary(

@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 from safetensors.numpy import save_file
 
@@ -88,6 +89,18 @@ def build_moe_strategy(
     )
 
 
+def run_rounds(strategy: Strategy, grid: Grid, cfg: DictConfig) -> None:
+    """The strategy's round loop (Flower's ``Strategy.start``) with the run's settings."""
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.federation.reply_timeout_s,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
+
+
 def run_moe(
     grid: Grid,
     cfg: DictConfig,
@@ -102,14 +115,7 @@ def run_moe(
     )
     strategy = build_moe_strategy(cfg, state, peer_root, recorder.on_round_end)
     wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.node_wait_s)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.federation.reply_timeout_s,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-    )
+    run_rounds(strategy, grid, cfg)
     if strategy.shared:
         save_file(strategy.shared, str(run_dir / "shared_model.safetensors"))
     personal = [
