@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedspecialists.certs import make_ca, make_node_key, make_server_cert
-from fedspecialists.localrun import PROJECT_DIR, RunOutcome, free_port
+from fedspecialists.localrun import PROJECT_DIR, RunOutcome, free_port, stop_process_trees
 
 CONNECTION = "fedspecialists-local"
 
@@ -197,22 +196,7 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here (their process groups), SIGTERM then SIGKILL."""
-        from fedspecialists.localrun import _descendant_groups
-
-        groups: list[int] = []
-        for process in self.processes:
-            if process.poll() is None:
-                groups += [process.pid, *_descendant_groups(process.pid)]
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            for group in groups:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, sig)
-            deadline = time.time() + wait
-            for process in self.processes:
-                with suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=max(0.1, deadline - time.time()))
-            if all(p.poll() is not None for p in self.processes):
-                break
+        stop_process_trees(self.processes, term_wait=15.0, kill_wait=5.0)
 
 
 @contextmanager

@@ -46,22 +46,42 @@ class LocalSuperLink:
         running simulation with its Ray workers) start sessions of their own: their groups are
         collected first and stopped with it, so a run in progress is not orphaned.
         """
-        groups = [self.process.pid, *_descendant_groups(self.process.pid)]
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            for group in groups:
-                try:
-                    os.killpg(group, sig)
-                except (ProcessLookupError, PermissionError):
-                    continue
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if not any(_group_alive(g) for g in groups):
-                break
+        stop_process_trees([self.process])
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+
+def stop_process_trees(
+    processes: list[subprocess.Popen[bytes]], term_wait: float = 20.0, kill_wait: float = 10.0
+) -> None:
+    """Stop ``processes`` and every descendant's process group: SIGTERM, then SIGKILL.
+
+    Returns only once no process of those groups is left (zombies aside), or after both waits.
+    Waiting on the groups, not only on ``processes``, matters: a simulation keeps shutting down
+    (Ray) after the SuperLink that started it has exited.
+    """
+    groups: list[int] = []
+    for process in processes:
+        if process.poll() is None:
+            for group in (process.pid, *_descendant_groups(process.pid)):
+                if group not in groups:
+                    groups.append(group)
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + wait
+        while True:
+            for process in processes:
+                process.poll()  # reap our own children, so they do not linger as zombies
+            if not any(_group_alive(g) for g in groups):
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
 
 
 def _descendant_groups(pid: int) -> list[int]:
