@@ -2,12 +2,14 @@
 
 Both on this machine: simulation = a local simulation SuperLink with N simulated SuperNodes;
 deployment = a TLS SuperLink with SuperNode authentication, N SuperNode processes and their gRPC
-peer endpoints (``fedspecialists.federation``). The table reads the runs' ``metrics.jsonl``.
+peer endpoints (``fedspecialists.federation``). The table reads the runs' ``metrics.jsonl`` and
+``summary.json``.
 
 Usage::
 
     python benchmarks/deployment_vs_simulation.py --out runs/deploy_vs_sim --nodes 3 \
-        --overrides "method=fedmoe_da num_rounds=3"
+        --experiment fedmoe_da="method=fedmoe_da num_rounds=3" \
+        --experiment fltac="method=fltac num_rounds=3"
 """
 
 from __future__ import annotations
@@ -18,41 +20,63 @@ import statistics
 from pathlib import Path
 
 from fedspecialists.federation import local_federation
-from fedspecialists.localrun import local_superlink, run_app
+from fedspecialists.localrun import RunOutcome, local_superlink, run_app
+
+DEFAULT_EXPERIMENTS = ["fedmoe_da=method=fedmoe_da num_rounds=3"]
 
 
-def _round_times(run: Path) -> list[float]:
-    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [float(r["round_time_s"]) for r in rounds]
+def _row(name: str, engine: str, outcome: RunOutcome, run: Path) -> str:
+    metrics = run / "metrics.jsonl"
+    rounds = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    times = [float(r["round_time_s"]) for r in rounds]
+    first = f"{times[0]:.1f}" if times else "n/a"
+    later = f"{statistics.mean(times[1:]):.1f}" if len(times) > 1 else "n/a"
+    wall = f"{float(rounds[-1]['wall_time_s']):.1f}" if rounds else "n/a"
+    return f"| {name} | {engine} | {outcome.status} | {first} | {later} | {wall} | {len(times)} |"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/deploy_vs_sim"))
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--overrides", default="method=fedmoe_da num_rounds=3")
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        metavar="NAME=OVERRIDES",
+        help="an experiment to time in both engines (repeatable)",
+    )
     args = parser.parse_args()
+    experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = f"{args.overrides} federation.num_clients={args.nodes} output.root={out}"
+    common = f"federation.num_clients={args.nodes} output.root={out}"
+    outcomes: dict[tuple[str, str], RunOutcome] = {}
     with local_superlink(out / "sim-home") as link:
-        sim = run_app(link, f"{common} output.name=simulation", num_supernodes=args.nodes)
-    print("simulation:", sim.status, flush=True)
+        for name, overrides in experiments.items():
+            outcome = run_app(
+                link,
+                f"{overrides} {common} output.name={name}-simulation",
+                num_supernodes=args.nodes,
+            )
+            outcomes[name, "simulation"] = outcome
+            print(name, "simulation:", outcome.status, flush=True)
     with local_federation(out / "deployment-home", num_sites=args.nodes) as fed:
         fed.wait_for_nodes(args.nodes)
-        dep = fed.run(f"{common} federation.node_wait_s=120 output.name=deployment")
-    print("deployment:", dep.status, flush=True)
+        for name, overrides in experiments.items():
+            outcome = fed.run(
+                f"{overrides} {common} federation.node_wait_s=120 output.name={name}-deployment"
+            )
+            outcomes[name, "deployment"] = outcome
+            print(name, "deployment:", outcome.status, flush=True)
     lines = [
-        "| engine | status | round 1 (s) | later rounds, mean (s) | rounds |",
-        "|---|---|---|---|---|",
+        "| experiment | engine | status | round 1 (s) | later rounds (s) | run (s) | rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, outcome in (("simulation", sim), ("deployment", dep)):
-        times = _round_times(out / name) if (out / name / "metrics.jsonl").exists() else []
-        later = f"{statistics.mean(times[1:]):.1f}" if len(times) > 1 else "n/a"
-        first = f"{times[0]:.1f}" if times else "n/a"
-        lines.append(f"| {name} | {outcome.status} | {first} | {later} | {len(times)} |")
+    for (name, engine), outcome in sorted(outcomes.items()):
+        lines.append(_row(name, engine, outcome, out / f"{name}-{engine}"))
+    setup = "\n".join(f"- {name}: `{o} {common}`" for name, o in experiments.items())
     text = "\n".join(lines)
-    (out / "table.md").write_text(text + f"\n\noverrides: `{common}`\n")
+    (out / "table.md").write_text(f"{text}\n\n{args.nodes} nodes. Overrides:\n{setup}\n")
     print(text)
 
 
