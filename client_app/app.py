@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from omegaconf import DictConfig
 
 from client_app import moe
-from client_app.node import config_for, device_of, partition_of, run_config
+from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
 from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
 from fedspecialists.config import MOE_METHODS
 from fedspecialists.data import (
@@ -83,10 +83,10 @@ def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split
 def _setup(msg: Message, context: Context) -> Setup:
     """Compose the config, find this node's tasks and load each slot's starting adapter."""
     overrides, cfg = run_config(context)
-    partition = partition_of(context)
-    data_dir = context.node_config.get("data-dir")
+    data_dir = data_dir_of(context, cfg)
+    partition = partition_of(context, own_files=bool(data_dir))
     if data_dir:  # a site with its own files: all of them, nothing partitioned
-        mine = site_tasks(cfg.suite.tasks, str(data_dir), cfg.seed, cfg.data.cache_dir)
+        mine = site_tasks(cfg.suite.tasks, data_dir, cfg.seed, cfg.data.cache_dir)
         counts = declared_num_labels(cfg.suite.tasks) or [t.num_labels for t in mine]
     else:
         tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)

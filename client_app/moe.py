@@ -34,8 +34,15 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from client_app.node import config_for, device_of, partition_of, run_config
-from fedspecialists.domains import ClientDomains, client_domains, global_test_set, load_domains
+from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
+from fedspecialists.domains import (
+    ClientDomains,
+    client_domains,
+    global_test_set,
+    load_domains,
+    model_input,
+    site_domains,
+)
 from fedspecialists.moe import (
     DenseClassifier,
     MoEClassifier,
@@ -53,8 +60,11 @@ PERSONAL_FILE = "personal.safetensors"
 
 
 @lru_cache(maxsize=16)
-def _client_data(overrides: str, partition: tuple[int, int]) -> ClientDomains:
+def _client_data(overrides: str, partition: tuple[int, int], data_dir: str) -> ClientDomains:
+    """A partition of the suite's domains, or the site's own files (``data-dir`` in node config)."""
     cfg = config_for(overrides)
+    if data_dir:
+        return site_domains(cfg, data_dir)
     return client_domains(
         load_domains(cfg),
         *partition,
@@ -86,6 +96,7 @@ class Node:
     folder: Path
     run_id: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    own_data: bool = False  # the site's own files: no global test set (no site holds all data)
 
     @property
     def personal_keys(self) -> list[str]:
@@ -100,7 +111,8 @@ def _is_shared(key: str, parts: list[str]) -> bool:
 def _node(msg: Message, context: Context) -> Node:
     """Build the model and load this node's state: initial, then personal, then shared."""
     overrides, cfg = run_config(context)
-    partition = partition_of(context)
+    data_dir = data_dir_of(context, cfg) or ""
+    partition = partition_of(context, own_files=bool(data_dir))
     config = msg.content.config_records["config"]
     if context.node_config.get("peer-store"):  # a deployment names the site's folder
         folder = Path(str(context.node_config["peer-store"]))
@@ -110,11 +122,15 @@ def _node(msg: Message, context: Context) -> Node:
             raise ValueError("no peer store: set peer-store in --node-config (or peer.root)")
         folder = Path(str(root)) / f"node-{context.node_id}"
     folder.mkdir(parents=True, exist_ok=True)
-    data = _client_data(overrides, partition)
-    domains = load_domains(cfg)
+    data = _client_data(overrides, partition, data_dir)
+    input_shape, num_labels = model_input(cfg)
+    if tuple(data.x_train.shape[1:]) != input_shape:
+        raise ValueError(
+            f"this site's inputs have shape {data.x_train.shape[1:]}, the model reads {input_shape}"
+        )
     model = build_model(
-        data.x_train.shape[1:],
-        max(d.num_labels for d in domains),
+        input_shape,
+        num_labels,
         cfg.moe,
         dense=cfg.method.name == "fedavg_dense",
         seed=cfg.seed,  # the federation's common initialisation
@@ -129,6 +145,7 @@ def _node(msg: Message, context: Context) -> Node:
         [str(p) for p in config["share"]],  # type: ignore[union-attr]
         folder,
         int(context.run_id),
+        own_data=bool(data_dir),
     )
     personal = folder / f"run-{context.run_id}" / PERSONAL_FILE
     if personal.exists():
@@ -342,7 +359,7 @@ def train(msg: Message, context: Context) -> Message:
             "peer-bytes": transport.bytes_fetched if transport is not None else 0,
             "peer-fetches": sync["fetches"],
             "peer-failures": sync["failures"],
-            "domain-examples": node.data.domain_counts(len(load_domains(cfg))),
+            "domain-examples": node.data.domain_counts(len(cfg.suite.tasks)),
             "after-training-correct": local_correct,
             "after-training-total": len(node.data.y_test),
         }
@@ -366,17 +383,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Personalised accuracy (own test split, per domain), global test accuracy and routing."""
     node = _node(msg, context)
     cfg, data = node.cfg, node.data
-    num_domains = len(load_domains(cfg))
+    num_domains = len(cfg.suite.tasks)
     batch = cfg.train.eval_batch_size
     pred, selected = predict(node.model, data.x_test, batch)
     hit = pred == data.y_test
-    x_global, y_global, _ = _global_test(node.overrides)
-    global_pred, _ = predict(node.model, x_global, batch)
+    global_correct = global_total = 0
+    if not node.own_data:
+        x_global, y_global, _ = _global_test(node.overrides)
+        global_pred, _ = predict(node.model, x_global, batch)
+        global_correct, global_total = int((global_pred == y_global).sum()), len(y_global)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "personal-correct": int(hit.sum()),
         "personal-total": len(hit),
-        "global-correct": int((global_pred == y_global).sum()),
-        "global-total": len(y_global),
+        "global-correct": global_correct,
+        "global-total": global_total,
         "domain-correct": np.bincount(data.d_test, weights=hit, minlength=num_domains)
         .astype(int)
         .tolist(),

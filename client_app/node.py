@@ -28,12 +28,36 @@ def run_config(context: Context) -> tuple[str, DictConfig]:
     return overrides, cfg
 
 
-def partition_of(context: Context) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from the node config."""
+def partition_of(context: Context, own_files: bool = False) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config.
+
+    A site reading its own files (``own_files``) needs none: ``(0, 1)`` when they are not set
+    (the id only varies training seeds there).
+    """
+    node_config = context.node_config
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        if own_files:
+            return 0, 1
+        raise ValueError(
+            "node config needs partition-id and num-partitions (a partition of the suite), or "
+            "data-dir with a suite of source: files tasks (the site's own files)"
+        )
     return (
-        int(context.node_config["partition-id"]),  # type: ignore[arg-type]
-        int(context.node_config["num-partitions"]),  # type: ignore[arg-type]
+        int(node_config["partition-id"]),  # type: ignore[arg-type]
+        int(node_config["num-partitions"]),  # type: ignore[arg-type]
     )
+
+
+def data_dir_of(context: Context, cfg: DictConfig) -> str | None:
+    """The site's own data folder (node config ``data-dir``) when the run's suite reads files.
+
+    A suite of ``source: files`` tasks names its files relative to each site's ``data-dir``;
+    any other suite is partitioned by ``partition-id``, so one site can serve both kinds of run.
+    """
+    data_dir = context.node_config.get("data-dir")
+    if data_dir and all(t.source == "files" for t in cfg.suite.tasks):
+        return str(data_dir)
+    return None
 
 
 def device_of(context: Context, cfg: DictConfig) -> torch.device:

@@ -54,6 +54,10 @@ class TaskSpec:
     # site encodes labels the same way, and the server needs no data to size the heads.
     label_names: list[str] | None = None
     image_column: str = "image"
+    # (C, H, W) for the mixture-of-experts models: images are converted to C channels (1 grey,
+    # 3 RGB) and resized to H x W. Needed where sites bring their own images, so every site feeds
+    # the model one shape and the server builds the model without data.
+    image_shape: list[int] | None = None
     prompt_columns: list[str] = field(default_factory=lambda: ["instruction", "context"])
     response_column: str = "response"
     filter_column: str | None = None
@@ -308,6 +312,13 @@ def validate(cfg: DictConfig) -> None:
         if task.source == "files":
             _check("train" in task.data_files, f"{key}.data_files", "needs a 'train' file")
         _check(0.0 < task.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+        if task.image_shape is not None:
+            shape = list(task.image_shape)
+            _check(
+                len(shape) == 3 and shape[0] in (1, 3) and all(v >= 1 for v in shape),
+                f"{key}.image_shape",
+                "must be [C, H, W] with C 1 (grey) or 3 (RGB) and H, W >= 1",
+            )
         for limit in ("max_train_examples", "max_test_examples"):
             value = task[limit]
             _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")

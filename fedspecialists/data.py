@@ -334,7 +334,30 @@ def _load_files(spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset | No
         raise ValueError(f"task '{spec.name}': data_files keys must be train/test, got {unknown}")
     train = _load_file(spec.name, spec.data_files["train"])
     test = _load_file(spec.name, spec.data_files["test"]) if "test" in spec.data_files else None
+    if spec.kind == "image_classification":
+        train = _image_paths_from(spec, train, Path(spec.data_files["train"]).parent)
+        if test is not None:
+            test = _image_paths_from(spec, test, Path(spec.data_files["test"]).parent)
     return train, test
+
+
+def _is_string(feature: Any) -> bool:
+    """A text column: datasets 4 reads CSV strings as ``large_string``."""
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _image_paths_from(spec: TaskSpec, ds: datasets.Dataset, folder: Path) -> datasets.Dataset:
+    """Relative image paths in a data file are read from the file's folder (not the cwd)."""
+    column = spec.image_column
+    feature = ds.features.get(column)
+    if not _is_string(feature):
+        return ds
+    folder = folder.expanduser().resolve()
+    return ds.map(
+        lambda batch: {column: [str(folder / p) for p in batch[column]]},  # absolute p is kept
+        batched=True,
+        keep_in_memory=True,
+    )
 
 
 def _require_columns(task: str, ds: datasets.Dataset, columns: Sequence[str], role: str) -> None:
@@ -576,7 +599,7 @@ def _ensure_image_feature(ds: datasets.Dataset) -> datasets.Dataset:
     feature = ds.features["image"]
     if isinstance(feature, datasets.Image):
         return ds
-    if isinstance(feature, datasets.Value) and feature.dtype == "string":
+    if _is_string(feature):
         return ds.cast_column("image", datasets.Image())  # file paths
     if isinstance(feature, dict) and {"bytes", "path"} <= set(feature):
         return ds.cast_column("image", datasets.Image())  # encoded images
@@ -630,8 +653,8 @@ def load_task(spec: Any, seed: int, cache_dir: str | Path) -> TaskData:
     if ts.kind not in TASK_KINDS:
         raise ValueError(f"task '{ts.name}': kind '{ts.kind}' not in {TASK_KINDS}")
     cache = Path(cache_dir).expanduser()
-    train, test = _load_source(ts, cache)
     with _quiet_progress():
+        train, test = _load_source(ts, cache)
         return _prepare(ts, train, test, seed)
 
 
@@ -954,17 +977,20 @@ def declared_num_labels(tasks: Sequence[Any]) -> list[int] | None:
     return None
 
 
-def site_tasks(
-    tasks: Sequence[Any], data_dir: str | Path, seed: int, cache_dir: str | Path
-) -> list[ClientTask]:
-    """The tasks a site holds in its own files (node config ``data-dir``), nothing partitioned.
+def site_specs(tasks: Sequence[Any], data_dir: str | Path) -> list[tuple[int, TaskSpec]]:
+    """The suite's tasks a site holds in its own files (node config ``data-dir``).
 
     The suite's ``files`` tasks name their files relative to each site's ``data-dir`` (absolute
-    paths are kept); a task whose train file this site lacks is not one of its tasks. Labels are
-    encoded against each task's declared ``label_names``, so every site uses the same ids.
+    paths are kept); a task whose train file this site lacks is not one of its tasks. Every
+    classification task must declare ``label_names``, so that every site uses the same ids.
+
+    Returns
+    -------
+    list of (int, TaskSpec)
+        The task's index in the suite and its spec with the site's absolute file paths.
     """
     root = Path(data_dir).expanduser()
-    mine: list[ClientTask] = []
+    mine: list[tuple[int, TaskSpec]] = []
     for index, raw in enumerate(tasks):
         spec = as_task_spec(raw)
         if spec.source != "files":
@@ -978,11 +1004,22 @@ def site_tasks(
                 "site encodes labels the same way"
             )
         files = {k: str(root / v) for k, v in spec.data_files.items()}
-        if not Path(files["train"]).is_file():
-            continue
-        local = dataclasses.replace(spec, data_files=files)
-        task = load_task(local, seed, cache_dir)
-        mine.append(ClientTask(index, task.name, task.kind, task.num_labels, task.train, task.test))
+        if Path(files["train"]).is_file():
+            mine.append((index, dataclasses.replace(spec, data_files=files)))
     if not mine:
         raise ValueError(f"no task of the suite has its train file under {root}")
+    return mine
+
+
+def site_tasks(
+    tasks: Sequence[Any], data_dir: str | Path, seed: int, cache_dir: str | Path
+) -> list[ClientTask]:
+    """The tasks a site holds in its own files (:func:`site_specs`), nothing partitioned.
+
+    Labels are encoded against each task's declared ``label_names``.
+    """
+    mine: list[ClientTask] = []
+    for index, spec in site_specs(tasks, data_dir):
+        task = load_task(spec, seed, cache_dir)
+        mine.append(ClientTask(index, task.name, task.kind, task.num_labels, task.train, task.test))
     return mine

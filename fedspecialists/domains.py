@@ -47,6 +47,10 @@ FASHION_MNIST_DIR = Path(
     os.environ.get("FEDSPECIALISTS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 )
 IMAGE_DOMAINS = ("mnist", "fashion_mnist", "animal_silhouettes", "sklearn_digits")
+# What every builtin image set is: (C, H, W) and number of classes, known without loading it.
+BUILTIN_IMAGE_FORMAT: dict[str, tuple[tuple[int, int, int], int]] = {
+    name: ((1, 28, 28), 10) for name in IMAGE_DOMAINS
+}
 SPLIT_SEED = 1234  # fixed train/test carve of domains without an official test split
 
 
@@ -167,19 +171,72 @@ def _builtin_image(spec: TaskSpec, cache_dir: Path) -> tuple[np.ndarray, ...]:
     raise ValueError(f"domain '{spec.name}': unknown builtin image set '{name}' ({IMAGE_DOMAINS})")
 
 
-def _hub_image(spec: TaskSpec, seed: int, cache_dir: Path) -> tuple[np.ndarray, ...]:
-    """A hub (or local-folder) image task through the FL-TAC loader, as arrays."""
+def _loaded_image(spec: TaskSpec, seed: int, cache_dir: Path) -> tuple[np.ndarray, ...]:
+    """A hub, local-folder or files image task through the FL-TAC loader, as arrays.
+
+    With ``image_shape`` every image is converted (grey or RGB) and resized to it, so one task
+    may hold images of several sizes and modes; without, they must share one size.
+    """
     from fedspecialists.data import load_task
 
     task = load_task(spec, seed, cache_dir)
+    shape = spec.image_shape
 
     def arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-        images = [np.asarray(img.convert("RGB" if img.mode != "L" else "L")) for img in ds["image"]]
+        images = []
+        for img in ds["image"]:
+            if shape is not None:
+                img = img.convert("L" if shape[0] == 1 else "RGB").resize((shape[2], shape[1]))
+            else:
+                img = img.convert("RGB" if img.mode != "L" else "L")
+            images.append(np.asarray(img))
+        if len({i.shape for i in images}) > 1:
+            raise ValueError(
+                f"domain '{spec.name}': images of several sizes {sorted({i.shape for i in images})}"
+                "; set image_shape: [C, H, W] in its task config"
+            )
         x = np.stack(images).astype(np.float32) / 255.0
         x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
         return x, np.asarray(ds["label"], dtype=np.int64)
 
     return (*arrays(task.train), *arrays(task.test))
+
+
+# ITU-R 601-2 luma, as PIL's RGB -> L conversion.
+_LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def conform_images(x: np.ndarray, shape: Sequence[int] | None) -> np.ndarray:
+    """``(N, C, H, W)`` images converted to ``shape``'s channels and resized to its ``H x W``.
+
+    Grey to RGB repeats the channel; RGB to grey takes the luma. Bilinear with antialiasing.
+    ``shape`` None leaves ``x`` as it is.
+    """
+    if shape is None:
+        return x
+    c, h, w = (int(v) for v in shape)
+    if x.shape[1] != c:
+        x = np.repeat(x, 3, axis=1) if c == 3 else np.einsum("nchw,c->nhw", x, _LUMA)[:, None]
+    if tuple(x.shape[2:]) != (h, w):
+        import torch
+
+        resized = torch.nn.functional.interpolate(
+            torch.from_numpy(np.ascontiguousarray(x)), size=(h, w), mode="bilinear", antialias=True
+        )
+        x = resized.clamp(0, 1).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _files_fingerprint(spec: TaskSpec) -> list[Any]:
+    """Size and modification time of a ``files`` task's data files, for the npz cache keys."""
+    out: list[Any] = []
+    for role, name in sorted(spec.data_files.items()):
+        path = Path(name).expanduser()
+        stat = path.stat() if path.is_file() else None
+        out.append(
+            [role, str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+        )
+    return out
 
 
 def _subsample(
@@ -192,13 +249,15 @@ def _subsample(
 
 
 def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
-    """Load one image domain (builtin or hub), split and subsampled, cached on disk as ``.npz``.
+    """Load one image domain, split, subsampled and conformed, cached on disk as ``.npz``.
 
     Parameters
     ----------
     spec
         The domain's task config (``kind: image_classification``; ``source: builtin`` with
-        ``builtin`` one of :data:`IMAGE_DOMAINS`, or ``source: hub``).
+        ``builtin`` one of :data:`IMAGE_DOMAINS`, ``source: hub`` or ``source: files``). With
+        ``image_shape`` the images are converted and resized to it (:func:`conform_images`);
+        with ``label_names`` the domain has that many classes.
     seed
         Drives subsampling to ``max_train_examples`` / ``max_test_examples``.
     cache_dir
@@ -209,7 +268,9 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
         raise ValueError(f"domain '{ts.name}': load_domain reads images, not kind '{ts.kind}'")
     cache = Path(cache_dir).expanduser()
     key = hashlib.sha256(
-        json.dumps([asdict(ts), seed, 2], sort_keys=True, default=str).encode()
+        json.dumps(
+            [asdict(ts), seed, 2, _files_fingerprint(ts)], sort_keys=True, default=str
+        ).encode()
     ).hexdigest()[:16]
     path = cache / "domains" / f"{ts.name}-{key}.npz"
     if path.exists():
@@ -217,20 +278,19 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
             return DomainData(ts.name, int(z["num_labels"]), *(z[k] for k in _ARRAYS))
     if ts.source == "builtin":
         x_tr, y_tr, x_te, y_te = _builtin_image(ts, cache)
-    elif ts.source == "hub":
-        x_tr, y_tr, x_te, y_te = _hub_image(ts, seed, cache)
     else:
-        raise ValueError(f"domain '{ts.name}': image domains come from builtin or hub sources")
+        x_tr, y_tr, x_te, y_te = _loaded_image(ts, seed, cache)
     x_tr, y_tr = _subsample(x_tr, y_tr, ts.max_train_examples, seed)
     x_te, y_te = _subsample(x_te, y_te, ts.max_test_examples, seed + 1)
     if x_tr.ndim == 3:
         x_tr, x_te = x_tr[:, None], x_te[:, None]  # (N, 1, H, W)
+    declared = len(ts.label_names) if ts.label_names else 0
     domain = DomainData(
         ts.name,
-        int(max(y_tr.max(), y_te.max()) + 1),
-        np.ascontiguousarray(x_tr, dtype=np.float32),
+        max(declared, int(max(y_tr.max(), y_te.max()) + 1)),
+        conform_images(x_tr, ts.image_shape),
         y_tr.astype(np.int64),
-        np.ascontiguousarray(x_te, dtype=np.float32),
+        conform_images(x_te, ts.image_shape),
         y_te.astype(np.int64),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +323,14 @@ def encode_text_domains(
         ts = as_task_spec(spec)
         key = hashlib.sha256(
             json.dumps(
-                [asdict(ts), seed, str(model_cfg.name_or_path), model_cfg.max_length]
+                [
+                    asdict(ts),
+                    seed,
+                    str(model_cfg.name_or_path),
+                    model_cfg.max_length,
+                    _files_fingerprint(ts),
+                ],
+                default=str,
             ).encode()
         ).hexdigest()[:16]
         path = cache / "domains" / f"{ts.name}-text-{key}.npz"
@@ -347,6 +414,86 @@ def load_domains(cfg: Any) -> list[DomainData]:
             raise ValueError(f"domains of one suite need one input shape, got {sorted(shapes)}")
         _DOMAIN_CACHE[key] = domains
     return _DOMAIN_CACHE[key]
+
+
+def declared_model_input(cfg: Any) -> tuple[tuple[int, ...], int] | None:
+    """The MoE model's input shape and label-space width from the suite's specs alone, or None.
+
+    Declared when every task names its ``label_names`` and, for images, its ``image_shape``
+    (builtin image sets are known: :data:`BUILTIN_IMAGE_FORMAT`; text reads the frozen encoder's
+    width from its config). The ServerApp then builds the model with no data on its machine, as
+    in a deployment where only the sites hold data.
+    """
+    from fedspecialists.models import encoder_width
+
+    specs = [as_task_spec(t) for t in cfg.suite.tasks]
+    shapes: set[tuple[int, ...]] = set()
+    widths: list[int] = []
+    for spec in specs:
+        builtin = (
+            BUILTIN_IMAGE_FORMAT.get(spec.builtin or "")
+            if spec.source == "builtin" and spec.kind == "image_classification"
+            else None
+        )
+        width = len(spec.label_names) if spec.label_names else (builtin[1] if builtin else None)
+        if width is None:
+            return None
+        widths.append(width)
+        if spec.kind == "image_classification":
+            shape = spec.image_shape or (builtin[0] if builtin else None)
+            if shape is None:
+                return None
+            shapes.add(tuple(int(v) for v in shape))
+    kinds = {s.kind for s in specs}
+    if kinds == {"text_classification"}:
+        return (encoder_width(cfg.model),), max(widths)
+    if kinds != {"image_classification"}:
+        return None
+    if len(shapes) != 1:
+        raise ValueError(f"domains of one suite need one image_shape, got {sorted(shapes)}")
+    return shapes.pop(), max(widths)
+
+
+def model_input(cfg: Any) -> tuple[tuple[int, ...], int]:
+    """The MoE model's input shape (``(C, H, W)`` or ``(D,)``) and label-space width.
+
+    From the specs when they declare it (:func:`declared_model_input`), else from the data.
+    """
+    declared = declared_model_input(cfg)
+    if declared is not None:
+        return declared
+    domains = load_domains(cfg)
+    return tuple(domains[0].x_train.shape[1:]), max(d.num_labels for d in domains)
+
+
+def site_domains(cfg: Any, data_dir: str | Path) -> ClientDomains:
+    """A site's own data (node config ``data-dir``) as one client's domains, nothing partitioned.
+
+    Every domain of the suite whose files the site holds (:func:`fedspecialists.data.site_specs`):
+    all its train and test examples, labelled with the domain's index in the suite.
+    """
+    from fedspecialists.data import site_specs
+
+    held: list[tuple[int, DomainData]] = []
+    for index, spec in site_specs(cfg.suite.tasks, data_dir):
+        if spec.kind == "image_classification":
+            domain = load_domain(spec, cfg.seed, cfg.data.cache_dir)
+        elif spec.kind == "text_classification":
+            domain = encode_text_domains([spec], cfg.seed, cfg.data.cache_dir, cfg.model)[0]
+        else:
+            raise ValueError(f"domain '{spec.name}': a MoE suite has no '{spec.kind}' tasks")
+        held.append((index, domain))
+    shapes = sorted({tuple(d.x_train.shape[1:]) for _, d in held})
+    if len(shapes) != 1:
+        raise ValueError(f"this site's domains have several input shapes {shapes}: set image_shape")
+
+    def gather(split: str) -> tuple[np.ndarray, ...]:
+        xs = [getattr(d, f"x_{split}") for _, d in held]
+        ys = [getattr(d, f"y_{split}") for _, d in held]
+        ds = [np.full(len(y), i, dtype=np.int64) for (i, _), y in zip(held, ys, strict=True)]
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ds)
+
+    return ClientDomains(*gather("train"), *gather("test"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,13 +205,17 @@ def local_federation(
     num_sites: int = 3,
     register: bool = True,
     start_nodes: bool = True,
+    data_dirs: Sequence[Path] | None = None,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
     Each site gets an EC key pair (registered with the SuperLink when ``register``), a SuperNode
-    whose node config names its partition, its store and its peer endpoint, and that endpoint
-    (gRPC over TLS). Everything is stopped, by PID, on exit.
+    whose node config names its partition (or its own files: ``data_dirs[i]`` as ``data-dir``),
+    its store and its peer endpoint, and that endpoint (gRPC over TLS). Everything is stopped,
+    by PID, on exit.
     """
+    if data_dirs is not None and len(data_dirs) != num_sites:
+        raise ValueError(f"{len(data_dirs)} data dirs for {num_sites} sites")
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     creds = home / "credentials"
@@ -271,7 +275,8 @@ def local_federation(
                     raise RuntimeError(f"registering {pub} failed:\n{done.stdout}\n{done.stderr}")
             site.peer = fed.start_peer(site)
             if start_nodes:
-                site.supernode = fed.start_supernode(site, num_sites)
+                own = f'data-dir="{Path(data_dirs[i]).resolve()}"' if data_dirs else ""
+                site.supernode = fed.start_supernode(site, num_sites, extra_config=own)
         yield fed
     finally:
         fed.stop()

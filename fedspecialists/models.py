@@ -113,6 +113,13 @@ def _auto_config(path: str, overrides: dict[str, Any]) -> Any:
     return AutoConfig.from_pretrained(path, **overrides)
 
 
+def encoder_width(model_cfg: DictConfig) -> int:
+    """Width ``D`` of the base model's token states (what a frozen encoder's features hold),
+    read from its config alone: no weights, no data."""
+    path = resolve_model_path(str(model_cfg.name_or_path))
+    return int(_auto_config(path, _config_overrides(model_cfg)).hidden_size)
+
+
 def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model (see :func:`_build_base_model`), without transformers' load report.
 

@@ -8,6 +8,9 @@ Usage::
     # in another shell, with the printed FLWR_HOME:
     FLWR_HOME=/tmp/fed/flwr-home flwr run . fedspecialists-local --stream \
         --run-config 'overrides="federation.num_clients=3 method=fedmoe_da"'
+
+With ``--data-root DIR`` (folders ``DIR/site<i>``, e.g. from ``scripts/export_site_data.py``)
+each site reads its own files (node config ``data-dir``); run with ``suite=site_images``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("local-federation"))
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--data-root", type=Path, help="sites' own files: DIR/site0, DIR/site1 ...")
     args = parser.parse_args()
+    data_dirs = [args.data_root / f"site{i}" for i in range(args.nodes)] if args.data_root else None
+    suite = " suite=site_images" if data_dirs else ""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with local_federation(args.home, num_sites=args.nodes) as fed:
+    with local_federation(args.home, num_sites=args.nodes, data_dirs=data_dirs) as fed:
         fed.wait_for_nodes(args.nodes)
         print(
             f"SuperLink (TLS, node auth) on {fed.control_address}; {args.nodes} SuperNodes online"
@@ -42,7 +48,7 @@ def main() -> None:
             f"\nexport FLWR_HOME={fed.env['FLWR_HOME']}\n"
             "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1\n"
             f"flwr run . {CONNECTION} --stream --run-config "
-            f"'overrides=\"federation.num_clients={args.nodes} method=fedmoe_da\"'\n"
+            f"'overrides=\"federation.num_clients={args.nodes} method=fedmoe_da{suite}\"'\n"
             "\nCtrl-C stops every process started here."
         )
         stop.wait()

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 from safetensors.numpy import save_file
 
-from fedspecialists.domains import load_domains
+from fedspecialists.domains import model_input
 from fedspecialists.moe import build_model, part_of
 from server_app.outputs import RunRecorder
 from strategies.baselines import FedAvgDense, FedAvgMoE, LocalMoE
@@ -37,16 +37,21 @@ STRATEGIES: dict[str, type[DomainAwareMoEAggregation]] = {
 
 
 def initial_state(cfg: DictConfig) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The federation's initial model (numpy, by parameter name) and the domains' names."""
-    domains = load_domains(cfg)
+    """The federation's initial model (numpy, by parameter name) and the domains' names.
+
+    Sized from the suite's specs where they declare it (no data needed on the server's
+    machine), else from the data (:func:`fedspecialists.domains.model_input`).
+    """
+    input_shape, num_labels = model_input(cfg)
     model = build_model(
-        domains[0].x_train.shape[1:],
-        max(d.num_labels for d in domains),
+        input_shape,
+        num_labels,
         cfg.moe,
         dense=cfg.method.name == "fedavg_dense",
         seed=cfg.seed,
     )
-    return {k: v.numpy().copy() for k, v in model.state_dict().items()}, [d.name for d in domains]
+    names = [str(t.name) for t in cfg.suite.tasks]
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}, names
 
 
 def parameter_counts(state: dict[str, np.ndarray]) -> dict[str, int]:

@@ -420,6 +420,9 @@ class DomainAwareMoEAggregation(Strategy):
             for _, _, m in accepted
             if float(m.get("after-training-total", 0)) > 0
         ]
+        counts = [m["domain-examples"] for _, _, m in accepted if "domain-examples" in m]
+        if counts and len({len(c) for c in counts}) == 1:
+            self._record["train_examples_per_domain"] = np.sum(counts, axis=0).astype(int).tolist()
         self._record.update(
             {
                 "train_loss": train_loss,
@@ -478,6 +481,11 @@ class DomainAwareMoEAggregation(Strategy):
             value = metrics.get(key)
             if isinstance(value, int | float) and np.isfinite(value) and value >= 0:
                 meta[key] = value
+        per_domain = metrics.get("domain-examples")  # optional: training examples per domain
+        if isinstance(per_domain, list) and all(
+            isinstance(v, int | float) and np.isfinite(v) and v >= 0 for v in per_domain
+        ):
+            meta["domain-examples"] = [float(v) for v in per_domain]
         shared: dict[str, np.ndarray] = {}
         if self.template:
             if "shared" not in content.array_records:
@@ -539,7 +547,8 @@ class DomainAwareMoEAggregation(Strategy):
                 log_rejected_reply(node, "evaluate", "no personalised test results")
                 continue
             personal[str(node)] = float(m["personal-correct"]) / float(m["personal-total"])  # type: ignore[arg-type]
-            global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
+            if float(m.get("global-total", 0)) > 0:  # type: ignore[arg-type]  # 0: site data only
+                global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
             dc = np.asarray(m["domain-correct"], dtype=np.float64)
             dt = np.asarray(m["domain-total"], dtype=np.float64)
             domain_correct = dc if domain_correct is None else domain_correct + dc

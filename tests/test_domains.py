@@ -11,11 +11,15 @@ from fedspecialists.domains import (
     DomainData,
     DomainMixture,
     client_domains,
+    conform_images,
+    declared_model_input,
     domain_mixture_partition,
     global_test_set,
     load_domain,
+    load_domains,
     mixture_counts,
     mixture_shares,
+    site_domains,
 )
 
 
@@ -134,3 +138,122 @@ def test_hub_colour_images_become_channels_first(tmp_path: Path) -> None:
     assert domain.num_labels == 4
     # The test split keeps its order: the first test image, channels first, scaled to [0, 1].
     assert np.allclose(domain.x_test[0], expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Sites' own image files (bring your own data) and sizing the model without data
+# --------------------------------------------------------------------------------------------
+
+
+def test_conform_images_by_hand() -> None:
+    grey = np.array([[[[0.0, 1.0], [1.0, 0.0]]]], dtype=np.float32)  # (1, 1, 2, 2)
+    assert conform_images(grey, None) is grey
+    rgb = conform_images(grey, [3, 2, 2])
+    assert rgb.shape == (1, 3, 2, 2)
+    assert all(np.array_equal(rgb[0, c], grey[0, 0]) for c in range(3))
+    red = np.zeros((1, 3, 1, 1), dtype=np.float32)
+    red[0, 0] = 1.0
+    assert conform_images(red, [1, 1, 1])[0, 0, 0, 0] == pytest.approx(0.299)  # ITU-R 601 luma
+    # 2x2 -> 1x1 with an antialiased bilinear filter is the mean of the four pixels.
+    assert conform_images(grey, [1, 1, 1])[0, 0, 0, 0] == pytest.approx(0.5)
+
+
+def test_images_of_several_sizes_and_modes_are_conformed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "scans"
+    (folder / "img").mkdir(parents=True)
+    Image.new("RGB", (12, 10), (255, 255, 255)).save(folder / "img" / "white.png")
+    Image.new("L", (8, 8), 0).save(folder / "img" / "black.png")
+    Image.new("L", (16, 16), 255).save(folder / "img" / "big.png")
+    # Paths relative to the CSV's folder, labels by name.
+    (folder / "train.csv").write_text(
+        "image,label\nimg/white.png,benign\nimg/black.png,normal\nimg/big.png,benign\n"
+    )
+    spec = {
+        "name": "scans",
+        "kind": "image_classification",
+        "source": "files",
+        "data_files": {"train": str(folder / "train.csv"), "test": str(folder / "train.csv")},
+        "label_names": ["normal", "benign", "malignant"],
+        "image_shape": [1, 8, 8],
+    }
+    domain = load_domain(spec, 0, tmp_path / "cache")
+    assert domain.x_train.shape == (3, 1, 8, 8)
+    assert domain.num_labels == 3  # the declared classes, not just those present
+    assert domain.y_train.tolist() == [1, 0, 1]
+    assert np.allclose(domain.x_train[0], 1.0) and np.allclose(domain.x_train[1], 0.0)
+    with pytest.raises(ValueError, match="image_shape"):
+        load_domain({**spec, "image_shape": None}, 0, tmp_path / "cache")
+
+
+def test_the_model_is_sized_from_the_specs_without_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fedspecialists import domains
+    from fedspecialists.config import load_config
+
+    def no_data(*_: object, **__: object) -> None:
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(domains, "load_domain", no_data)
+    monkeypatch.setattr(domains, "encode_text_domains", no_data)
+    # The builtin image sets are known (28x28 grey, 10 classes); BYOD suites declare theirs.
+    assert declared_model_input(load_config("method=fedmoe_da")) == ((1, 28, 28), 10)
+    assert declared_model_input(load_config("method=fedmoe_da suite=site_images")) == (
+        (1, 28, 28),
+        10,
+    )
+    # Text: the frozen encoder's width from its config (tiny_bert: 32), the widest label set.
+    text = load_config("method=fedmoe_da suite=site_text model=tiny_bert")
+    assert declared_model_input(text) == ((32,), 5)
+
+    def files(name: str, **extra: object) -> dict[str, object]:
+        return {
+            "name": name,
+            "kind": "image_classification",
+            "source": "files",
+            "data_files": {"train": "x.csv"},
+            **extra,
+        }
+
+    undeclared = SimpleNamespace(suite=SimpleNamespace(tasks=[files("a", label_names=["x"])]))
+    assert declared_model_input(undeclared) is None  # no image_shape: read from the data
+    clash = SimpleNamespace(
+        suite=SimpleNamespace(
+            tasks=[
+                files("a", label_names=["x"], image_shape=[1, 8, 8]),
+                files("b", label_names=["x"], image_shape=[3, 8, 8]),
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match="one image_shape"):
+        declared_model_input(clash)
+
+
+def test_each_site_reads_its_partition_back_from_its_own_files(tmp_path: Path) -> None:
+    """The export writes real partitions as PNG + CSV; each site's data-dir reads them back."""
+    from fedspecialists.config import load_config
+    from fedspecialists.sitedata import export_sites
+
+    overrides = "method=fedmoe_da partition.train_per_client=40 partition.test_per_client=20"
+    sites = export_sites(overrides, "site_images", tmp_path / "sites", 3)
+    cfg = load_config(overrides)
+    site_cfg = load_config(f"method=fedmoe_da suite=site_images data.cache_dir={tmp_path}/cache")
+    for i, site in enumerate(sites):
+        part = client_domains(
+            load_domains(cfg), i, 3, 0.5, 0.5, train_per_client=40, test_per_client=20, seed=0
+        )
+        own = site_domains(site_cfg, site)
+        held = np.unique(own.d_train)  # a domain with no training file here is not held
+        assert set(held) == set(np.unique(part.d_train))
+        for split in ("train", "test"):
+            keep = np.isin(getattr(part, f"d_{split}"), held)
+            assert np.array_equal(getattr(own, f"d_{split}"), getattr(part, f"d_{split}")[keep])
+            assert np.array_equal(getattr(own, f"y_{split}"), getattr(part, f"y_{split}")[keep])
+            # The same pictures, up to PNG's 8 bits.
+            assert np.allclose(
+                getattr(own, f"x_{split}"), getattr(part, f"x_{split}")[keep], atol=0.5 / 255 + 1e-6
+            )
+    with pytest.raises(ValueError, match="no task of the suite"):
+        site_domains(site_cfg, tmp_path / "empty")
