@@ -11,7 +11,6 @@ from flwr.app import Context
 from omegaconf import DictConfig
 
 from fedspecialists.config import load_config
-from fedspecialists.models import resolve_device
 
 
 @lru_cache(maxsize=4)
@@ -62,4 +61,7 @@ def data_dir_of(context: Context, cfg: DictConfig) -> str | None:
 
 def device_of(context: Context, cfg: DictConfig) -> torch.device:
     """The node config's ``device`` if set, else ``train.device``."""
-    return resolve_device(str(context.node_config.get("device") or cfg.train.device))
+    setting = str(context.node_config.get("device") or cfg.train.device)
+    if setting == "auto":  # the first CUDA GPU torch sees, else the CPU
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

@@ -8,7 +8,8 @@ unknown key or a wrong type is refused with the key named, then checks value ran
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +432,42 @@ def num_clusters(cfg: DictConfig) -> int | str:
 
 def to_yaml(cfg: DictConfig | ListConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(TaskSpec))
+
+
+def as_task_spec(spec: Any) -> TaskSpec:
+    """Turn a task config (``TaskSpec``, OmegaConf ``DictConfig`` or mapping) into a ``TaskSpec``.
+
+    Keys missing from a mapping take ``TaskSpec``'s defaults, so tests can pass small dicts.
+
+    Raises
+    ------
+    ValueError
+        On an unknown key or a missing ``name``.
+    """
+    if isinstance(spec, TaskSpec):
+        return spec
+    values: dict[str, Any]
+    if isinstance(spec, DictConfig):
+        container = OmegaConf.to_container(spec, resolve=True)
+        assert isinstance(container, dict)
+        values = {str(k): v for k, v in container.items()}
+    elif isinstance(spec, Mapping):
+        values = {str(k): _plain(v) for k, v in spec.items()}
+    else:
+        values = {f: getattr(spec, f) for f in _SPEC_FIELDS if hasattr(spec, f)}
+    unknown = sorted(set(values) - set(_SPEC_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown task config key(s) {unknown}; known: {list(_SPEC_FIELDS)}")
+    name = values.get("name")
+    if not isinstance(name, str) or not name or name == "???":
+        raise ValueError(f"task config needs a 'name': {values}")
+    return TaskSpec(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

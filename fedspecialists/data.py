@@ -39,11 +39,11 @@ from typing import Any
 import datasets
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image as PILImage
 from sklearn.model_selection import train_test_split
 
-from fedspecialists.config import TASK_KINDS, TaskSpec
+from fedspecialists.config import TASK_KINDS, TaskSpec, as_task_spec
+from fedspecialists.partitioning import split_counts
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ SPLIT_SEED = 0
 # least _TWEET_MIN_PER_CLASS rows (it does: 3,970 positive rows remain of 6,954).
 _TWEET_MIN_CONFIDENCE = 0.6
 _TWEET_MIN_PER_CLASS = 500
-
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec))
 
 
 @dataclass(frozen=True)
@@ -116,42 +114,6 @@ class ClientTask:
 # --------------------------------------------------------------------------------------------
 # Task specs
 # --------------------------------------------------------------------------------------------
-
-
-def as_task_spec(spec: Any) -> TaskSpec:
-    """Turn a task config (``TaskSpec``, OmegaConf ``DictConfig`` or mapping) into a ``TaskSpec``.
-
-    Keys missing from a mapping take ``TaskSpec``'s defaults, so tests can pass small dicts.
-
-    Raises
-    ------
-    ValueError
-        On an unknown key or a missing ``name``.
-    """
-    if isinstance(spec, TaskSpec):
-        return spec
-    values: dict[str, Any]
-    if isinstance(spec, DictConfig):
-        container = OmegaConf.to_container(spec, resolve=True)
-        assert isinstance(container, dict)
-        values = {str(k): v for k, v in container.items()}
-    elif isinstance(spec, Mapping):
-        values = {str(k): _plain(v) for k, v in spec.items()}
-    else:
-        values = {f: getattr(spec, f) for f in _SPEC_FIELDS if hasattr(spec, f)}
-    unknown = sorted(set(values) - set(_SPEC_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown task config key(s) {unknown}; known: {list(_SPEC_FIELDS)}")
-    name = values.get("name")
-    if not isinstance(name, str) or not name or name == "???":
-        raise ValueError(f"task config needs a 'name': {values}")
-    return TaskSpec(**values)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _spec_key(spec: TaskSpec) -> str:
@@ -807,41 +769,6 @@ def dirichlet_shares(
         raise ValueError("need num_tasks >= 1, num_clients >= 1 and alpha > 0")
     raw = rng.dirichlet(np.full(num_clients, float(alpha)), size=num_tasks)
     return apply_min_share(raw, min_share)
-
-
-def split_counts(n: int, shares: np.ndarray) -> np.ndarray:
-    """Split ``n`` items into integer counts proportional to ``shares`` (largest remainder).
-
-    Each entry gets ``floor(n * p)``; the items left over go one each to the entries with the
-    largest fractional parts (ties to the lower index). A zero share always gets 0.
-
-    Parameters
-    ----------
-    n
-        Number of items (>= 0).
-    shares
-        Non-negative 1-D weights; normalised here.
-
-    Returns
-    -------
-    np.ndarray
-        int64 counts summing exactly to ``n``.
-    """
-    weights = np.asarray(shares, dtype=float)
-    if n < 0 or weights.ndim != 1 or (weights < 0).any():
-        raise ValueError("need n >= 0 and non-negative 1-D shares")
-    total = weights.sum()
-    if total <= 0:
-        if n == 0:
-            return np.zeros(len(weights), dtype=np.int64)
-        raise ValueError("cannot split items over all-zero shares")
-    exact = n * weights / total
-    counts = np.floor(exact).astype(np.int64)
-    fraction = np.where(weights > 0, exact - counts, -np.inf)
-    left = n - int(counts.sum())
-    order = np.argsort(-fraction, kind="stable")
-    counts[order[:left]] += 1
-    return counts
 
 
 def _cut(ds: datasets.Dataset, order: np.ndarray, counts: np.ndarray) -> list[datasets.Dataset]:

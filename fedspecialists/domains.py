@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from fedspecialists.config import TaskSpec
-from fedspecialists.data import as_task_spec, split_counts
+from fedspecialists.config import TaskSpec, as_task_spec
+from fedspecialists.partitioning import split_counts
 
 FASHION_MNIST_DIR = Path(
     os.environ.get("FEDSPECIALISTS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")

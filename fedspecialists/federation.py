@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedspecialists.certs import make_ca, make_node_key, make_server_cert
-from fedspecialists.localrun import PROJECT_DIR, RunOutcome, free_port, stop_process_trees
+from fedspecialists.localrun import (
+    RunOutcome,
+    flwr_cli,
+    free_port,
+    start_run,
+    stop_process_trees,
+    wait_for_run,
+)
 
 CONNECTION = "fedspecialists-local"
 
@@ -66,14 +73,7 @@ class LocalFederation:
         return process
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["flwr", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=PROJECT_DIR,
-        )
+        return flwr_cli(self.env, *args, timeout=timeout)
 
     def register(self, public_key: Path) -> subprocess.CompletedProcess[str]:
         """``flwr supernode register`` a SuperNode's public key with the SuperLink."""
@@ -161,38 +161,11 @@ class LocalFederation:
     # -- runs ----------------------------------------------------------------------------------
     def run(self, overrides: str, timeout_s: float = 1800) -> RunOutcome:
         """``flwr run`` the app on this federation; wait for and return its real status."""
-        started = self.flwr(
-            "run",
-            str(PROJECT_DIR),
-            CONNECTION,
-            "--run-config",
-            f"overrides={json.dumps(overrides)}",
-            "--format",
-            "json",
+        run_id = start_run(self.env, overrides, CONNECTION)
+        superlink = self.processes[0]
+        return wait_for_run(
+            self.env, run_id, lambda: superlink.poll() is None, CONNECTION, timeout_s
         )
-        text = started.stdout
-        try:
-            run_id = int(json.loads(text[text.index("{") :])["run-id"])
-        except (ValueError, KeyError) as exc:
-            raise RuntimeError(
-                f"flwr run did not start:\n{started.stdout}\n{started.stderr}"
-            ) from exc
-        deadline = time.time() + timeout_s
-        status: str = "unknown"
-        details: dict[str, object] = {}
-        while time.time() < deadline:
-            out = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-            try:
-                runs = json.loads(out.stdout[out.stdout.index("{") :]).get("runs", [])
-                details = runs[0] if runs else {}
-                status = str(details.get("status", "unknown"))
-            except ValueError:
-                pass
-            if status.startswith("finished"):
-                break
-            time.sleep(2)
-        logs = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=120)
-        return RunOutcome(run_id, status, details, logs.stdout + logs.stderr)
 
     def stop(self) -> None:
         """Stop every process started here (their process groups), SIGTERM then SIGKILL."""

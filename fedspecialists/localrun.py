@@ -15,10 +15,11 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -207,6 +208,95 @@ class RunOutcome:
     log: str
 
 
+def flwr_cli(
+    env: dict[str, str], *args: str, timeout: float = 300, cwd: Path = PROJECT_DIR
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``flwr`` CLI with ``env`` (its ``FLWR_HOME`` names the SuperLink connections)."""
+    return subprocess.run(
+        ["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+def _json_payload(text: str) -> dict[str, Any] | None:
+    """The JSON object in a ``flwr ... --format json`` output (after any log lines), or None."""
+    try:
+        payload = json.loads(text[text.index("{") :])
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def start_run(
+    env: dict[str, str],
+    overrides: str,
+    connection: str | None = None,
+    app_dir: Path = PROJECT_DIR,
+    extra_args: Sequence[str] = (),
+) -> int:
+    """``flwr run`` the app (on ``connection``, else the default one) without waiting; its id."""
+    args = ["run", str(app_dir), *([connection] if connection else [])]
+    args += ["--run-config", f"overrides={json.dumps(overrides)}", *extra_args]
+    started = flwr_cli(env, *args, "--format", "json", cwd=app_dir)
+    payload = _json_payload(started.stdout)
+    if payload is None or "run-id" not in payload:
+        raise RuntimeError(
+            f"`flwr {shlex.join(args)}` did not start a run:\n{started.stdout}\n{started.stderr}"
+        )
+    return int(payload["run-id"])
+
+
+def read_status(
+    env: dict[str, str], run_id: int, connection: str | None = None
+) -> tuple[str, dict[str, object]]:
+    """The run's status as the SuperLink reports it (``flwr ls``), e.g. ``finished:completed``."""
+    out = flwr_cli(
+        env,
+        "ls",
+        *([connection] if connection else []),
+        "--run-id",
+        str(run_id),
+        "--format",
+        "json",
+        timeout=60,
+    )
+    payload = _json_payload(out.stdout)
+    if payload is None:
+        return "unknown", {"stdout": out.stdout, "stderr": out.stderr}
+    runs = payload.get("runs", [])
+    if not runs:
+        return "unknown", payload
+    return str(runs[0].get("status", "unknown")), runs[0]
+
+
+def wait_for_run(
+    env: dict[str, str],
+    run_id: int,
+    alive: Callable[[], bool],
+    connection: str | None = None,
+    timeout_s: float = 3600,
+) -> RunOutcome:
+    """Poll the run until it finishes (or ``timeout_s``), then fetch its log.
+
+    ``alive`` says whether the SuperLink still runs: ``flwr ls`` against a dead local SuperLink
+    would start one of its own on those ports, outliving us, so polling stops first.
+    """
+    deadline = time.time() + timeout_s
+    status: str = "unknown"
+    details: dict[str, object] = {}
+    while time.time() < deadline:
+        if not alive():
+            raise RuntimeError(f"the SuperLink stopped while run {run_id} was {status}")
+        status, details = read_status(env, run_id, connection)
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    if not alive():
+        return RunOutcome(run_id=run_id, status=status, details=details, log="")
+    conn = [connection] if connection else []
+    logs = flwr_cli(env, "log", str(run_id), *conn, "--show", timeout=120)
+    return RunOutcome(run_id=run_id, status=status, details=details, log=logs.stdout + logs.stderr)
+
+
 def submit_run(
     link: LocalSuperLink,
     overrides: str = "",
@@ -214,30 +304,9 @@ def submit_run(
     app_dir: Path = PROJECT_DIR,
     federation_config: str = "",
 ) -> int:
-    """``flwr run`` the app on ``link`` without waiting; return the run id."""
+    """``flwr run`` the app on ``link`` (simulation) without waiting; return the run id."""
     fed = f"num-supernodes={num_supernodes} {federation_config}".strip()
-    command = [
-        "flwr",
-        "run",
-        str(app_dir),
-        "--run-config",
-        f"overrides={json.dumps(overrides)}",
-        "--federation-config",
-        fed,
-        "--format",
-        "json",
-    ]
-    started = subprocess.run(
-        command, env=link.env, capture_output=True, text=True, timeout=300, cwd=app_dir
-    )
-    text = started.stdout.strip()
-    try:
-        run_id = int(json.loads(text[text.index("{") :])["run-id"])
-    except (ValueError, KeyError) as exc:
-        raise RuntimeError(
-            f"`{shlex.join(command)}` did not start a run:\n{started.stdout}\n{started.stderr}"
-        ) from exc
-    return run_id
+    return start_run(link.env, overrides, None, app_dir, ["--federation-config", fed])
 
 
 def run_app(
@@ -258,47 +327,12 @@ def run_app(
         Simulated SuperNodes (the federation's clients).
     """
     run_id = submit_run(link, overrides, num_supernodes, app_dir, federation_config)
-    deadline = time.time() + timeout_s
-    status: str = "unknown"
-    details: dict[str, object] = {}
-    while time.time() < deadline:
-        status, details = run_status(link, run_id)
-        if status.startswith("finished"):
-            break
-        time.sleep(2)
-    if not link.alive():
-        return RunOutcome(run_id=run_id, status=status, details=details, log="")
-    logs = subprocess.run(
-        ["flwr", "log", str(run_id), "--show"],
-        env=link.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=app_dir,
-    )
-    return RunOutcome(run_id=run_id, status=status, details=details, log=logs.stdout + logs.stderr)
+    return wait_for_run(link.env, run_id, link.alive, timeout_s=timeout_s)
 
 
 def run_status(link: LocalSuperLink, run_id: int) -> tuple[str, dict[str, object]]:
-    """The run's status as the SuperLink reports it, e.g. ``finished:completed``."""
+    """The run's status on ``link``, e.g. ``finished:completed`` (refused once it has stopped)."""
     if not link.alive():
         # `flwr ls` would start a SuperLink of its own on these ports, outliving us.
         raise RuntimeError(f"the SuperLink (PID {link.process.pid}) is no longer running")
-    out = subprocess.run(
-        ["flwr", "ls", "--run-id", str(run_id), "--format", "json"],
-        env=link.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT_DIR,
-    )
-    text = out.stdout
-    try:
-        payload = json.loads(text[text.index("{") :])
-    except ValueError:
-        return "unknown", {"stdout": out.stdout, "stderr": out.stderr}
-    runs = payload.get("runs", [])
-    if not runs:
-        return "unknown", payload
-    run = runs[0]
-    return str(run.get("status", "unknown")), run
+    return read_status(link.env, run_id)

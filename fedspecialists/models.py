@@ -284,13 +284,6 @@ _CACHE: dict[str, AdapterModel] = {}
 _LOCK = threading.Lock()
 
 
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` -> the first CUDA GPU torch sees (else the CPU); anything else as given."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
 def get_adapter_model(
     cfg: DictConfig, num_labels: int, device: torch.device | None = None
 ) -> AdapterModel:

@@ -16,6 +16,7 @@ import pytest
 
 from fedspecialists.certs import make_node_key
 from fedspecialists.federation import LocalFederation, local_federation
+from fedspecialists.sitedata import export_sites
 
 pytestmark = pytest.mark.e2e
 
@@ -27,9 +28,18 @@ MOE = (
 )
 
 
+# Each site also holds its own files (node config data-dir): partitions of the offline image and
+# text benchmarks written as PNG/CSV files. A run with a files suite reads them; others partition.
+SITE_DATA = "partition.train_per_client=60 partition.test_per_client=30"
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    with local_federation(tmp_path_factory.mktemp("deploy"), num_sites=3) as fed:
+    root = tmp_path_factory.mktemp("deploy")
+    export_sites(f"method=fedmoe_da {SITE_DATA}", "site_images", root / "data", 3)
+    export_sites(f"suite=offline_text {SITE_DATA}", "site_text", root / "data", 3)
+    data_dirs = [root / "data" / f"site{i}" for i in range(3)]
+    with local_federation(root, num_sites=3, data_dirs=data_dirs) as fed:
         fed.wait_for_nodes(3)
         yield fed
     pids = [p.pid for p in fed.processes]
@@ -63,6 +73,43 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
     # Each site kept its personal experts in its own store, one folder per run.
     for site in federation.sites:
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
+
+
+def test_sites_train_on_their_own_files(federation: LocalFederation, tmp_path: Path) -> None:
+    """Suites of files read each site's data-dir: nothing is partitioned, the server holds none."""
+    import pandas as pd
+
+    data = federation.home / "data"
+    moe = federation.run(
+        f"method=fedmoe_da suite=site_images {MOE} output.root={tmp_path} output.name=own-moe"
+    )
+    assert moe.status == "finished:completed", moe.log[-3000:]
+    rounds = [
+        json.loads(x) for x in (tmp_path / "own-moe" / "metrics.jsonl").read_text().splitlines()
+    ]
+    # Every site trained on exactly the rows of its files, domain by domain.
+    files = [
+        sum(len(pd.read_csv(f)) for f in data.glob(f"site*/{domain}/train.csv"))
+        for domain in ("mnist", "fashion_mnist", "animal_silhouettes", "sklearn_digits")
+    ]
+    assert rounds[0]["train_examples_per_domain"] == files
+    assert rounds[1]["peer_fetches"] > 0 and rounds[1]["peer_failures"] == 0
+    assert rounds[-1]["personalised_accuracy"]["mean"] is not None
+    assert rounds[-1]["global_accuracy"]["mean"] is None  # no site holds a global test set
+
+    fltac = federation.run(
+        f"model=tiny_bert suite=site_text {COMMON} output.root={tmp_path} output.name=own-fltac"
+    )
+    assert fltac.status == "finished:completed", fltac.log[-3000:]
+    summary = _summary(tmp_path, "own-fltac")
+    held = {p.parent.name for p in data.glob("site*/*/train.csv")} - {
+        "mnist",
+        "fashion_mnist",
+        "animal_silhouettes",
+        "sklearn_digits",
+    }
+    per_task = summary["per_task_accuracy"]
+    assert isinstance(per_task, dict) and set(per_task) == held
 
 
 def test_unregistered_and_insecure_supernodes_are_refused(federation: LocalFederation) -> None:

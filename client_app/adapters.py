@@ -1,0 +1,181 @@
+"""ClientApp handlers of the adapter methods: one LoRA adapter per local task (FL-TAC, oracle,
+local only) or one shared adapter (FedIT), trained on the node's own share of every task.
+
+ClientApps are recreated for every message; what survives lives in the process (the base model,
+the encoded data: see ``fedspecialists.models``) or in ``context.state`` (the local-only baseline's
+adapters).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from logging import INFO
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from omegaconf import DictConfig
+
+from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
+from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
+from fedspecialists.data import (
+    ClientTask,
+    client_tasks,
+    declared_num_labels,
+    load_suite,
+    site_tasks,
+)
+from fedspecialists.models import (
+    AdapterModel,
+    build_preprocessor,
+    get_adapter_model,
+    suite_kind,
+)
+from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
+
+
+@dataclass
+class Setup:
+    """What one message's handler needs: the composed config, this node's slots and the model."""
+
+    overrides: str
+    cfg: DictConfig
+    partition: tuple[int, int]  # (partition id, number of partitions)
+    slots: list[Slot]
+    adapters: AdapterModel
+
+    def encoded(self, task: ClientTask, split: str) -> Encoded:
+        return _encoded(self.overrides, self.partition, task, split)
+
+
+@dataclass
+class Slot:
+    """One adapter of this client and the tasks it serves (one task, or all for FedIT)."""
+
+    name: str
+    tasks: list[ClientTask]
+
+
+@lru_cache(maxsize=4)
+def _preprocessor(overrides: str) -> object:
+    cfg = config_for(overrides)
+    return build_preprocessor(cfg.model, suite_kind(cfg))
+
+
+_ENCODED: dict[tuple[str, int, int, str, str], Encoded] = {}
+
+
+def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
+    key = (overrides, *partition, task.name, split)
+    if key not in _ENCODED:
+        cfg = config_for(overrides)
+        _ENCODED[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
+    return _ENCODED[key]
+
+
+def _setup(msg: Message, context: Context) -> Setup:
+    """Compose the config, find this node's tasks and load each slot's starting adapter."""
+    overrides, cfg = run_config(context)
+    data_dir = data_dir_of(context, cfg)
+    partition = partition_of(context, own_files=bool(data_dir))
+    if data_dir:  # a site with its own files: all of them, nothing partitioned
+        mine = site_tasks(cfg.suite.tasks, data_dir, cfg.seed, cfg.data.cache_dir)
+        counts = declared_num_labels(cfg.suite.tasks) or [t.num_labels for t in mine]
+    else:
+        tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
+        mine = client_tasks(
+            tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
+        )
+        counts = [t.num_labels for t in tasks]
+    if cfg.method.adapters == "shared":
+        slots = [Slot("slot0", list(mine))] if mine else []
+    else:
+        slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
+    adapters = get_adapter_model(cfg, max(counts), device_of(context, cfg))
+    _load_sources(msg, context, slots, adapters)
+    return Setup(overrides, cfg, partition, slots, adapters)
+
+
+def _load_sources(
+    msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel
+) -> None:
+    """Load every slot's starting adapter: the one the server named, or the locally kept one."""
+    config = msg.content.config_records["config"]
+    if "slot-sources" in config:
+        sources = [str(s) for s in config["slot-sources"]]  # type: ignore[union-attr]
+        if len(sources) != len(slots):
+            raise ValueError(f"server sent {len(sources)} slot sources for {len(slots)} slots")
+    else:
+        sources = [str(config["default-source"])] * len(slots)
+    for slot, source in zip(slots, sources, strict=True):
+        if source == "local":
+            record = context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"]
+        else:
+            record = msg.content.array_records[f"{ADAPTER_PREFIX}{source}"]
+        adapters.load(slot.name, record_to_state(record))
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train each local adapter on its own task data; reply with all adapters, no task labels."""
+    started = time.perf_counter()
+    setup = _setup(msg, context)
+    cfg, partition = setup.cfg, setup.partition
+    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
+    reply = RecordDict()
+    examples: list[int] = []
+    weighted_loss = 0.0
+    for i, slot in enumerate(setup.slots):
+        enc = concat([setup.encoded(t, "train") for t in slot.tasks])
+        seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
+        loss, _ = train_adapter(setup.adapters, slot.name, enc, cfg.train, seed)
+        record = state_to_record(setup.adapters.state(slot.name))
+        reply.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
+        if keep_local:
+            context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
+        examples.append(len(enc))
+        weighted_loss += loss * len(enc)
+    total = sum(examples)
+    reply.metric_records["metrics"] = MetricRecord(
+        {
+            "num-examples": total,
+            "slot-examples": examples,
+            "train-loss": weighted_loss / total if total else 0.0,
+        }
+    )
+    if cfg.report_true_tasks:
+        # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.
+        reply.config_records["truth"] = ConfigRecord(
+            {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in setup.slots]}
+        )
+    log(
+        INFO,
+        "partition %s: trained %s adapter(s) on %s examples in %.1fs",
+        partition[0],
+        len(setup.slots),
+        total,
+        time.perf_counter() - started,
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the adapters this node would use now, on its share of every task's test data."""
+    setup = _setup(msg, context)
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
+    total = 0
+    for slot in setup.slots:
+        for task in slot.tasks:
+            correct, count, loss = evaluate_adapter(
+                setup.adapters,
+                slot.name,
+                setup.encoded(task, "test"),
+                setup.cfg.train.eval_batch_size,
+            )
+            metrics[f"correct.{task.name}"] = correct
+            metrics[f"total.{task.name}"] = count
+            metrics[f"loss.{task.name}"] = loss
+            total += count
+    metrics["num-examples"] = total
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
