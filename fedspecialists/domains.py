@@ -424,8 +424,6 @@ def declared_model_input(cfg: Any) -> tuple[tuple[int, ...], int] | None:
     width from its config). The ServerApp then builds the model with no data on its machine, as
     in a deployment where only the sites hold data.
     """
-    from fedspecialists.models import encoder_width
-
     specs = [as_task_spec(t) for t in cfg.suite.tasks]
     shapes: set[tuple[int, ...]] = set()
     widths: list[int] = []
@@ -446,6 +444,8 @@ def declared_model_input(cfg: Any) -> tuple[tuple[int, ...], int] | None:
             shapes.add(tuple(int(v) for v in shape))
     kinds = {s.kind for s in specs}
     if kinds == {"text_classification"}:
+        from fedspecialists.models import encoder_width  # peft and transformers: text only
+
         return (encoder_width(cfg.model),), max(widths)
     if kinds != {"image_classification"}:
         return None

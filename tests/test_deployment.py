@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from fedspecialists.certs import make_node_key
+from fedspecialists.domains import IMAGE_DOMAINS
 from fedspecialists.federation import LocalFederation, local_federation
 from fedspecialists.sitedata import export_sites
 
@@ -75,40 +76,16 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
 
 
-def test_sites_train_on_their_own_files(federation: LocalFederation, tmp_path: Path) -> None:
-    """Suites of files read each site's data-dir: nothing is partitioned, the server holds none."""
-    import pandas as pd
-
-    data = federation.home / "data"
-    moe = federation.run(
-        f"method=fedmoe_da suite=site_images {MOE} output.root={tmp_path} output.name=own-moe"
-    )
-    assert moe.status == "finished:completed", moe.log[-3000:]
-    rounds = [
-        json.loads(x) for x in (tmp_path / "own-moe" / "metrics.jsonl").read_text().splitlines()
-    ]
-    # Every site trained on exactly the rows of its files, domain by domain.
-    files = [
-        sum(len(pd.read_csv(f)) for f in data.glob(f"site*/{domain}/train.csv"))
-        for domain in ("mnist", "fashion_mnist", "animal_silhouettes", "sklearn_digits")
-    ]
-    assert rounds[0]["train_examples_per_domain"] == files
-    assert rounds[1]["peer_fetches"] > 0 and rounds[1]["peer_failures"] == 0
-    assert rounds[-1]["personalised_accuracy"]["mean"] is not None
-    assert rounds[-1]["global_accuracy"]["mean"] is None  # no site holds a global test set
-
+def test_fltac_sites_train_on_their_own_files(federation: LocalFederation, tmp_path: Path) -> None:
+    """A suite of files reads each site's data-dir: nothing partitioned, no data on the server."""
     fltac = federation.run(
-        f"model=tiny_bert suite=site_text {COMMON} output.root={tmp_path} output.name=own-fltac"
+        "model=tiny_bert suite=site_text num_rounds=1 federation.num_clients=3 "
+        f"federation.node_wait_s=120 output.root={tmp_path} output.name=own-fltac"
     )
     assert fltac.status == "finished:completed", fltac.log[-3000:]
-    summary = _summary(tmp_path, "own-fltac")
-    held = {p.parent.name for p in data.glob("site*/*/train.csv")} - {
-        "mnist",
-        "fashion_mnist",
-        "animal_silhouettes",
-        "sklearn_digits",
-    }
-    per_task = summary["per_task_accuracy"]
+    data = federation.home / "data"
+    held = {p.parent.name for p in data.glob("site*/*/train.csv")} - set(IMAGE_DOMAINS)
+    per_task = _summary(tmp_path, "own-fltac")["per_task_accuracy"]
     assert isinstance(per_task, dict) and set(per_task) == held
 
 
@@ -131,13 +108,26 @@ def test_unregistered_and_insecure_supernodes_are_refused(federation: LocalFeder
     assert len(federation.wait_for_nodes(3)) == 3  # the three registered nodes only
 
 
-def test_an_unreachable_peer_is_survived(federation: LocalFederation, tmp_path: Path) -> None:
-    """Site 2's peer endpoint goes down: the others renormalise over what arrived."""
+def test_own_files_and_an_unreachable_peer(federation: LocalFederation, tmp_path: Path) -> None:
+    """FedMoE-DA on the sites' own image files, with site 2's peer endpoint down: each site
+    trains on exactly the rows of its files, and the others renormalise over what arrived."""
+    import pandas as pd
+
     site = federation.sites[2]
     assert site.peer is not None
     site.peer.terminate()
     site.peer.wait(timeout=30)
-    outcome = federation.run(f"method=fedmoe_da {MOE} output.root={tmp_path} output.name=down")
+    outcome = federation.run(
+        f"method=fedmoe_da suite=site_images {MOE} output.root={tmp_path} output.name=down"
+    )
     assert outcome.status == "finished:completed", outcome.log[-3000:]
     rounds = [json.loads(x) for x in (tmp_path / "down" / "metrics.jsonl").read_text().splitlines()]
     assert rounds[1]["peer_failures"] > 0 and rounds[1]["replies_ok"] == 3
+    data = federation.home / "data"
+    files = [
+        sum(len(pd.read_csv(f)) for f in data.glob(f"site*/{domain}/train.csv"))
+        for domain in IMAGE_DOMAINS
+    ]
+    assert rounds[0]["train_examples_per_domain"] == files
+    assert rounds[-1]["personalised_accuracy"]["mean"] is not None
+    assert rounds[-1]["global_accuracy"]["mean"] is None  # no site holds a global test set
