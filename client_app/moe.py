@@ -37,11 +37,11 @@ from torch.nn import functional as F
 from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
 from fedspecialists.domains import (
     ClientDomains,
-    client_domains,
     global_test_set,
     load_domains,
     model_input,
     site_domains,
+    suite_partition,
 )
 from fedspecialists.moe import (
     DenseClassifier,
@@ -65,15 +65,7 @@ def _client_data(overrides: str, partition: tuple[int, int], data_dir: str) -> C
     cfg = config_for(overrides)
     if data_dir:
         return site_domains(cfg, data_dir)
-    return client_domains(
-        load_domains(cfg),
-        *partition,
-        domain_alpha=cfg.partition.domain_alpha,
-        label_alpha=cfg.partition.alpha,
-        train_per_client=cfg.partition.train_per_client,
-        test_per_client=cfg.partition.test_per_client,
-        seed=cfg.seed,
-    )
+    return suite_partition(cfg, *partition)
 
 
 @lru_cache(maxsize=4)

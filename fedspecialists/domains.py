@@ -657,6 +657,20 @@ def client_domains(
     return ClientDomains(*_gather(domains, "train", train), *_gather(domains, "test", test))
 
 
+def suite_partition(cfg: Any, partition_id: int, num_partitions: int) -> ClientDomains:
+    """Partition ``partition_id`` of ``cfg``'s suite with ``cfg.partition``'s settings."""
+    return client_domains(
+        load_domains(cfg),
+        partition_id,
+        num_partitions,
+        domain_alpha=cfg.partition.domain_alpha,
+        label_alpha=cfg.partition.alpha,
+        train_per_client=cfg.partition.train_per_client,
+        test_per_client=cfg.partition.test_per_client,
+        seed=cfg.seed,
+    )
+
+
 def global_test_set(
     domains: Sequence[DomainData], per_domain: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from fedspecialists.config import load_config
 from fedspecialists.data import as_task_spec, client_tasks, load_suite
-from fedspecialists.domains import client_domains, load_domains
+from fedspecialists.domains import load_domains, suite_partition
 
 
 def export_sites(overrides: str, site_suite: str, out: str | Path, num_sites: int) -> list[Path]:
@@ -72,16 +72,7 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 def _export_images(cfg: Any, template: dict[str, Any], sites: list[Path]) -> None:
     domains = load_domains(cfg)
     for i, site in enumerate(sites):
-        data = client_domains(
-            domains,
-            i,
-            len(sites),
-            domain_alpha=cfg.partition.domain_alpha,
-            label_alpha=cfg.partition.alpha,
-            train_per_client=cfg.partition.train_per_client,
-            test_per_client=cfg.partition.test_per_client,
-            seed=cfg.seed,
-        )
+        data = suite_partition(cfg, i, len(sites))
         for d, domain in enumerate(domains):
             spec = template[domain.name]
             names = list(spec.label_names)
