@@ -215,6 +215,8 @@ def conform_images(x: np.ndarray, shape: Sequence[int] | None) -> np.ndarray:
     if shape is None:
         return x
     c, h, w = (int(v) for v in shape)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"images need 1 (grey) or 3 (RGB) channels, not {x.shape[1]}")
     if x.shape[1] != c:
         x = np.repeat(x, 3, axis=1) if c == 3 else np.einsum("nchw,c->nhw", x, _LUMA)[:, None]
     if tuple(x.shape[2:]) != (h, w):
