@@ -69,6 +69,12 @@ def _client_data(overrides: str, partition: tuple[int, int], data_dir: str) -> C
 
 
 @lru_cache(maxsize=4)
+def _model_input(overrides: str) -> tuple[tuple[int, ...], int]:
+    """The model's input shape and label width (read once per process, not per message)."""
+    return model_input(config_for(overrides))
+
+
+@lru_cache(maxsize=4)
 def _global_test(overrides: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cfg = config_for(overrides)
     return global_test_set(load_domains(cfg), cfg.moe.global_test_per_domain, cfg.seed)
@@ -115,7 +121,7 @@ def _node(msg: Message, context: Context) -> Node:
         folder = Path(str(root)) / f"node-{context.node_id}"
     folder.mkdir(parents=True, exist_ok=True)
     data = _client_data(overrides, partition, data_dir)
-    input_shape, num_labels = model_input(cfg)
+    input_shape, num_labels = _model_input(overrides)
     if tuple(data.x_train.shape[1:]) != input_shape:
         raise ValueError(
             f"this site's inputs have shape {data.x_train.shape[1:]}, the model reads {input_shape}"

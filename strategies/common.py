@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -131,3 +133,31 @@ def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
         return np.zeros((m, 2))  # nothing to project (PCA would divide by zero variance)
     coords = PCA(n_components=2, random_state=seed).fit_transform(features)
     return np.asarray(coords)
+
+
+class RoundBookkeeping:
+    """What both strategies do the same way: their settings line, and opening a training round.
+
+    Expects ``ledger`` (:class:`TrafficLedger`), ``fraction_train``, ``seed`` and ``describe()``.
+    """
+
+    ledger: TrafficLedger
+    fraction_train: float
+    seed: int
+    _t_round: float
+    _record: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self) -> None:
+        log(INFO, "%s settings: %s", type(self).__name__, self.describe())
+
+    def begin_train_round(self, server_round: int, grid: Any) -> list[int]:
+        """Start the round's clock, traffic count and record; return the nodes sampled for it."""
+        self._t_round = time.time()
+        self.ledger.start_round()
+        self._record = {"round": server_round}
+        return sample_round_nodes(
+            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
+        )

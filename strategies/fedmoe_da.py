@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -37,10 +37,10 @@ from flwr.serverapp.strategy import Strategy
 from fedspecialists.peer import GrantIssuer
 from fedspecialists.records import check_adapter, record_to_numpy, state_to_record
 from strategies.common import (
+    RoundBookkeeping,
     TrafficLedger,
     log_failed_reply,
     log_rejected_reply,
-    sample_round_nodes,
     weighted_mean,
 )
 
@@ -207,7 +207,7 @@ class ExpertPool:
         return ids, owners, np.asarray(rows, dtype=np.float64)
 
 
-class DomainAwareMoEAggregation(Strategy):
+class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
     """FedMoE-DA's server: FedAvg of the shared parts, aggregation matrix A, per-node sync plans.
 
     Each node gets its own message: ``shared`` (the FedAvg'd parameters of ``shared_parts``) and a
@@ -306,9 +306,6 @@ class DomainAwareMoEAggregation(Strategy):
             "min_replies": self.min_replies,
         }
 
-    def summary(self) -> None:
-        log(INFO, "%s settings: %s", type(self).__name__, self.describe())
-
     # -- messages ------------------------------------------------------------------------------
     def _config(self, node: int, server_round: int, phase: str) -> ConfigRecord:
         cfg = ConfigRecord(
@@ -357,12 +354,7 @@ class DomainAwareMoEAggregation(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._t_round = time.time()
-        self.ledger.start_round()
-        self._record = {"round": server_round}
-        nodes = sample_round_nodes(
-            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
-        )
+        nodes = self.begin_train_round(server_round, grid)
         return self.ledger.count_messages(
             "train", [self._message(node, server_round, "train") for node in nodes]
         )

@@ -49,11 +49,11 @@ from fedspecialists.records import (
     state_to_record,
 )
 from strategies.common import (
+    RoundBookkeeping,
     TrafficLedger,
     log_failed_reply,
     log_rejected_reply,
     planar_embedding,
-    sample_round_nodes,
     weighted_mean,
 )
 
@@ -340,7 +340,7 @@ class PoolEntry:
     true_task: str | None
 
 
-class TaskAdapterClustering(Strategy):
+class TaskAdapterClustering(RoundBookkeeping, Strategy):
     """FL-TAC's server (Flower Message API): cluster all task adapters, average per cluster.
 
     Every node gets its own message carrying exactly the global adapters its task slots need
@@ -501,18 +501,11 @@ class TaskAdapterClustering(Strategy):
         }
 
     # -- Strategy API ----------------------------------------------------------------------------
-    def summary(self) -> None:
-        log(INFO, "%s settings: %s", type(self).__name__, self.describe())
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._t_round = time.time()
-        self.ledger.start_round()
-        self._record = {"round": server_round}
-        nodes = sample_round_nodes(
-            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
-        )
+        nodes = self.begin_train_round(server_round, grid)
         messages = [
             Message(
                 content=self._payload(node, server_round, config),
