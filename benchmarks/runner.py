@@ -9,7 +9,9 @@ from pathlib import Path
 from fedspecialists.localrun import local_superlink, run_app
 
 
-def run_all(out: Path, jobs: dict[str, str], num_supernodes: int = 10) -> None:
+def run_all(
+    out: Path, jobs: dict[str, str], num_supernodes: int = 10, federation_config: str = ""
+) -> None:
     """``flwr run`` each job (run-folder name -> Hydra overrides) not done yet, in order.
 
     One simulation SuperLink serves them all and is stopped, by PID, at the end. Each job's
@@ -28,6 +30,7 @@ def run_all(out: Path, jobs: dict[str, str], num_supernodes: int = 10) -> None:
                 link,
                 overrides=f"{overrides} output.root={out} output.name={name}",
                 num_supernodes=num_supernodes,
+                federation_config=federation_config,
             )
             print(
                 f"{name}: {outcome.status} in {time.time() - started:.0f}s (run {outcome.run_id})",

@@ -13,12 +13,20 @@ from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from omegaconf import DictConfig
 
 from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
-from client_app.training import Encoded, concat, encode, evaluate_adapter, train_adapter
+from client_app.training import (
+    Encoded,
+    concat,
+    encode,
+    evaluate_adapter,
+    input_fingerprint,
+    train_adapter,
+)
 from fedspecialists.data import (
     ClientTask,
     client_tasks,
@@ -32,7 +40,12 @@ from fedspecialists.models import (
     get_adapter_model,
     suite_kind,
 )
-from fedspecialists.records import ADAPTER_PREFIX, record_to_state, state_to_record
+from fedspecialists.records import (
+    ADAPTER_PREFIX,
+    FINGERPRINT_RECORD,
+    record_to_state,
+    state_to_record,
+)
 
 
 @dataclass
@@ -47,6 +60,16 @@ class Setup:
 
     def encoded(self, task: ClientTask, split: str) -> Encoded:
         return _encoded(self.overrides, self.partition, task, split)
+
+    def fingerprint(self, slot: Slot) -> np.ndarray:
+        """The slot's input fingerprint ``(H,)``, computed once per process (inputs are fixed)."""
+        key = (self.overrides, *self.partition, slot.name)
+        if key not in _FINGERPRINTS:
+            enc = concat([self.encoded(t, "train") for t in slot.tasks])
+            _FINGERPRINTS[key] = input_fingerprint(
+                self.adapters, enc, self.cfg.train.eval_batch_size, self.cfg.model.head_module
+            )
+        return _FINGERPRINTS[key]
 
 
 @dataclass
@@ -64,6 +87,7 @@ def _preprocessor(overrides: str) -> object:
 
 
 _ENCODED: dict[tuple[str, int, int, str, str], Encoded] = {}
+_FINGERPRINTS: dict[tuple[str, int, int, str], np.ndarray] = {}
 
 
 def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
@@ -136,6 +160,11 @@ def train(msg: Message, context: Context) -> Message:
             context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
         examples.append(len(enc))
         weighted_loss += loss * len(enc)
+    if bool(msg.content.config_records["config"].get("send-fingerprint", False)):
+        # FL-TAC's task evidence beside the adapters: what each slot's inputs look like.
+        reply.array_records[FINGERPRINT_RECORD] = state_to_record(
+            {slot.name: setup.fingerprint(slot) for slot in setup.slots}
+        )
     total = sum(examples)
     reply.metric_records["metrics"] = MetricRecord(
         {

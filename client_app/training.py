@@ -184,6 +184,57 @@ def train_adapter(
     return total / steps, steps
 
 
+def _head(model: torch.nn.Module, head_module: str) -> torch.nn.Module:
+    """The outermost module named ``head_module`` (peft's wrapper of a saved head, if any)."""
+    for name, module in model.named_modules():
+        if name == head_module or name.endswith(f".{head_module}"):
+            return module
+    raise ValueError(f"model has no module named '{head_module}'")
+
+
+@torch.no_grad()
+def input_fingerprint(
+    adapters: AdapterModel, enc: Encoded, batch_size: int, head_module: str
+) -> np.ndarray:
+    """Mean representation of ``enc``'s inputs under the frozen base model (FL-TAC's fingerprint).
+
+    The representation is what the head receives (pooled text or image features) with every
+    adapter switched off, so it is the same function on every client and in every round. For a
+    causal LM the head sees every token: their mean over real tokens is taken first.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H,)`` float32, H = the head's input width; zeros for an empty set.
+    """
+    model = adapters.model
+    head = _head(model, head_module)
+    seen: list[torch.Tensor] = []
+    batch: dict[str, torch.Tensor] = {}
+
+    def capture(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].float()
+        if x.ndim == 3:  # (B, T, H): mean over the batch's real tokens
+            mask = batch["attention_mask"].to(x.device).unsqueeze(-1).float()
+            x = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        seen.append(x.sum(0).cpu())
+
+    hook = head.register_forward_pre_hook(capture)
+    model.eval()
+    try:
+        with model.disable_adapter():  # type: ignore[operator]
+            for start in range(0, len(enc), batch_size):
+                index = list(range(start, min(start + batch_size, len(enc))))
+                batch = {k: v.to(_device(model)) for k, v in collate(enc, index).items()}
+                model(**batch)
+    finally:
+        hook.remove()
+    if not seen:
+        width = head.in_features if isinstance(head, torch.nn.Linear) else 0
+        return np.zeros(int(width), dtype=np.float32)
+    return (torch.stack(seen).sum(0) / len(enc)).numpy().astype(np.float32)
+
+
 @torch.no_grad()
 def evaluate_adapter(
     adapters: AdapterModel, name: str, enc: Encoded, batch_size: int

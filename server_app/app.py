@@ -54,6 +54,8 @@ def build_strategy(
     if name == "local":
         return LocalOnly(template, **common)
     k = num_clusters(cfg)
+    if name == "fltac":
+        common["input_fingerprint"] = cfg.fltac.input_fingerprint
     return STRATEGIES[name](
         template,
         num_clusters=k,

@@ -14,6 +14,14 @@ offline benchmark (see README):
   where tasks differ most (label meaning, label count); LoRA A/B updates of a few local steps are
   mostly noise and drown it. Raw weights with every tensor (what the public re-implementation
   does) froze the grouping after round 1 in our runs.
+* input fingerprints (``fltac.input_fingerprint``, default on): each client also sends, per
+  adapter, the mean representation of that task's training inputs under the frozen base model
+  (the head's input with every adapter switched off, so every client computes it in the same
+  space). Adapters say what a task's *labels* mean; on tasks that share a label count that is
+  weak evidence, dominated by the label balance of small clients. The inputs say what the task's
+  *data* is. The server centres the fingerprints on the round's pool, L2-normalises them and
+  appends them to the adapter features (both blocks of unit norm). What this reveals to the
+  server is documented in the README; ``fltac.input_fingerprint=false`` turns it off.
 * ``constrained_kmeans`` (default): a client trains one adapter per *distinct* local task, so the
   adapters of one upload never share a cluster. That structural fact, not a label, turns K-means
   into a per-client assignment problem and removes most round-1 mistakes; plain ``kmeans`` (the
@@ -43,6 +51,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from fedspecialists.records import (
     ADAPTER_PREFIX,
+    FINGERPRINT_RECORD,
     adapter_names,
     check_adapter,
     record_to_numpy,
@@ -94,6 +103,16 @@ def select_feature_keys(
     return sorted(selected)
 
 
+def head_input_width(template: Adapter, head_module: str = "classifier") -> int | None:
+    """In-features of the head's weight ``(C, H)`` in an adapter template (None: no head)."""
+    for key in sorted(template):
+        value = np.asarray(template[key])
+        is_head = f"{head_module}." in key and key.endswith("weight") and "lora" not in key
+        if is_head and value.ndim == 2:
+            return int(value.shape[1])
+    return None
+
+
 def adapter_features(
     adapters: Sequence[Adapter],
     keys: Sequence[str],
@@ -132,6 +151,28 @@ def adapter_features(
         norms = np.linalg.norm(features, axis=1, keepdims=True)
         features = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
     return features
+
+
+def fingerprint_features(fingerprints: np.ndarray) -> np.ndarray:
+    """Input fingerprints as a clustering block: centred on the pool mean, rows L2-normalised.
+
+    Centring removes what every task's inputs share (a text encoder's mean embedding is far from
+    the origin), so the cosine geometry reflects how the tasks' inputs differ.
+
+    Parameters
+    ----------
+    fingerprints : np.ndarray
+        ``(M, H)``: one mean input representation per pooled adapter.
+
+    Returns
+    -------
+    np.ndarray
+        ``(M, H)`` float64; a row equal to the mean becomes 0.
+    """
+    centred = np.asarray(fingerprints, dtype=np.float64)
+    centred = centred - centred.mean(0, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 1e-12)
 
 
 def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
@@ -217,6 +258,16 @@ def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: in
         for k in range(k_min, upper + 1)
     }
     return max(scores, key=lambda k: (scores[k], -k))
+
+
+def tasks_lower_bound(owners: Sequence[int]) -> int:
+    """The most adapters any one owner uploaded: a lower bound on the number of tasks.
+
+    A client trains one adapter per *distinct* local task, so an owner with n adapters proves
+    that at least n tasks exist. It is exact as soon as one client holds every task.
+    """
+    counts = Counter(int(o) for o in owners)
+    return max(counts.values()) if counts else 1
 
 
 def group_means(
@@ -338,6 +389,7 @@ class PoolEntry:
     num_examples: int
     previous_id: str
     true_task: str | None
+    fingerprint: np.ndarray | None = None
 
 
 class TaskAdapterClustering(RoundBookkeeping, Strategy):
@@ -373,6 +425,11 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         L2-normalise each adapter's feature vector.
     weighting : str, default "uniform"
         Mean inside a cluster: ``uniform`` (the paper) or ``samples`` (by local example count).
+    input_fingerprint : bool, default False
+        Ask clients for each adapter's input fingerprint (the mean representation of its task's
+        training inputs under the frozen base model) and cluster on it together with the
+        adapter features (see :func:`fingerprint_features`). A reply without valid
+        fingerprints is rejected. ``False`` is the paper: the server sees adapters only.
     head_module : str, default "classifier"
         Name of the classification head inside the adapter.
     seed : int, default 0
@@ -405,6 +462,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         feature_tensors: str = "head",
         normalize: bool = True,
         weighting: str = "uniform",
+        input_fingerprint: bool = False,
         head_module: str = "classifier",
         seed: int = 0,
         fraction_train: float = 1.0,
@@ -431,6 +489,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, not {min_replies}")
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
+        # A fingerprint is the head's input: its width is the head's in-features (else the
+        # first valid reply's, e.g. a causal LM whose adapter carries no head).
+        self.fingerprint_width: int | None = head_input_width(self.template, head_module)
         self.num_clusters = num_clusters
         self.auto_k_range = auto_k_range
         self.kmeans_n_init = kmeans_n_init
@@ -440,6 +501,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.feature_tensors = feature_tensors
         self.normalize = normalize
         self.weighting = weighting
+        self.input_fingerprint = input_fingerprint
         self.seed = seed
         self.fraction_train = fraction_train
         self.min_replies = min_replies
@@ -467,10 +529,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         ``None`` means "no aggregation" (the local-only baseline).
         """
         seed = self.seed + server_round
-        if self.num_clusters == "auto":
-            k = choose_k(features, *self.auto_k_range, seed=seed, n_init=self.kmeans_n_init)
-        else:
-            k = int(self.num_clusters)
+        k = self.cluster_count(pool, features, seed)
         if self.clustering == "constrained_kmeans":
             owners = [e.node_id for e in pool]
             found = constrained_kmeans_labels(features, owners, k, seed, self.kmeans_n_init)
@@ -484,6 +543,22 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         )
         return [mapping[label] for label in labels]
 
+    def cluster_count(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> int:
+        """K this round: the configured int, or ``auto``.
+
+        ``auto`` with ``constrained_kmeans``: the most distinct tasks any node has shown so far
+        (:func:`tasks_lower_bound` over this pool and every earlier upload), clipped to
+        ``auto_k_range``; with plain ``kmeans`` (no cannot-links): the best silhouette score.
+        """
+        if self.num_clusters != "auto":
+            return int(self.num_clusters)
+        low, high = self.auto_k_range
+        if self.clustering != "constrained_kmeans":
+            return choose_k(features, low, high, seed=seed, n_init=self.kmeans_n_init)
+        owners = [e.node_id for e in pool]
+        seen = max([tasks_lower_bound(owners), *(len(s) for s in self.node_slots.values())])
+        return int(min(max(seen, low), high))
+
     def group_weights(self, pool: Sequence[PoolEntry]) -> list[float] | None:
         return [float(e.num_examples) for e in pool] if self.weighting == "samples" else None
 
@@ -496,6 +571,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "feature_tensors": self.feature_tensors,
             "normalize": self.normalize,
             "weighting": self.weighting,
+            "input_fingerprint": self.input_fingerprint,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
         }
@@ -629,6 +705,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         cfg = ConfigRecord(dict(config))
         cfg["server-round"] = server_round
         cfg["keep-local"] = self.keep_local
+        cfg["send-fingerprint"] = self.input_fingerprint
         if slot_ids is None:
             # A node not heard from yet: every one of its task slots starts from v0.
             needed: list[str] = ["v0"]
@@ -662,6 +739,12 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         previous = self.node_slots.get(node, ["v0"] * num_slots)
         if len(previous) != num_slots:
             return f"{num_slots} slots, but the node had {len(previous)} before", [], None
+        fingerprints: list[np.ndarray | None] = [None] * num_slots
+        if self.input_fingerprint:
+            reason, found = self._parse_fingerprints(content, num_slots)
+            if reason is not None:
+                return reason, [], None
+            fingerprints = list(found)
         truth_rec = content.config_records.get("truth")
         truth = list(truth_rec["slot-tasks"]) if truth_rec and "slot-tasks" in truth_rec else None  # type: ignore[arg-type]
         entries = []
@@ -681,6 +764,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                     num_examples=int(slot_examples[i]),
                     previous_id=previous[i],
                     true_task=str(truth[i]) if truth is not None and i < len(truth) else None,
+                    fingerprint=fingerprints[i],
                 )
             )
         loss = None
@@ -688,7 +772,30 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             loss = (float(metrics["train-loss"]), int(sum(slot_examples)))  # type: ignore[arg-type]
         return None, entries, loss
 
-    def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
+    def _parse_fingerprints(
+        self, content: RecordDict, num_slots: int
+    ) -> tuple[str | None, list[np.ndarray]]:
+        """The ``(H,)`` fingerprint of every slot, or the reason the reply's are unusable."""
+        record = content.array_records.get(FINGERPRINT_RECORD)
+        if record is None:
+            return f"no '{FINGERPRINT_RECORD}' record (input_fingerprint is on)", []
+        arrays = record_to_numpy(record)
+        expected = [f"slot{i}" for i in range(num_slots)]
+        if sorted(arrays) != sorted(expected):
+            return f"fingerprints {sorted(arrays)} do not match {num_slots} slots", []
+        found = [np.asarray(arrays[name], dtype=np.float64) for name in expected]
+        for name, value in zip(expected, found, strict=True):
+            width = self.fingerprint_width or value.size
+            if value.ndim != 1 or value.size != width:
+                return f"fingerprint {name}: shape {value.shape}, expected ({width},)", []
+            if not np.all(np.isfinite(value)) or float(np.abs(value).max()) > self.max_abs_value:
+                return f"fingerprint {name}: non-finite or above {self.max_abs_value:g}", []
+        if self.fingerprint_width is None and found:
+            self.fingerprint_width = int(found[0].size)
+        return None, found
+
+    def clustering_features(self, pool: Sequence[PoolEntry]) -> np.ndarray:
+        """``(M, D)`` rows K-means sees: adapter features, then fingerprints where asked for."""
         references = None
         if self.feature_source == "update":
             # A "local" slot's previous adapter never reached the server: use v0 as reference.
@@ -698,6 +805,13 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         features = adapter_features(
             [e.arrays for e in pool], self.feature_keys, references, self.normalize
         )
+        fingerprints = [e.fingerprint for e in pool]
+        if not self.input_fingerprint or any(f is None for f in fingerprints):
+            return features
+        return np.hstack([features, fingerprint_features(np.stack(fingerprints))])  # type: ignore[arg-type]
+
+    def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
+        features = self.clustering_features(pool)
         ids = self.assign_groups(server_round, pool, features)
         groups = list(ids) if ids is not None else [LOCAL] * len(pool)
         labels = sorted(set(groups))

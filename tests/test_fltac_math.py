@@ -11,11 +11,14 @@ from strategies.fltac import (
     choose_k,
     clustering_agreement,
     constrained_kmeans_labels,
+    fingerprint_features,
     group_means,
+    head_input_width,
     kmeans_labels,
     match_cluster_ids,
     node_payload,
     select_feature_keys,
+    tasks_lower_bound,
 )
 
 KEYS = [
@@ -143,3 +146,28 @@ def test_clustering_agreement() -> None:
 
 def test_node_payload_sends_each_cluster_once() -> None:
     assert node_payload(["g2", "g0", "g2"]) == (["g0", "g2"], ["g2", "g0", "g2"])
+
+
+def test_fingerprint_features_centre_then_normalise() -> None:
+    # Mean of the rows is (2, 2/3); centred rows (-1, -2/3), (1, -2/3), (0, 4/3).
+    fps = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 2.0]])
+    out = fingerprint_features(fps)
+    r13 = np.sqrt(13.0)
+    assert_allclose(out, [[-3 / r13, -2 / r13], [3 / r13, -2 / r13], [0.0, 1.0]], atol=1e-12)
+
+
+def test_fingerprint_features_row_at_the_mean_becomes_zero() -> None:
+    out = fingerprint_features(np.array([[1.0, 1.0], [3.0, 1.0], [2.0, 1.0]]))
+    assert_allclose(out, [[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], atol=1e-12)
+
+
+def test_tasks_lower_bound_is_the_most_adapters_of_one_owner() -> None:
+    assert tasks_lower_bound([5, 5, 7, 5, 7, 9]) == 3
+    assert tasks_lower_bound([1]) == 1
+    assert tasks_lower_bound([]) == 1
+
+
+def test_head_input_width_reads_the_heads_in_features() -> None:
+    template = {KEYS[0]: np.zeros((1, 2)), KEYS[2]: np.zeros((5, 7)), KEYS[3]: np.zeros(5)}
+    assert head_input_width(template) == 7
+    assert head_input_width({KEYS[0]: np.zeros((1, 2))}) is None

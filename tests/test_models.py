@@ -85,3 +85,43 @@ def test_masked_logits_hide_the_labels_a_task_does_not_have() -> None:
     probs = torch.softmax(masked[0], -1)
     assert float(probs[2]) == 0.0
     assert np.isclose(float(probs[:2].sum()), 1.0)
+
+
+def test_input_fingerprint_is_the_frozen_models_mean_head_input() -> None:
+    # Prepare: a tiny model, an adapter perturbed away from v0, two examples.
+    from client_app.training import Encoded, input_fingerprint
+
+    cfg = load_config(TINY)
+    model = get_adapter_model(cfg, num_labels=3)
+    tok = build_preprocessor(cfg.model, suite_kind(cfg))
+    texts = ["a short sentence", "another text here, longer"]
+    ids = tok(texts)
+    enc = Encoded(
+        inputs=[{k: ids[k][i] for k in ids} for i in range(2)],
+        labels=torch.tensor([0, 1]),
+        num_labels=torch.tensor([3, 3]),
+        tasks=["t", "t"],
+        kind="text_classification",
+        pad_token_id=int(tok.pad_token_id or 0),
+    )
+    state = initial_adapter(cfg, 3)
+    model.load("slot0", {k: v + 0.5 * torch.randn_like(v) for k, v in state.items()})
+    model.activate("slot0")
+
+    # Execute: batches of one and of two give the same mean.
+    one = input_fingerprint(model, enc, 1, cfg.model.head_module)
+    two = input_fingerprint(model, enc, 2, cfg.model.head_module)
+
+    # Assert: the mean of each text's pooled encoder output with no adapter at all, computed
+    # here by hand from the base model's hidden states.
+    base = model.model.get_base_model()
+    with torch.no_grad(), model.model.disable_adapter():
+        pooled = []
+        for text in texts:
+            batch = tok([text], return_tensors="pt")
+            hidden = base.encoder(**batch).last_hidden_state[0]  # (T, H), no padding
+            pooled.append(hidden.mean(0))
+    expected = torch.stack(pooled).mean(0).numpy()
+    assert one.shape == (int(base.config.hidden_size),)
+    assert_allclose(one, expected, rtol=1e-4, atol=1e-5)
+    assert_allclose(two, expected, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,12 @@ from conftest import FakeGrid
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from numpy.testing import assert_allclose
 
-from fedspecialists.records import content_nbytes, record_to_numpy, state_to_record
+from fedspecialists.records import (
+    FINGERPRINT_RECORD,
+    content_nbytes,
+    record_to_numpy,
+    state_to_record,
+)
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
 from strategies.fltac import TaskAdapterClustering
 
@@ -301,3 +306,137 @@ def test_traffic_ledger_counts_serialized_sizes() -> None:
     assert summary["train_up"] == sum(content_nbytes(r.content) for r in replies)
     per_node = summary["per_node"]
     assert per_node["1"]["train_down"] == content_nbytes(messages[1].content)  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------------------
+# Input fingerprints, automatic K and recovery from a wrong grouping
+# ------------------------------------------------------------------------------------------
+H0 = "base_model.model.classifier.weight"
+# A head row with one axis per task and a fourth for what a small client's label balance adds.
+T3 = {H0: np.zeros((1, 4), np.float32)}
+TASK_AXIS = {"x": 0, "y": 1, "z": 2}
+
+
+def _with_fingerprints(reply: Message, fingerprints: list[np.ndarray]) -> Message:
+    reply.content.array_records[FINGERPRINT_RECORD] = state_to_record(
+        {f"slot{i}": f.astype(np.float32) for i, f in enumerate(fingerprints)}
+    )
+    return reply
+
+
+def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = FakeGrid([1, 2, 3, 4])
+    strategy = TaskAdapterClustering(V0, num_clusters=1, input_fingerprint=True)
+    fp = np.array([1.0, 2.0])
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        for msg in messages.values():
+            assert msg.content.config_records["config"]["send-fingerprint"] is True
+        return [
+            _with_fingerprints(_reply(messages[1], [_adapter(1, 0)]), [fp]),
+            _reply(messages[2], [_adapter(3, 0)]),  # none at all
+            _with_fingerprints(_reply(messages[3], [_adapter(5, 0)]), [np.ones(3)]),  # width 3
+            _with_fingerprints(_reply(messages[4], [_adapter(7, 0)]), [np.array([np.nan, 0])]),
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "no 'fingerprints' record" in text and "expected (2,)" in text
+    assert "non-finite" in text
+    assert strategy._record["replies_rejected"] == 3
+    (gid,) = strategy.final_adapters()
+    assert_allclose(strategy.globals[gid][A], [[1.0, 0.0]])  # node 1 alone
+
+
+def test_auto_k_is_the_most_tasks_one_node_has_shown() -> None:
+    grid = FakeGrid([1, 2])
+    strategy = TaskAdapterClustering(V0, num_clusters="auto", auto_k_range=(2, 8))
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        three = [_adapter(1, 0), _adapter(0, 1), _adapter(1, 1)]
+        return [_reply(messages[1], three), _reply(messages[2], [_adapter(2, 0)])]
+
+    _round(strategy, 1, grid, replies)
+    assert len(strategy.final_adapters()) == 3
+
+
+def _step(task: str, node: int) -> dict[str, np.ndarray]:
+    """One round of local training: a small step along the task, a larger one along the node's
+    label balance (the confound that makes head features group clients, not tasks)."""
+    row = np.zeros((1, 4), np.float32)
+    row[0, TASK_AXIS[task]] = 0.1
+    row[0, 3] = (-1.0) ** node * 0.3
+    return {H0: row}
+
+
+class _WrongFirstRound(TaskAdapterClustering):
+    """Round 1 grouped deliberately wrong: each node's slot tasks shifted by one cluster."""
+
+    def assign_groups(self, server_round, pool, features):  # type: ignore[no-untyped-def]
+        if server_round == 1:
+            return [f"g{(TASK_AXIS[str(e.true_task)] + e.node_id) % 3}" for e in pool]
+        return super().assign_groups(server_round, pool, features)
+
+
+NODE_TASKS = {
+    1: ["x", "y", "z"],
+    2: ["y", "z", "x"],
+    3: ["z", "x"],
+    4: ["x", "y"],
+    5: ["y", "z"],
+    6: ["z", "x", "y"],
+}
+
+
+def _recovering_run(
+    input_fingerprint: bool, rounds: int = 6
+) -> tuple[list[float], list[dict[int, list[str]]]]:
+    """Agreement and slot ids per round; clients train like real ones (start + a small step)."""
+    grid = FakeGrid(sorted(NODE_TASKS))
+    strategy = _WrongFirstRound(
+        T3, num_clusters=3, seed=0, input_fingerprint=input_fingerprint, max_abs_value=1e4
+    )
+    rng = np.random.default_rng(0)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        out = []
+        for node, msg in messages.items():
+            config = msg.content.config_records["config"]
+            tasks = NODE_TASKS[node]
+            sources = list(config.get("slot-sources", ["v0"] * len(tasks)))  # type: ignore[arg-type]
+            trained, fps = [], []
+            for slot, task in enumerate(tasks):
+                start = record_to_numpy(msg.content.array_records[f"adapter.{sources[slot]}"])
+                # A few local steps barely move an adapter away from the mean it started from.
+                trained.append({H0: start[H0] + _step(task, node)[H0]})
+                fp = np.eye(4)[TASK_AXIS[task]] + 0.05 * rng.normal(size=4)
+                fps.append(fp + 3.0)  # a shared offset, as text encoders have; centring drops it
+            reply = _reply(msg, trained, tasks=tasks)
+            out.append(_with_fingerprints(reply, fps) if input_fingerprint else reply)
+        return out
+
+    agreement, slots = [], []
+    for server_round in range(1, rounds + 1):
+        _round(strategy, server_round, grid, replies)
+        agreement.append(strategy._record["clustering_agreement"])
+        slots.append({n: list(s) for n, s in strategy.node_slots.items()})
+    return agreement, slots
+
+
+def test_a_wrong_first_grouping_is_undone_by_round_three_and_then_holds() -> None:
+    agreement, slots = _recovering_run(input_fingerprint=True)
+    assert agreement[0] < 0  # the permutation: worse than chance
+    first_right = next(r for r, a in enumerate(agreement, start=1) if a == pytest.approx(1.0))
+    assert first_right <= 3
+    assert all(a == pytest.approx(1.0) for a in agreement[first_right - 1 :])
+    # Held, not merely re-found: every slot keeps its global id once recovered.
+    assert all(s == slots[first_right - 1] for s in slots[first_right - 1 :])
+
+
+def test_without_fingerprints_the_wrong_grouping_freezes() -> None:
+    # The paper's failure mode, kept as a regression guard of what the fingerprints fix.
+    agreement, _ = _recovering_run(input_fingerprint=False)
+    assert max(agreement[1:]) < 1.0
