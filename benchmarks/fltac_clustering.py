@@ -134,8 +134,35 @@ def targets(out: Path, suite: str) -> list[str]:
     return lines
 
 
+def overview(out: Path, suites: list[str], methods: list[str]) -> str:
+    """Mean accuracy per suite and method (mean ± std over seeds, seed count), and FL-TAC's
+    lowest agreement from round 2 on."""
+    head = ["method", *suites]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells = []
+        for suite in suites:
+            rs = _runs(out, suite, method)
+            cell = f"{fmt([r['mean_accuracy'] for r in rs])} ({len(rs)})" if rs else "not run"
+            cells.append(cell)
+        lines.append("| " + " | ".join([METHODS[method][0], *cells]) + " |")
+    cells = []
+    for suite in suites:
+        aris = [
+            a for r in _runs(out, suite, "fltac") for a in r["clustering_agreement_per_round"][1:]
+        ]
+        cells.append(f"{min(aris):.2f}" if aris else "not run")
+    lines.append("| " + " | ".join(["FL-TAC default: lowest agreement, rounds 2–6", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def report(out: Path, suites: list[str], methods: list[str]) -> str:
-    parts = []
+    parts = [
+        "Mean accuracy after the last round (seeds run):",
+        "",
+        overview(out, suites, methods),
+        "",
+    ]
     for suite in suites:
         parts += [f"### {suite}", "", suite_table(out, suite, methods), ""]
         measured = targets(out, suite)
