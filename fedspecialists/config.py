@@ -368,9 +368,9 @@ def validate(cfg: DictConfig) -> None:
         "must be 'kmeans' or 'constrained_kmeans'",
     )
     _check(
-        cfg.fltac.feature_source in ("update", "cumulative", "weights"),
+        cfg.fltac.feature_source in ("update", "cumulative", "weights", "cumulative+update"),
         "fltac.feature_source",
-        "must be 'update', 'cumulative' or 'weights'",
+        "must be 'update', 'cumulative', 'weights' or 'cumulative+update'",
     )
     _check(
         cfg.fltac.feature_tensors in ("all", "lora", "head"),

@@ -66,6 +66,7 @@ from strategies.common import (
     weighted_mean,
 )
 
+FEATURE_SOURCES = ("cumulative", "update", "weights", "cumulative+update")
 LOCAL = "local"  # slot source meaning "the adapter the client kept itself" (local only)
 
 Adapter = Mapping[str, np.ndarray]
@@ -418,7 +419,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         node never share a cluster (a node trains one adapter per distinct task).
     feature_source : str, default "cumulative"
         What K-means sees: ``cumulative`` (adapter - v0), ``update`` (adapter - what the slot
-        received this round) or ``weights`` (raw).
+        received this round), ``weights`` (raw), or ``cumulative+update`` (both blocks side by
+        side, each normalised on its own: where an adapter is, and where it is going).
     feature_tensors : str, default "head"
         Tensors K-means sees: ``head``, ``lora`` (A and B) or ``all``.
     normalize : bool, default True
@@ -476,9 +478,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
         ):
             raise ValueError(f"num_clusters must be an int >= 1 or 'auto', not {num_clusters!r}")
-        if feature_source not in ("update", "cumulative", "weights"):
+        if feature_source not in FEATURE_SOURCES:
             raise ValueError(
-                f"feature_source must be update, cumulative or weights, not {feature_source!r}"
+                f"feature_source must be one of {FEATURE_SOURCES}, not {feature_source!r}"
             )
         if weighting not in ("uniform", "samples"):
             raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
@@ -796,15 +798,17 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
 
     def clustering_features(self, pool: Sequence[PoolEntry]) -> np.ndarray:
         """``(M, D)`` rows K-means sees: adapter features, then fingerprints where asked for."""
-        references = None
-        if self.feature_source == "update":
-            # A "local" slot's previous adapter never reached the server: use v0 as reference.
-            references = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
-        elif self.feature_source == "cumulative":
-            references = [self.globals["v0"]] * len(pool)
-        features = adapter_features(
-            [e.arrays for e in pool], self.feature_keys, references, self.normalize
-        )
+        blocks = []
+        for source in self.feature_source.split("+"):
+            references = None
+            if source == "update":
+                # A "local" slot's previous adapter never reached the server: v0 stands in.
+                references = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
+            elif source == "cumulative":
+                references = [self.globals["v0"]] * len(pool)
+            arrays = [e.arrays for e in pool]
+            blocks.append(adapter_features(arrays, self.feature_keys, references, self.normalize))
+        features = np.hstack(blocks)
         fingerprints = [e.fingerprint for e in pool]
         if not self.input_fingerprint or any(f is None for f in fingerprints):
             return features

@@ -71,6 +71,10 @@ def test_fltac_finds_tasks_that_share_a_label_count(
 ) -> None:
     # Three binary tasks (the head's shape tells them nothing apart), the real MiniLM, the
     # paper's Dirichlet(0.5) split over 3 clients, default clustering settings.
+    from fedspecialists.data import SPAM_TARBALL, default_cache_dir
+
+    if not (default_cache_dir() / "npm" / SPAM_TARBALL).is_file():
+        pytest.skip("the SpamAssassin tarball was not fetched (npm missing at install time)")
     outcome = run_app(
         superlink,
         overrides=(

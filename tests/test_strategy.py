@@ -17,7 +17,7 @@ from fedspecialists.records import (
     state_to_record,
 )
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
-from strategies.fltac import TaskAdapterClustering
+from strategies.fltac import PoolEntry, TaskAdapterClustering
 
 A = "base_model.model.layer.lora_A.weight"
 W = "base_model.model.classifier.weight"
@@ -440,3 +440,18 @@ def test_without_fingerprints_the_wrong_grouping_freezes() -> None:
     # The paper's failure mode, kept as a regression guard of what the fingerprints fix.
     agreement, _ = _recovering_run(input_fingerprint=False)
     assert max(agreement[1:]) < 1.0
+
+
+def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
+    # Prepare: one round done, so a slot's previous global is known.
+    grid = FakeGrid([1])
+    strategy = TaskAdapterClustering(V0, num_clusters=1, feature_source="cumulative+update")
+    _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(3, 0)])])
+    (gid,) = strategy.final_adapters()  # the global is (3, 0) on W's diagonal
+    pool = [PoolEntry(1, 0, _adapter(3, 4), 1, gid, None)]
+
+    # Execute
+    features = strategy.clustering_features(pool)
+
+    # Assert: head W flattened: cumulative (3, 0, 0, 4) / 5; update (0, 0, 0, 4) / 4.
+    assert_allclose(features, [[0.6, 0.0, 0.0, 0.8, 0.0, 0.0, 0.0, 1.0]])
