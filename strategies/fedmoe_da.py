@@ -3,7 +3,8 @@
 The paper's body is not available; this is our reading of its Eq. 8-11 (as re-implementations
 cite them; the README's FedMoE-DA section lists every choice of ours). The pool holds every
 client's experts, M = N * K of them; expert i is represented by its gate vector pi_i (the row of
-the gating network's last linear layer that scores it), and experts are mixed across clients by the similarity of those proxies:
+the gating network's last linear layer that scores it), and experts are mixed across clients by
+the similarity of those proxies:
 
 * Eq. 8  r_ij = cos(pi_i, pi_j)                                   (correlation of expert proxies)
 * Eq. 9  m_ij = 1  iff  r_ij >= the (P+1)-th largest value of row i  (itself and its P most
