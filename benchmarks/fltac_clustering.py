@@ -33,6 +33,10 @@ METHODS = {
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false",
     ),
+    "fltac_hybrid": (
+        "FL-TAC (default + update features: cumulative+update)",
+        "method=fltac fltac.feature_source=cumulative+update",
+    ),
     "oracle": ("Oracle clustering", "method=oracle"),
     "fedit": ("FedIT (rank 16)", "method=fedit"),
     "local": ("Local only", "method=local"),
@@ -82,7 +86,7 @@ def suite_table(out: Path, suite: str, methods: list[str]) -> str:
         per_task = [fmt([r["per_task_accuracy"].get(t, float("nan")) for r in rs]) for t in tasks]
         mbs = [_mb(r) for r in rs]
         ratio = f"{sum(mbs) / sum(fedit_mb):.2f}" if fedit_mb else "n/a"
-        clustered = method in ("fltac", "fltac_paper")
+        clustered = method.startswith("fltac")
         ari = (
             "; ".join(
                 f"s{r['seed']}: "
@@ -176,7 +180,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fltac_clustering"))
     parser.add_argument("--suites", nargs="+", default=list(SUITES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fltac", "fltac_paper", "oracle", "fedit", "local"],
+        choices=list(METHODS),
+    )
     parser.add_argument(
         "--parallel-clients",
         type=int,

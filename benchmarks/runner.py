@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,8 @@ def run_all(
     log goes to ``<out>/<name>.log``; a folder holding ``summary.json`` counts as done.
     """
     out.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink below is stopped by PID on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     todo = {n: o for n, o in jobs.items() if not (out / n / "summary.json").exists()}
     for name in jobs.keys() - todo.keys():
         print(f"{name}: done already", flush=True)
