@@ -85,7 +85,10 @@ def suite_table(out: Path, suite: str, methods: list[str]) -> str:
             continue
         per_task = [fmt([r["per_task_accuracy"].get(t, float("nan")) for r in rs]) for t in tasks]
         mbs = [_mb(r) for r in rs]
-        ratio = f"{sum(mbs) / sum(fedit_mb):.2f}" if fedit_mb else "n/a"
+        # Means, not sums: the two rows may hold different numbers of seeds.
+        ratio = (
+            f"{(sum(mbs) / len(mbs)) / (sum(fedit_mb) / len(fedit_mb)):.2f}" if fedit_mb else "n/a"
+        )
         clustered = method.startswith("fltac")
         ari = (
             "; ".join(
