@@ -24,6 +24,7 @@ from client_app.training import (
     concat,
     encode,
     evaluate_adapter,
+    example_losses,
     input_fingerprint,
     train_adapter,
 )
@@ -43,9 +44,11 @@ from fedspecialists.models import (
 from fedspecialists.records import (
     ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
+    SOURCES_RECORD,
     record_to_state,
     state_to_record,
 )
+from strategies.fltac import choose_sources
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Setup:
     partition: tuple[int, int]  # (partition id, number of partitions)
     slots: list[Slot]
     adapters: AdapterModel
+    sources: list[str]  # the global id (or "local") each slot starts from
 
     def encoded(self, task: ClientTask, split: str) -> Encoded:
         return _encoded(self.overrides, self.partition, task, split)
@@ -117,14 +121,17 @@ def _setup(msg: Message, context: Context) -> Setup:
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
     adapters = get_adapter_model(cfg, max(counts), device_of(context, cfg))
-    _load_sources(msg, context, slots, adapters)
-    return Setup(overrides, cfg, partition, slots, adapters)
+    sources = _load_sources(msg, context, slots, adapters)
+    return Setup(overrides, cfg, partition, slots, adapters, sources)
 
 
 def _load_sources(
     msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel
-) -> None:
-    """Load every slot's starting adapter: the one the server named, or the locally kept one."""
+) -> list[str]:
+    """Load every slot's starting adapter: the one the server named, or the locally kept one.
+
+    Returns the source of every slot (a global id, or ``local``).
+    """
     config = msg.content.config_records["config"]
     if "slot-sources" in config:
         sources = [str(s) for s in config["slot-sources"]]  # type: ignore[union-attr]
@@ -138,6 +145,45 @@ def _load_sources(
         else:
             record = msg.content.array_records[f"{ADAPTER_PREFIX}{source}"]
         adapters.load(slot.name, record_to_state(record))
+    return sources
+
+
+def check_sources(msg: Message, setup: Setup, z_min: float) -> tuple[int, float]:
+    """FL-TAC's client-side source check (see :func:`strategies.fltac.choose_sources`).
+
+    Every global adapter the server sent is scored on every slot's training examples; where the
+    evidence for a one-to-one reassignment reaches ``z_min``, the slots are reloaded from the
+    globals chosen and ``setup.sources`` is updated. Returns (slots changed, the z statistic).
+    """
+    candidates = sorted({s for s in setup.sources if s not in ("local", "v0")})
+    if len(candidates) < 2 or any(s not in candidates for s in setup.sources):
+        return 0, 0.0
+    holder = {source: slot.name for slot, source in zip(setup.slots, setup.sources, strict=True)}
+    batch_size = setup.cfg.train.eval_batch_size
+    losses = []
+    for slot in setup.slots:
+        enc = concat([setup.encoded(t, "train") for t in slot.tasks])
+        losses.append(
+            np.stack(
+                [example_losses(setup.adapters, holder[c], enc, batch_size) for c in candidates], 1
+            )
+        )
+    current = [candidates.index(s) for s in setup.sources]
+    chosen, z = choose_sources(losses, current, z_min)
+    changed = [i for i in range(len(chosen)) if chosen[i] != current[i]]
+    for i in changed:
+        record = msg.content.array_records[f"{ADAPTER_PREFIX}{candidates[chosen[i]]}"]
+        setup.adapters.load(setup.slots[i].name, record_to_state(record))
+        setup.sources[i] = candidates[chosen[i]]
+    if changed:
+        log(
+            INFO,
+            "partition %s: source check moved slots %s (z=%.1f)",
+            setup.partition[0],
+            changed,
+            z,
+        )
+    return len(changed), float(z) if np.isfinite(z) else float(np.sign(z) * 1e9)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -147,6 +193,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, partition = setup.cfg, setup.partition
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
+    z_min = float(msg.content.config_records["config"].get("check-sources", 0.0))  # type: ignore[arg-type]
+    check = check_sources(msg, setup, z_min) if z_min > 0 else None
     reply = RecordDict()
     examples: list[int] = []
     weighted_loss = 0.0
@@ -166,13 +214,16 @@ def train(msg: Message, context: Context) -> Message:
             {slot.name: setup.fingerprint(slot) for slot in setup.slots}
         )
     total = sum(examples)
-    reply.metric_records["metrics"] = MetricRecord(
-        {
-            "num-examples": total,
-            "slot-examples": examples,
-            "train-loss": weighted_loss / total if total else 0.0,
-        }
-    )
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": total,
+        "slot-examples": examples,
+        "train-loss": weighted_loss / total if total else 0.0,
+    }
+    if check is not None:
+        # Which received global each slot started from (a permutation of the server's plan).
+        reply.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": setup.sources})
+        metrics["source-swaps"], metrics["source-check-z"] = check
+    reply.metric_records["metrics"] = MetricRecord(metrics)
     if cfg.report_true_tasks:
         # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.
         reply.config_records["truth"] = ConfigRecord(

@@ -235,6 +235,19 @@ def input_fingerprint(
     return (torch.stack(seen).sum(0) / len(enc)).numpy().astype(np.float32)
 
 
+def _forward_batches(
+    adapters: AdapterModel, name: str, enc: Encoded, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], Any]]:
+    """Adapter ``name``'s outputs on ``enc`` in order, batch by batch: (index, batch, output)."""
+    adapters.activate(name)
+    model = adapters.model
+    model.eval()
+    for start in range(0, len(enc), batch_size):
+        index = np.arange(start, min(start + batch_size, len(enc)))
+        batch = {k: v.to(_device(model)) for k, v in collate(enc, index.tolist()).items()}
+        yield index, batch, model(**batch)
+
+
 @torch.no_grad()
 def evaluate_adapter(
     adapters: AdapterModel, name: str, enc: Encoded, batch_size: int
@@ -243,17 +256,9 @@ def evaluate_adapter(
 
     Classification counts examples; a causal LM counts response tokens (next-token accuracy).
     """
-    if len(enc) == 0:
-        return 0, 0, 0.0
-    adapters.activate(name)
-    model = adapters.model
-    model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for start in range(0, len(enc), batch_size):
-        index = np.arange(start, min(start + batch_size, len(enc)))
-        batch = {k: v.to(_device(model)) for k, v in collate(enc, index.tolist()).items()}
-        out = model(**batch)
+    for index, batch, out in _forward_batches(adapters, name, enc, batch_size):
         if enc.kind == "causal_lm":
             labels = batch["labels"][:, 1:]
             predictions = out.logits[:, :-1].argmax(-1)
@@ -268,3 +273,27 @@ def evaluate_adapter(
             total += len(index)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
     return correct, total, loss_sum
+
+
+@torch.no_grad()
+def example_losses(adapters: AdapterModel, name: str, enc: Encoded, batch_size: int) -> np.ndarray:
+    """Loss of adapter ``name`` on every example of ``enc``, shape ``(N,)`` float64.
+
+    Classification: cross-entropy over the example's own labels. Causal LM: mean cross-entropy
+    over the example's response tokens.
+    """
+    parts: list[np.ndarray] = []
+    for index, batch, out in _forward_batches(adapters, name, enc, batch_size):
+        if enc.kind == "causal_lm":
+            labels = batch["labels"][:, 1:]
+            logits = out.logits[:, :-1]
+            tokens = F.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )  # (B, T-1)
+            counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+            parts.append((tokens.sum(1) / counts).double().cpu().numpy())
+        else:
+            logits = masked_logits(out.logits, enc.num_labels[index].to(logits_device(out)))
+            labels = enc.labels[index].to(logits_device(out))
+            parts.append(F.cross_entropy(logits, labels, reduction="none").double().cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0)

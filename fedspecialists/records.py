@@ -12,6 +12,8 @@ from flwr.common.serde import recorddict_to_proto
 ADAPTER_PREFIX = "adapter."
 # FL-TAC's input fingerprints: one ArrayRecord, one (H,) array per slot ("slot<i>").
 FINGERPRINT_RECORD = "fingerprints"
+# FL-TAC's source check: a ConfigRecord whose "slot-sources" names the global each slot used.
+SOURCES_RECORD = "sources"
 
 
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:

@@ -56,6 +56,7 @@ def build_strategy(
     k = num_clusters(cfg)
     if name == "fltac":
         common["input_fingerprint"] = cfg.fltac.input_fingerprint
+        common["source_check_z"] = cfg.fltac.source_check_z if cfg.fltac.source_check else None
     return STRATEGIES[name](
         template,
         num_clusters=k,

@@ -378,6 +378,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 rejected += 1
                 continue
             accepted.append((node, *parsed))
+        accepted.sort(key=lambda a: a[0])  # arrival order must not change the float sums
         peer_bytes = sum(int(m["peer-bytes"]) for _, _, m in accepted)
         self.peer_bytes_total += peer_bytes
         self._record.update(

@@ -52,6 +52,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from fedspecialists.records import (
     ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
+    SOURCES_RECORD,
     adapter_names,
     check_adapter,
     record_to_numpy,
@@ -358,6 +359,71 @@ def clustering_agreement(true_tasks: Sequence[str], labels: Sequence[int]) -> fl
     return float(adjusted_rand_score(list(true_tasks), list(labels)))
 
 
+def paired_z(differences: np.ndarray) -> float:
+    """One-sample z statistic of paired differences ``(N,)``: mean / standard error.
+
+    Zero differences give 0; a constant positive (negative) difference gives +inf (-inf).
+    """
+    d = np.asarray(differences, dtype=np.float64).ravel()
+    if d.size == 0 or not np.any(d):
+        return 0.0
+    spread = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if spread <= 1e-12:
+        return float(np.copysign(np.inf, d.mean()))
+    return float(d.mean() / (spread / np.sqrt(d.size)))
+
+
+def choose_sources(
+    losses: Sequence[np.ndarray], current: Sequence[int], z_min: float
+) -> tuple[list[int], float]:
+    """Client-side source check: which received global each task slot should start from.
+
+    IFCA's client-side cluster estimation, restricted to the clusters the server already put
+    this client in: the client's slots are distinct tasks, so the best start is a one-to-one
+    assignment of slots to the received global adapters that minimises the summed loss on the
+    slots' own examples. The server's assignment is kept unless the change is clear evidence:
+    the per-example loss reductions of the slots that change have a z statistic of at least
+    ``z_min``.
+
+    Parameters
+    ----------
+    losses : Sequence[np.ndarray]
+        One ``(n_i, C)`` array per slot i: the loss of each of the C candidate globals on each of
+        the slot's ``n_i`` examples.
+    current : Sequence[int]
+        ``(S,)`` candidate index each slot starts from now (the server's assignment).
+    z_min : float
+        Evidence needed to change anything.
+
+    Returns
+    -------
+    tuple[list[int], float]
+        Candidate index per slot, and the z statistic of the best change (0.0: no change found).
+    """
+    num_slots = len(losses)
+    if num_slots == 0:
+        return [], 0.0
+    num_candidates = int(losses[0].shape[1])
+    total = np.stack([np.asarray(x, np.float64).sum(0) for x in losses])  # (S, C)
+    if num_candidates >= num_slots:
+        rows, cols = linear_sum_assignment(total)
+        proposal = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    else:  # fewer clusters than slots (plain K-means merged two): each slot on its own
+        proposal = [int(c) for c in total.argmin(1)]
+    changed = [i for i in range(num_slots) if proposal[i] != current[i]]
+    if not changed:
+        return list(current), 0.0
+    gains = np.concatenate(
+        [
+            np.asarray(losses[i], np.float64)[:, current[i]]
+            - np.asarray(losses[i], np.float64)[:, proposal[i]]
+            for i in changed
+        ]
+    )
+    z = paired_z(gains)
+    return (proposal if z >= z_min else list(current)), z
+
+
 def node_payload(slot_ids: Sequence[str]) -> tuple[list[str], list[str]]:
     """What one node needs: the distinct global ids of its slots, and slot -> id.
 
@@ -391,6 +457,7 @@ class PoolEntry:
     previous_id: str
     true_task: str | None
     fingerprint: np.ndarray | None = None
+    moved: bool = False  # the client's source check started it from another of its globals
 
 
 class TaskAdapterClustering(RoundBookkeeping, Strategy):
@@ -465,6 +532,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         normalize: bool = True,
         weighting: str = "uniform",
         input_fingerprint: bool = False,
+        source_check_z: float | None = None,
         head_module: str = "classifier",
         seed: int = 0,
         fraction_train: float = 1.0,
@@ -490,6 +558,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, not {min_replies}")
+        if source_check_z is not None and not source_check_z > 0:
+            raise ValueError(f"source_check_z must be > 0 or None, not {source_check_z}")
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
         # first valid reply's, e.g. a causal LM whose adapter carries no head).
@@ -504,6 +574,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.normalize = normalize
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
+        self.source_check_z = source_check_z
         self.seed = seed
         self.fraction_train = fraction_train
         self.min_replies = min_replies
@@ -574,6 +645,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "normalize": self.normalize,
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
+            "source_check_z": self.source_check_z,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
         }
@@ -629,6 +701,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             )
             self._record["aggregated"] = False
             return None, None
+        # Replies arrive in any order; K-means++ and ties depend on row order, so fix it.
+        pool.sort(key=lambda e: (e.node_id, e.slot))
         self._aggregate(server_round, pool)
         train_loss = (
             sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))
@@ -708,6 +782,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         cfg["server-round"] = server_round
         cfg["keep-local"] = self.keep_local
         cfg["send-fingerprint"] = self.input_fingerprint
+        cfg["check-sources"] = float(self.source_check_z or 0.0)
         if slot_ids is None:
             # A node not heard from yet: every one of its task slots starts from v0.
             needed: list[str] = ["v0"]
@@ -741,6 +816,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         previous = self.node_slots.get(node, ["v0"] * num_slots)
         if len(previous) != num_slots:
             return f"{num_slots} slots, but the node had {len(previous)} before", [], None
+        reason, used = self._parse_sources(content, previous)
+        if reason is not None:
+            return reason, [], None
         fingerprints: list[np.ndarray | None] = [None] * num_slots
         if self.input_fingerprint:
             reason, found = self._parse_fingerprints(content, num_slots)
@@ -752,7 +830,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         entries = []
         for i in range(num_slots):
             arrays = record_to_numpy(content.array_records[f"{ADAPTER_PREFIX}slot{i}"])
-            reference = self.globals.get(previous[i])
+            reference = self.globals.get(used[i])
             reason = check_adapter(
                 arrays, self.template, self.max_abs_value, reference, self.max_update_norm
             )
@@ -764,15 +842,37 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                     slot=i,
                     arrays=arrays,
                     num_examples=int(slot_examples[i]),
-                    previous_id=previous[i],
+                    previous_id=used[i],
                     true_task=str(truth[i]) if truth is not None and i < len(truth) else None,
                     fingerprint=fingerprints[i],
+                    moved=used[i] != previous[i],
                 )
             )
         loss = None
         if "train-loss" in metrics:
             loss = (float(metrics["train-loss"]), int(sum(slot_examples)))  # type: ignore[arg-type]
         return None, entries, loss
+
+    def _parse_sources(
+        self, content: RecordDict, planned: Sequence[str]
+    ) -> tuple[str | None, list[str]]:
+        """The global each slot started from: the plan, or the client's checked choice.
+
+        A client may only move a slot to another global it was sent, and only when asked to.
+        """
+        record = content.config_records.get(SOURCES_RECORD)
+        if record is None:
+            return None, list(planned)
+        if self.source_check_z is None:
+            return f"a '{SOURCES_RECORD}' record, but the source check is off", []
+        used = record.get("slot-sources")
+        if not isinstance(used, list) or len(used) != len(planned):
+            return f"'{SOURCES_RECORD}' must list {len(planned)} slot sources", []
+        allowed = set(planned) - {"v0", LOCAL}
+        pairs = zip(used, planned, strict=True)
+        if any(u != p and (u not in allowed or p not in allowed) for u, p in pairs):
+            return f"slot sources {used} are not a choice among the globals {sorted(allowed)}", []
+        return None, [str(u) for u in used]
 
     def _parse_fingerprints(
         self, content: RecordDict, num_slots: int
@@ -835,6 +935,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "num_adapters": len(pool),
             "groups": dict(sorted(Counter(groups).items())),
         }
+        if self.source_check_z is not None:
+            record["source_swaps"] = sum(e.moved for e in pool)
         if has_truth:
             if ids is not None and self.reports_clustering:
                 record["clustering_agreement"] = clustering_agreement(truth, index)  # type: ignore[arg-type]

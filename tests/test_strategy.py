@@ -12,12 +12,13 @@ from numpy.testing import assert_allclose
 
 from fedspecialists.records import (
     FINGERPRINT_RECORD,
+    SOURCES_RECORD,
     content_nbytes,
     record_to_numpy,
     state_to_record,
 )
 from strategies.baselines import FedIT, LocalOnly, OracleClustering
-from strategies.fltac import PoolEntry, TaskAdapterClustering
+from strategies.fltac import PoolEntry, TaskAdapterClustering, choose_sources
 
 A = "base_model.model.layer.lora_A.weight"
 W = "base_model.model.classifier.weight"
@@ -391,13 +392,56 @@ NODE_TASKS = {
 }
 
 
+class _SwappedPair(TaskAdapterClustering):
+    """Round 1 right except node 1, whose "x" and "y" adapters are swapped (a same-source pair)."""
+
+    def assign_groups(self, server_round, pool, features):  # type: ignore[no-untyped-def]
+        if server_round == 1:
+            swap = {"x": "y", "y": "x"}
+            tasks = [str(e.true_task) for e in pool]
+            seen = [
+                swap.get(t, t) if e.node_id == 1 else t for t, e in zip(tasks, pool, strict=True)
+            ]
+            return [f"g{TASK_AXIS[t]}" for t in seen]
+        return super().assign_groups(server_round, pool, features)
+
+
+def _fingerprint(task: str, node: int, rng: np.random.Generator, pair_alike: bool) -> np.ndarray:
+    """A task's mean input; with ``pair_alike`` node 1's "x" and "y" inputs look the same."""
+    mean = np.eye(4)[TASK_AXIS[task]]
+    if pair_alike and node == 1 and task in ("x", "y"):
+        mean = (np.eye(4)[0] + np.eye(4)[1]) / 2
+    return mean + 0.05 * rng.normal(size=4) + 3.0  # a shared offset; centring drops it
+
+
+def _slot_losses(task: str, candidates: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """(8, C) per-example losses: a global fits a task as far as its head points along it."""
+    fit = np.array([c[0, TASK_AXIS[task]] for c in candidates])
+    return 1.0 - 5.0 * fit[None, :] + 0.02 * rng.normal(size=(8, len(candidates)))
+
+
 def _recovering_run(
-    input_fingerprint: bool, rounds: int = 6
+    input_fingerprint: bool,
+    rounds: int = 6,
+    strategy_cls: type[TaskAdapterClustering] | None = None,
+    source_check_z: float | None = None,
+    pair_alike: bool = False,
+    shrinking_steps: bool = False,
 ) -> tuple[list[float], list[dict[int, list[str]]]]:
-    """Agreement and slot ids per round; clients train like real ones (start + a small step)."""
+    """Agreement and slot ids per round; clients train like real ones (start + a small step).
+
+    With ``source_check_z`` the clients run :func:`choose_sources` on synthetic losses and say
+    which global each slot used, as the real ClientApp does. With ``shrinking_steps`` the task
+    step of round r is 1/r^2 of round 1's, as training that converges moves less each round.
+    """
     grid = FakeGrid(sorted(NODE_TASKS))
-    strategy = _WrongFirstRound(
-        T3, num_clusters=3, seed=0, input_fingerprint=input_fingerprint, max_abs_value=1e4
+    strategy = (strategy_cls or _WrongFirstRound)(
+        T3,
+        num_clusters=3,
+        seed=0,
+        input_fingerprint=input_fingerprint,
+        source_check_z=source_check_z,
+        max_abs_value=1e4,
     )
     rng = np.random.default_rng(0)
 
@@ -407,15 +451,32 @@ def _recovering_run(
             config = msg.content.config_records["config"]
             tasks = NODE_TASKS[node]
             sources = list(config.get("slot-sources", ["v0"] * len(tasks)))  # type: ignore[arg-type]
-            trained, fps = [], []
-            for slot, task in enumerate(tasks):
-                start = record_to_numpy(msg.content.array_records[f"adapter.{sources[slot]}"])
-                # A few local steps barely move an adapter away from the mean it started from.
-                trained.append({H0: start[H0] + _step(task, node)[H0]})
-                fp = np.eye(4)[TASK_AXIS[task]] + 0.05 * rng.normal(size=4)
-                fps.append(fp + 3.0)  # a shared offset, as text encoders have; centring drops it
+            starts = {
+                g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources
+            }
+            moved = float(config["check-sources"]) > 0 and "slot-sources" in config
+            if moved:
+                candidates = sorted(set(sources))
+                losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
+                chosen, _ = choose_sources(
+                    losses, [candidates.index(g) for g in sources], float(config["check-sources"])
+                )
+                sources = [candidates[c] for c in chosen]
+            # A few local steps barely move an adapter away from the mean it started from.
+            scale = np.ones(4, np.float32)
+            if shrinking_steps:
+                scale[:3] = 1.0 / float(config["server-round"]) ** 2  # type: ignore[arg-type]
+            pairs = zip(sources, tasks, strict=True)
+            trained = [{H0: starts[g] + scale * _step(t, node)[H0]} for g, t in pairs]
             reply = _reply(msg, trained, tasks=tasks)
-            out.append(_with_fingerprints(reply, fps) if input_fingerprint else reply)
+            if moved:
+                reply.content.config_records[SOURCES_RECORD] = ConfigRecord(
+                    {"slot-sources": sources}
+                )
+            if input_fingerprint:
+                fps = [_fingerprint(t, node, rng, pair_alike) for t in tasks]
+                reply = _with_fingerprints(reply, fps)
+            out.append(reply)
         return out
 
     agreement, slots = [], []
@@ -440,6 +501,84 @@ def test_without_fingerprints_the_wrong_grouping_freezes() -> None:
     # The paper's failure mode, kept as a regression guard of what the fingerprints fix.
     agreement, _ = _recovering_run(input_fingerprint=False)
     assert max(agreement[1:]) < 1.0
+
+
+def _holds_from(agreement: list[float], slots: list[dict[int, list[str]]]) -> int:
+    """The first round of agreement 1.0, asserting it holds (same slot ids) to the end."""
+    first_right = next(r for r, a in enumerate(agreement, start=1) if a == pytest.approx(1.0))
+    assert all(a == pytest.approx(1.0) for a in agreement[first_right - 1 :])
+    assert all(s == slots[first_right - 1] for s in slots[first_right - 1 :])
+    return first_right
+
+
+def test_a_swapped_same_source_pair_freezes_without_the_source_check() -> None:
+    # Node 1's x and y inputs look alike, so its fingerprints cannot tell the pair apart.
+    agreement, _ = _recovering_run(
+        True, strategy_cls=_SwappedPair, pair_alike=True, shrinking_steps=True
+    )
+    assert max(agreement[:3]) < 1.0  # still wrong in round 3, the latest the target allows
+
+
+def test_the_source_check_undoes_a_swapped_pair_in_round_two_and_holds() -> None:
+    agreement, slots = _recovering_run(
+        True, strategy_cls=_SwappedPair, source_check_z=3.0, pair_alike=True, shrinking_steps=True
+    )
+    assert agreement[0] < 1.0
+    assert _holds_from(agreement, slots) == 2
+
+
+def test_the_default_undoes_a_permuted_first_round_by_round_three_and_holds() -> None:
+    # Fingerprints and the source check together (the default) on the permutation.
+    agreement, slots = _recovering_run(True, source_check_z=3.0)
+    assert agreement[0] < 0
+    assert _holds_from(agreement, slots) <= 3
+
+
+def test_the_source_check_is_asked_for_and_its_choices_are_checked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = FakeGrid([1, 2, 3])
+    strategy = TaskAdapterClustering(V0, num_clusters=2, source_check_z=3.0)
+    both = [_adapter(1, 0), _adapter(0, 1)]
+    _round(strategy, 1, grid, lambda m: [_reply(m[n], both) for n in (1, 2, 3)])
+    plan = strategy.node_slots[1]
+    assert sorted(plan) == ["g0", "g1"]
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        assert all(
+            m.content.config_records["config"]["check-sources"] == 3.0 for m in messages.values()
+        )
+        moved = _reply(messages[1], both)
+        moved.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": plan[::-1]})
+        foreign = _reply(messages[2], both)
+        foreign.content.config_records[SOURCES_RECORD] = ConfigRecord(
+            {"slot-sources": ["v0", plan[1]]}
+        )
+        return [moved, foreign, _reply(messages[3], both)]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 2, grid, replies)
+    assert strategy._record["replies_rejected"] == 1  # node 2 named a global it was not sent
+    assert "not a choice among the globals" in " ".join(r.getMessage() for r in caplog.records)
+    assert strategy._record["source_swaps"] == 2
+
+
+def test_a_sources_record_is_rejected_when_the_check_is_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = FakeGrid([1])
+    strategy = TaskAdapterClustering(V0, num_clusters=1)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        assert messages[1].content.config_records["config"]["check-sources"] == 0.0
+        reply = _reply(messages[1], [_adapter(1, 0)])
+        reply.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": ["v0"]})
+        return [reply]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    assert strategy._record["replies_rejected"] == 1
+    assert "the source check is off" in " ".join(r.getMessage() for r in caplog.records)
 
 
 def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:

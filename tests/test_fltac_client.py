@@ -1,0 +1,106 @@
+"""FL-TAC's ClientApp handler on a real (tiny) model and real data: the client-side source check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.adapters import train
+from client_app.training import Encoded, evaluate_adapter, example_losses
+from fedspecialists.config import load_config
+from fedspecialists.models import build_preprocessor, get_adapter_model, initial_adapter
+from fedspecialists.records import SOURCES_RECORD, record_to_numpy, state_to_record
+
+OVERRIDES = "model=minilm suite=tiny_text train.num_threads=1"
+
+
+def _context() -> Context:
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 1},  # one client: every task
+        state=RecordDict(),
+        run_config={"overrides": OVERRIDES},
+    )
+
+
+def _message(server_round: int, adapters: dict[str, dict[str, np.ndarray]], **config) -> Message:  # type: ignore[no-untyped-def]
+    content = RecordDict()
+    for gid, state in adapters.items():
+        content.array_records[f"adapter.{gid}"] = state_to_record(state)
+    content.config_records["config"] = ConfigRecord({"server-round": server_round, **config})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.fixture(scope="module")
+def task_globals() -> dict[str, dict[str, np.ndarray]]:
+    """One adapter per tiny_text task, each trained by the real handler on that task alone."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as conftest does
+    cfg = load_config(OVERRIDES)
+    v0 = {k: v.numpy() for k, v in initial_adapter(cfg, 5).items()}
+    reply = train(_message(1, {"v0": v0}, **{"default-source": "v0"}), _context())
+    return {
+        f"g{i}": record_to_numpy(reply.content.array_records[f"adapter.slot{i}"]) for i in range(3)
+    }
+
+
+def test_the_client_undoes_a_swapped_pair_and_says_so(
+    task_globals: dict[str, dict[str, np.ndarray]],
+) -> None:
+    # The server starts slot 0 (bbc_topic) from slot 1's global and slot 1 from slot 0's.
+    msg = _message(2, task_globals, **{"slot-sources": ["g1", "g0", "g2"], "check-sources": 3.0})
+    reply = train(msg, _context())
+    assert list(reply.content.config_records[SOURCES_RECORD]["slot-sources"]) == ["g0", "g1", "g2"]  # type: ignore[arg-type]
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["source-swaps"] == 2
+    assert float(metrics["source-check-z"]) >= 3.0  # type: ignore[arg-type]
+
+
+def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
+    task_globals: dict[str, dict[str, np.ndarray]],
+) -> None:
+    right = ["g0", "g1", "g2"]
+    kept = train(
+        _message(2, task_globals, **{"slot-sources": right, "check-sources": 3.0}), _context()
+    )
+    assert list(kept.content.config_records[SOURCES_RECORD]["slot-sources"]) == right  # type: ignore[arg-type]
+    assert kept.content.metric_records["metrics"]["source-swaps"] == 0
+    swapped = ["g1", "g0", "g2"]
+    off = train(
+        _message(2, task_globals, **{"slot-sources": swapped, "check-sources": 0.0}), _context()
+    )
+    assert SOURCES_RECORD not in off.content.config_records
+    assert "source-swaps" not in off.content.metric_records["metrics"]
+
+
+def test_example_losses_are_each_examples_masked_cross_entropy() -> None:
+    cfg = load_config(OVERRIDES)
+    model = get_adapter_model(cfg, num_labels=3)
+    model.load(
+        "slot0", {k: v + 0.3 * torch.randn_like(v) for k, v in initial_adapter(cfg, 3).items()}
+    )
+    tok = build_preprocessor(cfg.model, "text_classification")
+    texts = ["a short sentence", "another, longer text here", "third"]
+    ids = tok(texts)
+    enc = Encoded(
+        inputs=[{k: ids[k][i] for k in ids} for i in range(3)],
+        labels=torch.tensor([0, 1, 1]),
+        num_labels=torch.tensor([2, 3, 2]),  # example 0 and 2 see two logits, example 1 three
+        tasks=["t"] * 3,
+        kind="text_classification",
+        pad_token_id=int(tok.pad_token_id or 0),
+    )
+    losses = example_losses(model, "slot0", enc, batch_size=2)
+    # By hand: each text alone through the model, softmax over its own labels only.
+    expected = []
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            logits = model.model(**tok([text], return_tensors="pt")).logits[0]
+            log_p = torch.log_softmax(logits[: int(enc.num_labels[i])], -1)
+            expected.append(-float(log_p[int(enc.labels[i])]))
+    np.testing.assert_allclose(losses, expected, rtol=1e-4, atol=1e-5)
+    _, _, summed = evaluate_adapter(model, "slot0", enc, batch_size=3)
+    assert summed == pytest.approx(float(np.sum(expected)), rel=1e-4)
