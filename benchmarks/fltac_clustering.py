@@ -3,9 +3,10 @@
 Suites: the embedded default (four tasks, 5/3/2/2 labels), two stress suites whose tasks share
 one label count (``stress_binary``, ``stress_three_way``) and eight tasks with an automatic K
 (``stress_eight``, ``fltac.num_clusters=auto``). Methods: FL-TAC with the project's defaults,
-FL-TAC as the paper has it (plain K-means on the adapters alone), oracle clustering, FedIT at
-rank 16 and local only. Every run is a real ``flwr run`` on a local simulation SuperLink (10
-SuperNodes), started and stopped by this script; the tables are built from the run folders.
+FL-TAC without the clients' source check, FL-TAC as the paper has it (plain K-means on the
+adapters alone), oracle clustering, FedIT at rank 16 and local only. Every run is a real
+``flwr run`` on a local simulation SuperLink (10 SuperNodes), started and stopped by this
+script; the tables are built from the run folders.
 
 Usage::
 
@@ -28,14 +29,18 @@ from runner import fmt, run_all
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
-    "fltac": ("FL-TAC (default: adapters + input fingerprints)", "method=fltac"),
+    "fltac": ("FL-TAC (default: fingerprints + source check)", "method=fltac"),
+    "fltac_nocheck": (
+        "FL-TAC (fingerprints, no source check)",
+        "method=fltac fltac.source_check=false",
+    ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false",
     ),
     "fltac_hybrid": (
-        "FL-TAC (default + update features: cumulative+update)",
-        "method=fltac fltac.feature_source=cumulative+update",
+        "FL-TAC (fingerprints + update features, no source check)",
+        "method=fltac fltac.feature_source=cumulative+update fltac.source_check=false",
     ),
     "oracle": ("Oracle clustering", "method=oracle"),
     "fedit": ("FedIT (rank 16)", "method=fedit"),
@@ -66,6 +71,12 @@ def _runs(out: Path, suite: str, method: str) -> list[dict[str, Any]]:
         summary["_name"] = path.parent.name
         runs.append(summary)
     return runs
+
+
+def _source_swaps(folder: Path) -> list[str]:
+    """Slots the clients' source check moved, per round (empty: the check was off)."""
+    rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [str(r["source_swaps"]) for r in rounds if "source_swaps" in r]
 
 
 def _mb(run: dict[str, Any]) -> float:
@@ -118,6 +129,9 @@ def targets(out: Path, suite: str) -> list[str]:
         from2 = min(aris[1:]) if len(aris) > 1 else float("nan")
         from3 = min(aris[2:]) if len(aris) > 2 else float("nan")
         parts = [f"s{seed}: agreement min from round 2 {from2:.2f}, from round 3 {from3:.2f}"]
+        swaps = _source_swaps(out / run["_name"])
+        if swaps:
+            parts.append("slots moved by the source check per round " + " ".join(swaps))
         if seed in oracle:
             ratio = run["mean_accuracy"] / oracle[seed]["mean_accuracy"]
             parts.append(f"mean accuracy {ratio:.3f}× the oracle's")
@@ -186,7 +200,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["fltac", "fltac_paper", "oracle", "fedit", "local"],
+        default=["fltac", "fltac_nocheck", "fltac_paper", "oracle", "fedit", "local"],
         choices=list(METHODS),
     )
     parser.add_argument(

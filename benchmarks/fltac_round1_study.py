@@ -64,8 +64,7 @@ def _rows(adapters: list[dict[str, np.ndarray]], v0: dict[str, np.ndarray], whic
         "all": keys,
     }
     if which == "lora_BA":
-        pairs = zip(pick["lora_A"], pick["lora_B"], strict=True)
-        pairs = list(pairs)
+        pairs = list(zip(pick["lora_A"], pick["lora_B"], strict=True))
         return np.stack(
             [np.concatenate([(a[b] @ a[aa]).ravel() for aa, b in pairs]) for a in adapters]
         )

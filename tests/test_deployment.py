@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -49,8 +50,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     assert not alive, "processes left running after the federation stopped"
 
 
-def _summary(out: Path, name: str) -> dict[str, object]:
-    return json.loads((out / name / "summary.json").read_text())  # type: ignore[no-any-return]
+def _summary(out: Path, name: str) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads((out / name / "summary.json").read_text())
+    return summary
 
 
 def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_path: Path) -> None:

@@ -119,9 +119,9 @@ def test_input_fingerprint_is_the_frozen_models_mean_head_input() -> None:
         pooled = []
         for text in texts:
             batch = tok([text], return_tensors="pt")
-            hidden = base.encoder(**batch).last_hidden_state[0]  # (T, H), no padding
+            hidden = base.encoder(**batch).last_hidden_state[0]  # type: ignore[operator]
             pooled.append(hidden.mean(0))
     expected = torch.stack(pooled).mean(0).numpy()
-    assert one.shape == (int(base.config.hidden_size),)
+    assert one.shape == (int(base.config.hidden_size),)  # type: ignore[union-attr,arg-type]
     assert_allclose(one, expected, rtol=1e-4, atol=1e-5)
     assert_allclose(two, expected, rtol=1e-4, atol=1e-5)

@@ -118,7 +118,7 @@ def test_tampered_and_missing_peers_renormalise(tmp_path: Path) -> None:
 def test_poisoned_expert_with_a_valid_hash_is_refused(tmp_path: Path) -> None:
     nodes, stores, _, issuer = _setup(tmp_path)
     with torch.no_grad():
-        nodes[2].model.experts[0].fc1.weight.fill_(float("nan"))  # type: ignore[attr-defined]
+        nodes[2].model.experts[0].fc1.weight.fill_(float("nan"))  # type: ignore[index,union-attr]
     poisoned = stores[2].publish(2, _experts(nodes[2]))["0"]  # hash matches the NaN content
     plan = _plan(
         [("1/0", 0.5, "", stores[1].address), ("2/0", 0.5, poisoned, stores[2].address)],

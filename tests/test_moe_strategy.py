@@ -107,8 +107,8 @@ def test_aggregation_matrix_and_per_node_sync_plans() -> None:
 
     messages = _round(strategy, 2, lambda n, m: _reply(m, 0.0, GATES[n], server_round=2))
     config = messages[1].content.config_records["config"]
-    ids = list(config["plan.0.ids"])  # type: ignore[arg-type]
-    weights = list(config["plan.0.weights"])  # type: ignore[arg-type]
+    ids = [str(i) for i in config["plan.0.ids"]]  # type: ignore[union-attr]
+    weights = [float(w) for w in config["plan.0.weights"]]  # type: ignore[union-attr,arg-type]
     # Row of expert 1/0: itself plus its most related expert (2/0, cos ~ .995) and 3/1 (cos 1).
     row = expected[0]
     assert ids == [strategy.matrix_ids[j] for j in np.flatnonzero(row > 0)]
@@ -116,7 +116,7 @@ def test_aggregation_matrix_and_per_node_sync_plans() -> None:
     assert list(config["plan.0.hashes"]) == [  # type: ignore[arg-type]
         _hash(int(i.split("/")[0]), int(i.split("/")[1]), 1) for i in ids
     ]
-    assert list(config["plan.0.addresses"])[1].startswith("/stores/node-")  # type: ignore[index]
+    assert str(config["plan.0.addresses"][1]).startswith("/stores/node-")  # type: ignore[index]
     assert config["peer-root"] == "/stores"
     # A signed grant for this node and this round, verifiable with the key sent alongside.
     claims = verify_grant(str(config["grant"]), str(config["grant-key"]), node_id=1)
@@ -141,10 +141,10 @@ def test_matrix_reused_between_recomputes_when_interval_is_two() -> None:
     swapped = {n: g[::-1] for n, g in GATES.items()}
     swapped[1] = np.array([[0.0, 1.0], [0.3, 0.7]])
     _round(strategy, 2, lambda n, m: _reply(m, 0.0, swapped[n], server_round=2))
-    assert_allclose(strategy.matrix, first)  # round 2: reused (I = 2)
+    assert_allclose(strategy.matrix, first)  # type: ignore[arg-type]  # round 2: reused (I = 2)
     assert strategy._record["aggregation_recomputed"] is False
     _round(strategy, 3, lambda n, m: _reply(m, 0.0, swapped[n], server_round=3))
-    assert not np.allclose(strategy.matrix, first)  # round 3 = 1 + I: recomputed
+    assert not np.allclose(strategy.matrix, first)  # type: ignore[arg-type]  # round 3: recomputed
     # Plans use the latest hashes even while A is reused.
     assert strategy.pool.hashes[1] == [_hash(1, k, 3) for k in range(K)]
 

@@ -118,7 +118,8 @@ def test_cluster_ids_stay_stable_across_rounds() -> None:
         out = []
         for node, msg in messages.items():
             config = msg.content.config_records["config"]
-            sources = list(config.get("slot-sources", [config.get("default-source")] * 3))  # type: ignore[arg-type]
+            planned = config.get("slot-sources", [config.get("default-source")] * 3)
+            sources = [str(s) for s in planned]  # type: ignore[union-attr]
             trained = []
             for slot, task in enumerate(tasks[node]):
                 start = record_to_numpy(msg.content.array_records[f"adapter.{sources[slot]}"])
@@ -450,17 +451,18 @@ def _recovering_run(
         for node, msg in messages.items():
             config = msg.content.config_records["config"]
             tasks = NODE_TASKS[node]
-            sources = list(config.get("slot-sources", ["v0"] * len(tasks)))  # type: ignore[arg-type]
+            planned = config.get("slot-sources", ["v0"] * len(tasks))
+            sources = [str(s) for s in planned]  # type: ignore[union-attr]
             starts = {
                 g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources
             }
-            moved = float(config["check-sources"]) > 0 and "slot-sources" in config
+            z_min = config["check-sources"]
+            assert isinstance(z_min, float)
+            moved = z_min > 0 and "slot-sources" in config
             if moved:
                 candidates = sorted(set(sources))
                 losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
-                chosen, _ = choose_sources(
-                    losses, [candidates.index(g) for g in sources], float(config["check-sources"])
-                )
+                chosen, _ = choose_sources(losses, [candidates.index(g) for g in sources], z_min)
                 sources = [candidates[c] for c in chosen]
             # A few local steps barely move an adapter away from the mean it started from.
             scale = np.ones(4, np.float32)
