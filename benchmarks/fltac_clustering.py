@@ -29,18 +29,24 @@ from runner import fmt, run_all
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
-    "fltac": ("FL-TAC (default: fingerprints + source check)", "method=fltac"),
+    "fltac": ("FL-TAC (default: fingerprints + label-count split + source check)", "method=fltac"),
     "fltac_nocheck": (
-        "FL-TAC (fingerprints, no source check)",
+        "FL-TAC (fingerprints + label-count split, no source check)",
         "method=fltac fltac.source_check=false",
+    ),
+    "fltac_fingerprint": (
+        "FL-TAC (fingerprints only: previous default)",
+        "method=fltac fltac.source_check=false fltac.split_by_label_count=false",
     ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
-        "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false",
+        "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false"
+        " fltac.source_check=false fltac.split_by_label_count=false",
     ),
     "fltac_hybrid": (
-        "FL-TAC (fingerprints + update features, no source check)",
-        "method=fltac fltac.feature_source=cumulative+update fltac.source_check=false",
+        "FL-TAC (fingerprints + update features; no source check, no label-count split)",
+        "method=fltac fltac.feature_source=cumulative+update fltac.source_check=false"
+        " fltac.split_by_label_count=false",
     ),
     "oracle": ("Oracle clustering", "method=oracle"),
     "fedit": ("FedIT (rank 16)", "method=fedit"),

@@ -139,6 +139,7 @@ class FLTACConfig:
     input_fingerprint: bool = True
     source_check: bool = True
     source_check_z: float = 3.0
+    split_by_label_count: bool = True
 
 
 @dataclass

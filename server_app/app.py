@@ -57,6 +57,7 @@ def build_strategy(
     if name == "fltac":
         common["input_fingerprint"] = cfg.fltac.input_fingerprint
         common["source_check_z"] = cfg.fltac.source_check_z if cfg.fltac.source_check else None
+        common["split_by_label_count"] = cfg.fltac.split_by_label_count
     return STRATEGIES[name](
         template,
         num_clusters=k,

@@ -22,6 +22,14 @@ offline benchmark (see README):
   *data* is. The server centres the fingerprints on the round's pool, L2-normalises them and
   appends them to the adapter features (both blocks of unit norm). What this reveals to the
   server is documented in the README; ``fltac.input_fingerprint=false`` turns it off.
+* the clients' source check (``fltac.source_check``, default on): from round 2 a client scores
+  every global it was sent on its own tasks' training examples and may reassign its slots among
+  those globals, only on clear evidence (:func:`choose_sources`); it replies with the global
+  each slot started from, which the server checks and uses as the slot's previous global. It
+  undoes what fingerprints cannot: one client's two same-source tasks swapped in round 1.
+* the label-count split (``fltac.split_by_label_count``, default on): a task with C labels never
+  moves head rows C and up (they are masked out of its loss), so how many rows an adapter's
+  training moved is its task's label count, read exactly; K-means runs within each label count.
 * ``constrained_kmeans`` (default): a client trains one adapter per *distinct* local task, so the
   adapters of one upload never share a cluster. That structural fact, not a label, turns K-means
   into a per-client assignment problem and removes most round-1 mistakes; plain ``kmeans`` (the
@@ -270,6 +278,85 @@ def tasks_lower_bound(owners: Sequence[int]) -> int:
     """
     counts = Counter(int(o) for o in owners)
     return max(counts.values()) if counts else 1
+
+
+def head_label_counts(
+    adapters: Sequence[Adapter], starts: Sequence[Adapter], head_keys: Sequence[str]
+) -> np.ndarray:
+    """How many logits each adapter's training moved: its task's label count, read exactly.
+
+    Heads are shared-width and a task with C labels masks logits C and up out of its loss, so
+    its training never changes head rows C and up (exactly: their gradient is 0, and neither
+    Adam nor SGD moves a parameter with zero gradient when weight decay is 0).
+
+    Parameters
+    ----------
+    adapters, starts : Sequence[Mapping[str, np.ndarray]]
+        M uploaded adapters and the adapter each one started from this round.
+    head_keys : Sequence[str]
+        The head's tensors, each with the logit on axis 0 (weight ``(C_max, H)``, bias
+        ``(C_max,)``).
+
+    Returns
+    -------
+    np.ndarray
+        ``(M,)`` int: 1 + the last head row that moved (0: no row moved).
+    """
+    counts = np.zeros(len(adapters), dtype=np.int64)
+    for m, (adapter, start) in enumerate(zip(adapters, starts, strict=True)):
+        moved = np.zeros(0, dtype=bool)
+        for key in head_keys:
+            delta = np.asarray(adapter[key], np.float64) - np.asarray(start[key], np.float64)
+            rows = np.abs(delta.reshape(delta.shape[0], -1)).max(1) > 0
+            moved = rows if moved.size == 0 else moved | rows
+        counts[m] = int(np.flatnonzero(moved).max()) + 1 if moved.any() else 0
+    return counts
+
+
+def clusters_per_label_count(
+    counts: Sequence[int], owners: Sequence[int], k: int | None, bounds: Mapping[int, int]
+) -> dict[int, int] | None:
+    """Split K among the label-count groups (a cannot-link between different label counts).
+
+    Each group needs at least as many clusters as the most adapters one owner has in it (its
+    tasks are distinct), or as ``bounds`` (the same, over earlier rounds). With ``k=None``
+    (automatic K) that lower bound is the group's K. With a fixed ``k``, the clusters left over
+    go one at a time to the group with the most adapters per cluster.
+
+    Parameters
+    ----------
+    counts : Sequence[int]
+        ``(M,)`` label count of each adapter (:func:`head_label_counts`).
+    owners : Sequence[int]
+        ``(M,)`` owner of each adapter.
+    k : int | None
+        The total K, or None for automatic K.
+    bounds : Mapping[int, int]
+        Lower bound per label count seen in earlier rounds.
+
+    Returns
+    -------
+    dict[int, int] | None
+        Label count -> K of that group; None when a fixed ``k`` is smaller than the groups need
+        (then the caller clusters without the split).
+    """
+    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
+    sizes = {int(c): int(np.sum(counts_arr == c)) for c in sorted(set(counts_arr.tolist()))}
+    need = {
+        c: max(tasks_lower_bound(owners_arr[counts_arr == c].tolist()), bounds.get(c, 1))
+        for c in sizes
+    }
+    if k is None:
+        return need
+    if sum(need.values()) > k:
+        return None
+    split = dict(need)
+    for _ in range(k - sum(need.values())):
+        room = {c: sizes[c] / split[c] for c in split if split[c] < sizes[c]}
+        if not room:
+            break
+        split[max(room, key=lambda c: (room[c], -c))] += 1
+    return split
 
 
 def group_means(
@@ -533,6 +620,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         weighting: str = "uniform",
         input_fingerprint: bool = False,
         source_check_z: float | None = None,
+        split_by_label_count: bool = False,
         head_module: str = "classifier",
         seed: int = 0,
         fraction_train: float = 1.0,
@@ -575,6 +663,14 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
         self.source_check_z = source_check_z
+        self.split_by_label_count = split_by_label_count
+        try:
+            self.head_keys: list[str] | None = select_feature_keys(
+                list(self.template), "head", head_module
+            )
+        except ValueError:  # no head (a causal LM's adapter): nothing to read label counts from
+            self.head_keys = None
+        self.label_count_bounds: dict[int, int] = {}
         self.seed = seed
         self.fraction_train = fraction_train
         self.min_replies = min_replies
@@ -602,19 +698,60 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         ``None`` means "no aggregation" (the local-only baseline).
         """
         seed = self.seed + server_round
-        k = self.cluster_count(pool, features, seed)
-        if self.clustering == "constrained_kmeans":
-            owners = [e.node_id for e in pool]
-            found = constrained_kmeans_labels(features, owners, k, seed, self.kmeans_n_init)
-        else:
-            found = kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init)
-        labels = found.tolist()
+        labels = self.cluster(pool, features, seed)
         means = group_means([e.arrays for e in pool], labels, self.group_weights(pool))
         known = [gid for gid in self.globals if gid != "v0"]
         mapping = match_cluster_ids(
             labels, [e.previous_id for e in pool], known, means, self.globals
         )
         return [mapping[label] for label in labels]
+
+    def cluster(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> list[int]:
+        """K-means labels ``(M,)``: within each label-count group when the split is on."""
+        owners = np.asarray([e.node_id for e in pool])
+        split = self.label_count_split(pool)
+        if split is None:
+            k = self.cluster_count(pool, features, seed)
+            return self._kmeans(features, owners, k, seed).tolist()
+        counts, per_group = split
+        labels = np.zeros(len(pool), dtype=np.int64)
+        offset = 0
+        for count, k in sorted(per_group.items()):
+            rows = np.flatnonzero(counts == count)
+            labels[rows] = self._kmeans(features[rows], owners[rows], k, seed) + offset
+            offset += k
+        return labels.tolist()
+
+    def _kmeans(self, features: np.ndarray, owners: np.ndarray, k: int, seed: int) -> np.ndarray:
+        if self.clustering == "constrained_kmeans":
+            return constrained_kmeans_labels(features, owners, k, seed, self.kmeans_n_init)
+        return kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init)
+
+    def label_count_split(
+        self, pool: Sequence[PoolEntry]
+    ) -> tuple[np.ndarray, dict[int, int]] | None:
+        """Each adapter's label count ``(M,)`` and K per count, or None (no split this round).
+
+        See :func:`head_label_counts` and :func:`clusters_per_label_count`.
+        """
+        if not self.split_by_label_count or self.head_keys is None:
+            return None
+        starts = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
+        counts = head_label_counts([e.arrays for e in pool], starts, self.head_keys)
+        if np.any(counts == 0):
+            log(WARNING, "an adapter's head did not move: no split by label count this round")
+            return None
+        owners = [e.node_id for e in pool]
+        k = None if self.num_clusters == "auto" else int(self.num_clusters)
+        per_group = clusters_per_label_count(counts, owners, k, self.label_count_bounds)
+        if per_group is None:
+            log(WARNING, "K=%s is below what the label counts prove: no split", k)
+            return None
+        for count in per_group:
+            seen = tasks_lower_bound([o for o, c in zip(owners, counts, strict=True) if c == count])
+            self.label_count_bounds[count] = max(self.label_count_bounds.get(count, 1), seen)
+        self._record["clusters_per_label_count"] = {str(c): k for c, k in per_group.items()}
+        return counts, per_group
 
     def cluster_count(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> int:
         """K this round: the configured int, or ``auto``.
@@ -646,6 +783,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
             "source_check_z": self.source_check_z,
+            "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
         }

@@ -88,6 +88,8 @@ def test_fltac_finds_tasks_that_share_a_label_count(
     run = tmp_path / "binary"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["clustering_agreement"] for r in rounds] == [1.0, 1.0]
+    # The clients' source check ran (round 1 has no globals to check) and kept a right plan.
+    assert [r["source_swaps"] for r in rounds] == [0, 0]
     for record in rounds:
         # Each group holds one true task, and every task has a group of its own.
         makeup = record["group_tasks"].values()
