@@ -13,6 +13,7 @@ from client_app.training import Encoded, evaluate_adapter, example_losses
 from fedspecialists.config import load_config
 from fedspecialists.models import build_preprocessor, get_adapter_model, initial_adapter
 from fedspecialists.records import SOURCES_RECORD, record_to_numpy, state_to_record
+from strategies.fltac import head_label_counts, select_feature_keys
 
 OVERRIDES = "model=minilm suite=tiny_text train.num_threads=1"
 
@@ -45,6 +46,17 @@ def task_globals() -> dict[str, dict[str, np.ndarray]]:
     return {
         f"g{i}": record_to_numpy(reply.content.array_records[f"adapter.slot{i}"]) for i in range(3)
     }
+
+
+def test_real_heads_move_exactly_as_many_rows_as_their_task_has_labels(
+    task_globals: dict[str, dict[str, np.ndarray]],
+) -> None:
+    # tiny_text: bbc_topic (5 labels), tweet_sentiment (3), movie_sentiment (2), all from v0.
+    cfg = load_config(OVERRIDES)
+    v0 = {k: v.numpy() for k, v in initial_adapter(cfg, 5).items()}
+    heads = select_feature_keys(list(v0), "head", cfg.model.head_module)
+    adapters = [task_globals[f"g{i}"] for i in range(3)]
+    assert head_label_counts(adapters, [v0] * 3, heads).tolist() == [5, 3, 2]
 
 
 def test_the_client_undoes_a_swapped_pair_and_says_so(

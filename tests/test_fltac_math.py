@@ -11,10 +11,12 @@ from strategies.fltac import (
     choose_k,
     choose_sources,
     clustering_agreement,
+    clusters_per_label_count,
     constrained_kmeans_labels,
     fingerprint_features,
     group_means,
     head_input_width,
+    head_label_counts,
     kmeans_labels,
     match_cluster_ids,
     node_payload,
@@ -226,3 +228,35 @@ def test_choose_sources_with_more_slots_than_globals_picks_per_slot() -> None:
     assert chosen == [0, 1, 1]
     gains = np.array([0.9, 0.8, 1.0, 1.0])
     assert z == pytest.approx(gains.mean() / (gains.std(ddof=1) / 2))
+
+
+HEAD_W, HEAD_B = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
+
+
+def test_head_label_counts_read_the_last_row_that_moved() -> None:
+    start = {HEAD_W: np.zeros((5, 2)), HEAD_B: np.zeros(5)}
+    two = {HEAD_W: np.zeros((5, 2)), HEAD_B: np.array([0.1, -0.1, 0.0, 0.0, 0.0])}
+    three = {HEAD_W: np.zeros((5, 2)), HEAD_B: np.zeros(5)}
+    three[HEAD_W][2, 1] = 1e-7  # only the weight of row 2 moved: still three logits
+    still = {HEAD_W: np.zeros((5, 2)), HEAD_B: np.zeros(5)}
+    counts = head_label_counts([two, three, still], [start] * 3, [HEAD_B, HEAD_W])
+    assert counts.tolist() == [2, 3, 0]
+
+
+def test_clusters_per_label_count_automatic_is_each_groups_lower_bound() -> None:
+    # Owner 1 holds two binary tasks and one 3-way task; owner 2 one of each.
+    counts = [2, 2, 3, 2, 3]
+    owners = [1, 1, 1, 2, 2]
+    assert clusters_per_label_count(counts, owners, None, {}) == {2: 2, 3: 1}
+    # An earlier round proved three binary tasks: the bound is kept.
+    assert clusters_per_label_count(counts, owners, None, {2: 3}) == {2: 3, 3: 1}
+
+
+def test_clusters_per_label_count_spreads_the_fixed_k_by_adapters_per_cluster() -> None:
+    # Needs: count 2 -> 1 cluster (6 adapters), count 3 -> 1 (2 adapters). K = 4 leaves two:
+    # the first to count 2 (6/1 > 2/1), the second again to count 2 (6/2 = 3 > 2/1).
+    counts = [2] * 6 + [3] * 2
+    owners = [1, 2, 3, 4, 5, 6, 1, 2]
+    assert clusters_per_label_count(counts, owners, 4, {}) == {2: 3, 3: 1}
+    # A K below what the groups need: no split.
+    assert clusters_per_label_count(counts, owners, 1, {}) is None

@@ -583,6 +583,23 @@ def test_a_sources_record_is_rejected_when_the_check_is_off(
     assert "the source check is off" in " ".join(r.getMessage() for r in caplog.records)
 
 
+def test_adapters_of_different_label_counts_never_share_a_cluster() -> None:
+    # Node 2's head moved two logits but points where the one-logit heads do.
+    adapters = {1: _adapter(1, 0), 2: _adapter(1, 0.01), 3: _adapter(0, 1), 4: _adapter(1, 0)}
+
+    def run(split: bool) -> dict[int, list[str]]:
+        strategy = TaskAdapterClustering(V0, num_clusters=2, split_by_label_count=split)
+        _round(
+            strategy, 1, FakeGrid([1, 2, 3, 4]), lambda m: [_reply(m[n], [adapters[n]]) for n in m]
+        )
+        return strategy.node_slots
+
+    plain = run(split=False)
+    assert plain[2] == plain[1] == plain[4] != plain[3]  # the features alone: 2 joins 1 and 4
+    split = run(split=True)
+    assert split[2] == split[3] != split[1] == split[4]
+
+
 def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
     # Prepare: one round done, so a slot's previous global is known.
     grid = FakeGrid([1])
