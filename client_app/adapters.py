@@ -148,12 +148,13 @@ def _load_sources(
     return sources
 
 
-def check_sources(msg: Message, setup: Setup, z_min: float) -> tuple[int, float]:
+def check_sources(msg: Message, setup: Setup, min_llr: float) -> tuple[int, float]:
     """FL-TAC's client-side source check (see :func:`strategies.fltac.choose_sources`).
 
     Every global adapter the server sent is scored on every slot's training examples; where the
-    evidence for a one-to-one reassignment reaches ``z_min``, the slots are reloaded from the
-    globals chosen and ``setup.sources`` is updated. Returns (slots changed, the z statistic).
+    evidence for a one-to-one reassignment reaches ``min_llr`` (nats), the slots are reloaded
+    from the globals chosen and ``setup.sources`` is updated. Returns (slots changed, the
+    log-likelihood ratio of the best change).
     """
     candidates = sorted({s for s in setup.sources if s not in ("local", "v0")})
     if len(candidates) < 2 or any(s not in candidates for s in setup.sources):
@@ -169,7 +170,7 @@ def check_sources(msg: Message, setup: Setup, z_min: float) -> tuple[int, float]
             )
         )
     current = [candidates.index(s) for s in setup.sources]
-    chosen, z = choose_sources(losses, current, z_min)
+    chosen, llr = choose_sources(losses, current, min_llr)
     changed = [i for i in range(len(chosen)) if chosen[i] != current[i]]
     for i in changed:
         record = msg.content.array_records[f"{ADAPTER_PREFIX}{candidates[chosen[i]]}"]
@@ -178,12 +179,12 @@ def check_sources(msg: Message, setup: Setup, z_min: float) -> tuple[int, float]
     if changed:
         log(
             INFO,
-            "partition %s: source check moved slots %s (z=%.1f)",
+            "partition %s: source check moved slots %s (log-likelihood ratio %.1f)",
             setup.partition[0],
             changed,
-            z,
+            llr,
         )
-    return len(changed), float(z) if np.isfinite(z) else float(np.sign(z) * 1e9)
+    return len(changed), llr
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -193,8 +194,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, partition = setup.cfg, setup.partition
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
-    z_min = float(msg.content.config_records["config"].get("check-sources", 0.0))  # type: ignore[arg-type]
-    check = check_sources(msg, setup, z_min) if z_min > 0 else None
+    min_llr = float(msg.content.config_records["config"].get("check-sources", 0.0))  # type: ignore[arg-type]
+    check = check_sources(msg, setup, min_llr) if min_llr > 0 else None
     reply = RecordDict()
     examples: list[int] = []
     weighted_loss = 0.0
@@ -222,7 +223,7 @@ def train(msg: Message, context: Context) -> Message:
     if check is not None:
         # Which received global each slot started from (a permutation of the server's plan).
         reply.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": setup.sources})
-        metrics["source-swaps"], metrics["source-check-z"] = check
+        metrics["source-swaps"], metrics["source-check-llr"] = check
     reply.metric_records["metrics"] = MetricRecord(metrics)
     if cfg.report_true_tasks:
         # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.

@@ -138,7 +138,7 @@ class FLTACConfig:
     kmeans_n_init: int = 10
     input_fingerprint: bool = True
     source_check: bool = True
-    source_check_z: float = 3.0
+    source_check_llr: float = 4.6
     split_by_label_count: bool = True
 
 
@@ -386,7 +386,7 @@ def validate(cfg: DictConfig) -> None:
         "must be 'uniform' or 'samples'",
     )
     _check(cfg.fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
-    _check(cfg.fltac.source_check_z > 0, "fltac.source_check_z", "must be > 0")
+    _check(cfg.fltac.source_check_llr > 0, "fltac.source_check_llr", "must be > 0")
     _check(cfg.federation.num_clients >= 1, "federation.num_clients", "must be >= 1")
     _check(
         0.0 < cfg.federation.fraction_train <= 1.0,

@@ -56,7 +56,7 @@ def build_strategy(
     k = num_clusters(cfg)
     if name == "fltac":
         common["input_fingerprint"] = cfg.fltac.input_fingerprint
-        common["source_check_z"] = cfg.fltac.source_check_z if cfg.fltac.source_check else None
+        common["source_check_llr"] = cfg.fltac.source_check_llr if cfg.fltac.source_check else None
         common["split_by_label_count"] = cfg.fltac.split_by_label_count
     return STRATEGIES[name](
         template,

@@ -446,31 +446,18 @@ def clustering_agreement(true_tasks: Sequence[str], labels: Sequence[int]) -> fl
     return float(adjusted_rand_score(list(true_tasks), list(labels)))
 
 
-def paired_z(differences: np.ndarray) -> float:
-    """One-sample z statistic of paired differences ``(N,)``: mean / standard error.
-
-    Zero differences give 0; a constant positive (negative) difference gives +inf (-inf).
-    """
-    d = np.asarray(differences, dtype=np.float64).ravel()
-    if d.size == 0 or not np.any(d):
-        return 0.0
-    spread = float(d.std(ddof=1)) if d.size > 1 else 0.0
-    if spread <= 1e-12:
-        return float(np.copysign(np.inf, d.mean()))
-    return float(d.mean() / (spread / np.sqrt(d.size)))
-
-
 def choose_sources(
-    losses: Sequence[np.ndarray], current: Sequence[int], z_min: float
+    losses: Sequence[np.ndarray], current: Sequence[int], min_llr: float
 ) -> tuple[list[int], float]:
     """Client-side source check: which received global each task slot should start from.
 
     IFCA's client-side cluster estimation, restricted to the clusters the server already put
     this client in: the client's slots are distinct tasks, so the best start is a one-to-one
     assignment of slots to the received global adapters that minimises the summed loss on the
-    slots' own examples. The server's assignment is kept unless the change is clear evidence:
-    the per-example loss reductions of the slots that change have a z statistic of at least
-    ``z_min``.
+    slots' own examples. Losses are negative log-likelihoods of the labels, so the summed loss
+    reduction of a reassignment is its log-likelihood ratio against the server's plan; the plan
+    is kept unless that ratio reaches ``min_llr`` (nats: ln 100 = 4.6 means the labels are 100
+    times likelier under the change).
 
     Parameters
     ----------
@@ -479,13 +466,14 @@ def choose_sources(
         the slot's ``n_i`` examples.
     current : Sequence[int]
         ``(S,)`` candidate index each slot starts from now (the server's assignment).
-    z_min : float
-        Evidence needed to change anything.
+    min_llr : float
+        Evidence needed to change anything, in nats.
 
     Returns
     -------
     tuple[list[int], float]
-        Candidate index per slot, and the z statistic of the best change (0.0: no change found).
+        Candidate index per slot, and the log-likelihood ratio of the best change over the plan
+        (0.0: the plan is already the best).
     """
     num_slots = len(losses)
     if num_slots == 0:
@@ -497,18 +485,11 @@ def choose_sources(
         proposal = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
     else:  # fewer clusters than slots (plain K-means merged two): each slot on its own
         proposal = [int(c) for c in total.argmin(1)]
-    changed = [i for i in range(num_slots) if proposal[i] != current[i]]
-    if not changed:
+    slots = range(num_slots)
+    llr = float(sum(total[i, current[i]] - total[i, proposal[i]] for i in slots))
+    if llr <= 0.0:
         return list(current), 0.0
-    gains = np.concatenate(
-        [
-            np.asarray(losses[i], np.float64)[:, current[i]]
-            - np.asarray(losses[i], np.float64)[:, proposal[i]]
-            for i in changed
-        ]
-    )
-    z = paired_z(gains)
-    return (proposal if z >= z_min else list(current)), z
+    return (proposal if llr >= min_llr else list(current)), llr
 
 
 def node_payload(slot_ids: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -619,7 +600,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         normalize: bool = True,
         weighting: str = "uniform",
         input_fingerprint: bool = False,
-        source_check_z: float | None = None,
+        source_check_llr: float | None = None,
         split_by_label_count: bool = False,
         head_module: str = "classifier",
         seed: int = 0,
@@ -646,8 +627,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, not {min_replies}")
-        if source_check_z is not None and not source_check_z > 0:
-            raise ValueError(f"source_check_z must be > 0 or None, not {source_check_z}")
+        if source_check_llr is not None and not source_check_llr > 0:
+            raise ValueError(f"source_check_llr must be > 0 or None, not {source_check_llr}")
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
         # first valid reply's, e.g. a causal LM whose adapter carries no head).
@@ -662,7 +643,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.normalize = normalize
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
-        self.source_check_z = source_check_z
+        self.source_check_llr = source_check_llr
         self.split_by_label_count = split_by_label_count
         try:
             self.head_keys: list[str] | None = select_feature_keys(
@@ -724,7 +705,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
 
     def _kmeans(self, features: np.ndarray, owners: np.ndarray, k: int, seed: int) -> np.ndarray:
         if self.clustering == "constrained_kmeans":
-            return constrained_kmeans_labels(features, owners, k, seed, self.kmeans_n_init)
+            return constrained_kmeans_labels(features, owners.tolist(), k, seed, self.kmeans_n_init)
         return kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init)
 
     def label_count_split(
@@ -743,7 +724,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             return None
         owners = [e.node_id for e in pool]
         k = None if self.num_clusters == "auto" else int(self.num_clusters)
-        per_group = clusters_per_label_count(counts, owners, k, self.label_count_bounds)
+        per_group = clusters_per_label_count(counts.tolist(), owners, k, self.label_count_bounds)
         if per_group is None:
             log(WARNING, "K=%s is below what the label counts prove: no split", k)
             return None
@@ -782,7 +763,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "normalize": self.normalize,
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
-            "source_check_z": self.source_check_z,
+            "source_check_llr": self.source_check_llr,
             "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
@@ -920,7 +901,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         cfg["server-round"] = server_round
         cfg["keep-local"] = self.keep_local
         cfg["send-fingerprint"] = self.input_fingerprint
-        cfg["check-sources"] = float(self.source_check_z or 0.0)
+        cfg["check-sources"] = float(self.source_check_llr or 0.0)
         if slot_ids is None:
             # A node not heard from yet: every one of its task slots starts from v0.
             needed: list[str] = ["v0"]
@@ -1001,7 +982,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         record = content.config_records.get(SOURCES_RECORD)
         if record is None:
             return None, list(planned)
-        if self.source_check_z is None:
+        if self.source_check_llr is None:
             return f"a '{SOURCES_RECORD}' record, but the source check is off", []
         used = record.get("slot-sources")
         if not isinstance(used, list) or len(used) != len(planned):
@@ -1073,7 +1054,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "num_adapters": len(pool),
             "groups": dict(sorted(Counter(groups).items())),
         }
-        if self.source_check_z is not None:
+        if self.source_check_llr is not None:
             record["source_swaps"] = sum(e.moved for e in pool)
         if has_truth:
             if ids is not None and self.reports_clustering:

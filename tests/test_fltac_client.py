@@ -63,12 +63,12 @@ def test_the_client_undoes_a_swapped_pair_and_says_so(
     task_globals: dict[str, dict[str, np.ndarray]],
 ) -> None:
     # The server starts slot 0 (bbc_topic) from slot 1's global and slot 1 from slot 0's.
-    msg = _message(2, task_globals, **{"slot-sources": ["g1", "g0", "g2"], "check-sources": 3.0})
+    msg = _message(2, task_globals, **{"slot-sources": ["g1", "g0", "g2"], "check-sources": 4.6})
     reply = train(msg, _context())
     assert list(reply.content.config_records[SOURCES_RECORD]["slot-sources"]) == ["g0", "g1", "g2"]  # type: ignore[arg-type]
     metrics = reply.content.metric_records["metrics"]
     assert metrics["source-swaps"] == 2
-    assert float(metrics["source-check-z"]) >= 3.0  # type: ignore[arg-type]
+    assert float(metrics["source-check-llr"]) >= 4.6  # type: ignore[arg-type]
 
 
 def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
@@ -76,7 +76,7 @@ def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
 ) -> None:
     right = ["g0", "g1", "g2"]
     kept = train(
-        _message(2, task_globals, **{"slot-sources": right, "check-sources": 3.0}), _context()
+        _message(2, task_globals, **{"slot-sources": right, "check-sources": 4.6}), _context()
     )
     assert list(kept.content.config_records[SOURCES_RECORD]["slot-sources"]) == right  # type: ignore[arg-type]
     assert kept.content.metric_records["metrics"]["source-swaps"] == 0

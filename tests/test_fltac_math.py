@@ -20,7 +20,6 @@ from strategies.fltac import (
     kmeans_labels,
     match_cluster_ids,
     node_payload,
-    paired_z,
     select_feature_keys,
     tasks_lower_bound,
 )
@@ -177,57 +176,45 @@ def test_head_input_width_reads_the_heads_in_features() -> None:
     assert head_input_width({KEYS[0]: np.zeros((1, 2))}) is None
 
 
-def test_paired_z_is_mean_over_standard_error() -> None:
-    # [1, 2, 3]: mean 2, sample std 1, standard error 1/sqrt(3), z = 2 sqrt(3).
-    assert paired_z(np.array([1.0, 2.0, 3.0])) == pytest.approx(2 * np.sqrt(3))
-    assert paired_z(np.array([])) == 0.0
-    assert paired_z(np.zeros(4)) == 0.0
-    assert paired_z(np.array([0.5, 0.5])) == np.inf
-    assert paired_z(np.array([-2.0])) == -np.inf
-
-
-def test_choose_sources_swaps_on_clear_evidence() -> None:
+def test_choose_sources_swaps_when_the_labels_favour_it_enough() -> None:
     # Two slots, two received globals; the server started slot 0 from global 0, slot 1 from 1.
     slot0 = np.array([[1.0, 0.2], [0.9, 0.1], [1.1, 0.3]])  # (3 examples, 2 globals)
     slot1 = np.array([[0.1, 1.0], [0.2, 0.8], [0.3, 1.2]])
-    # Summed: slot 0 (3.0, 0.6), slot 1 (0.6, 3.0): the swap costs 1.2 against 6.0.
-    # Gains: slot 0 (0.8, 0.8, 0.8), slot 1 (0.9, 0.6, 0.9): mean 0.8, sample variance 0.012,
-    # standard error sqrt(0.012 / 6) = sqrt(0.002), z = 0.8 / sqrt(0.002) = 17.8885.
-    chosen, z = choose_sources([slot0, slot1], [0, 1], z_min=3.0)
+    # Summed: slot 0 (3.0, 0.6), slot 1 (0.6, 3.0). The plan costs 6.0 nats, the swap 1.2:
+    # log-likelihood ratio 4.8.
+    chosen, llr = choose_sources([slot0, slot1], [0, 1], min_llr=4.6)
     assert chosen == [1, 0]
-    assert z == pytest.approx(0.8 / np.sqrt(0.002))
-    kept, z_again = choose_sources([slot0, slot1], [0, 1], z_min=20.0)
-    assert kept == [0, 1] and z_again == pytest.approx(z)
+    assert llr == pytest.approx(4.8)
+    kept, llr_again = choose_sources([slot0, slot1], [0, 1], min_llr=5.0)
+    assert kept == [0, 1] and llr_again == pytest.approx(4.8)
 
 
 def test_choose_sources_keeps_the_plan_on_weak_evidence() -> None:
-    # The swap is better in sum (2.1 against 2.4) but its gains (0.5, -0.3, -0.1, 0.2) have
-    # mean 0.075, sample std 0.35, standard error 0.175: z = 3/7.
+    # The swap is better in sum (2.1 nats against 2.4): a ratio of 0.3, far below ln 100.
     slot0 = np.array([[1.0, 0.5], [0.3, 0.6]])
     slot1 = np.array([[0.6, 0.5], [0.4, 0.6]])
-    chosen, z = choose_sources([slot0, slot1], [0, 1], z_min=3.0)
+    chosen, llr = choose_sources([slot0, slot1], [0, 1], min_llr=4.6)
     assert chosen == [0, 1]
-    assert z == pytest.approx(3 / 7)
+    assert llr == pytest.approx(0.3)
 
 
 def test_choose_sources_with_the_best_plan_already_reports_no_change() -> None:
     slot0 = np.array([[0.1, 1.0]])
     slot1 = np.array([[1.0, 0.1]])
-    assert choose_sources([slot0, slot1], [0, 1], z_min=3.0) == ([0, 1], 0.0)
+    assert choose_sources([slot0, slot1], [0, 1], min_llr=4.6) == ([0, 1], 0.0)
 
 
 def test_choose_sources_with_more_slots_than_globals_picks_per_slot() -> None:
     # Three slots, two globals: no one-to-one plan exists, each slot takes its own best.
     slots = [
-        np.array([[0.1, 1.0], [0.2, 1.0]]),
-        np.array([[1.0, 0.1], [1.0, 0.2]]),
-        np.array([[1.0, 0.0], [1.0, 0.0]]),
+        np.array([[0.1, 3.0], [0.2, 3.0]]),
+        np.array([[3.0, 0.1], [3.0, 0.2]]),
+        np.array([[3.0, 0.0], [3.0, 0.0]]),
     ]
-    chosen, z = choose_sources(slots, [0, 0, 0], z_min=3.0)
-    # Changed: slots 1 and 2; gains (0.9, 0.8, 1.0, 1.0): mean 0.925, std 0.0957, z = 19.33.
+    chosen, llr = choose_sources(slots, [0, 0, 0], min_llr=4.6)
+    # Slots 1 and 2 move: (6.0 - 0.3) + (6.0 - 0.0) = 11.7 nats.
     assert chosen == [0, 1, 1]
-    gains = np.array([0.9, 0.8, 1.0, 1.0])
-    assert z == pytest.approx(gains.mean() / (gains.std(ddof=1) / 2))
+    assert llr == pytest.approx(11.7)
 
 
 HEAD_W, HEAD_B = "base_model.model.classifier.weight", "base_model.model.classifier.bias"

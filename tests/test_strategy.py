@@ -425,13 +425,13 @@ def _recovering_run(
     input_fingerprint: bool,
     rounds: int = 6,
     strategy_cls: type[TaskAdapterClustering] | None = None,
-    source_check_z: float | None = None,
+    source_check_llr: float | None = None,
     pair_alike: bool = False,
     shrinking_steps: bool = False,
 ) -> tuple[list[float], list[dict[int, list[str]]]]:
     """Agreement and slot ids per round; clients train like real ones (start + a small step).
 
-    With ``source_check_z`` the clients run :func:`choose_sources` on synthetic losses and say
+    With ``source_check_llr`` the clients run :func:`choose_sources` on synthetic losses and say
     which global each slot used, as the real ClientApp does. With ``shrinking_steps`` the task
     step of round r is 1/r^2 of round 1's, as training that converges moves less each round.
     """
@@ -441,7 +441,7 @@ def _recovering_run(
         num_clusters=3,
         seed=0,
         input_fingerprint=input_fingerprint,
-        source_check_z=source_check_z,
+        source_check_llr=source_check_llr,
         max_abs_value=1e4,
     )
     rng = np.random.default_rng(0)
@@ -456,13 +456,13 @@ def _recovering_run(
             starts = {
                 g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources
             }
-            z_min = config["check-sources"]
-            assert isinstance(z_min, float)
-            moved = z_min > 0 and "slot-sources" in config
+            min_llr = config["check-sources"]
+            assert isinstance(min_llr, float)
+            moved = min_llr > 0 and "slot-sources" in config
             if moved:
                 candidates = sorted(set(sources))
                 losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
-                chosen, _ = choose_sources(losses, [candidates.index(g) for g in sources], z_min)
+                chosen, _ = choose_sources(losses, [candidates.index(g) for g in sources], min_llr)
                 sources = [candidates[c] for c in chosen]
             # A few local steps barely move an adapter away from the mean it started from.
             scale = np.ones(4, np.float32)
@@ -523,7 +523,7 @@ def test_a_swapped_same_source_pair_freezes_without_the_source_check() -> None:
 
 def test_the_source_check_undoes_a_swapped_pair_in_round_two_and_holds() -> None:
     agreement, slots = _recovering_run(
-        True, strategy_cls=_SwappedPair, source_check_z=3.0, pair_alike=True, shrinking_steps=True
+        True, strategy_cls=_SwappedPair, source_check_llr=4.6, pair_alike=True, shrinking_steps=True
     )
     assert agreement[0] < 1.0
     assert _holds_from(agreement, slots) == 2
@@ -531,7 +531,7 @@ def test_the_source_check_undoes_a_swapped_pair_in_round_two_and_holds() -> None
 
 def test_the_default_undoes_a_permuted_first_round_by_round_three_and_holds() -> None:
     # Fingerprints and the source check together (the default) on the permutation.
-    agreement, slots = _recovering_run(True, source_check_z=3.0)
+    agreement, slots = _recovering_run(True, source_check_llr=4.6)
     assert agreement[0] < 0
     assert _holds_from(agreement, slots) <= 3
 
@@ -540,7 +540,7 @@ def test_the_source_check_is_asked_for_and_its_choices_are_checked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     grid = FakeGrid([1, 2, 3])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, source_check_z=3.0)
+    strategy = TaskAdapterClustering(V0, num_clusters=2, source_check_llr=4.6)
     both = [_adapter(1, 0), _adapter(0, 1)]
     _round(strategy, 1, grid, lambda m: [_reply(m[n], both) for n in (1, 2, 3)])
     plan = strategy.node_slots[1]
@@ -548,7 +548,7 @@ def test_the_source_check_is_asked_for_and_its_choices_are_checked(
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         assert all(
-            m.content.config_records["config"]["check-sources"] == 3.0 for m in messages.values()
+            m.content.config_records["config"]["check-sources"] == 4.6 for m in messages.values()
         )
         moved = _reply(messages[1], both)
         moved.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": plan[::-1]})
