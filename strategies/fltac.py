@@ -41,6 +41,7 @@ offline benchmark (see README):
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -528,6 +529,17 @@ class PoolEntry:
     moved: bool = False  # the client's source check started it from another of its globals
 
 
+def entry_digest(entry: PoolEntry) -> str:
+    """SHA-256 of an uploaded adapter's tensors (sorted by name) and its fingerprint."""
+    digest = hashlib.sha256()
+    for key in sorted(entry.arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(entry.arrays[key]).tobytes())
+    if entry.fingerprint is not None:
+        digest.update(np.ascontiguousarray(entry.fingerprint).tobytes())
+    return digest.hexdigest()
+
+
 class TaskAdapterClustering(RoundBookkeeping, Strategy):
     """FL-TAC's server (Flower Message API): cluster all task adapters, average per cluster.
 
@@ -820,8 +832,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             )
             self._record["aggregated"] = False
             return None, None
-        # Replies arrive in any order; K-means++ and ties depend on row order, so fix it.
-        pool.sort(key=lambda e: (e.node_id, e.slot))
+        # Replies arrive in any order and node ids are drawn anew by every federation, while
+        # K-means++ and ties depend on row order: order by content, the same in every run.
+        pool.sort(key=entry_digest)
         self._aggregate(server_round, pool)
         train_loss = (
             sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))

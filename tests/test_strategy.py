@@ -583,6 +583,27 @@ def test_a_sources_record_is_rejected_when_the_check_is_off(
     assert "the source check is off" in " ".join(r.getMessage() for r in caplog.records)
 
 
+def test_the_grouping_does_not_depend_on_reply_order_or_node_ids() -> None:
+    # Six uploads whose K-means depends on where it starts; the same uploads reach a second
+    # federation (other node ids) in reverse order.
+    uploads = [_adapter(1, 0), _adapter(0.8, 0.5), _adapter(0.5, 0.8), _adapter(0, 1),
+               _adapter(0.7, 0.7), _adapter(0.9, 0.2)]  # fmt: skip
+
+    def means(nodes: list[int], arrival: list[int]) -> list[list[float]]:
+        strategy = TaskAdapterClustering(V0, num_clusters=2, kmeans_n_init=1)
+        by_node = dict(zip(nodes, uploads, strict=True))
+        _round(
+            strategy,
+            1,
+            FakeGrid(sorted(nodes)),
+            lambda m: [_reply(m[n], [by_node[n]]) for n in arrival],
+        )
+        return sorted(a[A].ravel().round(6).tolist() for a in strategy.final_adapters().values())
+
+    first = means([1, 2, 3, 4, 5, 6], arrival=[1, 2, 3, 4, 5, 6])
+    assert first == means([60, 50, 40, 30, 20, 10], arrival=[10, 20, 30, 40, 50, 60])
+
+
 def test_adapters_of_different_label_counts_never_share_a_cluster() -> None:
     # Node 2's head moved two logits but points where the one-logit heads do.
     adapters = {1: _adapter(1, 0), 2: _adapter(1, 0.01), 3: _adapter(0, 1), 4: _adapter(1, 0)}
