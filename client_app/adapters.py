@@ -65,11 +65,15 @@ class Setup:
     def encoded(self, task: ClientTask, split: str) -> Encoded:
         return _encoded(self.overrides, self.partition, task, split)
 
+    def training_data(self, slot: Slot) -> Encoded:
+        """Every training example of the slot's tasks."""
+        return concat([self.encoded(t, "train") for t in slot.tasks])
+
     def fingerprint(self, slot: Slot) -> np.ndarray:
         """The slot's input fingerprint ``(H,)``, computed once per process (inputs are fixed)."""
         key = (self.overrides, *self.partition, slot.name)
         if key not in _FINGERPRINTS:
-            enc = concat([self.encoded(t, "train") for t in slot.tasks])
+            enc = self.training_data(slot)
             _FINGERPRINTS[key] = input_fingerprint(
                 self.adapters, enc, self.cfg.train.eval_batch_size, self.cfg.model.head_module
             )
@@ -163,7 +167,7 @@ def check_sources(msg: Message, setup: Setup, min_llr: float) -> tuple[int, floa
     batch_size = setup.cfg.train.eval_batch_size
     losses = []
     for slot in setup.slots:
-        enc = concat([setup.encoded(t, "train") for t in slot.tasks])
+        enc = setup.training_data(slot)
         losses.append(
             np.stack(
                 [example_losses(setup.adapters, holder[c], enc, batch_size) for c in candidates], 1
@@ -200,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     examples: list[int] = []
     weighted_loss = 0.0
     for i, slot in enumerate(setup.slots):
-        enc = concat([setup.encoded(t, "train") for t in slot.tasks])
+        enc = setup.training_data(slot)
         seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
         loss, _ = train_adapter(setup.adapters, slot.name, enc, cfg.train, seed)
         record = state_to_record(setup.adapters.state(slot.name))

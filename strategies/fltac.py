@@ -314,6 +314,23 @@ def head_label_counts(
     return counts
 
 
+def label_count_bounds(
+    counts: Sequence[int], owners: Sequence[int], bounds: Mapping[int, int]
+) -> dict[int, int]:
+    """Fewest tasks each label count proves: the most adapters one owner has of it, or ``bounds``.
+
+    Returns
+    -------
+    dict[int, int]
+        Label count -> lower bound on its number of tasks (at least 1).
+    """
+    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
+    return {
+        int(c): max(tasks_lower_bound(owners_arr[counts_arr == c].tolist()), bounds.get(int(c), 1))
+        for c in sorted(set(counts_arr.tolist()))
+    }
+
+
 def clusters_per_label_count(
     counts: Sequence[int], owners: Sequence[int], k: int | None, bounds: Mapping[int, int]
 ) -> dict[int, int] | None:
@@ -341,12 +358,8 @@ def clusters_per_label_count(
         Label count -> K of that group; None when a fixed ``k`` is smaller than the groups need
         (then the caller clusters without the split).
     """
-    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
-    sizes = {int(c): int(np.sum(counts_arr == c)) for c in sorted(set(counts_arr.tolist()))}
-    need = {
-        c: max(tasks_lower_bound(owners_arr[counts_arr == c].tolist()), bounds.get(c, 1))
-        for c in sizes
-    }
+    need = label_count_bounds(counts, owners, bounds)
+    sizes = {c: int(np.sum(np.asarray(counts) == c)) for c in need}
     if k is None:
         return need
     if sum(need.values()) > k:
@@ -729,8 +742,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         """
         if not self.split_by_label_count or self.head_keys is None:
             return None
-        starts = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
-        counts = head_label_counts([e.arrays for e in pool], starts, self.head_keys)
+        counts = head_label_counts([e.arrays for e in pool], self._starts(pool), self.head_keys)
         if np.any(counts == 0):
             log(WARNING, "an adapter's head did not move: no split by label count this round")
             return None
@@ -740,9 +752,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         if per_group is None:
             log(WARNING, "K=%s is below what the label counts prove: no split", k)
             return None
-        for count in per_group:
-            seen = tasks_lower_bound([o for o, c in zip(owners, counts, strict=True) if c == count])
-            self.label_count_bounds[count] = max(self.label_count_bounds.get(count, 1), seen)
+        self.label_count_bounds.update(
+            label_count_bounds(counts.tolist(), owners, self.label_count_bounds)
+        )
         self._record["clusters_per_label_count"] = {str(c): k for c, k in per_group.items()}
         return counts, per_group
 
@@ -1028,14 +1040,18 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             self.fingerprint_width = int(found[0].size)
         return None, found
 
+    def _starts(self, pool: Sequence[PoolEntry]) -> list[dict[str, np.ndarray]]:
+        """The global each pooled adapter started from this round."""
+        # A "local" slot's previous adapter never reached the server: v0 stands in.
+        return [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
+
     def clustering_features(self, pool: Sequence[PoolEntry]) -> np.ndarray:
         """``(M, D)`` rows K-means sees: adapter features, then fingerprints where asked for."""
         blocks = []
         for source in self.feature_source.split("+"):
             references = None
             if source == "update":
-                # A "local" slot's previous adapter never reached the server: v0 stands in.
-                references = [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
+                references = self._starts(pool)
             elif source == "cumulative":
                 references = [self.globals["v0"]] * len(pool)
             arrays = [e.arrays for e in pool]
