@@ -51,10 +51,16 @@ from fedspecialists.moe import (
     load_balancing_loss,
     part_of,
 )
-from fedspecialists.peer import ExpertRef, LocalPeerStore, PeerFetchError, PeerTransport
+from fedspecialists.peer import (
+    ChangedOnlyFetch,
+    ExpertRef,
+    LocalPeerStore,
+    PeerFetchError,
+    PeerTransport,
+)
 from fedspecialists.peer_grpc import GrpcPeerTransport
 from fedspecialists.records import check_adapter, record_to_state, state_to_record
-from strategies.fedmoe_da import mix_experts, renormalise
+from strategies.fedmoe_da import mix_experts, renormalise, routed_means
 
 PERSONAL_FILE = "personal.safetensors"
 
@@ -95,6 +101,7 @@ class Node:
     run_id: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     own_data: bool = False  # the site's own files: no global test set (no site holds all data)
+    initial_gate: np.ndarray | None = None  # (K, d) the federation's common starting gate
 
     @property
     def personal_keys(self) -> list[str]:
@@ -145,6 +152,8 @@ def _node(msg: Message, context: Context) -> Node:
         int(context.run_id),
         own_data=bool(data_dir),
     )
+    if isinstance(model, MoEClassifier):
+        node.initial_gate = model.gate.weight.detach().numpy().copy()
     personal = folder / f"run-{context.run_id}" / PERSONAL_FILE
     if personal.exists():
         model.load_state_dict(load_file(personal), strict=False)
@@ -163,18 +172,24 @@ def _node(msg: Message, context: Context) -> Node:
 
 def _transport(node: Node, context: Context) -> PeerTransport:
     """Simulation: node folders peers read directly. A deployment (``peer-address`` in
-    ``--node-config``): this site's folder, served to peers by its gRPC endpoint."""
+    ``--node-config``): this site's folder, served to peers by its gRPC endpoint. With
+    ``peer.fetch_changed_only`` either one re-uses the peer experts this node already holds."""
     node_config = context.node_config
+    transport: PeerTransport
     if node_config.get("peer-address"):
         certs = node_config.get("peer-root-certificates")
-        return GrpcPeerTransport(
+        transport = GrpcPeerTransport(
             node.folder,
             str(node_config["peer-address"]),
             Path(str(certs)) if certs else None,
             node.cfg.peer.max_bytes,
             node.cfg.peer.timeout_s,
         )
-    return LocalPeerStore(node.folder, node.cfg.peer.max_bytes)
+    else:
+        transport = LocalPeerStore(node.folder, node.cfg.peer.max_bytes)
+    if node.cfg.peer.fetch_changed_only:
+        return ChangedOnlyFetch(transport, node.folder / f"run-{node.run_id}")
+    return transport
 
 
 def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> dict[str, int]:
@@ -212,7 +227,9 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
             if expert_id not in fetched:
                 ref = ExpertRef(str(expert_id), owner, address, sha)
                 try:
-                    tensors = transport.fetch(ref, grant, requester=node.node_id)
+                    tensors = _as_dtypes(
+                        transport.fetch(ref, grant, requester=node.node_id), own[k]
+                    )
                     reason = check_adapter(tensors, own[k], node.cfg.validation.max_abs_value)
                     if reason is not None:
                         raise PeerFetchError(f"expert {expert_id}: {reason}")
@@ -232,7 +249,55 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
         for name, value in mixed.items():
             state[f"experts.{k}.{name}"] = value
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})  # copies to device
+    if isinstance(transport, ChangedOnlyFetch):  # keep only what this plan used
+        planned: set[str] = set()
+        for k in range(len(model.experts)):
+            planned.update(str(h) for h in config.get(f"plan.{k}.hashes", []))  # type: ignore[union-attr]
+        transport.prune(planned)
     return {"fetches": fetches, "failures": failures}
+
+
+def _as_dtypes(
+    tensors: dict[str, np.ndarray], like: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A half-precision payload (``peer.half_precision``) back in the dtypes of ``like``; a key
+    ``like`` lacks is left as it is, for the checks to refuse."""
+    return {
+        key: value.astype(like[key].dtype)
+        if key in like and value.dtype == np.float16 and like[key].dtype != np.float16
+        else value
+        for key, value in tensors.items()
+    }
+
+
+@torch.no_grad()
+def expert_proxies(node: Node) -> np.ndarray:
+    """``(K, d)``: what stands for each expert in the server's Eq. 8 (``fedmoe_da.proxy``).
+
+    ``gate``: the gate rows pi_k (the paper's proxy). ``gate_update``: their change since the
+    federation's common start (every client's gate starts from the same rows, which otherwise
+    dominate the cosine). ``routed_mean``: the mean backbone output of this client's training
+    inputs, weighted by each expert's router probability (reveals an average of the client's
+    features, like FL-TAC's fingerprints).
+    """
+    model = node.model
+    assert isinstance(model, MoEClassifier)
+    gate = model.gate.weight.detach().cpu().numpy()
+    mode = node.cfg.fedmoe_da.proxy
+    if mode == "gate":
+        return gate
+    if mode == "gate_update":
+        assert node.initial_gate is not None
+        return gate - node.initial_gate
+    model.eval()
+    device = next(model.parameters()).device
+    feats, probs = [], []
+    batch = node.cfg.train.eval_batch_size
+    for start in range(0, len(node.data.x_train), batch):
+        h = model.backbone(torch.from_numpy(node.data.x_train[start : start + batch]).to(device))
+        feats.append(h.cpu())
+        probs.append(torch.softmax(model.gate(h), dim=-1).cpu())
+    return routed_means(torch.cat(feats).numpy(), torch.cat(probs).numpy())
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +406,13 @@ def train(msg: Message, context: Context) -> Message:
         assert isinstance(model, MoEClassifier)
         numpy_state = {k: v.numpy() for k, v in state.items()}
         experts = {str(k): expert_state(numpy_state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
+        if cfg.peer.half_precision:
+            experts = {
+                k: {n: v.astype(np.float16) for n, v in e.items()} for k, e in experts.items()
+            }
         hashes = transport.publish(server_round, experts)
-        reply.array_records["proxies"] = state_to_record({"gate": state["gate.weight"]})
+        proxies = torch.from_numpy(np.ascontiguousarray(expert_proxies(node), dtype=np.float32))
+        reply.array_records["proxies"] = state_to_record({"gate": proxies})
         reply.config_records["experts"] = ConfigRecord(
             {
                 "hashes": [hashes[str(k)] for k in range(len(model.experts))],
@@ -357,6 +427,7 @@ def train(msg: Message, context: Context) -> Message:
             "peer-bytes": transport.bytes_fetched if transport is not None else 0,
             "peer-fetches": sync["fetches"],
             "peer-failures": sync["failures"],
+            "peer-reused": transport.reused if isinstance(transport, ChangedOnlyFetch) else 0,
             "domain-examples": node.data.domain_counts(len(cfg.suite.tasks)),
             "after-training-correct": local_correct,
             "after-training-total": len(node.data.y_test),

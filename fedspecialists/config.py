@@ -22,6 +22,7 @@ TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 ADAPTER_METHODS = ("fltac", "fedit", "oracle", "local")
 MOE_METHODS = ("fedmoe_da", "fedavg_moe", "fedavg_dense", "local_moe")
+PROXIES = ("gate", "gate_update", "routed_mean")  # what stands for an expert in FedMoE-DA's Eq. 8
 METHODS = ADAPTER_METHODS + MOE_METHODS
 
 
@@ -172,6 +173,10 @@ class FedMoEDASettings:
     num_peers: int = 5
     tau: float = 1.0
     interval: int = 1
+    self_weight: float = 0.0  # share of itself each expert keeps when mixed (A' = sI + (1-s)A)
+    mix_every: int = 1  # experts are mixed every this many rounds (from round 2)
+    proxy: str = "gate"  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
+    mix_within_client: bool = True  # an expert may be matched with its own client's experts
 
 
 @dataclass
@@ -184,6 +189,8 @@ class PeerSettings:
     max_bytes: int = 16_000_000
     timeout_s: float = 10.0
     grant_ttl_s: float = 900.0
+    half_precision: bool = False  # experts travel between peers as float16
+    fetch_changed_only: bool = True  # a peer expert already held (same hash) is not fetched again
 
 
 @dataclass
@@ -418,6 +425,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.fedmoe_da.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")
     _check(cfg.fedmoe_da.tau > 0, "fedmoe_da.tau", "tau must be > 0")
     _check(cfg.fedmoe_da.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
+    _check(0.0 <= cfg.fedmoe_da.self_weight <= 1.0, "fedmoe_da.self_weight", "must be in [0, 1]")
+    _check(cfg.fedmoe_da.mix_every >= 1, "fedmoe_da.mix_every", "must be >= 1")
+    _check(
+        cfg.fedmoe_da.proxy in PROXIES,
+        "fedmoe_da.proxy",
+        f"must be one of {', '.join(PROXIES)}",
+    )
     _check(cfg.peer.transport in ("local",), "peer.transport", "must be 'local'")
     _check(cfg.peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
     _check(cfg.peer.timeout_s > 0, "peer.timeout_s", "must be > 0")

@@ -150,8 +150,13 @@ def _unb64(text: str) -> bytes:
 class PeerTransport(Protocol):
     """What FedMoE-DA's client needs from an expert transport."""
 
-    address: str
-    bytes_fetched: int
+    @property
+    def address(self) -> str:
+        """Where peers reach this node's experts (a folder, or host:port)."""
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Expert payload bytes read from peers so far."""
 
     def trust(self, public_key_hex: str) -> None:
         """Accept grants signed by this server key from now on (the owner side)."""
@@ -235,6 +240,58 @@ class LocalPeerStore:
             return expert_from_bytes(data)
         except Exception as exc:  # a corrupt payload is the peer's failure, not ours
             raise PeerFetchError(f"expert {ref.expert_id}: unreadable ({exc!r})") from exc
+
+
+class ChangedOnlyFetch:
+    """Any transport, fetching a peer expert only when its content changed since this node's copy.
+
+    Fetched experts are kept under ``<folder>/peer-cache/<sha256>.safetensors``. The stores are
+    content-addressed, so a plan naming a hash this node already holds names the same bytes: they
+    are read from the cache (re-hashed first: a copy altered on disk is dropped and fetched again)
+    and count no peer bytes. :meth:`prune` keeps only what the latest plan used.
+    """
+
+    def __init__(self, transport: PeerTransport, folder: str | Path) -> None:
+        self.transport = transport
+        self.cache = Path(folder) / "peer-cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.reused = 0
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.transport.bytes_fetched
+
+    def trust(self, public_key_hex: str) -> None:
+        self.transport.trust(public_key_hex)
+
+    def publish(
+        self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> dict[str, str]:
+        return self.transport.publish(server_round, experts)
+
+    def fetch(self, ref: ExpertRef, grant: str | None, requester: int) -> dict[str, np.ndarray]:
+        path = self.cache / f"{ref.sha256}.safetensors"
+        if path.exists():
+            data = path.read_bytes()
+            if sha256(data) == ref.sha256:
+                self.reused += 1
+                return expert_from_bytes(data)
+            path.unlink(missing_ok=True)  # altered on disk: fetch it again
+        tensors = self.transport.fetch(ref, grant, requester)
+        data = expert_to_bytes(tensors)
+        if sha256(data) == ref.sha256:  # the owner's own serialisation: safe to reuse by hash
+            _atomic_write(path, data)
+        return tensors
+
+    def prune(self, keep: set[str]) -> None:
+        """Delete cached experts whose hash is not in ``keep``."""
+        for old in self.cache.glob("*.safetensors"):
+            if old.stem not in keep:
+                old.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

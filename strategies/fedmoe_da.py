@@ -13,6 +13,10 @@ the similarity of those proxies:
 * Eq. 11 theta_i <- sum_j a_ij theta_j
 
 A is recomputed every I rounds and reused in between. P = 0 means no expert aggregation (A = I).
+Where the paper is silent [ours]: an expert can keep a share s of itself (``keep_self``), experts
+can be mixed only every n rounds (``mix_round``), and the proxy can be the gate row (the paper's
+pi_i), its change since the common start, or the mean input the expert serves (``routed_means``;
+computed by the client).
 
 The maths are pure functions (arrays in, arrays out); :class:`DomainAwareMoEAggregation` is the
 Flower strategy around them. What travels where (our reading, METHODS.md): the backbone is
@@ -66,11 +70,21 @@ def correlation_matrix(proxies: np.ndarray) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
-def top_p_mask(correlation: np.ndarray, p: int) -> np.ndarray:
+def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = None) -> np.ndarray:
     """Eq. 9: keep, in each row, every entry at least the row's (P+1)-th largest value.
 
     Ties at the threshold are all kept, so a row can keep more than P+1 entries. ``p = 0`` keeps
     only the diagonal (no aggregation) and ``p >= M - 1`` keeps everything.
+
+    Parameters
+    ----------
+    correlation : np.ndarray
+        ``(M, M)`` matrix R of Eq. 8.
+    p : int
+        Entries kept besides the diagonal.
+    owners : Sequence[int] | None
+        Owner of each expert. Given: an expert is never matched with another expert of its own
+        client (its siblings) [ours], so its P come from other clients.
 
     Returns
     -------
@@ -82,15 +96,19 @@ def top_p_mask(correlation: np.ndarray, p: int) -> np.ndarray:
     m = correlation.shape[0]
     if p == 0:
         return np.eye(m)
-    if p >= m - 1:
-        return np.ones((m, m))
-    threshold = -np.sort(-correlation, axis=1)[:, p]  # (P+1)-th largest of each row
-    mask = (correlation >= threshold[:, None]).astype(np.float64)
+    r = np.asarray(correlation, dtype=np.float64)
+    if owners is not None:
+        who = np.asarray(owners)
+        r = np.where((who[:, None] == who[None, :]) & ~np.eye(m, dtype=bool), -np.inf, r)
+    threshold = -np.sort(-r, axis=1)[:, min(p, m - 1)]  # (P+1)-th largest of each row
+    mask = ((r >= threshold[:, None]) & np.isfinite(r)).astype(np.float64)
     np.fill_diagonal(mask, 1.0)  # an expert always keeps itself
     return mask
 
 
-def aggregation_matrix(correlation: np.ndarray, p: int, tau: float) -> np.ndarray:
+def aggregation_matrix(
+    correlation: np.ndarray, p: int, tau: float, owners: Sequence[int] | None = None
+) -> np.ndarray:
     """Eq. 9-10: the row-stochastic aggregation matrix A.
 
     Parameters
@@ -101,6 +119,8 @@ def aggregation_matrix(correlation: np.ndarray, p: int, tau: float) -> np.ndarra
         Number of most related experts each expert is mixed with (besides itself).
     tau : float
         Softmax temperature (> 0): small tau -> weight on the most similar; large -> uniform.
+    owners : Sequence[int] | None
+        As in :func:`top_p_mask`: given, siblings are never mixed.
 
     Returns
     -------
@@ -109,11 +129,60 @@ def aggregation_matrix(correlation: np.ndarray, p: int, tau: float) -> np.ndarra
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, not {tau}")
-    mask = top_p_mask(correlation, p)
+    mask = top_p_mask(correlation, p, owners)
     logits = np.where(mask > 0, correlation / tau, -np.inf)
     logits = logits - logits.max(axis=1, keepdims=True)  # stable softmax over kept entries
     weights = np.exp(logits) * mask
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def keep_self(matrix: np.ndarray, self_weight: float) -> np.ndarray:
+    """How much of itself an expert keeps: ``A' = s I + (1 - s) A`` [ours; the paper is silent].
+
+    With ``s = 0`` this is A as Eq. 10 gives it (a_ii is then about 1 / (P + 1) when the
+    kept correlations are alike); with ``s = 1`` no expert is mixed. Rows still sum to 1.
+
+    Parameters
+    ----------
+    matrix : np.ndarray
+        ``(M, M)`` row-stochastic aggregation matrix A.
+    self_weight : float
+        s in [0, 1].
+    """
+    if not 0.0 <= self_weight <= 1.0:
+        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+    return self_weight * np.eye(matrix.shape[0]) + (1.0 - self_weight) * matrix
+
+
+def mix_round(server_round: int, every: int) -> bool:
+    """Experts are mixed (peers fetched) in rounds 2, 2 + n, 2 + 2n, ... for ``every = n``.
+
+    Round 1 has no plan (A needs the first proxies), so the first mix is in round 2.
+    """
+    if every < 1:
+        raise ValueError(f"mix_every must be >= 1, not {every}")
+    return server_round >= 2 and (server_round - 2) % every == 0
+
+
+def routed_means(features: np.ndarray, router_probs: np.ndarray) -> np.ndarray:
+    """Each expert's proxy as the mean input it serves [ours]: ``sum_n p_nk h_n / sum_n p_nk``.
+
+    Parameters
+    ----------
+    features : np.ndarray
+        ``(N, d)`` backbone outputs h of a client's training inputs.
+    router_probs : np.ndarray
+        ``(N, K)`` the gate's softmax probabilities for those inputs.
+
+    Returns
+    -------
+    np.ndarray
+        ``(K, d)``; an expert no input routes to (all p_nk = 0) gets a zero row.
+    """
+    weights = np.asarray(router_probs, dtype=np.float64)
+    totals = weights.sum(axis=0)[:, None]  # (K, 1)
+    sums = weights.T @ np.asarray(features, dtype=np.float64)  # (K, d)
+    return np.divide(sums, totals, out=np.zeros_like(sums), where=totals > 0)
 
 
 def mix_experts(
@@ -233,6 +302,12 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         Temperature of Eq. 10.
     interval : int
         I: A is recomputed every I rounds (and whenever the pool changes).
+    self_weight : float
+        s: each expert keeps at least this share of itself (``A' = s I + (1 - s) A``).
+    mix_every : int
+        Experts are mixed (plans sent, peers fetched) every this many rounds, from round 2.
+    mix_within_client : bool
+        Whether an expert may be matched with another expert of its own client (Eq. 9).
     peer_root : str | None
         Folder under which simulation nodes keep their expert stores (sent to the nodes).
     grant_ttl_s : float
@@ -252,6 +327,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         num_peers: int = 5,
         tau: float = 1.0,
         interval: int = 1,
+        self_weight: float = 0.0,
+        mix_every: int = 1,
+        mix_within_client: bool = True,
         peer_root: str | None = None,
         grant_ttl_s: float = 900.0,
         seed: int = 0,
@@ -266,6 +344,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             raise ValueError(f"tau must be > 0, not {tau}")
         if interval < 1:
             raise ValueError(f"the interval I must be >= 1, not {interval}")
+        if not 0.0 <= self_weight <= 1.0:
+            raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+        if mix_every < 1:
+            raise ValueError(f"mix_every must be >= 1, not {mix_every}")
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
@@ -276,6 +358,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.exchange = self.exchanges_experts and num_peers > 0
         self.tau = tau
         self.interval = interval
+        self.self_weight = self_weight
+        self.mix_every = mix_every
+        self.mix_within_client = mix_within_client
         self.peer_root = peer_root
         self.grant_ttl_s = grant_ttl_s
         self.seed = seed
@@ -303,6 +388,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             "num_peers": self.num_peers,
             "tau": self.tau,
             "interval": self.interval,
+            "self_weight": self.self_weight,
+            "mix_every": self.mix_every,
+            "mix_within_client": self.mix_within_client,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
         }
@@ -321,6 +409,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         if phase == "train" and self.exchange:
             cfg["grant-key"] = self.grants.public_key
             cfg["grant"] = self.grants.issue(server_round, node, self.grant_ttl_s)
+            if not mix_round(server_round, self.mix_every):
+                return cfg
             for expert, sources in self.plan_for(node).items():
                 k = expert.split("/")[1]
                 cfg[f"plan.{k}.ids"] = [s[0] for s in sources]
@@ -389,6 +479,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 "peer_bytes": {"round": peer_bytes, "cumulative": self.peer_bytes_total},
                 "peer_fetches": sum(int(m["peer-fetches"]) for _, _, m in accepted),
                 "peer_failures": sum(int(m["peer-failures"]) for _, _, m in accepted),
+                # peer experts a client already held (same hash): not fetched again
+                "peer_reused": sum(int(m.get("peer-reused", 0)) for _, _, m in accepted),
             }
         )
         if len(accepted) < self.min_replies:
@@ -439,14 +531,20 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             self.pool.proxies[node] = meta["proxies"]
             self.pool.hashes[node] = meta["hashes"]
             self.pool.addresses[node] = meta["address"]
-        ids, _, proxies = self.pool.order()
+        ids, owners, proxies = self.pool.order()
         if (
             self.matrix is None
             or ids != self.matrix_ids
             or recompute_round(server_round, self.interval)
         ):
             correlation = correlation_matrix(proxies)
-            self.matrix = aggregation_matrix(correlation, self.num_peers, self.tau)
+            matrix = aggregation_matrix(
+                correlation,
+                self.num_peers,
+                self.tau,
+                owners=None if self.mix_within_client else owners,
+            )
+            self.matrix = keep_self(matrix, self.self_weight)
             self.matrix_ids = ids
             self._record["aggregation"] = {
                 "expert_ids": ids,
@@ -471,7 +569,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             meta[key] = value
         if meta["num-examples"] <= 0:
             return "no training examples", empty
-        for key in ("after-training-correct", "after-training-total"):  # optional
+        for key in ("after-training-correct", "after-training-total", "peer-reused"):  # optional
             value = metrics.get(key)
             if isinstance(value, int | float) and np.isfinite(value) and value >= 0:
                 meta[key] = value

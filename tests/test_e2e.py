@@ -195,6 +195,43 @@ def test_fedmoe_da_two_rounds_experts_go_peer_to_peer(
     assert summary["total_server_bytes"] < 0.5 * fedavg["total_server_bytes"]
 
 
+def test_fedmoe_da_scarce_experiment_at_a_tiny_size(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    """``+experiment=fedmoe_da_scarce`` shrunk: mixing every 2nd round, float16 peer payloads."""
+    outcome = run_app(
+        superlink,
+        overrides=(
+            "+experiment=fedmoe_da_scarce num_rounds=3 federation.num_clients=4 "
+            "partition.train_per_client=24 partition.test_per_client=12 moe.channels=[4] "
+            "moe.expert_hidden=16 moe.global_test_per_domain=20 fedmoe_da.num_peers=2 "
+            "fedmoe_da.mix_every=2 fedmoe_da.proxy=routed_mean fedmoe_da.mix_within_client=false "
+            "peer.half_precision=true "
+            f"output.root={tmp_path} output.name=scarce"
+        ),
+        num_supernodes=4,
+        timeout_s=900,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    run = tmp_path / "scarce"
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    config = (run / "config.yaml").read_text()
+    assert "domain_alpha: 0.1" in config and "num_clients: 4" in config
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["replies_ok"] for r in rounds] == [4, 4, 4]
+    # Mixed in round 2 only (every 2nd round from round 2); nothing refused.
+    fetched = [r["peer_bytes"]["round"] for r in rounds]
+    assert fetched[0] == 0 and fetched[1] > 0 and fetched[2] == 0
+    assert all(r["peer_failures"] == 0 for r in rounds)
+    # float16 payloads: each fetched expert is about half its float32 size (2 bytes/parameter).
+    params = 16 * 64 + 16 + 10 * 16 + 10  # fc1 (16 x 4 channels x 4 x 4) and fc2 (10 x 16)
+    per_expert = fetched[1] / rounds[1]["peer_fetches"]
+    assert 2 * params < per_expert < 2 * params + 400  # + the safetensors header
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_peer_bytes"] == fetched[1]
+    assert len(summary["personal_models"]) == 4
+
+
 def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> None:
     """The SuperExec and a running simulation live in process groups of their own."""
     import time

@@ -11,9 +11,12 @@ from numpy.testing import assert_allclose
 from strategies.fedmoe_da import (
     aggregation_matrix,
     correlation_matrix,
+    keep_self,
     mix_experts,
+    mix_round,
     recompute_round,
     renormalise,
+    routed_means,
     sync_plans,
     top_p_mask,
 )
@@ -103,3 +106,45 @@ def test_sync_plans_name_sources_weights_and_hashes() -> None:
     assert [src for src, _, _ in plans[1]["a/1"]] == ["a/0", "a/1"]
     assert [h for _, _, h in plans[2]["b/0"]] == ["h-a/1", "h-b/0"]
     assert sum(w for _, w, _ in plans[1]["a/0"]) == pytest.approx(1.0)
+
+
+def test_keep_self_mixes_identity_into_a() -> None:
+    a = np.array([[0.2, 0.8, 0.0], [0.5, 0.5, 0.0], [0.1, 0.1, 0.8]])
+    # s = 0.5: a_ii -> 0.5 + 0.5 a_ii, off-diagonal halved
+    assert_allclose(keep_self(a, 0.5), [[0.6, 0.4, 0.0], [0.25, 0.75, 0.0], [0.05, 0.05, 0.9]])
+    assert_allclose(keep_self(a, 0.0), a)
+    assert_allclose(keep_self(a, 1.0), np.eye(3))
+    assert_allclose(keep_self(a, 0.3).sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="self_weight"):
+        keep_self(a, 1.5)
+
+
+def test_mix_every_n_rounds_from_round_2() -> None:
+    assert [mix_round(r, 1) for r in range(1, 5)] == [False, True, True, True]
+    assert [mix_round(r, 3) for r in range(1, 9)] == [
+        False, True, False, False, True, False, False, True,
+    ]  # fmt: skip
+    with pytest.raises(ValueError):
+        mix_round(2, 0)
+
+
+def test_routed_means_weight_inputs_by_router_probability() -> None:
+    h = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    p = np.array([[0.5, 0.5, 0.0], [0.25, 0.75, 0.0], [0.25, 0.0, 0.0]])
+    # expert 0: (0.5*[1,0] + 0.25*[0,2] + 0.25*[3,3]) / 1.0 = [1.25, 1.25]
+    # expert 1: (0.5*[1,0] + 0.75*[0,2]) / 1.25 = [0.4, 1.2]; expert 2: nothing routed -> 0
+    assert_allclose(routed_means(h, p), [[1.25, 1.25], [0.4, 1.2], [0.0, 0.0]])
+
+
+def test_eq9_without_siblings_takes_p_from_other_clients() -> None:
+    # experts 0, 1 of client 7; 2, 3 of client 8. Row 0 without its sibling 1 (0.8): 3 (0.8),
+    # then 2 (0.3); row 2 without 3: 1 (0.5) and 0 (0.3).
+    mask = top_p_mask(R, p=2, owners=[7, 7, 8, 8])
+    assert_allclose(mask, [[1, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1]])
+    # P beyond the other clients' experts keeps them all, still no sibling
+    assert_allclose(top_p_mask(R, p=3, owners=[7, 7, 8, 8]), mask)
+    a = aggregation_matrix(R, p=1, tau=1.0, owners=[7, 7, 8, 8])
+    # row 0: itself (1.0) and expert 3 (0.8): e^1 / (e^1 + e^0.8)
+    assert_allclose(
+        a[0], [math.e / (math.e + math.e**0.8), 0, 0, math.e**0.8 / (math.e + math.e**0.8)]
+    )

@@ -11,8 +11,8 @@ import torch
 from flwr.app import ConfigRecord
 from numpy.testing import assert_allclose
 
-from client_app.moe import Node, sync_experts
-from fedspecialists.moe import build_model, expert_state
+from client_app.moe import Node, expert_proxies, sync_experts
+from fedspecialists.moe import MoEClassifier, build_model, expert_state
 from fedspecialists.peer import GrantIssuer, LocalPeerStore
 
 MOE = SimpleNamespace(
@@ -130,3 +130,47 @@ def test_poisoned_expert_with_a_valid_hash_is_refused(tmp_path: Path) -> None:
     assert result == {"fetches": 0, "failures": 1}
     for key, value in _experts(nodes[1])["0"].items():
         assert_allclose(value, before[key], rtol=1e-6)  # only itself remained
+
+
+def test_half_precision_peer_experts_are_mixed_in_float32(tmp_path: Path) -> None:
+    nodes, stores, _, issuer = _setup(tmp_path)
+    halves = {
+        k: {n: v.astype(np.float16) for n, v in e.items()} for k, e in _experts(nodes[2]).items()
+    }
+    digest = stores[2].publish(2, halves)["1"]
+    before = _experts(nodes[1])
+    plan = _plan(
+        [("1/0", 0.5, "", stores[1].address), ("2/1", 0.5, digest, stores[2].address)], issuer, 1
+    )
+    assert sync_experts(nodes[1], plan, stores[1]) == {"fetches": 1, "failures": 0}
+    after = _experts(nodes[1])
+    for key, value in after["0"].items():
+        assert value.dtype == np.float32
+        expected = 0.5 * before["0"][key] + 0.5 * halves["1"][key].astype(np.float32)
+        assert_allclose(value, expected, rtol=1e-6)
+
+
+def test_proxies_gate_its_change_and_the_mean_input_served(tmp_path: Path) -> None:
+    node, _ = _node(1, tmp_path)
+    assert isinstance(node.model, MoEClassifier)
+    start = node.model.gate.weight.detach().numpy().copy()
+    node.initial_gate = start
+    with torch.no_grad():
+        node.model.gate.weight.add_(1.0)
+    x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    node.data = SimpleNamespace(x_train=x)  # type: ignore[assignment]
+    node.cfg = SimpleNamespace(  # type: ignore[assignment]
+        fedmoe_da=SimpleNamespace(proxy="gate"), train=SimpleNamespace(eval_batch_size=2)
+    )
+    assert_allclose(expert_proxies(node), start + 1.0)
+    node.cfg.fedmoe_da.proxy = "gate_update"
+    assert_allclose(expert_proxies(node), np.ones_like(start), atol=1e-6)
+    node.cfg.fedmoe_da.proxy = "routed_mean"
+    with torch.no_grad():
+        model = node.model
+        assert isinstance(model, MoEClassifier)
+        h = model.backbone(torch.from_numpy(x))
+        p = torch.softmax(model.gate(h), dim=-1).numpy()
+    h = h.numpy()
+    expected = (p.T @ h) / p.sum(axis=0)[:, None]  # (K, d): each expert's weighted mean input
+    assert_allclose(expert_proxies(node), expected, rtol=1e-5, atol=1e-6)

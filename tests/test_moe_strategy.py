@@ -193,3 +193,28 @@ def test_p_zero_sends_no_plan_and_baselines_share_what_they_say() -> None:
     fedavg = FedAvgMoE(everything, ["backbone", "gate", "experts"], num_experts=K)
     msg = next(iter(fedavg.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
     assert set(record_to_numpy(msg.content.array_records["shared"])) == set(everything)
+
+
+def test_mix_every_two_rounds_sends_plans_in_rounds_2_and_4_only() -> None:
+    strategy = _strategy(mix_every=2)
+    planned = []
+    for r in range(1, 6):
+        messages = _round(strategy, r, lambda n, m, r=r: _reply(m, 0.0, GATES[n], server_round=r))  # type: ignore[misc]
+        config = messages[1].content.config_records["config"]
+        planned.append(any(str(k).startswith("plan.") for k in config))
+        assert "grant" in config  # the owners still learn the round's key
+    assert planned == [False, True, False, True, False]
+
+
+def test_self_weight_and_no_siblings_shape_the_matrix() -> None:
+    strategy = _strategy(self_weight=0.5, mix_within_client=False)
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
+    proxies = np.concatenate([GATES[1], GATES[2], GATES[3]])
+    owners = [1, 1, 2, 2, 3, 3]
+    base = aggregation_matrix(correlation_matrix(proxies), 1, 0.5, owners=owners)
+    assert_allclose(strategy.matrix, 0.5 * np.eye(6) + 0.5 * base)  # type: ignore[arg-type]
+    matrix = strategy.matrix
+    assert matrix is not None
+    for i, j in ((0, 1), (1, 0), (2, 3), (3, 2), (4, 5), (5, 4)):
+        assert matrix[i, j] == 0.0  # never its own client's other expert
+    assert np.all(np.diag(matrix) >= 0.5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedspecialists.peer import (
+    ChangedOnlyFetch,
     ExpertRef,
     GrantIssuer,
     LocalPeerStore,
@@ -96,3 +97,42 @@ def test_owner_keeps_its_last_two_publications(tmp_path: Path) -> None:
     ]
     kept = {p.stem for p in (Path(owner.address) / "experts").glob("*.safetensors")}
     assert kept == set(digests[1:])
+
+
+def test_changed_only_fetch_reuses_unchanged_experts(tmp_path: Path) -> None:
+    owner, plain, issuer = _pair(tmp_path)
+    requester = ChangedOnlyFetch(plain, tmp_path / "node-2" / "run-1")
+    size = len(expert_to_bytes(EXPERT))
+    first = owner.publish(1, {"0": EXPERT})["0"]
+    ref = ExpertRef("1/0", 1, owner.address, first)
+    requester.fetch(ref, issuer.issue(2, 2, 60), 2)
+    again = requester.fetch(ref, issuer.issue(3, 2, 60), 2)  # same hash: read from the cache
+    assert all(np.array_equal(again[k], EXPERT[k]) for k in EXPERT)
+    assert (requester.bytes_fetched, requester.reused) == (size, 1)
+    changed = {k: v + 1 for k, v in EXPERT.items()}
+    second = owner.publish(2, {"0": changed})["0"]
+    got = requester.fetch(ExpertRef("1/0", 1, owner.address, second), issuer.issue(3, 2, 60), 2)
+    assert np.array_equal(got["fc1.bias"], changed["fc1.bias"])
+    assert (requester.bytes_fetched, requester.reused) == (2 * size, 1)
+    requester.prune({second})
+    assert sorted(p.stem for p in requester.cache.glob("*.safetensors")) == [second]
+
+
+def test_changed_only_fetch_refuses_tampering_in_the_cache_and_at_the_peer(
+    tmp_path: Path,
+) -> None:
+    owner, plain, issuer = _pair(tmp_path)
+    requester = ChangedOnlyFetch(plain, tmp_path / "node-2" / "run-1")
+    digest = owner.publish(1, {"0": EXPERT})["0"]
+    ref = ExpertRef("1/0", 1, owner.address, digest)
+    requester.fetch(ref, issuer.issue(2, 2, 60), 2)
+    cached = requester.cache / f"{digest}.safetensors"
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\x00")  # altered copy: dropped, fetched again
+    requester.fetch(ref, issuer.issue(3, 2, 60), 2)
+    assert requester.reused == 0 and plain.bytes_fetched == 2 * len(expert_to_bytes(EXPERT))
+    cached.unlink()
+    stored = Path(owner.address) / "experts" / f"{digest}.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x01")  # tampered at the owner: refused
+    with pytest.raises(PeerFetchError, match="does not match"):
+        requester.fetch(ref, issuer.issue(4, 2, 60), 2)
+    assert not cached.exists()

@@ -1,0 +1,287 @@
+"""FedMoE-DA where collaboration should matter: ``+experiment=fedmoe_da_scarce``.
+
+30 clients, each with little data from one or two dominant image domains. Two parts:
+
+* **the curve**: personalised accuracy against training examples per client (50, 100, 200, 500)
+  for FedMoE-DA (the default), local only, P = 0, FedAvg on the MoE model and FedAvg on a dense
+  model, for every seed;
+* **the ablation**: at 100 examples per client, FedMoE-DA with one of our choices changed at a
+  time (tau, how much of itself an expert keeps, what serves as its proxy, P, I, how often
+  experts are mixed, half-precision payloads).
+
+Each run is a real ``flwr run`` on a local simulation SuperLink with 30 SuperNodes; tables and
+the plot are built from the run folders' ``summary.json`` and ``metrics.jsonl``.
+
+Usage::
+
+    python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --parallel-clients 2
+    python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --part ablation
+    python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+from runner import fmt, run_all
+
+EXPERIMENT = "+experiment=fedmoe_da_scarce"
+NUM_CLIENTS = 30
+SIZES = [50, 100, 200, 500]
+ABLATION_SIZE = 100
+
+# label -> (Hydra overrides, description): the curve's methods
+METHODS = {
+    "fedmoe_da": ("method=fedmoe_da", "FedMoE-DA (default)"),
+    "local_moe": ("method=local_moe", "Local only (MoE)"),
+    "fedmoe_da_p0": ("method=fedmoe_da_p0", "FedMoE-DA, P = 0"),
+    "fedavg_moe": ("method=fedavg_moe", "FedAvg, whole MoE model"),
+    "fedavg_dense": ("method=fedavg_dense", "FedAvg, dense model"),
+}
+
+# label -> (overrides on top of method=fedmoe_da, description): one choice changed at a time
+PAPER = (
+    "fedmoe_da.tau=1.0 fedmoe_da.self_weight=0.0 fedmoe_da.proxy=gate fedmoe_da.mix_every=1 "
+    "fedmoe_da.mix_within_client=true fedmoe_da.num_peers=5 fedmoe_da.interval=1 "
+    "peer.half_precision=false"
+)
+VARIANTS = {
+    "paper_reading": (PAPER, "previous default: P 5, tau 1, s 0, gate proxy, every round"),
+    "tau0.1": (f"{PAPER} fedmoe_da.tau=0.1", "tau 0.1"),
+    "self0.5": (f"{PAPER} fedmoe_da.self_weight=0.5", "an expert keeps s = 0.5 of itself"),
+    "no_siblings": (
+        f"{PAPER} fedmoe_da.mix_within_client=false",
+        "never mixed with its own client's experts",
+    ),
+    "gate_update": (f"{PAPER} fedmoe_da.proxy=gate_update", "proxy: the gate row's change"),
+    "routed_mean": (
+        f"{PAPER} fedmoe_da.proxy=routed_mean fedmoe_da.mix_within_client=false",
+        "proxy: mean input served (no siblings)",
+    ),
+    "p2": (f"{PAPER} fedmoe_da.num_peers=2", "P = 2"),
+    "p10": (f"{PAPER} fedmoe_da.num_peers=10", "P = 10"),
+    "i5": (f"{PAPER} fedmoe_da.interval=5", "A recomputed every I = 5 rounds"),
+    "mix_every3": (f"{PAPER} fedmoe_da.mix_every=3", "experts mixed every 3 rounds"),
+    "fp16": (f"{PAPER} peer.half_precision=true", "float16 payloads between peers"),
+}
+
+
+def curve_jobs(methods: list[str], sizes: list[int], seeds: list[int]) -> dict[str, str]:
+    return {
+        f"curve-{label}-n{n}-s{seed}": (
+            f"{EXPERIMENT} {METHODS[label][0]} partition.train_per_client={n} seed={seed}"
+        )
+        for seed in seeds
+        for n in sizes
+        for label in methods
+    }
+
+
+def ablation_jobs(variants: list[str], seeds: list[int]) -> dict[str, str]:
+    return {
+        f"ablation-{label}-s{seed}": (
+            f"{EXPERIMENT} method=fedmoe_da {VARIANTS[label][0]} "
+            f"partition.train_per_client={ABLATION_SIZE} seed={seed}"
+        )
+        for seed in seeds
+        for label in variants
+    }
+
+
+def _done(out: Path, pattern: str) -> list[dict]:
+    runs = []
+    for path in sorted(out.glob(f"{pattern}/summary.json")):
+        if json.loads((path.parent / "status.json").read_text())["status"] == "completed":
+            runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def _traffic(run: dict) -> float:
+    return float(run["total_server_bytes"] + run["total_peer_bytes"])
+
+
+def curve_table(out: Path, methods: list[str], sizes: list[int]) -> str:
+    head = ["method", *[f"n = {n}" for n in sizes]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in methods:
+        cells = [METHODS[label][1]]
+        for n in sizes:
+            runs = _done(out, f"curve-{label}-n{n}-s*")
+            acc = [r["personalised_accuracy"] for r in runs]
+            cells.append(f"{fmt(acc)} ({len(runs)})" if runs else "not run")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def traffic_table(out: Path, methods: list[str], sizes: list[int]) -> str:
+    head = ["method", *[f"n = {n}: server MB / peer MB" for n in sizes]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in methods:
+        cells = [METHODS[label][1]]
+        for n in sizes:
+            runs = _done(out, f"curve-{label}-n{n}-s*")
+            if not runs:
+                cells.append("not run")
+                continue
+            server = statistics.mean(r["total_server_bytes"] for r in runs) / 1e6
+            peer = statistics.mean(r["total_peer_bytes"] for r in runs) / 1e6
+            cells.append(f"{server:.1f} / {peer:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(out: Path, sizes: list[int]) -> str:
+    """The issue's targets per data size, from the seeds run (mean over seeds)."""
+    lines = []
+    for n in sizes:
+        mean = {}
+        for label in METHODS:
+            runs = _done(out, f"curve-{label}-n{n}-s*")
+            if runs:
+                mean[label] = (
+                    statistics.mean(r["personalised_accuracy"] for r in runs),
+                    statistics.mean(_traffic(r) for r in runs),
+                    statistics.mean(r["total_server_bytes"] for r in runs),
+                    len(runs),
+                )
+        if "fedmoe_da" not in mean:
+            continue
+        acc, total, server, seeds = mean["fedmoe_da"]
+        parts = [f"n = {n} ({seeds} seeds): FedMoE-DA {acc:.3f}"]
+        for other in ("local_moe", "fedavg_moe", "fedavg_dense", "fedmoe_da_p0"):
+            if other in mean:
+                gap = 100 * (acc - mean[other][0])
+                parts.append(f"{gap:+.1f} points vs {METHODS[other][1]}")
+        if "fedavg_moe" in mean:
+            ref = mean["fedavg_moe"][2]
+            parts.append(
+                f"total bytes {total / ref:.2f}x FedAvg-MoE's server bytes, "
+                f"server bytes {server / ref:.3f}x"
+            )
+        lines.append("* " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def ablation_table(out: Path, variants: list[str]) -> str:
+    head = [
+        "variant (n = 100)",
+        "personalised acc.",
+        "acc. right after local training",
+        "peer MB",
+        "server MB",
+        "seeds",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in variants:
+        runs = _done(out, f"ablation-{label}-s*")
+        if not runs:
+            continue
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{label}`: {VARIANTS[label][1]}",
+                    fmt([r["personalised_accuracy"] for r in runs]),
+                    fmt([r["accuracy_after_training"] for r in runs]),
+                    fmt([r["total_peer_bytes"] for r in runs], 1e-6, 1),
+                    fmt([r["total_server_bytes"] for r in runs], 1e-6, 1),
+                    str(len(runs)),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot(out: Path, methods: list[str], sizes: list[int]) -> Path:
+    """Personalised accuracy against examples per client (mean over seeds, bars = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label in methods:
+        xs, mean, low, high = [], [], [], []
+        for n in sizes:
+            acc = [r["personalised_accuracy"] for r in _done(out, f"curve-{label}-n{n}-s*")]
+            if acc:
+                xs.append(n)
+                mean.append(statistics.mean(acc))
+                low.append(statistics.mean(acc) - min(acc))
+                high.append(max(acc) - statistics.mean(acc))
+        if xs:
+            ax.errorbar(xs, mean, yerr=[low, high], marker="o", capsize=3, label=METHODS[label][1])
+    ax.set(
+        xscale="log",
+        xlabel="training examples per client",
+        ylabel="personalised accuracy",
+        title=f"fedmoe_da_scarce: {NUM_CLIENTS} clients, 20 rounds",
+    )
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(out: Path, methods: list[str], sizes: list[int], variants: list[str]) -> str:
+    text = "\n\n".join(
+        [
+            "Personalised accuracy after the last round (seeds run):",
+            curve_table(out, methods, sizes),
+            "Bytes over the run (mean over seeds):",
+            traffic_table(out, methods, sizes),
+            "Targets:",
+            targets(out, sizes),
+            "Ablation:",
+            ablation_table(out, variants),
+        ]
+    )
+    plot(out, methods, sizes)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/fedmoe_da_scarce"))
+    parser.add_argument("--part", choices=["curve", "ablation", "both"], default="both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--parallel-clients",
+        type=int,
+        default=1,
+        help="ClientApps trained at once, each on cores/N threads (same seeds, same budget)",
+    )
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if not args.table_only:
+        jobs: dict[str, str] = {}
+        if args.part in ("ablation", "both"):
+            jobs |= ablation_jobs(args.variants, args.seeds)
+        if args.part in ("curve", "both"):
+            jobs |= curve_jobs(args.methods, args.sizes, args.seeds)
+        federation = ""
+        if args.parallel_clients > 1:
+            threads = max(1, (os.cpu_count() or 1) // args.parallel_clients)
+            federation = f"client-resources-num-cpus={threads}"
+            jobs = {name: f"{o} train.num_threads={threads}" for name, o in jobs.items()}
+        run_all(out, jobs, num_supernodes=NUM_CLIENTS, federation_config=federation)
+    text = report(out, args.methods, args.sizes, args.variants)
+    (out / "tables.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
