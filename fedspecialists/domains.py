@@ -30,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -276,8 +277,7 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
     ).hexdigest()[:16]
     path = cache / "domains" / f"{ts.name}-{key}.npz"
     if path.exists():
-        with np.load(path) as z:
-            return DomainData(ts.name, int(z["num_labels"]), *(z[k] for k in _ARRAYS))
+        return load_cached(path, ts.name)
     if ts.source == "builtin":
         x_tr, y_tr, x_te, y_te = _builtin_image(ts, cache)
     else:
@@ -295,14 +295,30 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
         conform_images(x_te, ts.image_shape),
         y_te.astype(np.int64),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, num_labels=domain.num_labels, **{k: getattr(domain, k) for k in _ARRAYS})
-    tmp.replace(path)  # atomic: concurrent ClientApp processes may race to write it
+    save_cached(path, domain)
     return domain
 
 
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_cached(path: Path, name: str) -> DomainData:
+    """The domain ``name`` as :func:`save_cached` wrote it to ``path``."""
+    with np.load(path) as z:
+        return DomainData(name, int(z["num_labels"]), *(z[k] for k in _ARRAYS))
+
+
+def save_cached(path: Path, domain: DomainData) -> None:
+    """Write ``domain`` to the cache file ``path`` atomically.
+
+    Concurrent ClientApp processes may build the same domain at once: each writes its own
+    temporary file in the same folder and renames it over ``path``, so readers only ever see
+    a whole file and no writer removes another's temporary file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp.npz", delete=False) as f:
+        np.savez(f, num_labels=domain.num_labels, **{k: getattr(domain, k) for k in _ARRAYS})
+    Path(f.name).replace(path)
 
 
 def encode_text_domains(
@@ -337,8 +353,7 @@ def encode_text_domains(
         ).hexdigest()[:16]
         path = cache / "domains" / f"{ts.name}-text-{key}.npz"
         if path.exists():
-            with np.load(path) as z:
-                out.append(DomainData(ts.name, int(z["num_labels"]), *(z[k] for k in _ARRAYS)))
+            out.append(load_cached(path, ts.name))
             continue
         task = load_task(ts, seed, cache)
         if encoder is None:
@@ -367,10 +382,7 @@ def encode_text_domains(
             features[1],
             np.asarray(task.test["label"], dtype=np.int64),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, num_labels=domain.num_labels, **{k: getattr(domain, k) for k in _ARRAYS})
-        tmp.replace(path)
+        save_cached(path, domain)
         out.append(domain)
     return out
 

@@ -15,10 +15,12 @@ from fedspecialists.domains import (
     declared_model_input,
     domain_mixture_partition,
     global_test_set,
+    load_cached,
     load_domain,
     load_domains,
     mixture_counts,
     mixture_shares,
+    save_cached,
     site_domains,
 )
 
@@ -257,3 +259,25 @@ def test_each_site_reads_its_partition_back_from_its_own_files(tmp_path: Path) -
             )
     with pytest.raises(ValueError, match="no task of the suite"):
         site_domains(site_cfg, tmp_path / "empty")
+
+
+def _write_many(path: str) -> None:
+    for i in range(20):
+        save_cached(Path(path), _domain("digits", 8, 3, float(i)))
+
+
+def test_concurrent_processes_writing_one_cache_file_all_succeed(tmp_path: Path) -> None:
+    """Two ClientApps building the same domain at once once raced on a shared temporary name."""
+    import multiprocessing
+
+    path = tmp_path / "domains" / "digits-key.npz"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_write_many, args=(str(path),)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    back = load_cached(path, "digits")
+    assert back.num_labels == 3 and back.x_train.shape == (8, 1, 4, 4)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
