@@ -154,6 +154,44 @@ def keep_self(matrix: np.ndarray, self_weight: float) -> np.ndarray:
     return self_weight * np.eye(matrix.shape[0]) + (1.0 - self_weight) * matrix
 
 
+def same_domain_share(
+    matrix: np.ndarray, owners: Sequence[int], dominant: Mapping[int, int]
+) -> tuple[float, float]:
+    """How much of A's weight on *other* clients' experts goes to clients of the same domain.
+
+    A diagnostic, never used to aggregate: it reads each client's dominant training domain,
+    which clients report as a metric. ``share`` averages, over experts that take anything from
+    other clients, the part of that weight whose owner has the same dominant domain; ``chance``
+    is the same average had the weight been spread evenly over every other client's experts.
+
+    Parameters
+    ----------
+    matrix : np.ndarray
+        ``(M, M)`` aggregation matrix (rows: the mixed expert, columns: its sources).
+    owners : Sequence[int]
+        Owner node of each of the M experts.
+    dominant : Mapping[int, int]
+        Node -> index of its dominant domain; every owner must be in it.
+
+    Returns
+    -------
+    tuple[float, float]
+        ``(share, chance)``, each in [0, 1]; NaN when no expert takes weight from other clients.
+    """
+    a = np.asarray(matrix, dtype=np.float64)
+    own = np.asarray(owners)
+    dom = np.asarray([dominant[o] for o in owners])
+    other = own[:, None] != own[None, :]
+    same = other & (dom[:, None] == dom[None, :])
+    peer_weight = (a * other).sum(axis=1)
+    rows = peer_weight > 0
+    if not rows.any():
+        return float("nan"), float("nan")
+    share = (a * same).sum(axis=1)[rows] / peer_weight[rows]
+    chance = same.sum(axis=1)[rows] / other.sum(axis=1)[rows]
+    return float(share.mean()), float(chance.mean())
+
+
 def mix_round(server_round: int, every: int) -> bool:
     """Experts are mixed (peers fetched) in rounds 2, 2 + n, 2 + 2n, ... for ``every = n``.
 
@@ -369,6 +407,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.max_abs_value = max_abs_value
         self.on_round_end = on_round_end
         self.pool = ExpertPool({}, {}, {})
+        self.dominant_domain: dict[int, int] = {}  # reported by clients; metrics only
         self.matrix: np.ndarray | None = None
         self.matrix_ids: list[str] = []
         self.grants = GrantIssuer()
@@ -528,6 +567,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self, server_round: int, accepted: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]]
     ) -> None:
         for node, _, meta in accepted:
+            if "domain-examples" in meta:
+                self.dominant_domain[node] = int(np.argmax(meta["domain-examples"]))
             self.pool.proxies[node] = meta["proxies"]
             self.pool.hashes[node] = meta["hashes"]
             self.pool.addresses[node] = meta["address"]
@@ -551,6 +592,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 "matrix": np.round(self.matrix, 5).tolist(),
                 "correlation": np.round(correlation, 5).tolist(),
             }
+            if all(o in self.dominant_domain for o in owners):  # diagnostic only
+                share, chance = same_domain_share(self.matrix, owners, self.dominant_domain)
+                self._record["same_domain_peer_share"] = {"share": share, "chance": chance}
         self._record["aggregation_recomputed"] = "aggregation" in self._record
 
     def _parse_train_reply(

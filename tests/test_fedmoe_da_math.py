@@ -17,6 +17,7 @@ from strategies.fedmoe_da import (
     recompute_round,
     renormalise,
     routed_means,
+    same_domain_share,
     sync_plans,
     top_p_mask,
 )
@@ -148,3 +149,20 @@ def test_eq9_without_siblings_takes_p_from_other_clients() -> None:
     assert_allclose(
         a[0], [math.e / (math.e + math.e**0.8), 0, 0, math.e**0.8 / (math.e + math.e**0.8)]
     )
+
+
+def test_same_domain_share_by_hand() -> None:
+    # owners 1, 1, 2, 3; dominant domains 1 -> 0, 2 -> 0, 3 -> 1
+    a = np.array(
+        [
+            [0.5, 0.1, 0.3, 0.1],  # peers 0.4, same domain 0.3: 0.75 (chance 1/2)
+            [0.0, 1.0, 0.0, 0.0],  # takes nothing from other clients: not counted
+            [0.2, 0.2, 0.4, 0.2],  # peers 0.6, same domain 0.4: 2/3 (chance 2/3)
+            [0.1, 0.0, 0.1, 0.8],  # peers 0.2, none of domain 1: 0 (chance 0)
+        ]
+    )
+    share, chance = same_domain_share(a, [1, 1, 2, 3], {1: 0, 2: 0, 3: 1})
+    assert share == pytest.approx((0.75 + 2 / 3 + 0.0) / 3)
+    assert chance == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    share, chance = same_domain_share(np.eye(4), [1, 1, 2, 3], {1: 0, 2: 0, 3: 1})
+    assert np.isnan(share) and np.isnan(chance)

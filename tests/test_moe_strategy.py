@@ -14,7 +14,12 @@ from numpy.testing import assert_allclose
 from fedspecialists.peer import verify_grant
 from fedspecialists.records import record_to_numpy, state_to_record
 from strategies.baselines import FedAvgMoE, LocalMoE
-from strategies.fedmoe_da import DomainAwareMoEAggregation, aggregation_matrix, correlation_matrix
+from strategies.fedmoe_da import (
+    DomainAwareMoEAggregation,
+    aggregation_matrix,
+    correlation_matrix,
+    same_domain_share,
+)
 
 BACKBONE = {"backbone.w": np.zeros((2, 2), np.float32)}
 K = 2
@@ -218,3 +223,20 @@ def test_self_weight_and_no_siblings_shape_the_matrix() -> None:
     for i, j in ((0, 1), (1, 0), (2, 3), (3, 2), (4, 5), (5, 4)):
         assert matrix[i, j] == 0.0  # never its own client's other expert
     assert np.all(np.diag(matrix) >= 0.5)
+
+
+def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> None:
+    strategy = _strategy(mix_within_client=False)
+    domains = {1: [9, 1], 2: [8, 2], 3: [0, 5]}  # training examples per domain
+
+    def reply(n: int, m: Message) -> Message:
+        out = _reply(m, 0.0, GATES[n])
+        out.content.metric_records["metrics"]["domain-examples"] = domains[n]
+        return out
+
+    _round(strategy, 1, reply)
+    assert strategy.matrix is not None
+    share, chance = same_domain_share(strategy.matrix, [1, 1, 2, 2, 3, 3], {1: 0, 2: 0, 3: 1})
+    recorded = strategy._record["same_domain_peer_share"]
+    assert recorded == {"share": share, "chance": chance}
+    assert chance == pytest.approx((4 * 0.5 + 2 * 0.0) / 6)  # every expert takes from a peer
