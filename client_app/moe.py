@@ -326,7 +326,9 @@ def train_model(
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = max(1, round(cfg.train.local_epochs * len(y) / cfg.train.batch_size))
+    steps = cfg.train.local_steps or max(
+        1, round(cfg.train.local_epochs * len(y) / cfg.train.batch_size)
+    )
     model.train()
     ce_sum = aux_sum = 0.0
     order = torch.randperm(len(y), generator=generator)

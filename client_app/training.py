@@ -147,7 +147,7 @@ def batch_loss(model: torch.nn.Module, enc: Encoded, index: np.ndarray) -> torch
 def train_adapter(
     adapters: AdapterModel, name: str, enc: Encoded, train_cfg: DictConfig, seed: int
 ) -> tuple[float, int]:
-    """Train adapter ``name`` on ``enc`` for ``train_cfg.local_epochs`` epochs.
+    """Train adapter ``name`` on ``enc`` for ``train_cfg.local_epochs`` epochs (or ``local_steps``).
 
     Returns
     -------
@@ -170,7 +170,9 @@ def train_adapter(
     else:
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     batch_size = min(int(train_cfg.batch_size), len(enc))
-    steps = max(1, math.ceil(train_cfg.local_epochs * len(enc) / batch_size))
+    steps = train_cfg.local_steps or max(
+        1, math.ceil(train_cfg.local_epochs * len(enc) / batch_size)
+    )
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     total = 0.0

@@ -104,6 +104,7 @@ class TrainSettings:
     optimizer: str = "adamw"
     momentum: float = 0.9
     local_epochs: float = 1.0
+    local_steps: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -350,6 +351,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     _check(cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0")
+    _check(
+        cfg.train.local_steps is None or cfg.train.local_steps >= 1,
+        "train.local_steps",
+        "must be >= 1 or null",
+    )
     _check(cfg.train.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
     _check(0.0 <= cfg.train.momentum < 1.0, "train.momentum", "must be in [0, 1)")
     _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")

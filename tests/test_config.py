@@ -56,6 +56,7 @@ def test_method_defaults_follow_the_paper() -> None:
         ("federation.min_replies=0", "federation.min_replies"),
         ("train.lr=0", "train.lr"),
         ("train.local_epochs=-1", "train.local_epochs"),
+        ("train.local_steps=0", "train.local_steps"),
         ("train.optimizer=lion", "train.optimizer"),
         ("fltac.num_clusters=0", "fltac.num_clusters"),
         ("fltac.num_clusters=many", "fltac.num_clusters"),

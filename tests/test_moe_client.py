@@ -11,7 +11,7 @@ import torch
 from flwr.app import ConfigRecord
 from numpy.testing import assert_allclose
 
-from client_app.moe import Node, expert_proxies, sync_experts
+from client_app.moe import Node, expert_proxies, sync_experts, train_model
 from fedspecialists.moe import MoEClassifier, build_model, expert_state
 from fedspecialists.peer import GrantIssuer, LocalPeerStore
 
@@ -174,3 +174,28 @@ def test_proxies_gate_its_change_and_the_mean_input_served(tmp_path: Path) -> No
     h = h.numpy()
     expected = (p.T @ h) / p.sum(axis=0)[:, None]  # (K, d): each expert's weighted mean input
     assert_allclose(expert_proxies(node), expected, rtol=1e-5, atol=1e-6)
+
+
+def _forward_passes(local_steps: int | None, examples: int) -> int:
+    model = build_model((1, 8, 8), 3, MOE, dense=False, seed=0)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    train = SimpleNamespace(
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.0,
+        local_epochs=2.0,
+        local_steps=local_steps,
+        batch_size=4,
+    )
+    cfg = SimpleNamespace(train=train, moe=SimpleNamespace(load_balance_coef=0.01))
+    x = np.random.default_rng(0).random((examples, 1, 8, 8), dtype=np.float32)
+    train_model(model, x, np.arange(examples) % 3, cfg, seed=0)  # type: ignore[arg-type]
+    return len(calls)
+
+
+def test_local_steps_fix_the_steps_per_round_whatever_the_data_size() -> None:
+    assert _forward_passes(None, 10) == 5  # round(2 epochs * 10 / 4)
+    assert _forward_passes(None, 20) == 10
+    assert _forward_passes(7, 10) == 7
+    assert _forward_passes(7, 20) == 7
