@@ -17,6 +17,8 @@ Usage::
     python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --parallel-clients 2
     python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --part ablation
     python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce --table-only
+    python benchmarks/fedmoe_da_scarce.py --out runs/fedmoe_da_scarce_epochs --sizes 100 \
+        --extra "train.local_steps=null"   # the earlier design: 2 epochs per round
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ VARIANTS = {
     "i5": (f"{PAPER} fedmoe_da.interval=5", "A recomputed every I = 5 rounds"),
     "mix_every3": (f"{PAPER} fedmoe_da.mix_every=3", "experts mixed every 3 rounds"),
     "fp16": (f"{PAPER} peer.half_precision=true", "float16 payloads between peers"),
+    "self0.8": (f"{PAPER} fedmoe_da.self_weight=0.8", "an expert keeps s = 0.8 of itself"),
+    "gate_update_fp16": (
+        f"{PAPER} fedmoe_da.proxy=gate_update peer.half_precision=true",
+        "proxy: gate change, float16 payloads",
+    ),
+    "gate_update_every3": (
+        f"{PAPER} fedmoe_da.proxy=gate_update fedmoe_da.mix_every=3",
+        "proxy: gate change, mixed every 3 rounds",
+    ),
+    "gate_update_fp16_every3": (
+        f"{PAPER} fedmoe_da.proxy=gate_update peer.half_precision=true fedmoe_da.mix_every=3",
+        "proxy: gate change, float16 payloads, mixed every 3 rounds",
+    ),
+    "self0.5_fp16_every3": (
+        f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
+        "s = 0.5, float16 payloads, mixed every 3 rounds",
+    ),
 }
 
 
@@ -98,6 +117,19 @@ def _done(out: Path, pattern: str) -> list[dict]:
         if json.loads((path.parent / "status.json").read_text())["status"] == "completed":
             runs.append(json.loads(path.read_text()))
     return runs
+
+
+def _same_domain(out: Path, pattern: str) -> str:
+    """Mean over rounds of the share of A's peer weight on same-domain clients, and chance."""
+    shares, chances = [], []
+    for path in sorted(out.glob(f"{pattern}/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r["same_domain_peer_share"] for r in rows if r.get("same_domain_peer_share")]
+        shares += [k["share"] for k in kept]
+        chances += [k["chance"] for k in kept]
+    if not shares:
+        return "n/a"
+    return f"{statistics.mean(shares):.2f} ({statistics.mean(chances):.2f})"
 
 
 def _traffic(run: dict) -> float:
@@ -173,6 +205,7 @@ def ablation_table(out: Path, variants: list[str]) -> str:
         "acc. right after local training",
         "peer MB",
         "server MB",
+        "same-domain share of peer weight (chance)",
         "seeds",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -189,6 +222,7 @@ def ablation_table(out: Path, variants: list[str]) -> str:
                     fmt([r["accuracy_after_training"] for r in runs]),
                     fmt([r["total_peer_bytes"] for r in runs], 1e-6, 1),
                     fmt([r["total_server_bytes"] for r in runs], 1e-6, 1),
+                    _same_domain(out, f"ablation-{label}-s*"),
                     str(len(runs)),
                 ]
             )
@@ -263,6 +297,12 @@ def main() -> None:
         default=1,
         help="ClientApps trained at once, each on cores/N threads (same seeds, same budget)",
     )
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="Hydra overrides added to every job, e.g. the earlier designs' "
+        "'train.local_steps=null partition.alpha=0.5'",
+    )
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -272,6 +312,7 @@ def main() -> None:
             jobs |= ablation_jobs(args.variants, args.seeds)
         if args.part in ("curve", "both"):
             jobs |= curve_jobs(args.methods, args.sizes, args.seeds)
+        jobs = {name: f"{o} {args.extra}".strip() for name, o in jobs.items()}
         federation = ""
         if args.parallel_clients > 1:
             threads = max(1, (os.cpu_count() or 1) // args.parallel_clients)
