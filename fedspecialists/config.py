@@ -175,8 +175,8 @@ class FedMoEDASettings:
     tau: float = 1.0
     interval: int = 1
     self_weight: float = 0.0  # share of itself each expert keeps when mixed (A' = sI + (1-s)A)
-    mix_every: int = 1  # experts are mixed every this many rounds (from round 2)
-    proxy: str = "gate"  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
+    mix_every: int = 3  # experts are mixed every this many rounds (from round 2)
+    proxy: str = "gate_update"  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
     mix_within_client: bool = True  # an expert may be matched with its own client's experts
 
 
@@ -190,7 +190,7 @@ class PeerSettings:
     max_bytes: int = 16_000_000
     timeout_s: float = 10.0
     grant_ttl_s: float = 900.0
-    half_precision: bool = False  # experts travel between peers as float16
+    half_precision: bool = True  # experts travel between peers as float16
     fetch_changed_only: bool = True  # a peer expert already held (same hash) is not fetched again
 
 

@@ -206,7 +206,7 @@ def test_fedmoe_da_scarce_experiment_at_a_tiny_size(
             "partition.train_per_client=24 partition.test_per_client=12 moe.channels=[4] "
             "moe.expert_hidden=16 moe.global_test_per_domain=20 fedmoe_da.num_peers=2 "
             "fedmoe_da.mix_every=2 fedmoe_da.proxy=routed_mean fedmoe_da.mix_within_client=false "
-            "peer.half_precision=true "
+            "peer.half_precision=true train.local_steps=3 "
             f"output.root={tmp_path} output.name=scarce"
         ),
         num_supernodes=4,
@@ -217,6 +217,7 @@ def test_fedmoe_da_scarce_experiment_at_a_tiny_size(
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     config = (run / "config.yaml").read_text()
     assert "domain_alpha: 0.1" in config and "num_clients: 4" in config
+    assert "alpha: 5.0" in config and "local_steps: 3" in config
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["replies_ok"] for r in rounds] == [4, 4, 4]
     # Mixed in round 2 only (every 2nd round from round 2); nothing refused.
