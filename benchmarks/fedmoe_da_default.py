@@ -20,9 +20,22 @@ from runner import fmt as _fmt
 from runner import run_all
 
 # label -> (Hydra overrides, description)
+# The previous defaults (the re-implementations' reading): gate rows as proxies, mixed every
+# round, float32 payloads. Today's defaults come from benchmarks/fedmoe_da_scarce.py.
+PREVIOUS = "fedmoe_da.proxy=gate fedmoe_da.mix_every=1 peer.half_precision=false"
 METHODS = {
-    "fedmoe_da": ("method=fedmoe_da", "FedMoE-DA (P=5, tau=1, I=1)"),
-    "fedmoe_da_tau0.1": ("method=fedmoe_da fedmoe_da.tau=0.1", "FedMoE-DA (P=5, tau=0.1, I=1)"),
+    "fedmoe_da": (
+        "method=fedmoe_da",
+        "FedMoE-DA, default (P=5, tau=1, gate-change proxy, float16, mixed every 3 rounds)",
+    ),
+    "fedmoe_da_previous": (
+        f"method=fedmoe_da {PREVIOUS}",
+        "FedMoE-DA, previous default (P=5, tau=1, I=1, gate proxy, every round)",
+    ),
+    "fedmoe_da_tau0.1": (
+        f"method=fedmoe_da {PREVIOUS} fedmoe_da.tau=0.1",
+        "FedMoE-DA, previous default with tau=0.1",
+    ),
     "fedavg_moe": ("method=fedavg_moe", "FedAvg, whole MoE model"),
     "fedavg_dense": ("method=fedavg_dense", "FedAvg, dense model of similar size"),
     "local_moe": ("method=local_moe", "Local only (MoE)"),

@@ -256,6 +256,7 @@ def plot(out: Path, methods: list[str], sizes: list[int]) -> Path:
         ylabel="personalised accuracy",
         title=f"fedmoe_da_scarce: {NUM_CLIENTS} clients, 20 rounds",
     )
+    ax.minorticks_off()  # a log axis labels its minor ticks otherwise (6 x 10^1, ...)
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
