@@ -19,7 +19,7 @@ pi_i), its change since the common start, or the mean input the expert serves (`
 computed by the client).
 
 The maths are pure functions (arrays in, arrays out); :class:`DomainAwareMoEAggregation` is the
-Flower strategy around them. What travels where (our reading, METHODS.md): the backbone is
+Flower strategy around them. What travels where (our reading of the paper): the backbone is
 FedAvg'd through the server so gate vectors live in one feature space; gates stay personal and
 are uploaded as proxies; the server sends each client its sync plan; expert tensors travel client
 to client through a peer transport (``fedspecialists.peer``), never through the server.
@@ -594,7 +594,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             }
             if all(o in self.dominant_domain for o in owners):  # diagnostic only
                 share, chance = same_domain_share(self.matrix, owners, self.dominant_domain)
-                self._record["same_domain_peer_share"] = {"share": share, "chance": chance}
+                if np.isfinite(share):  # NaN when no expert takes from a peer (s = 1)
+                    self._record["same_domain_peer_share"] = {"share": share, "chance": chance}
         self._record["aggregation_recomputed"] = "aggregation" in self._record
 
     def _parse_train_reply(
