@@ -317,7 +317,11 @@ def save_cached(path: Path, domain: DomainData) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp.npz", delete=False) as f:
-        np.savez(f, num_labels=domain.num_labels, **{k: getattr(domain, k) for k in _ARRAYS})
+        try:
+            np.savez(f, num_labels=domain.num_labels, **{k: getattr(domain, k) for k in _ARRAYS})
+        except BaseException:
+            Path(f.name).unlink(missing_ok=True)  # e.g. a full disk: leave no partial file
+            raise
     Path(f.name).replace(path)
 
 
