@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
+from fedspecialists.config import steps_per_round
 from fedspecialists.domains import (
     ClientDomains,
     global_test_set,
@@ -326,9 +327,7 @@ def train_model(
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = cfg.train.local_steps or max(
-        1, round(cfg.train.local_epochs * len(y) / cfg.train.batch_size)
-    )
+    steps = steps_per_round(cfg.train, len(y), cfg.train.batch_size, rounding=round)
     model.train()
     ce_sum = aux_sum = 0.0
     order = torch.randperm(len(y), generator=generator)

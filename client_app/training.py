@@ -6,7 +6,6 @@ labels only sees the first C logits; the others are masked out of its loss and i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from fedspecialists.config import steps_per_round
 from fedspecialists.data import ClientTask
 from fedspecialists.models import AdapterModel
 
@@ -170,9 +170,7 @@ def train_adapter(
     else:
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     batch_size = min(int(train_cfg.batch_size), len(enc))
-    steps = train_cfg.local_steps or max(
-        1, math.ceil(train_cfg.local_epochs * len(enc) / batch_size)
-    )
+    steps = steps_per_round(train_cfg, len(enc), batch_size)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     total = 0.0
