@@ -2,8 +2,8 @@
 
 Both on this machine: simulation = a local simulation SuperLink with N simulated SuperNodes;
 deployment = a TLS SuperLink with SuperNode authentication, N SuperNode processes and their gRPC
-peer endpoints (``fedspecialists.federation``). The table reads the runs' ``metrics.jsonl`` and
-``summary.json``.
+peer endpoints (``fedspecialists.deploy.federation``). The table reads the runs'
+``metrics.jsonl`` and ``summary.json``.
 
 Usage::
 
@@ -19,8 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
-from fedspecialists.federation import local_federation
-from fedspecialists.localrun import RunOutcome, local_superlink, run_app
+from fedspecialists.deploy.federation import local_federation
+from fedspecialists.run.local import RunOutcome, local_superlink, run_app
 
 DEFAULT_EXPERIMENTS = ["fedmoe_da=method=fedmoe_da num_rounds=3"]
 

@@ -28,16 +28,16 @@ from sklearn.metrics import silhouette_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client_app.training import (
+from client_app.fltac_training import (
     collate,
     encode,
     input_fingerprint,
     masked_logits,
     train_adapter,
 )
-from fedspecialists.config import load_config
-from fedspecialists.data import load_suite, partition_suite
-from fedspecialists.models import (
+from fedspecialists.config import AdapterRunConfig, load_config_as
+from fedspecialists.data.tasks import load_suite, partition_suite
+from fedspecialists.models.lora import (
     build_preprocessor,
     get_adapter_model,
     initial_adapter,
@@ -88,7 +88,7 @@ def _choice_by_loss(losses: np.ndarray, owners: list[int]) -> np.ndarray:
 
 
 def study(suite: str, seed: int) -> dict[str, Any]:
-    cfg = load_config([f"suite={suite}", f"seed={seed}"])
+    cfg = load_config_as(AdapterRunConfig, [f"suite={suite}", f"seed={seed}"])
     tasks = load_suite(cfg.suite.tasks, seed, cfg.data.cache_dir)
     width = max(t.num_labels for t in tasks)
     parts = partition_suite(

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedspecialists.localrun import local_superlink, run_app
+from fedspecialists.run.local import local_superlink, run_app
 
 
 def run_all(

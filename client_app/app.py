@@ -1,8 +1,7 @@
 """The ClientApp: it hands each message to the handlers of the run's method.
 
-* adapter methods (FL-TAC, FedIT, oracle, local only): :mod:`client_app.adapters`;
-* mixture-of-experts methods (FedMoE-DA and its baselines): :mod:`client_app.moe`.
-
+The registry (:mod:`fedspecialists.methods`) names each method's handler module: FL-TAC and its
+baselines use :mod:`client_app.fltac`, FedMoE-DA and its baselines :mod:`client_app.fedmoe_da`.
 The handlers' modules are imported on first use: in a deployment every message starts a fresh
 ClientApp process, so a FedMoE-DA message does not pay for importing peft and transformers.
 """
@@ -15,32 +14,29 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.node import config_for
-from fedspecialists.config import MOE_METHODS
+from fedspecialists import methods
 
 app = ClientApp()
 
 
 def _handlers(context: Context) -> ModuleType:
-    method = config_for(str(context.run_config.get("overrides", ""))).method.name
-    if method in MOE_METHODS:
-        from client_app import moe
-
-        return moe
-    from client_app import adapters
-
-    return adapters
+    # config_for imports the run's method.plugins, so a plugin method is registered here too.
+    cfg = config_for(str(context.run_config.get("overrides", "")))
+    return methods.get(cfg.method.name).client_handlers()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One training round of the run's method on this node."""
-    return _handlers(context).train(msg, context)  # type: ignore[no-any-return]
+    reply: Message = _handlers(context).train(msg, context)
+    return reply
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """One evaluation round of the run's method on this node."""
-    return _handlers(context).evaluate(msg, context)  # type: ignore[no-any-return]
+    reply: Message = _handlers(context).evaluate(msg, context)
+    return reply
 
 
 __all__ = ["app"]

@@ -8,21 +8,25 @@ from functools import lru_cache
 
 import torch
 from flwr.app import Context
-from omegaconf import DictConfig
 
-from fedspecialists.config import load_config
+from fedspecialists.config import ExperimentConfig, Schema, as_schema, load_config
 
 
 @lru_cache(maxsize=4)
-def config_for(overrides: str) -> DictConfig:
+def config_for(overrides: str) -> ExperimentConfig:
     """The composed, validated experiment config (cached: ClientApps are rebuilt per message)."""
     return load_config(overrides)
 
 
-def run_config(context: Context) -> tuple[str, DictConfig]:
+def config_as(overrides: str, schema: type[Schema]) -> Schema:
+    """:func:`config_for`, checked to be of one family's schema (e.g. ``MoERunConfig``)."""
+    return as_schema(config_for(overrides), schema)
+
+
+def run_config(context: Context, schema: type[Schema]) -> tuple[str, Schema]:
     """The run's Hydra overrides and its config; sets torch's thread count for this process."""
     overrides = str(context.run_config.get("overrides", ""))
-    cfg = config_for(overrides)
+    cfg = config_as(overrides, schema)
     torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
     return overrides, cfg
 
@@ -47,7 +51,7 @@ def partition_of(context: Context, own_files: bool = False) -> tuple[int, int]:
     )
 
 
-def data_dir_of(context: Context, cfg: DictConfig) -> str | None:
+def data_dir_of(context: Context, cfg: ExperimentConfig) -> str | None:
     """The site's own data folder (node config ``data-dir``) when the run's suite reads files.
 
     A suite of ``source: files`` tasks names its files relative to each site's ``data-dir``;
@@ -59,7 +63,7 @@ def data_dir_of(context: Context, cfg: DictConfig) -> str | None:
     return None
 
 
-def device_of(context: Context, cfg: DictConfig) -> torch.device:
+def device_of(context: Context, cfg: ExperimentConfig) -> torch.device:
     """The node config's ``device`` if set, else ``train.device``."""
     setting = str(context.node_config.get("device") or cfg.train.device)
     if setting == "auto":  # the first CUDA GPU torch sees, else the CPU

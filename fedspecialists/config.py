@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import math
 import shlex
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from fedspecialists import methods
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
-ADAPTER_METHODS = ("fltac", "fedit", "oracle", "local")
-MOE_METHODS = ("fedmoe_da", "fedavg_moe", "fedavg_dense", "local_moe")
 PROXIES = ("gate", "gate_update", "routed_mean")  # what stands for an expert in FedMoE-DA's Eq. 8
-METHODS = ADAPTER_METHODS + MOE_METHODS
+FLTAC_CHOICES = {
+    "clustering": ("kmeans", "constrained_kmeans"),
+    "feature_source": ("update", "cumulative", "weights", "cumulative+update"),
+    "feature_tensors": ("all", "lora", "head"),
+    "weighting": ("uniform", "samples"),
+}
 
 
 class ConfigError(ValueError):
@@ -82,44 +88,45 @@ class SuiteConfig:
 class ModelConfig:
     """Base model. ``builtin:all-MiniLM-L6-v2`` resolves to the copy shipped in a package."""
 
-    name_or_path: str = "builtin:all-MiniLM-L6-v2"
-    pretrained: bool = True
-    tokenizer: str | None = None
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    head_module: str = "classifier"
-    pooling: str = "cls"
-    max_length: int = 64
-    image_size: int | None = None
+    name_or_path: str = MISSING
+    pretrained: bool = MISSING
+    tokenizer: str | None = MISSING
+    config_overrides: dict[str, Any] = MISSING
+    head_module: str = MISSING
+    pooling: str = MISSING
+    max_length: int = MISSING
+    image_size: int | None = MISSING
 
 
 @dataclass
 class LoraSettings:
-    rank: int = 1
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | None = None
+    rank: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] | None = MISSING
 
 
 @dataclass
 class TrainSettings:
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    local_epochs: float = 1.0
-    local_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    eval_batch_size: int = 64
-    num_threads: int = 0
-    device: str = "auto"
+    optimizer: str = MISSING
+    momentum: float = MISSING
+    local_epochs: float = MISSING
+    local_steps: int | None = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    eval_batch_size: int = MISSING
+    num_threads: int = MISSING
+    device: str = MISSING
 
 
 @dataclass
 class MethodConfig:
-    """Which strategy runs, and how clients hold adapters (one per task, or one shared)."""
+    """Which method runs (a name in :mod:`fedspecialists.methods`), and modules to import first
+    that register methods of one's own (``plugins``, see ``docs/extending.md``)."""
 
-    name: str = "fltac"
-    adapters: str = "per_task"
+    name: str = MISSING
+    plugins: list[str] = MISSING
 
 
 @dataclass
@@ -130,19 +137,19 @@ class FLTACConfig:
     (silhouette over ``auto_k_min..auto_k_max``).
     """
 
-    num_clusters: Any = None
-    auto_k_min: int = 2
-    auto_k_max: int = 8
-    clustering: str = "constrained_kmeans"
-    feature_source: str = "cumulative"
-    feature_tensors: str = "head"
-    normalize: bool = True
-    weighting: str = "uniform"
-    kmeans_n_init: int = 10
-    input_fingerprint: bool = True
-    source_check: bool = True
-    source_check_llr: float = 4.6
-    split_by_label_count: bool = True
+    num_clusters: Any = MISSING
+    auto_k_min: int = MISSING
+    auto_k_max: int = MISSING
+    clustering: str = MISSING
+    feature_source: str = MISSING
+    feature_tensors: str = MISSING
+    normalize: bool = MISSING
+    weighting: str = MISSING
+    kmeans_n_init: int = MISSING
+    input_fingerprint: bool = MISSING
+    source_check: bool = MISSING
+    source_check_llr: float = MISSING
+    split_by_label_count: bool = MISSING
 
 
 @dataclass
@@ -156,15 +163,15 @@ class MoESettings:
     ``dense_hidden`` units (null = num_experts * expert_hidden, a model of similar size).
     """
 
-    channels: list[int] = field(default_factory=lambda: [16, 32])
-    pooled_size: int = 4
-    projection_dim: int = 256
-    num_experts: int = 4
-    top_k: int = 2
-    expert_hidden: int = 128
-    dense_hidden: int | None = None
-    load_balance_coef: float = 0.01
-    global_test_per_domain: int = 250
+    channels: list[int] = MISSING
+    pooled_size: int = MISSING
+    projection_dim: int = MISSING
+    num_experts: int = MISSING
+    top_k: int = MISSING
+    expert_hidden: int = MISSING
+    dense_hidden: int | None = MISSING
+    load_balance_coef: float = MISSING
+    global_test_per_domain: int = MISSING
 
 
 @dataclass
@@ -172,36 +179,37 @@ class FedMoEDASettings:
     """FedMoE-DA's aggregation: P peers per expert (Eq. 9), temperature tau (Eq. 10), and the
     aggregation matrix recomputed every ``interval`` (I) rounds."""
 
-    num_peers: int = 5
-    tau: float = 1.0
-    interval: int = 1
-    self_weight: float = 0.0  # share of itself each expert keeps when mixed (A' = sI + (1-s)A)
-    mix_every: int = 3  # experts are mixed every this many rounds (from round 2)
-    proxy: str = "gate_update"  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
-    mix_within_client: bool = True  # an expert may be matched with its own client's experts
+    num_peers: int = MISSING
+    tau: float = MISSING
+    interval: int = MISSING
+    self_weight: float = MISSING  # share of itself each expert keeps when mixed (A' = sI + (1-s)A)
+    mix_every: int = MISSING  # experts are mixed every this many rounds (from round 2)
+    proxy: str = MISSING  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
+    mix_within_client: bool = MISSING  # an expert may be matched with its own client's experts
 
 
 @dataclass
 class PeerSettings:
-    """Peer-to-peer expert exchange. ``transport: local`` = node folders under ``root`` (null =
-    ``<run folder>/nodes``), read directly by peers (simulation)."""
+    """Peer-to-peer expert exchange. In simulation, node folders under ``root`` (null =
+    ``<run folder>/nodes``) that peers read directly; in a deployment, each site's gRPC endpoint."""
 
-    transport: str = "local"
-    root: str | None = None
-    max_bytes: int = 16_000_000
-    timeout_s: float = 10.0
-    grant_ttl_s: float = 900.0
-    half_precision: bool = True  # experts travel between peers as float16
-    fetch_changed_only: bool = True  # a peer expert already held (same hash) is not fetched again
+    root: str | None = MISSING
+    max_bytes: int = MISSING
+    timeout_s: float = MISSING
+    grant_ttl_s: float = MISSING
+    half_precision: bool = MISSING  # experts travel between peers as float16
+    fetch_changed_only: bool = (
+        MISSING  # a peer expert already held (same hash) is not fetched again
+    )
 
 
 @dataclass
 class FederationConfig:
-    num_clients: int = 10
-    fraction_train: float = 1.0
-    min_replies: int = 1
-    node_wait_s: float = 60.0
-    reply_timeout_s: float = 3600.0
+    num_clients: int = MISSING
+    fraction_train: float = MISSING
+    min_replies: int = MISSING
+    node_wait_s: float = MISSING
+    reply_timeout_s: float = MISSING
 
 
 @dataclass
@@ -211,51 +219,77 @@ class PartitionConfig:
     mixture of domains and Dirichlet(``alpha``) labels inside each, ``train_per_client`` and
     ``test_per_client`` examples."""
 
-    alpha: float = 0.5
-    min_share: float = 0.01
-    domain_alpha: float = 0.5
-    train_per_client: int | None = None
-    test_per_client: int | None = None
+    alpha: float = MISSING
+    min_share: float = MISSING
+    domain_alpha: float = MISSING
+    train_per_client: int | None = MISSING
+    test_per_client: int | None = MISSING
 
 
 @dataclass
 class ValidationConfig:
-    max_abs_value: float = 1.0e4
-    max_update_norm: float | None = None
+    max_abs_value: float = MISSING
+    max_update_norm: float | None = MISSING
 
 
 @dataclass
 class OutputConfig:
-    root: str = "${oc.env:HOME}/fedspecialists-runs"
-    name: str | None = None
-    plots: bool = True
-    save_adapters: bool = True
+    root: str = MISSING
+    name: str | None = MISSING
+    plots: bool = MISSING
+    save_adapters: bool = MISSING
 
 
 @dataclass
 class DataSettings:
-    cache_dir: str = "${oc.env:FEDSPECIALISTS_CACHE,${oc.env:HOME}/.cache/fedspecialists}"
+    cache_dir: str = MISSING
 
 
 @dataclass
 class ExperimentConfig:
-    seed: int = 0
-    num_rounds: int = 6
-    report_true_tasks: bool = True
+    """The settings every run reads; each family of methods adds its own sections below.
+
+    Every default lives in ``conf/`` (the fields here only give types): a key missing from the
+    composed config is an error that names it.
+    """
+
+    seed: int = MISSING
+    num_rounds: int = MISSING
+    report_true_tasks: bool = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    fltac: FLTACConfig = field(default_factory=FLTACConfig)
-    moe: MoESettings = field(default_factory=MoESettings)
-    fedmoe_da: FedMoEDASettings = field(default_factory=FedMoEDASettings)
-    peer: PeerSettings = field(default_factory=PeerSettings)
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     data: DataSettings = field(default_factory=DataSettings)
+
+
+@dataclass
+class AdapterRunConfig(ExperimentConfig):
+    """A run of the ``adapters`` family (FL-TAC and its baselines)."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    fltac: FLTACConfig = field(default_factory=FLTACConfig)
+
+
+@dataclass
+class MoERunConfig(ExperimentConfig):
+    """A run of the ``moe`` family (FedMoE-DA and its baselines)."""
+
+    moe: MoESettings = field(default_factory=MoESettings)
+    fedmoe_da: FedMoEDASettings = field(default_factory=FedMoEDASettings)
+    peer: PeerSettings = field(default_factory=PeerSettings)
+
+
+SCHEMAS: dict[str, type[ExperimentConfig]] = {"adapters": AdapterRunConfig, "moe": MoERunConfig}
+# Keys no longer read: accepted (with a warning) so that old configs and commands keep working.
+RETIRED_KEYS = {
+    "method.adapters": "the method decides: FedIT one shared adapter, the others one per task",
+    "peer.transport": "simulation uses node folders, a deployment each site's gRPC endpoint",
+}
 
 
 def parse_overrides(overrides: str | list[str] | None) -> list[str]:
@@ -279,25 +313,109 @@ def _compose(overrides: list[str], config_name: str) -> DictConfig:
         raise ConfigError(f"invalid configuration override: {exc}") from exc
 
 
-def apply_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
-    """Merge ``cfg`` into the typed schema; unknown keys and wrong types raise ``ConfigError``."""
-    schema = OmegaConf.structured(ExperimentConfig)
+def apply_schema(cfg: DictConfig | dict[str, Any]) -> ExperimentConfig:
+    """Check a composed config against its method family's schema and return it typed.
+
+    Unknown keys, wrong types, missing values and out-of-range values raise ``ConfigError``
+    naming the key; retired keys are dropped with a warning.
+    """
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg.copy()
+    OmegaConf.set_struct(raw, False)  # Hydra composes in struct mode; retired keys are removed
+    _drop_retired(raw)
+    family = _method_of(raw).family
+    schema = OmegaConf.structured(SCHEMAS[family])
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        merged = OmegaConf.merge(schema, raw)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from exc
-    assert isinstance(merged, DictConfig)
-    validate(merged)
-    return merged
+        raise ConfigError(_schema_error(exc, family)) from exc
+    missing = sorted(OmegaConf.missing_keys(merged))
+    _check(not missing, missing[0] if missing else "", f"has no value (missing: {missing})")
+    typed = OmegaConf.to_object(merged)
+    assert isinstance(typed, ExperimentConfig)
+    validate(typed)
+    return typed
+
+
+def _drop_retired(raw: DictConfig) -> None:
+    for key, why in RETIRED_KEYS.items():
+        section, _, name = key.partition(".")
+        node = raw.get(section)
+        if isinstance(node, DictConfig) and name in node:
+            node.pop(name)
+            warnings.warn(f"config key '{key}' is no longer read ({why}); ignored", stacklevel=3)
+
+
+def _method_of(raw: DictConfig) -> methods.Method:
+    """The registered method ``method.name`` names, after importing ``method.plugins``."""
+    method = raw.get("method")
+    method = method if isinstance(method, DictConfig) else OmegaConf.create({})
+    try:
+        methods.load_plugins(list(method.get("plugins") or []))
+    except ValueError as exc:
+        raise ConfigError(f"config key 'method.plugins': {exc}") from exc
+    name = method.get("name")
+    try:
+        return methods.get(str(name))
+    except KeyError:
+        raise ConfigError(
+            f"config key 'method.name': must be one of {methods.names()}, not {name!r}"
+        ) from None
+
+
+def _schema_error(exc: OmegaConfBaseException, family: str) -> str:
+    key = str(getattr(exc, "full_key", None) or "?")
+    section = key.split(".")[0]
+    others = [f for f, spec in methods.FAMILIES.items() if section in spec.sections]
+    if others and family not in others:
+        return (
+            f"config key '{key}': the '{section}' settings are read only by methods of the "
+            f"{others[0]} family; this run's method is of the {family} family"
+        )
+    return f"config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}"
 
 
 def load_config(
     overrides: str | list[str] | None = None, config_name: str = "config"
-) -> DictConfig:
+) -> ExperimentConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type-check and range-check it."""
-    return apply_schema(_compose(parse_overrides(overrides), config_name))
+    return apply_schema(_compose(_without_retired(parse_overrides(overrides)), config_name))
+
+
+def _without_retired(overrides: list[str]) -> list[str]:
+    """The overrides less those setting a retired key (each dropped with a warning)."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RETIRED_KEYS:
+            warnings.warn(
+                f"config key '{key}' is no longer read ({RETIRED_KEYS[key]})", stacklevel=3
+            )
+        else:
+            kept.append(override)
+    return kept
+
+
+Schema = TypeVar("Schema", bound=ExperimentConfig)
+
+
+def as_schema(cfg: ExperimentConfig, schema: type[Schema]) -> Schema:
+    """``cfg`` checked to be of one family's schema (``AdapterRunConfig``, ``MoERunConfig``)."""
+    if not isinstance(cfg, schema):
+        raise TypeError(f"method {cfg.method.name} does not run with a {schema.__name__}")
+    return cfg
+
+
+def load_config_as(
+    schema: type[Schema], overrides: str | list[str] | None = None, config_name: str = "config"
+) -> Schema:
+    """:func:`load_config`, typed as the schema of the method's family."""
+    return as_schema(load_config(overrides, config_name), schema)
+
+
+def compose_config(overrides: str | list[str] | None = None) -> DictConfig:
+    """``conf/config.yaml`` composed with Hydra overrides, not yet checked (to merge into)."""
+    return _compose(parse_overrides(overrides), "config")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -305,168 +423,161 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: ExperimentConfig) -> None:
     """Range checks the type system cannot express. Raises ``ConfigError`` naming the key."""
     _check(cfg.seed >= 0, "seed", "must be >= 0")
     _check(cfg.num_rounds >= 1, "num_rounds", "must be >= 1")
-    _check(cfg.method.name in METHODS, "method.name", f"must be one of {METHODS}")
-    _check(
-        cfg.method.adapters in ("per_task", "shared"),
-        "method.adapters",
-        "must be 'per_task' or 'shared'",
-    )
-    _check(len(cfg.suite.tasks) >= 1, "suite.tasks", "needs at least one task")
-    names = [t.name for t in cfg.suite.tasks]
+    if methods.get(cfg.method.name).needs_true_tasks:
+        _check(cfg.report_true_tasks, "report_true_tasks", f"{cfg.method.name} needs true tasks")
+    _check_suite(cfg.suite)
+    _check_model_and_training(cfg)
+    _check_federation(cfg)
+    if isinstance(cfg, AdapterRunConfig):
+        _check_adapter_sections(cfg)
+    if isinstance(cfg, MoERunConfig):
+        _check_moe_sections(cfg)
+
+
+def _check_suite(suite: SuiteConfig) -> None:
+    _check(len(suite.tasks) >= 1, "suite.tasks", "needs at least one task")
+    names = [t.name for t in suite.tasks]
     _check(len(set(names)) == len(names), "suite.tasks", f"task names must be unique: {names}")
-    for i, task in enumerate(cfg.suite.tasks):
-        key = f"suite.tasks[{i}]"
-        _check(task.kind in TASK_KINDS, f"{key}.kind", f"must be one of {TASK_KINDS}")
-        _check(task.source in TASK_SOURCES, f"{key}.source", f"must be one of {TASK_SOURCES}")
-        if task.source == "builtin":
-            _check(task.builtin is not None, f"{key}.builtin", "required when source=builtin")
-        if task.source == "hub":
-            _check(task.path is not None, f"{key}.path", "required when source=hub")
-        if task.source == "files":
-            _check("train" in task.data_files, f"{key}.data_files", "needs a 'train' file")
-        _check(0.0 < task.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
-        if task.keep_classes is not None:
-            _check(
-                len(task.keep_classes) >= 2
-                and len(set(task.keep_classes)) == len(task.keep_classes),
-                f"{key}.keep_classes",
-                "must list at least two distinct classes",
-            )
-        if task.image_shape is not None:
-            shape = list(task.image_shape)
-            _check(
-                len(shape) == 3 and shape[0] in (1, 3) and all(v >= 1 for v in shape),
-                f"{key}.image_shape",
-                "must be [C, H, W] with C 1 (grey) or 3 (RGB) and H, W >= 1",
-            )
-        for limit in ("max_train_examples", "max_test_examples"):
-            value = task[limit]
-            _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
+    for i, task in enumerate(suite.tasks):
+        _check_task(task, f"suite.tasks[{i}]")
+
+
+def _check_task(task: TaskSpec, key: str) -> None:
+    _check(task.kind in TASK_KINDS, f"{key}.kind", f"must be one of {TASK_KINDS}")
+    _check(task.source in TASK_SOURCES, f"{key}.source", f"must be one of {TASK_SOURCES}")
+    if task.source == "builtin":
+        _check(task.builtin is not None, f"{key}.builtin", "required when source=builtin")
+    if task.source == "hub":
+        _check(task.path is not None, f"{key}.path", "required when source=hub")
+    if task.source == "files":
+        _check("train" in task.data_files, f"{key}.data_files", "needs a 'train' file")
+    _check(0.0 < task.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+    if task.keep_classes is not None:
+        _check(
+            len(task.keep_classes) >= 2 and len(set(task.keep_classes)) == len(task.keep_classes),
+            f"{key}.keep_classes",
+            "must list at least two distinct classes",
+        )
+    if task.image_shape is not None:
+        shape = list(task.image_shape)
+        _check(
+            len(shape) == 3 and shape[0] in (1, 3) and all(v >= 1 for v in shape),
+            f"{key}.image_shape",
+            "must be [C, H, W] with C 1 (grey) or 3 (RGB) and H, W >= 1",
+        )
+    for limit in ("max_train_examples", "max_test_examples"):
+        value = getattr(task, limit)
+        _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
+
+
+def _check_model_and_training(cfg: ExperimentConfig) -> None:
     _check(cfg.model.pooling in ("cls", "mean"), "model.pooling", "must be 'cls' or 'mean'")
     _check(cfg.model.max_length >= 8, "model.max_length", "must be >= 8")
-    _check(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
-    _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
-    _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-    _check(cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0")
+    train = cfg.train
+    _check(train.local_epochs > 0, "train.local_epochs", "must be > 0")
     _check(
-        cfg.train.local_steps is None or cfg.train.local_steps >= 1,
+        train.local_steps is None or train.local_steps >= 1,
         "train.local_steps",
         "must be >= 1 or null",
     )
-    _check(cfg.train.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
-    _check(0.0 <= cfg.train.momentum < 1.0, "train.momentum", "must be in [0, 1)")
-    _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-    _check(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(cfg.train.lr > 0, "train.lr", "must be > 0")
-    _check(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(cfg.train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = all cores)")
+    _check(train.optimizer in ("adamw", "sgd"), "train.optimizer", "must be 'adamw' or 'sgd'")
+    _check(0.0 <= train.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+    _check(train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(train.lr > 0, "train.lr", "must be > 0")
+    _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(train.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = all cores)")
     _check(
-        cfg.train.device in ("auto", "cpu", "mps") or str(cfg.train.device).startswith("cuda"),
+        train.device in ("auto", "cpu", "mps") or str(train.device).startswith("cuda"),
         "train.device",
         "must be auto, cpu, mps, cuda or cuda:<index>",
     )
-    k = cfg.fltac.num_clusters
+
+
+def _check_federation(cfg: ExperimentConfig) -> None:
+    fed, part = cfg.federation, cfg.partition
+    _check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    _check(0.0 < fed.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+    _check(fed.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _check(fed.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
+    _check(fed.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
+    _check(part.alpha > 0, "partition.alpha", "must be > 0")
+    _check(0.0 <= part.min_share < 1.0, "partition.min_share", "must be in [0, 1)")
+    _check(part.domain_alpha > 0, "partition.domain_alpha", "must be > 0")
+    for key in ("train_per_client", "test_per_client"):
+        value = getattr(part, key)
+        _check(value is None or value >= 1, f"partition.{key}", "must be >= 1 or null")
+    _check(cfg.validation.max_abs_value > 0, "validation.max_abs_value", "must be > 0")
+    bound = cfg.validation.max_update_norm
+    _check(bound is None or bound > 0, "validation.max_update_norm", "must be > 0 or null")
+
+
+def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
+    _check(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    fltac = cfg.fltac
+    k = fltac.num_clusters
     _check(
         k is None or k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
         "fltac.num_clusters",
         "must be null (= number of tasks), 'auto' or an int >= 1",
     )
-    _check(cfg.fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
-    _check(
-        cfg.fltac.auto_k_max >= cfg.fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min"
-    )
-    _check(
-        cfg.fltac.clustering in ("kmeans", "constrained_kmeans"),
-        "fltac.clustering",
-        "must be 'kmeans' or 'constrained_kmeans'",
-    )
-    _check(
-        cfg.fltac.feature_source in ("update", "cumulative", "weights", "cumulative+update"),
-        "fltac.feature_source",
-        "must be 'update', 'cumulative', 'weights' or 'cumulative+update'",
-    )
-    _check(
-        cfg.fltac.feature_tensors in ("all", "lora", "head"),
-        "fltac.feature_tensors",
-        "must be one of all, lora, head",
-    )
-    _check(
-        cfg.fltac.weighting in ("uniform", "samples"),
-        "fltac.weighting",
-        "must be 'uniform' or 'samples'",
-    )
-    _check(cfg.fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
-    _check(cfg.fltac.source_check_llr > 0, "fltac.source_check_llr", "must be > 0")
-    _check(cfg.federation.num_clients >= 1, "federation.num_clients", "must be >= 1")
-    _check(
-        0.0 < cfg.federation.fraction_train <= 1.0,
-        "federation.fraction_train",
-        "must be in (0, 1]",
-    )
-    _check(cfg.federation.min_replies >= 1, "federation.min_replies", "must be >= 1")
-    _check(cfg.federation.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
-    _check(cfg.federation.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
-    _check(cfg.partition.alpha > 0, "partition.alpha", "must be > 0")
-    _check(0.0 <= cfg.partition.min_share < 1.0, "partition.min_share", "must be in [0, 1)")
-    _check(cfg.validation.max_abs_value > 0, "validation.max_abs_value", "must be > 0")
-    mun = cfg.validation.max_update_norm
-    _check(mun is None or mun > 0, "validation.max_update_norm", "must be > 0 or null")
-    _check(cfg.partition.domain_alpha > 0, "partition.domain_alpha", "must be > 0")
-    for key in ("train_per_client", "test_per_client"):
-        value = cfg.partition[key]
-        _check(value is None or value >= 1, f"partition.{key}", "must be >= 1 or null")
-    moe = cfg.moe
+    _check(fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
+    _check(fltac.auto_k_max >= fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min")
+    for key, allowed in FLTAC_CHOICES.items():
+        value = getattr(fltac, key)
+        _check(value in allowed, f"fltac.{key}", f"must be one of {', '.join(allowed)}")
+    _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
+    _check(fltac.source_check_llr > 0, "fltac.source_check_llr", "must be > 0")
+
+
+def _check_moe_sections(cfg: MoERunConfig) -> None:
+    moe, fm, peer = cfg.moe, cfg.fedmoe_da, cfg.peer
     _check(len(moe.channels) >= 1 and min(moe.channels) >= 1, "moe.channels", "needs widths >= 1")
-    _check(moe.pooled_size >= 1, "moe.pooled_size", "must be >= 1")
-    _check(moe.projection_dim >= 1, "moe.projection_dim", "must be >= 1")
-    _check(moe.num_experts >= 1, "moe.num_experts", "must be >= 1")
+    for key in ("pooled_size", "projection_dim", "num_experts", "expert_hidden"):
+        _check(getattr(moe, key) >= 1, f"moe.{key}", "must be >= 1")
     _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k", "must be in 1..moe.num_experts")
-    _check(moe.expert_hidden >= 1, "moe.expert_hidden", "must be >= 1")
     _check(moe.dense_hidden is None or moe.dense_hidden >= 1, "moe.dense_hidden", "must be >= 1")
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
-    _check(cfg.fedmoe_da.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")
-    _check(cfg.fedmoe_da.tau > 0, "fedmoe_da.tau", "tau must be > 0")
-    _check(cfg.fedmoe_da.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
-    _check(0.0 <= cfg.fedmoe_da.self_weight <= 1.0, "fedmoe_da.self_weight", "must be in [0, 1]")
-    _check(cfg.fedmoe_da.mix_every >= 1, "fedmoe_da.mix_every", "must be >= 1")
-    _check(
-        cfg.fedmoe_da.proxy in PROXIES,
-        "fedmoe_da.proxy",
-        f"must be one of {', '.join(PROXIES)}",
-    )
-    _check(cfg.peer.transport in ("local",), "peer.transport", "must be 'local'")
-    _check(cfg.peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
-    _check(cfg.peer.timeout_s > 0, "peer.timeout_s", "must be > 0")
-    _check(cfg.peer.grant_ttl_s > 0, "peer.grant_ttl_s", "must be > 0")
-    if cfg.method.name in MOE_METHODS:
-        for key in ("train_per_client", "test_per_client"):
-            _check(
-                cfg.partition[key] is not None,
-                f"partition.{key}",
-                f"required by the mixture-of-experts method {cfg.method.name}",
-            )
-        kinds = {t.kind for t in cfg.suite.tasks}
+    _check(fm.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")
+    _check(fm.tau > 0, "fedmoe_da.tau", "tau must be > 0")
+    _check(fm.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
+    _check(0.0 <= fm.self_weight <= 1.0, "fedmoe_da.self_weight", "must be in [0, 1]")
+    _check(fm.mix_every >= 1, "fedmoe_da.mix_every", "must be >= 1")
+    _check(fm.proxy in PROXIES, "fedmoe_da.proxy", f"must be one of {', '.join(PROXIES)}")
+    _check(peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
+    _check(peer.timeout_s > 0, "peer.timeout_s", "must be > 0")
+    _check(peer.grant_ttl_s > 0, "peer.grant_ttl_s", "must be > 0")
+    for key in ("train_per_client", "test_per_client"):
         _check(
-            kinds in ({"image_classification"}, {"text_classification"}),
-            "suite.tasks",
-            "a mixture-of-experts suite needs all-image or all-text classification tasks",
+            getattr(cfg.partition, key) is not None,
+            f"partition.{key}",
+            f"required by the mixture-of-experts method {cfg.method.name}",
         )
-    if cfg.method.name == "oracle":
-        _check(cfg.report_true_tasks, "report_true_tasks", "the oracle baseline needs true tasks")
+    kinds = {t.kind for t in cfg.suite.tasks}
+    _check(
+        kinds in ({"image_classification"}, {"text_classification"}),
+        "suite.tasks",
+        "a mixture-of-experts suite needs all-image or all-text classification tasks",
+    )
 
 
-def num_clusters(cfg: DictConfig) -> int | str:
+def num_clusters(cfg: AdapterRunConfig) -> int | str:
     """K for FL-TAC: the configured value, or the number of tasks when unset (the paper)."""
     k = cfg.fltac.num_clusters
     return len(cfg.suite.tasks) if k is None else k
 
 
-def to_yaml(cfg: DictConfig | ListConfig) -> str:
+def to_yaml(cfg: ExperimentConfig | DictConfig | ListConfig) -> str:
+    """The config as YAML (what ``config.yaml`` in a run folder holds)."""
+    if isinstance(cfg, ExperimentConfig):
+        return OmegaConf.to_yaml(OmegaConf.structured(cfg))
     return OmegaConf.to_yaml(cfg)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedspecialists.sitedata import export_sites
+from fedspecialists.data.site_files import export_sites
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ Usage::
 files are there and intact.
 
 The script uses the standard library only, so it runs before (or without) the project's own
-dependencies; ``fedspecialists.data`` names the same file and points here when it is missing.
+dependencies; ``fedspecialists.data.tasks`` names the same file and points here when it is missing.
 """
 
 from __future__ import annotations

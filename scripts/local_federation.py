@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from fedspecialists.federation import CONNECTION, local_federation
+from fedspecialists.deploy.federation import CONNECTION, local_federation
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedspecialists.certs import make_ca, make_node_key, make_server_cert
+from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
 
 
 def main() -> None:

@@ -29,17 +29,23 @@ from typing import Any
 
 import numpy as np
 from flwr.common.logger import log
-from omegaconf import DictConfig, OmegaConf
+
+from fedspecialists.config import AdapterRunConfig, ExperimentConfig, MoERunConfig, to_yaml
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
+def run_setting(cfg: ExperimentConfig) -> str:
+    """The setting a run folder's name carries: the LoRA rank, or FedMoE-DA's P."""
+    if isinstance(cfg, AdapterRunConfig):
+        return f"r{cfg.lora.rank}"
+    if isinstance(cfg, MoERunConfig):
+        return f"P{cfg.fedmoe_da.num_peers}"
+    return "-"
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
     """Absolute run folder (the ServerApp's working directory is wherever the SuperLink started)."""
     root = Path(str(cfg.output.root)).expanduser().resolve()
-    from fedspecialists.config import MOE_METHODS
-
-    setting = (
-        f"P{cfg.fedmoe_da.num_peers}" if cfg.method.name in MOE_METHODS else f"r{cfg.lora.rank}"
-    )
+    setting = run_setting(cfg)
     name = cfg.output.name or (
         f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method.name}-{cfg.suite.name}-{setting}-s{cfg.seed}"
     )
@@ -51,12 +57,12 @@ def run_dir_for(cfg: DictConfig) -> Path:
 class RunRecorder:
     """Writes a run's files as the rounds go by."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.rounds: list[dict[str, Any]] = []
         self.embeddings: list[dict[str, Any]] = []
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.aggregations: list[dict[str, Any]] = []
         for name in ("metrics.jsonl", "embeddings.jsonl", "aggregation.jsonl"):
             (run_dir / name).write_text("")
@@ -135,7 +141,8 @@ class RunRecorder:
             "method": self.cfg.method.name,
             "suite": self.cfg.suite.name,
             "seed": self.cfg.seed,
-            "lora_rank": self.cfg.lora.rank,
+            # null for the MoE methods, which train no LoRA adapter
+            "lora_rank": self.cfg.lora.rank if isinstance(self.cfg, AdapterRunConfig) else None,
             "num_rounds": len(self.rounds),
             "per_task_accuracy": last.get("accuracy", {}),
             "mean_accuracy": last.get("mean_accuracy"),
@@ -328,7 +335,7 @@ class RunRecorder:
 
 def save_adapters(
     run_dir: Path,
-    cfg: DictConfig,
+    cfg: AdapterRunConfig,
     num_labels: int,
     adapters: dict[str, dict[str, Any]],
     names: dict[str, str],
@@ -343,7 +350,7 @@ def save_adapters(
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from fedspecialists.models import build_base_model, lora_config, suite_kind
+    from fedspecialists.models.lora import build_base_model, lora_config, suite_kind
 
     kind = suite_kind(cfg)
     torch.manual_seed(cfg.seed)

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from fedspecialists.config import AdapterRunConfig
 from strategies.fedmoe_da import DomainAwareMoEAggregation
-from strategies.fltac import PoolEntry, TaskAdapterClustering
+from strategies.fltac import PoolEntry, TaskAdapterClustering, round_kwargs
 
 GLOBAL_ID = "global"
 
@@ -41,6 +42,10 @@ class FedIT(TaskAdapterClustering):
         kwargs.setdefault("weighting", "samples")  # FedAvg weights by local example counts
         super().__init__(initial_adapter, num_clusters=1, **kwargs)
 
+    @classmethod
+    def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
+        return round_kwargs(cfg)  # one group, FedAvg's weighting: no clustering settings
+
     def assign_groups(
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
     ) -> list[str] | None:
@@ -51,6 +56,15 @@ class OracleClustering(TaskAdapterClustering):
     """Group by true task id: FL-TAC's aggregation with a perfect clustering."""
 
     method = "oracle"
+
+    @classmethod
+    def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
+        # Groups come from the truth: FL-TAC's task evidence (fingerprints, source check,
+        # label-count split) is not asked for.
+        kwargs = super().config_kwargs(cfg)
+        for key in ("input_fingerprint", "source_check_llr", "split_by_label_count"):
+            del kwargs[key]
+        return kwargs
 
     def assign_groups(
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
@@ -72,6 +86,10 @@ class LocalOnly(TaskAdapterClustering):
     def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
         kwargs["keep_local"] = True
         super().__init__(initial_adapter, **kwargs)
+
+    @classmethod
+    def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
+        return {**round_kwargs(cfg), "weighting": cfg.fltac.weighting}  # nothing is clustered
 
     def assign_groups(
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray

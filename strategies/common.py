@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.common.logger import log
 
-from fedspecialists.records import content_nbytes
+from fedspecialists.protocol.records import content_nbytes
 
 
 @dataclass

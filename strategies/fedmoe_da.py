@@ -22,7 +22,7 @@ The maths are pure functions (arrays in, arrays out); :class:`DomainAwareMoEAggr
 Flower strategy around them. What travels where (our reading of the paper): the backbone is
 FedAvg'd through the server so gate vectors live in one feature space; gates stay personal and
 are uploaded as proxies; the server sends each client its sync plan; expert tensors travel client
-to client through a peer transport (``fedspecialists.peer``), never through the server.
+to client through a peer transport (``fedspecialists.peer.exchange``), never through the server.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedspecialists.peer import GrantIssuer
-from fedspecialists.records import check_adapter, record_to_numpy, state_to_record
+from fedspecialists.config import MoERunConfig
+from fedspecialists.peer.exchange import GrantIssuer
+from fedspecialists.protocol.records import check_adapter, record_to_numpy, state_to_record
 from strategies.common import (
     RoundBookkeeping,
     TrafficLedger,
@@ -417,6 +418,35 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self._record: dict[str, Any] = {}
         self._t_start = time.time()
         self._t_round = time.time()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: MoERunConfig,
+        initial_shared: Mapping[str, np.ndarray],
+        shared_parts: Sequence[str],
+        peer_root: str,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> DomainAwareMoEAggregation:
+        """This strategy with its settings read from the experiment config (``fedmoe_da.*``)."""
+        return cls(
+            initial_shared,
+            shared_parts,
+            num_experts=cfg.moe.num_experts,
+            num_peers=cfg.fedmoe_da.num_peers,
+            tau=cfg.fedmoe_da.tau,
+            interval=cfg.fedmoe_da.interval,
+            self_weight=cfg.fedmoe_da.self_weight,
+            mix_every=cfg.fedmoe_da.mix_every,
+            mix_within_client=cfg.fedmoe_da.mix_within_client,
+            peer_root=peer_root,
+            grant_ttl_s=cfg.peer.grant_ttl_s,
+            seed=cfg.seed,
+            fraction_train=cfg.federation.fraction_train,
+            min_replies=cfg.federation.min_replies,
+            max_abs_value=cfg.validation.max_abs_value,
+            on_round_end=on_round_end,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {

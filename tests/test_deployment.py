@@ -1,7 +1,8 @@
 """A real deployment on loopback: TLS SuperLink with SuperNode authentication, three SuperNodes
 with their peer endpoints, both methods run to completion, and the refusals that must happen.
 
-Every process is started by ``fedspecialists.federation`` and stopped by PID (process groups).
+Every process is started by ``fedspecialists.deploy.federation`` and stopped by PID (process
+groups).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
-from fedspecialists.certs import make_node_key
-from fedspecialists.domains import IMAGE_DOMAINS
-from fedspecialists.federation import LocalFederation, local_federation
-from fedspecialists.sitedata import export_sites
+from fedspecialists.data.domains import IMAGE_DOMAINS
+from fedspecialists.data.site_files import export_sites
+from fedspecialists.deploy.certs import make_node_key
+from fedspecialists.deploy.federation import LocalFederation, local_federation
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedspecialists.domains import (
+from fedspecialists.data.domains import (
     DomainData,
     DomainMixture,
     client_domains,
@@ -92,7 +92,7 @@ def test_sklearn_digits_become_28x28_in_unit_range(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("builtin", ["mnist", "fashion_mnist", "animal_silhouettes"])
 def test_offline_image_domains_load(builtin: str, tmp_path: Path) -> None:
-    from fedspecialists.data import default_cache_dir
+    from fedspecialists.data.tasks import default_cache_dir
 
     spec = {
         "name": builtin,
@@ -192,8 +192,8 @@ def test_images_of_several_sizes_and_modes_are_conformed(tmp_path: Path) -> None
 def test_the_model_is_sized_from_the_specs_without_data(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from fedspecialists import domains
     from fedspecialists.config import load_config
+    from fedspecialists.data import domains
 
     def no_data(*_: object, **__: object) -> None:
         raise AssertionError("data was loaded")
@@ -236,7 +236,7 @@ def test_the_model_is_sized_from_the_specs_without_data(monkeypatch: pytest.Monk
 def test_each_site_reads_its_partition_back_from_its_own_files(tmp_path: Path) -> None:
     """The export writes real partitions as PNG + CSV; each site's data-dir reads them back."""
     from fedspecialists.config import load_config
-    from fedspecialists.sitedata import export_sites
+    from fedspecialists.data.site_files import export_sites
 
     overrides = "method=fedmoe_da partition.train_per_client=40 partition.test_per_client=20"
     sites = export_sites(overrides, "site_images", tmp_path / "sites", 3)

@@ -7,6 +7,7 @@ The SuperLink is started and stopped by PID here; each run's outcome is read fro
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,16 +15,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedspecialists.localrun import LocalSuperLink, local_superlink, run_app
+from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app
 
 pytestmark = pytest.mark.e2e
 
 TINY = "model=tiny_bert suite=tiny_text num_rounds=2 federation.num_clients=3"
 
 
+PLUGINS = Path(__file__).resolve().parent / "plugins"  # methods registered from outside
+
+
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSuperLink]:
-    with local_superlink(tmp_path_factory.mktemp("flwr-home")) as link:
+    # The run's processes inherit PYTHONPATH: that is how they import a plugin method's module.
+    path = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
+    with local_superlink(tmp_path_factory.mktemp("flwr-home"), {"PYTHONPATH": path}) as link:
         yield link
     assert link.process.poll() is not None, "the SuperLink was not stopped"
 
@@ -71,7 +77,7 @@ def test_fltac_finds_tasks_that_share_a_label_count(
 ) -> None:
     # Three binary tasks (the head's shape tells them nothing apart), the real MiniLM, the
     # paper's Dirichlet(0.5) split over 3 clients, default clustering settings.
-    from fedspecialists.data import SPAM_TARBALL, default_cache_dir
+    from fedspecialists.data.tasks import SPAM_TARBALL, default_cache_dir
 
     if not (default_cache_dir() / "npm" / SPAM_TARBALL).is_file():
         pytest.skip("the SpamAssassin tarball was not fetched (npm missing at install time)")
@@ -99,6 +105,22 @@ def test_fltac_finds_tasks_that_share_a_label_count(
             "spam",
             "tweet_polarity",
         ]
+
+
+def test_a_method_registered_by_a_plugin_runs_end_to_end(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    # tests/plugins/toy_fedavg.py is the whole method: a strategy and one registry entry.
+    run = _run(
+        superlink, tmp_path, "toy", extra="method.name=toy_fedavg method.plugins=[toy_fedavg]"
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "toy_fedavg"
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["replies_ok"] for r in rounds] == [3, 3]
+    assert all(0.0 <= a <= 1.0 for r in rounds for a in r["accuracy"].values())
+    # One global adapter, averaged over every task's adapters.
+    assert list(json.loads((run / "adapters" / "index.json").read_text())) == ["global"]
 
 
 @pytest.mark.parametrize("method", ["fedit", "oracle", "local"])
@@ -239,7 +261,7 @@ def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> Non
 
     import psutil
 
-    from fedspecialists.localrun import run_status, submit_run
+    from fedspecialists.run.local import run_status, submit_run
 
     with local_superlink(tmp_path / "flwr-home") as link:
         run_id = submit_run(

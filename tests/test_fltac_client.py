@@ -8,11 +8,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.adapters import train
-from client_app.training import Encoded, evaluate_adapter, example_losses
-from fedspecialists.config import load_config
-from fedspecialists.models import build_preprocessor, get_adapter_model, initial_adapter
-from fedspecialists.records import SOURCES_RECORD, record_to_numpy, state_to_record
+from client_app.fltac import train
+from client_app.fltac_training import Encoded, evaluate_adapter, example_losses
+from fedspecialists.config import AdapterRunConfig, load_config_as
+from fedspecialists.models.lora import build_preprocessor, get_adapter_model, initial_adapter
+from fedspecialists.protocol.records import SOURCES_RECORD, record_to_numpy, state_to_record
 from strategies.fltac import head_label_counts, select_feature_keys
 
 OVERRIDES = "model=minilm suite=tiny_text train.num_threads=1"
@@ -40,7 +40,7 @@ def _message(server_round: int, adapters: dict[str, dict[str, np.ndarray]], **co
 def task_globals() -> dict[str, dict[str, np.ndarray]]:
     """One adapter per tiny_text task, each trained by the real handler on that task alone."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as conftest does
-    cfg = load_config(OVERRIDES)
+    cfg = load_config_as(AdapterRunConfig, OVERRIDES)
     v0 = {k: v.numpy() for k, v in initial_adapter(cfg, 5).items()}
     reply = train(_message(1, {"v0": v0}, **{"default-source": "v0"}), _context())
     return {
@@ -52,7 +52,7 @@ def test_real_heads_move_exactly_as_many_rows_as_their_task_has_labels(
     task_globals: dict[str, dict[str, np.ndarray]],
 ) -> None:
     # tiny_text: bbc_topic (5 labels), tweet_sentiment (3), movie_sentiment (2), all from v0.
-    cfg = load_config(OVERRIDES)
+    cfg = load_config_as(AdapterRunConfig, OVERRIDES)
     v0 = {k: v.numpy() for k, v in initial_adapter(cfg, 5).items()}
     heads = select_feature_keys(list(v0), "head", cfg.model.head_module)
     adapters = [task_globals[f"g{i}"] for i in range(3)]
@@ -89,7 +89,7 @@ def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
 
 
 def test_example_losses_are_each_examples_masked_cross_entropy() -> None:
-    cfg = load_config(OVERRIDES)
+    cfg = load_config_as(AdapterRunConfig, OVERRIDES)
     model = get_adapter_model(cfg, num_labels=3)
     model.load(
         "slot0", {k: v + 0.3 * torch.randn_like(v) for k, v in initial_adapter(cfg, 3).items()}

@@ -9,16 +9,21 @@ import torch
 from numpy.testing import assert_allclose
 from peft import PeftModel
 
-from client_app.training import masked_logits
-from fedspecialists.config import load_config
-from fedspecialists.models import (
+from client_app.fltac_training import masked_logits
+from fedspecialists.config import AdapterRunConfig, load_config_as
+from fedspecialists.models.lora import (
     build_base_model,
     build_preprocessor,
     get_adapter_model,
     initial_adapter,
     suite_kind,
 )
-from fedspecialists.records import check_adapter, record_to_numpy, record_to_state, state_to_record
+from fedspecialists.protocol.records import (
+    check_adapter,
+    record_to_numpy,
+    record_to_state,
+    state_to_record,
+)
 from server_app.outputs import save_adapters
 
 TINY = "model=tiny_bert suite=tiny_text"
@@ -30,7 +35,7 @@ def _batch(cfg) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
 
 
 def test_adapter_round_trip_through_records_is_exact() -> None:
-    cfg = load_config(TINY)
+    cfg = load_config_as(AdapterRunConfig, TINY)
     model = get_adapter_model(cfg, num_labels=5)
     original = initial_adapter(cfg, 5)
     perturbed = {k: v + 0.01 * torch.randn_like(v) for k, v in original.items()}
@@ -47,7 +52,7 @@ def test_adapter_round_trip_through_records_is_exact() -> None:
 
 
 def test_initial_adapter_is_lora_with_zero_b_and_a_head() -> None:
-    cfg = load_config(TINY)
+    cfg = load_config_as(AdapterRunConfig, TINY)
     v0 = initial_adapter(cfg, 5)
     lora_b = [v for k, v in v0.items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().sum()) == 0.0 for v in lora_b)
@@ -56,7 +61,7 @@ def test_initial_adapter_is_lora_with_zero_b_and_a_head() -> None:
 
 
 def test_saved_adapters_load_with_peft_from_pretrained(tmp_path: Path) -> None:
-    cfg = load_config(TINY)
+    cfg = load_config_as(AdapterRunConfig, TINY)
     v0 = initial_adapter(cfg, 5)
     trained = {k: (v + 0.05 * torch.randn_like(v)).numpy() for k, v in v0.items()}
     save_adapters(tmp_path, cfg, 5, {"g0": trained}, {"g0": "bbc_topic"})
@@ -89,9 +94,9 @@ def test_masked_logits_hide_the_labels_a_task_does_not_have() -> None:
 
 def test_input_fingerprint_is_the_frozen_models_mean_head_input() -> None:
     # Prepare: a tiny model, an adapter perturbed away from v0, two examples.
-    from client_app.training import Encoded, input_fingerprint
+    from client_app.fltac_training import Encoded, input_fingerprint
 
-    cfg = load_config(TINY)
+    cfg = load_config_as(AdapterRunConfig, TINY)
     model = get_adapter_model(cfg, num_labels=3)
     tok = build_preprocessor(cfg.model, suite_kind(cfg))
     texts = ["a short sentence", "another text here, longer"]

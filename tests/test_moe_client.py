@@ -11,11 +11,12 @@ import torch
 from flwr.app import ConfigRecord
 from numpy.testing import assert_allclose
 
-from client_app.moe import Node, expert_proxies, sync_experts, train_model
-from fedspecialists.moe import MoEClassifier, build_model, expert_state
-from fedspecialists.peer import GrantIssuer, LocalPeerStore
+from client_app.fedmoe_da import Node, expert_proxies, sync_experts, train_model
+from fedspecialists.config import MoESettings
+from fedspecialists.models.moe import MoEClassifier, build_model, expert_state
+from fedspecialists.peer.exchange import GrantIssuer, LocalPeerStore
 
-MOE = SimpleNamespace(
+MOE = MoESettings(  # only what the model reads
     channels=[4],
     pooled_size=2,
     projection_dim=8,

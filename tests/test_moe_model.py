@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from numpy.testing import assert_allclose
 
-from fedspecialists.moe import (
+from fedspecialists.config import MoESettings
+from fedspecialists.models.moe import (
     DenseClassifier,
     MoEClassifier,
     build_model,
@@ -20,7 +21,7 @@ from fedspecialists.moe import (
     route,
 )
 
-MOE = SimpleNamespace(
+MOE = MoESettings(  # only what the model reads
     channels=[4, 8],
     pooled_size=2,
     projection_dim=16,
@@ -97,7 +98,7 @@ def test_dense_model_has_a_similar_size_and_text_backbone() -> None:
 
 
 def test_top_k_out_of_range_is_refused() -> None:
-    bad = SimpleNamespace(**{**vars(MOE), "top_k": 4})
+    bad = dataclasses.replace(MOE, top_k=4)
     with pytest.raises(ValueError, match="top_k"):
         build_model((1, 12, 12), 4, bad, dense=False, seed=0)
     assert np.isfinite(1.0)

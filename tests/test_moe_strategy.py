@@ -11,8 +11,8 @@ from conftest import FakeGrid
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from numpy.testing import assert_allclose
 
-from fedspecialists.peer import verify_grant
-from fedspecialists.records import record_to_numpy, state_to_record
+from fedspecialists.peer.exchange import verify_grant
+from fedspecialists.protocol.records import record_to_numpy, state_to_record
 from strategies.baselines import FedAvgMoE, LocalMoE
 from strategies.fedmoe_da import (
     DomainAwareMoEAggregation,

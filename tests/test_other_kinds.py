@@ -11,30 +11,42 @@ from typing import Any
 import datasets
 import numpy as np
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from client_app.training import encode, evaluate_adapter, train_adapter
-from fedspecialists.config import apply_schema
-from fedspecialists.data import client_tasks, load_suite
-from fedspecialists.models import build_preprocessor, get_adapter_model, initial_adapter
+from client_app.fltac_training import encode, evaluate_adapter, train_adapter
+from fedspecialists.config import AdapterRunConfig, apply_schema, as_schema, compose_config
+from fedspecialists.data.tasks import client_tasks, load_suite
+from fedspecialists.models.lora import build_preprocessor, get_adapter_model, initial_adapter
+
+# The model keys a test's model does not set (the schema's defaults before conf/ held them all).
+MODEL_BASE: dict[str, Any] = {
+    "tokenizer": None,
+    "config_overrides": {},
+    "head_module": "classifier",
+    "pooling": "cls",
+    "max_length": 64,
+    "image_size": None,
+}
 
 
-def _cfg(tmp_path: Path, suite: dict[str, Any], model: dict[str, Any]) -> DictConfig:
-    return apply_schema(
-        {
-            "suite": suite,
-            "model": model,
-            "train": {"local_epochs": 1.0, "batch_size": 8, "lr": 1e-3},
-            "federation": {"num_clients": 2},
-            "data": {"cache_dir": str(tmp_path / "cache")},
-            "lora": {"rank": 2, "alpha": 4.0},
-        }
-    )
+def _cfg(tmp_path: Path, suite: dict[str, Any], model: dict[str, Any]) -> AdapterRunConfig:
+    """The default config (conf/) with this suite and this model in place of its own."""
+    base = compose_config()
+    base.suite, base.model = suite, {**MODEL_BASE, **model}
+    overrides = {
+        "train": {"local_epochs": 1.0, "batch_size": 8, "lr": 1e-3},
+        "federation": {"num_clients": 2},
+        "data": {"cache_dir": str(tmp_path / "cache")},
+        "lora": {"rank": 2, "alpha": 4.0},
+    }
+    merged = OmegaConf.merge(base, overrides)
+    assert isinstance(merged, DictConfig)
+    return as_schema(apply_schema(merged), AdapterRunConfig)
 
 
-def _train_and_evaluate(cfg: DictConfig) -> tuple[float, int, int]:
+def _train_and_evaluate(cfg: AdapterRunConfig) -> tuple[float, int, int]:
     tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
     num_labels = max(t.num_labels for t in tasks)
     adapters = get_adapter_model(cfg, num_labels)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedspecialists.peer import (
+from fedspecialists.peer.exchange import (
     ChangedOnlyFetch,
     ExpertRef,
     GrantIssuer,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedspecialists.certs import make_ca, make_server_cert
-from fedspecialists.peer import ExpertRef, GrantIssuer, PeerFetchError, expert_to_bytes
-from fedspecialists.peer_grpc import GrpcPeerTransport, PeerEndpoint
+from fedspecialists.deploy.certs import make_ca, make_server_cert
+from fedspecialists.peer.exchange import ExpertRef, GrantIssuer, PeerFetchError, expert_to_bytes
+from fedspecialists.peer.grpc_endpoint import GrpcPeerTransport, PeerEndpoint
 
 EXPERT = {"fc1.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}
 

@@ -10,7 +10,7 @@ from conftest import FakeGrid
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from numpy.testing import assert_allclose
 
-from fedspecialists.records import (
+from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
     SOURCES_RECORD,
     content_nbytes,

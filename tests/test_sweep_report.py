@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedspecialists.config import ConfigError
-from fedspecialists.report import find_runs, mean_std, report
-from fedspecialists.sweep import expand, validate_jobs
+from fedspecialists.run.report import find_runs, mean_std, report
+from fedspecialists.run.sweep import expand, validate_jobs
 
 
 def test_expand_is_the_cartesian_product_of_sweeps() -> None:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedspecialists.config import MoESettings
+
 T = TypeVar("T")
 
 
@@ -127,6 +129,10 @@ def load_balancing_loss(router_probs: torch.Tensor, selected: torch.Tensor) -> t
     return num_experts * torch.sum(f * p)
 
 
+# Either backbone: ``(B, ...) -> (B, out_dim)``.
+Backbone = ConvBackbone | ProjectionBackbone
+
+
 class MoEClassifier(nn.Module):
     """Backbone, gate ``Pi`` (K, d) and K experts with top-k routing.
 
@@ -135,13 +141,13 @@ class MoEClassifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, num_experts: int, top_k: int, hidden: int, num_labels: int
+        self, backbone: Backbone, num_experts: int, top_k: int, hidden: int, num_labels: int
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in 1..{num_experts}, not {top_k}")
         self.backbone = backbone
-        dim = int(backbone.out_dim)  # type: ignore[arg-type]
+        dim = backbone.out_dim
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(dim, hidden, num_labels) for _ in range(num_experts))
         self.top_k = top_k
@@ -157,10 +163,10 @@ class MoEClassifier(nn.Module):
 class DenseClassifier(nn.Module):
     """The dense baseline: backbone and one MLP head ``(B, d) -> hidden -> (B, C)``."""
 
-    def __init__(self, backbone: nn.Module, hidden: int, num_labels: int) -> None:
+    def __init__(self, backbone: Backbone, hidden: int, num_labels: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = Expert(int(backbone.out_dim), hidden, num_labels)  # type: ignore[arg-type]
+        self.head = Expert(backbone.out_dim, hidden, num_labels)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         logits = self.head(self.backbone(x))
@@ -171,7 +177,7 @@ class DenseClassifier(nn.Module):
 def build_model(
     input_shape: Sequence[int],
     num_labels: int,
-    moe_cfg: object,
+    moe_cfg: MoESettings,
     dense: bool,
     seed: int,
 ) -> MoEClassifier | DenseClassifier:
@@ -180,21 +186,16 @@ def build_model(
     The same ``seed`` gives the same initial weights everywhere (the federation's common start).
     """
     torch.manual_seed(seed)
-    cfg = moe_cfg
+    backbone: Backbone
     if len(input_shape) == 3:
-        backbone: nn.Module = ConvBackbone(
-            int(input_shape[0]),
-            list(cfg.channels),  # type: ignore[attr-defined]
-            int(cfg.pooled_size),  # type: ignore[attr-defined]
-        )
+        backbone = ConvBackbone(int(input_shape[0]), list(moe_cfg.channels), moe_cfg.pooled_size)
     else:
-        backbone = ProjectionBackbone(int(input_shape[0]), int(cfg.projection_dim))  # type: ignore[attr-defined]
-    num_experts = int(cfg.num_experts)  # type: ignore[attr-defined]
-    hidden = int(cfg.expert_hidden)  # type: ignore[attr-defined]
+        backbone = ProjectionBackbone(int(input_shape[0]), moe_cfg.projection_dim)
+    num_experts, hidden = moe_cfg.num_experts, moe_cfg.expert_hidden
     if dense:
-        dense_hidden = cfg.dense_hidden or num_experts * hidden  # type: ignore[attr-defined]
+        dense_hidden = moe_cfg.dense_hidden or num_experts * hidden
         return DenseClassifier(backbone, int(dense_hidden), num_labels)
-    return MoEClassifier(backbone, num_experts, int(cfg.top_k), hidden, num_labels)  # type: ignore[attr-defined]
+    return MoEClassifier(backbone, num_experts, moe_cfg.top_k, hidden, num_labels)
 
 
 def part_of(name: str) -> str:

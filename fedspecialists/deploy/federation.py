@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedspecialists.certs import make_ca, make_node_key, make_server_cert
-from fedspecialists.localrun import (
+from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
+from fedspecialists.run.local import (
     RunOutcome,
     flwr_cli,
     free_port,
@@ -125,7 +125,7 @@ class LocalFederation:
             [
                 sys.executable,
                 "-m",
-                "fedspecialists.peer_grpc",
+                "fedspecialists.peer.grpc_endpoint",
                 "--store",
                 str(site.store),
                 "--host",

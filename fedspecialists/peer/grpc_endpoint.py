@@ -1,18 +1,18 @@
 """Network peer transport for FedMoE-DA deployments: a gRPC expert endpoint per SuperNode site.
 
 Each site runs :class:`PeerEndpoint` next to its SuperNode. It serves the experts its ClientApp
-publishes into the site's store folder (the same layout as :class:`~fedspecialists.peer.
+publishes into the site's store folder (the same layout as :class:`~fedspecialists.peer.exchange.
 LocalPeerStore`: ``experts/<sha256>.safetensors`` and the server key in ``grant_key``).
 :class:`GrpcPeerTransport` is what the ClientApp uses there: it publishes into the local folder
 and fetches peers' experts from their endpoints.
 
-* One unary method, ``/fedspecialists.peer.v1.ExpertStore/Fetch``: request = JSON
+* One unary method, ``/fedspecialists.peer.exchange.v1.ExpertStore/Fetch``: request = JSON
   ``{"sha256", "grant", "requester"}``, response = the expert's safetensors bytes. Built on
   grpcio (which Flower already depends on) with generic handlers, so no generated code.
 * TLS when the endpoint is given a certificate and key (clients pass the CA's certificate).
 * The endpoint serves an expert only to a request carrying a grant the server signed for that
-  requester and that has not expired (:func:`~fedspecialists.peer.verify_grant`), and refuses
-  payloads over its size limit; the client enforces its own limit, a timeout, and checks the
+  requester and that has not expired (:func:`~fedspecialists.peer.exchange.verify_grant`), and
+  refuses payloads over its size limit; the client enforces its own limit, a timeout, and checks the
   bytes against the owner's reported hash before anything is used.
 
 Run an endpoint: ``fedspecialists-peer --store DIR --port 9300 [--certfile --keyfile]``.
@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedspecialists.peer import (
+from fedspecialists.peer.exchange import (
     ExpertRef,
     LocalPeerStore,
     PeerFetchError,
@@ -40,7 +40,7 @@ from fedspecialists.peer import (
     verify_grant,
 )
 
-SERVICE = "fedspecialists.peer.v1.ExpertStore"
+SERVICE = "fedspecialists.peer.exchange.v1.ExpertStore"
 FETCH = f"/{SERVICE}/Fetch"
 
 

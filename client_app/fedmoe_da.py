@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
-from fedspecialists.config import steps_per_round
-from fedspecialists.domains import (
+from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
+from fedspecialists import methods
+from fedspecialists.config import MoERunConfig, steps_per_round
+from fedspecialists.data.domains import (
     ClientDomains,
     global_test_set,
     load_domains,
@@ -44,7 +44,7 @@ from fedspecialists.domains import (
     site_domains,
     suite_partition,
 )
-from fedspecialists.moe import (
+from fedspecialists.models.moe import (
     DenseClassifier,
     MoEClassifier,
     build_model,
@@ -52,15 +52,15 @@ from fedspecialists.moe import (
     load_balancing_loss,
     part_of,
 )
-from fedspecialists.peer import (
+from fedspecialists.peer.exchange import (
     ChangedOnlyFetch,
     ExpertRef,
     LocalPeerStore,
     PeerFetchError,
     PeerTransport,
 )
-from fedspecialists.peer_grpc import GrpcPeerTransport
-from fedspecialists.records import check_adapter, record_to_state, state_to_record
+from fedspecialists.peer.grpc_endpoint import GrpcPeerTransport
+from fedspecialists.protocol.records import check_adapter, record_to_state, state_to_record
 from strategies.fedmoe_da import mix_experts, renormalise, routed_means
 
 PERSONAL_FILE = "personal.safetensors"
@@ -69,7 +69,7 @@ PERSONAL_FILE = "personal.safetensors"
 @lru_cache(maxsize=16)
 def _client_data(overrides: str, partition: tuple[int, int], data_dir: str) -> ClientDomains:
     """A partition of the suite's domains, or the site's own files (``data-dir`` in node config)."""
-    cfg = config_for(overrides)
+    cfg = config_as(overrides, MoERunConfig)
     if data_dir:
         return site_domains(cfg, data_dir)
     return suite_partition(cfg, *partition)
@@ -78,12 +78,12 @@ def _client_data(overrides: str, partition: tuple[int, int], data_dir: str) -> C
 @lru_cache(maxsize=4)
 def _model_input(overrides: str) -> tuple[tuple[int, ...], int]:
     """The model's input shape and label width (read once per process, not per message)."""
-    return model_input(config_for(overrides))
+    return model_input(config_as(overrides, MoERunConfig))
 
 
 @lru_cache(maxsize=4)
 def _global_test(overrides: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cfg = config_for(overrides)
+    cfg = config_as(overrides, MoERunConfig)
     return global_test_set(load_domains(cfg), cfg.moe.global_test_per_domain, cfg.seed)
 
 
@@ -91,7 +91,7 @@ def _global_test(overrides: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Node:
     """What one message's handler works with."""
 
-    cfg: DictConfig
+    cfg: MoERunConfig
     overrides: str
     node_id: int
     partition: tuple[int, int]
@@ -116,7 +116,7 @@ def _is_shared(key: str, parts: list[str]) -> bool:
 
 def _node(msg: Message, context: Context) -> Node:
     """Build the model and load this node's state: initial, then personal, then shared."""
-    overrides, cfg = run_config(context)
+    overrides, cfg = run_config(context, MoERunConfig)
     data_dir = data_dir_of(context, cfg) or ""
     partition = partition_of(context, own_files=bool(data_dir))
     config = msg.content.config_records["config"]
@@ -138,7 +138,7 @@ def _node(msg: Message, context: Context) -> Node:
         input_shape,
         num_labels,
         cfg.moe,
-        dense=cfg.method.name == "fedavg_dense",
+        dense=methods.get(cfg.method.name).model == "dense",
         seed=cfg.seed,  # the federation's common initialisation
     )
     node = Node(
@@ -310,7 +310,7 @@ def train_model(
     model: MoEClassifier | DenseClassifier,
     x: np.ndarray,
     y: np.ndarray,
-    cfg: DictConfig,
+    cfg: MoERunConfig,
     seed: int,
 ) -> tuple[float, float]:
     """Local epochs of cross-entropy (+ load-balancing loss for MoE). Returns mean (CE, aux)."""

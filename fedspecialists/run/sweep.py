@@ -32,9 +32,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fedspecialists.config import CONF_DIR, ConfigError, apply_schema, load_config
-from fedspecialists.localrun import LocalSuperLink, local_superlink, run_app
+from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app
 
-logger = getLogger("fedspecialists.sweep")
+logger = getLogger("fedspecialists.run.sweep")
 _LINK: dict[str, Any] = {}
 
 

@@ -51,7 +51,7 @@ from PIL import Image as PILImage
 from sklearn.model_selection import train_test_split
 
 from fedspecialists.config import TASK_KINDS, TaskSpec, as_task_spec
-from fedspecialists.partitioning import split_counts
+from fedspecialists.data.partitioning import split_counts
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Local training and evaluation of one adapter on one client's data.
 
-Classification heads are shared-width (see ``fedspecialists.models``): an example of a task with C
-labels only sees the first C logits; the others are masked out of its loss and its prediction.
+Classification heads are shared-width (see ``fedspecialists.models.lora``): an example of a task
+with C labels only sees the first C logits; the others are masked out of its loss and its
+prediction.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
-from fedspecialists.config import steps_per_round
-from fedspecialists.data import ClientTask
-from fedspecialists.models import AdapterModel
+from fedspecialists.config import TrainSettings, steps_per_round
+from fedspecialists.data.tasks import ClientTask
+from fedspecialists.models.lora import AdapterModel
 
 IGNORE_INDEX = -100
 
@@ -145,7 +145,7 @@ def batch_loss(model: torch.nn.Module, enc: Encoded, index: np.ndarray) -> torch
 
 
 def train_adapter(
-    adapters: AdapterModel, name: str, enc: Encoded, train_cfg: DictConfig, seed: int
+    adapters: AdapterModel, name: str, enc: Encoded, train_cfg: TrainSettings, seed: int
 ) -> tuple[float, int]:
     """Train adapter ``name`` on ``enc`` for ``train_cfg.local_epochs`` epochs (or ``local_steps``).
 

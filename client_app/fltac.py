@@ -2,8 +2,8 @@
 local only) or one shared adapter (FedIT), trained on the node's own share of every task.
 
 ClientApps are recreated for every message; what survives lives in the process (the base model,
-the encoded data: see ``fedspecialists.models``) or in ``context.state`` (the local-only baseline's
-adapters).
+the encoded data: see ``fedspecialists.models.lora``) or in ``context.state`` (the local-only
+baseline's adapters).
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from logging import INFO
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from omegaconf import DictConfig
 
-from client_app.node import config_for, data_dir_of, device_of, partition_of, run_config
-from client_app.training import (
+from client_app.fltac_training import (
     Encoded,
     concat,
     encode,
@@ -28,20 +26,23 @@ from client_app.training import (
     input_fingerprint,
     train_adapter,
 )
-from fedspecialists.data import (
+from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
+from fedspecialists import methods
+from fedspecialists.config import AdapterRunConfig
+from fedspecialists.data.tasks import (
     ClientTask,
     client_tasks,
     declared_num_labels,
     load_suite,
     site_tasks,
 )
-from fedspecialists.models import (
+from fedspecialists.models.lora import (
     AdapterModel,
     build_preprocessor,
     get_adapter_model,
     suite_kind,
 )
-from fedspecialists.records import (
+from fedspecialists.protocol.records import (
     ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
     SOURCES_RECORD,
@@ -56,7 +57,7 @@ class Setup:
     """What one message's handler needs: the composed config, this node's slots and the model."""
 
     overrides: str
-    cfg: DictConfig
+    cfg: AdapterRunConfig
     partition: tuple[int, int]  # (partition id, number of partitions)
     slots: list[Slot]
     adapters: AdapterModel
@@ -90,7 +91,7 @@ class Slot:
 
 @lru_cache(maxsize=4)
 def _preprocessor(overrides: str) -> object:
-    cfg = config_for(overrides)
+    cfg = config_as(overrides, AdapterRunConfig)
     return build_preprocessor(cfg.model, suite_kind(cfg))
 
 
@@ -101,14 +102,14 @@ _FINGERPRINTS: dict[tuple[str, int, int, str], np.ndarray] = {}
 def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
     key = (overrides, *partition, task.name, split)
     if key not in _ENCODED:
-        cfg = config_for(overrides)
+        cfg = config_as(overrides, AdapterRunConfig)
         _ENCODED[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
     return _ENCODED[key]
 
 
 def _setup(msg: Message, context: Context) -> Setup:
     """Compose the config, find this node's tasks and load each slot's starting adapter."""
-    overrides, cfg = run_config(context)
+    overrides, cfg = run_config(context, AdapterRunConfig)
     data_dir = data_dir_of(context, cfg)
     partition = partition_of(context, own_files=bool(data_dir))
     if data_dir:  # a site with its own files: all of them, nothing partitioned
@@ -120,7 +121,7 @@ def _setup(msg: Message, context: Context) -> Setup:
             tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
         )
         counts = [t.num_labels for t in tasks]
-    if cfg.method.adapters == "shared":
+    if methods.get(cfg.method.name).adapters == "shared":
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]

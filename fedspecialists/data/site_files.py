@@ -22,8 +22,8 @@ import pandas as pd
 from PIL import Image
 
 from fedspecialists.config import load_config
-from fedspecialists.data import as_task_spec, client_tasks, load_suite
-from fedspecialists.domains import load_domains, suite_partition
+from fedspecialists.data.domains import load_domains, suite_partition
+from fedspecialists.data.tasks import as_task_spec, client_tasks, load_suite
 
 
 def export_sites(overrides: str, site_suite: str, out: str | Path, num_sites: int) -> list[Path]:
