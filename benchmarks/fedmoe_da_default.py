@@ -1,4 +1,4 @@
-"""The README's FedMoE-DA table: the offline image-domain benchmark, every method, several seeds.
+"""The FedMoE-DA default table: the offline image-domain benchmark, every method, several seeds.
 
 Each run is a real ``flwr run`` of the app on a local simulation SuperLink (10 SuperNodes),
 started and stopped by this script; the table and the comparison plot are built from the runs'

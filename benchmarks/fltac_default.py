@@ -1,4 +1,4 @@
-"""The README's FL-TAC table: the embedded default benchmark, every method, several seeds.
+"""The FL-TAC default table: the embedded default benchmark, every method, several seeds.
 
 Each run is a real ``flwr run`` of the app on a local simulation SuperLink (10 SuperNodes),
 started and stopped by this script; the table is built from the runs' ``summary.json`` files.

@@ -1,7 +1,7 @@
 """FedMoE-DA: domain-aware fine-grained aggregation of mixture-of-experts (Zhan et al., 2024).
 
 The paper's body is not available; this is our reading of its Eq. 8-11 (as re-implementations
-cite them; the README's FedMoE-DA section lists every choice of ours). The pool holds every
+cite them; docs/methods.md lists every choice of ours). The pool holds every
 client's experts, M = N * K of them; expert i is represented by its gate vector pi_i (the row of
 the gating network's last linear layer that scores it), and experts are mixed across clients by
 the similarity of those proxies:

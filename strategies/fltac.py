@@ -7,7 +7,7 @@ training the K cluster means are the task-specific global adapters.
 
 The maths is in pure functions (arrays in, arrays out); :class:`TaskAdapterClustering` is the thin
 Flower glue around them. Choices the paper leaves open are ours, configurable, and measured on the
-offline benchmark (see README):
+offline benchmark (see docs/results.md):
 
 * features (``fltac.feature_tensors``, ``fltac.feature_source``): by default the classification
   head only, taken relative to the broadcast v0 (``cumulative``) and L2-normalised. The head is
@@ -21,7 +21,7 @@ offline benchmark (see README):
   weak evidence, dominated by the label balance of small clients. The inputs say what the task's
   *data* is. The server centres the fingerprints on the round's pool, L2-normalises them and
   appends them to the adapter features (both blocks of unit norm). What this reveals to the
-  server is documented in the README; ``fltac.input_fingerprint=false`` turns it off.
+  server is documented in docs/methods.md; ``fltac.input_fingerprint=false`` turns it off.
 * the clients' source check (``fltac.source_check``, default on): from round 2 a client scores
   every global it was sent on its own tasks' training examples and may reassign its slots among
   those globals, only on clear evidence (:func:`choose_sources`); it replies with the global

@@ -1,7 +1,7 @@
 """A real Flower deployment on one machine: a TLS SuperLink with SuperNode authentication,
 SuperNodes with their node config, and a FedMoE-DA peer endpoint per site.
 
-This is the multi-machine runbook (README, *Deployment*) played on loopback, for trying it and for
+This is the multi-machine runbook (docs/deployment.md) played on loopback, for trying it and for
 the tests: every process is started here and stopped by PID (its process group). The SuperLink
 and SuperNodes are Flower's own executables; the ClientApps and ServerApp are this app.
 """

@@ -1,6 +1,6 @@
 """Mixture-of-experts classifier of the FedMoE-DA experiments, and its dense counterpart.
 
-Per client (FedMoE-DA's model, our reading of the paper; see the README's FedMoE-DA section)::
+Per client (FedMoE-DA's model, our reading of the paper; see docs/methods.md)::
 
     x -> backbone -> h (B, d) -> gate: router logits = h @ Pi^T (B, K) -> top-k softmax weights
                               -> experts: y = sum_{k in top-k} w_k E_k(h)   (B, C)
