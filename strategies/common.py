@@ -7,16 +7,18 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 
 from fedspecialists.protocol.records import content_nbytes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -135,17 +137,56 @@ def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.asarray(coords)
 
 
-class RoundBookkeeping:
-    """What both strategies do the same way: their settings line, and opening a training round.
+def check_round_settings(fraction_train: float, min_replies: int) -> None:
+    """Refuse round settings no strategy can run with (``ValueError`` naming the argument)."""
+    if not 0.0 < fraction_train <= 1.0:
+        raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+    if min_replies < 1:
+        raise ValueError(f"min_replies must be >= 1, not {min_replies}")
 
-    Expects ``ledger`` (:class:`TrafficLedger`), ``fraction_train``, ``seed`` and ``describe()``.
+
+# A parser of one reply's content: (reason it is rejected, or None; what the method keeps of it).
+ReplyParser = Callable[[int, RecordDict], tuple[str | None, T]]
+
+
+class RoundBookkeeping:
+    """The round plumbing both strategies share.
+
+    Settings every strategy takes (seed, node sampling, ``min_replies``, the value bound of
+    replies, the per-round callback), the traffic ledger, this round's record (``record``: one
+    line of ``metrics.jsonl``, filled as the round goes), the history of finished rounds, opening
+    a training round, screening replies and closing a round. A subclass calls
+    :meth:`init_rounds` in its constructor and implements ``describe()``.
     """
 
     ledger: TrafficLedger
     fraction_train: float
+    min_replies: int
+    max_abs_value: float
     seed: int
-    _t_round: float
-    _record: dict[str, Any]
+    on_round_end: Callable[[dict[str, Any]], None] | None
+    history: list[dict[str, Any]]
+    record: dict[str, Any]
+
+    def init_rounds(
+        self,
+        seed: int,
+        fraction_train: float,
+        min_replies: int,
+        max_abs_value: float,
+        on_round_end: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        """Check and keep the shared settings; start the clocks, ledger and history."""
+        check_round_settings(fraction_train, min_replies)
+        self.seed = seed
+        self.fraction_train = fraction_train
+        self.min_replies = min_replies
+        self.max_abs_value = max_abs_value
+        self.on_round_end = on_round_end
+        self.ledger = TrafficLedger()
+        self.history = []
+        self.record = {}
+        self._t_start = self._t_round = time.time()
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -157,7 +198,65 @@ class RoundBookkeeping:
         """Start the round's clock, traffic count and record; return the nodes sampled for it."""
         self._t_round = time.time()
         self.ledger.start_round()
-        self._record = {"round": server_round}
+        self.record = {"round": server_round}
         return sample_round_nodes(
             list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
         )
+
+    def screen_replies(
+        self, phase: str, replies: Iterable[Message], parse: ReplyParser[T]
+    ) -> list[tuple[int, T]]:
+        """Count the replies' bytes; log and count failed and rejected ones in the record.
+
+        Returns ``(node id, parsed)`` for every reply ``parse`` accepts, in arrival order; a
+        rejected one never reaches the caller.
+        """
+        accepted: list[tuple[int, T]] = []
+        failed = rejected = 0
+        for reply in self.ledger.count_replies(phase, replies):
+            if reply.has_error():
+                log_failed_reply(reply, phase)
+                failed += 1
+                continue
+            node = reply.metadata.src_node_id
+            reason, parsed = parse(node, reply.content)
+            if reason is not None:
+                log_rejected_reply(node, phase, reason)
+                rejected += 1
+                continue
+            accepted.append((node, parsed))
+        self.record.update(
+            {"replies_ok": len(accepted), "replies_failed": failed, "replies_rejected": rejected}
+        )
+        return accepted
+
+    def too_few_replies(self, server_round: int, valid: int, usable: bool = True) -> bool:
+        """Whether the round's aggregation is skipped (fewer than ``min_replies`` valid replies,
+        or nothing ``usable`` in them); logged and recorded as ``aggregated: false``."""
+        if valid >= self.min_replies and usable:
+            return False
+        log(
+            WARNING,
+            "round %s: %s valid replies (< min_replies=%s): aggregation skipped",
+            server_round,
+            valid,
+            self.min_replies,
+        )
+        self.record["aggregated"] = False
+        return True
+
+    def close_round(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Add the evaluation's ``results``, times and bytes to the record; keep and report it."""
+        now = time.time()
+        self.record.update(
+            {
+                **results,
+                "round_time_s": now - self._t_round,
+                "wall_time_s": now - self._t_start,
+                "bytes": self.ledger.round_summary(),
+            }
+        )
+        self.history.append(self.record)
+        if self.on_round_end is not None:
+            self.on_round_end(self.record)
+        return self.record

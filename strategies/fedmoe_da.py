@@ -27,15 +27,12 @@ to client through a peer transport (``fedspecialists.peer.exchange``), never thr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from logging import WARNING
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -44,11 +41,13 @@ from fedspecialists.peer.exchange import GrantIssuer
 from fedspecialists.protocol.records import check_adapter, record_to_numpy, state_to_record
 from strategies.common import (
     RoundBookkeeping,
-    TrafficLedger,
     log_failed_reply,
     log_rejected_reply,
     weighted_mean,
 )
+
+# An accepted training reply: (node id, its shared parameters, its metadata).
+Accepted = tuple[int, dict[str, np.ndarray], dict[str, Any]]
 
 
 def correlation_matrix(proxies: np.ndarray) -> np.ndarray:
@@ -387,8 +386,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
         if mix_every < 1:
             raise ValueError(f"mix_every must be >= 1, not {mix_every}")
-        if not 0.0 < fraction_train <= 1.0:
-            raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+        self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
         self.template = dict(self.shared)
         self.shared_parts = list(shared_parts)
@@ -402,22 +400,12 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.mix_within_client = mix_within_client
         self.peer_root = peer_root
         self.grant_ttl_s = grant_ttl_s
-        self.seed = seed
-        self.fraction_train = fraction_train
-        self.min_replies = min_replies
-        self.max_abs_value = max_abs_value
-        self.on_round_end = on_round_end
         self.pool = ExpertPool({}, {}, {})
         self.dominant_domain: dict[int, int] = {}  # reported by clients; metrics only
         self.matrix: np.ndarray | None = None
         self.matrix_ids: list[str] = []
         self.grants = GrantIssuer()
-        self.ledger = TrafficLedger()
         self.peer_bytes_total = 0
-        self.history: list[dict[str, Any]] = []
-        self._record: dict[str, Any] = {}
-        self._t_start = time.time()
-        self._t_round = time.time()
 
     @classmethod
     def from_config(
@@ -522,29 +510,24 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self.ledger.count_replies("train", replies)
-        accepted: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]] = []
-        failed = rejected = 0
-        for reply in replies:
-            if reply.has_error():
-                log_failed_reply(reply, "train")
-                failed += 1
-                continue
-            node = reply.metadata.src_node_id
-            reason, parsed = self._parse_train_reply(reply.content)
-            if reason is not None:
-                log_rejected_reply(node, "train", reason)
-                rejected += 1
-                continue
-            accepted.append((node, *parsed))
+        screened = self.screen_replies(
+            "train", replies, lambda node, content: self._parse_train_reply(content)
+        )
+        accepted = [(node, shared, meta) for node, (shared, meta) in screened]
         accepted.sort(key=lambda a: a[0])  # arrival order must not change the float sums
+        self._record_peer_traffic(accepted)
+        if self.too_few_replies(server_round, len(accepted)):
+            return None, None
+        train_loss = self._aggregate_shared(accepted)
+        if self.exchange:
+            self._update_pool(server_round, accepted)
+        return None, MetricRecord({"train-loss": train_loss})
+
+    def _record_peer_traffic(self, accepted: list[Accepted]) -> None:
         peer_bytes = sum(int(m["peer-bytes"]) for _, _, m in accepted)
         self.peer_bytes_total += peer_bytes
-        self._record.update(
+        self.record.update(
             {
-                "replies_ok": len(accepted),
-                "replies_failed": failed,
-                "replies_rejected": rejected,
                 "peer_bytes": {"round": peer_bytes, "cumulative": self.peer_bytes_total},
                 "peer_fetches": sum(int(m["peer-fetches"]) for _, _, m in accepted),
                 "peer_failures": sum(int(m["peer-failures"]) for _, _, m in accepted),
@@ -552,24 +535,15 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 "peer_reused": sum(int(m.get("peer-reused", 0)) for _, _, m in accepted),
             }
         )
-        if len(accepted) < self.min_replies:
-            log(
-                WARNING,
-                "round %s: %s valid replies (< min_replies=%s): aggregation skipped",
-                server_round,
-                len(accepted),
-                self.min_replies,
-            )
-            self._record["aggregated"] = False
-            return None, None
+
+    def _aggregate_shared(self, accepted: list[Accepted]) -> float:
+        """FedAvg of the shared parts (weighted by examples); records loss and local accuracy."""
         examples = [float(m["num-examples"]) for _, _, m in accepted]
         if self.shared:
             self.shared = weighted_mean([shared for _, shared, _ in accepted], examples)
-        total = sum(examples)
-        train_loss = (
-            sum(float(m["train-loss"]) * n for (_, _, m), n in zip(accepted, examples, strict=True))
-            / total
-        )
+        train_loss = sum(
+            float(m["train-loss"]) * n for (_, _, m), n in zip(accepted, examples, strict=True)
+        ) / sum(examples)
         after = [
             float(m["after-training-correct"]) / float(m["after-training-total"])
             for _, _, m in accepted
@@ -577,8 +551,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         ]
         counts = [m["domain-examples"] for _, _, m in accepted if "domain-examples" in m]
         if counts and len({len(c) for c in counts}) == 1:
-            self._record["train_examples_per_domain"] = np.sum(counts, axis=0).astype(int).tolist()
-        self._record.update(
+            self.record["train_examples_per_domain"] = np.sum(counts, axis=0).astype(int).tolist()
+        self.record.update(
             {
                 "train_loss": train_loss,
                 "aggregated": True,
@@ -589,13 +563,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 },
             }
         )
-        if self.exchange:
-            self._update_pool(server_round, accepted)
-        return None, MetricRecord({"train-loss": train_loss})
+        return train_loss
 
-    def _update_pool(
-        self, server_round: int, accepted: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]]
-    ) -> None:
+    def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
         for node, _, meta in accepted:
             if "domain-examples" in meta:
                 self.dominant_domain[node] = int(np.argmax(meta["domain-examples"]))
@@ -617,7 +587,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             )
             self.matrix = keep_self(matrix, self.self_weight)
             self.matrix_ids = ids
-            self._record["aggregation"] = {
+            self.record["aggregation"] = {
                 "expert_ids": ids,
                 "matrix": np.round(self.matrix, 5).tolist(),
                 "correlation": np.round(correlation, 5).tolist(),
@@ -625,8 +595,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             if all(o in self.dominant_domain for o in owners):  # diagnostic only
                 share, chance = same_domain_share(self.matrix, owners, self.dominant_domain)
                 if np.isfinite(share):  # NaN when no expert takes from a peer (s = 1)
-                    self._record["same_domain_peer_share"] = {"share": share, "chance": chance}
-        self._record["aggregation_recomputed"] = "aggregation" in self._record
+                    self.record["same_domain_peer_share"] = {"share": share, "chance": chance}
+        self.record["aggregation_recomputed"] = "aggregation" in self.record
 
     def _parse_train_reply(
         self, content: RecordDict
@@ -698,73 +668,73 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = self.ledger.count_replies("evaluate", replies)
-        personal: dict[str, float] = {}
-        global_acc: dict[str, float] = {}
-        domain_correct: np.ndarray | None = None
-        domain_total: np.ndarray | None = None
-        routing: np.ndarray | None = None
-        for reply in replies:
+        sums = EvaluationSums()
+        for reply in self.ledger.count_replies("evaluate", replies):
             if reply.has_error():
                 log_failed_reply(reply, "evaluate")
                 continue
-            node = reply.metadata.src_node_id
-            m = reply.content.metric_records.get("metrics")
-            if m is None or float(m.get("personal-total", 0)) <= 0:  # type: ignore[arg-type]
-                log_rejected_reply(node, "evaluate", "no personalised test results")
-                continue
-            personal[str(node)] = float(m["personal-correct"]) / float(m["personal-total"])  # type: ignore[arg-type]
-            if float(m.get("global-total", 0)) > 0:  # type: ignore[arg-type]  # 0: site data only
-                global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
-            dc = np.asarray(m["domain-correct"], dtype=np.float64)
-            dt = np.asarray(m["domain-total"], dtype=np.float64)
-            domain_correct = dc if domain_correct is None else domain_correct + dc
-            domain_total = dt if domain_total is None else domain_total + dt
-            if "routing" in m:
-                r = np.asarray(m["routing"], dtype=np.float64)
-                routing = r if routing is None else routing + r
-        now = time.time()
-        pvals = list(personal.values())
-        gvals = list(global_acc.values())
-        record = self._record
-        record.update(
-            {
-                "personalised_accuracy": {
-                    "mean": float(np.mean(pvals)) if pvals else None,
-                    "std": float(np.std(pvals)) if pvals else None,
-                    "per_node": personal,
-                },
-                "global_accuracy": {
-                    "mean": float(np.mean(gvals)) if gvals else None,
-                    "std": float(np.std(gvals)) if gvals else None,
-                },
-                "mean_accuracy": float(np.mean(pvals)) if pvals else None,
-                "round_time_s": now - self._t_round,
-                "wall_time_s": now - self._t_start,
-                "bytes": self.ledger.round_summary(),
-            }
-        )
-        if domain_total is not None and domain_correct is not None:
-            record["domain_accuracy"] = (
-                np.divide(
-                    domain_correct,
-                    domain_total,
-                    out=np.zeros_like(domain_total),
-                    where=domain_total > 0,
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is None or float(metrics.get("personal-total", 0)) <= 0:  # type: ignore[arg-type]
+                log_rejected_reply(
+                    reply.metadata.src_node_id, "evaluate", "no personalised test results"
                 )
-                .round(5)
-                .tolist()
-            )
-        if routing is not None:
-            record["routing"] = routing.tolist()  # flattened (domains x K) assignment counts
-        self.history.append(record)
-        if self.on_round_end is not None:
-            self.on_round_end(record)
+                continue
+            sums.add(reply.metadata.src_node_id, metrics)
+        self.close_round(sums.results())
         out: dict[str, float] = {}
-        if pvals:
-            out["personalised-accuracy"] = float(np.mean(pvals))
-            out["global-accuracy"] = float(np.mean(gvals))
+        if sums.personal:
+            out["personalised-accuracy"] = float(np.mean(list(sums.personal.values())))
+            out["global-accuracy"] = float(np.mean(list(sums.global_acc.values())))
         return MetricRecord(out) if out else None  # type: ignore[arg-type]
+
+
+@dataclass
+class EvaluationSums:
+    """What one round's evaluation replies add up to (per node, per domain, routing)."""
+
+    personal: dict[str, float] = field(default_factory=dict)
+    global_acc: dict[str, float] = field(default_factory=dict)
+    domain_correct: np.ndarray | None = None
+    domain_total: np.ndarray | None = None
+    routing: np.ndarray | None = None
+
+    def add(self, node: int, m: MetricRecord) -> None:
+        """One node's evaluation metrics (its personal test total is > 0)."""
+        self.personal[str(node)] = float(m["personal-correct"]) / float(m["personal-total"])  # type: ignore[arg-type]
+        if float(m.get("global-total", 0)) > 0:  # type: ignore[arg-type]  # 0: site data only
+            self.global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
+        dc = np.asarray(m["domain-correct"], dtype=np.float64)
+        dt = np.asarray(m["domain-total"], dtype=np.float64)
+        self.domain_correct = dc if self.domain_correct is None else self.domain_correct + dc
+        self.domain_total = dt if self.domain_total is None else self.domain_total + dt
+        if "routing" in m:
+            r = np.asarray(m["routing"], dtype=np.float64)
+            self.routing = r if self.routing is None else self.routing + r
+
+    def results(self) -> dict[str, Any]:
+        """The round record's evaluation fields."""
+        pvals, gvals = list(self.personal.values()), list(self.global_acc.values())
+        results: dict[str, Any] = {
+            "personalised_accuracy": {
+                "mean": float(np.mean(pvals)) if pvals else None,
+                "std": float(np.std(pvals)) if pvals else None,
+                "per_node": self.personal,
+            },
+            "global_accuracy": {
+                "mean": float(np.mean(gvals)) if gvals else None,
+                "std": float(np.std(gvals)) if gvals else None,
+            },
+            "mean_accuracy": float(np.mean(pvals)) if pvals else None,
+        }
+        if self.domain_total is not None and self.domain_correct is not None:
+            total = self.domain_total
+            accuracy = np.divide(
+                self.domain_correct, total, out=np.zeros_like(total), where=total > 0
+            )
+            results["domain_accuracy"] = accuracy.round(5).tolist()
+        if self.routing is not None:
+            results["routing"] = self.routing.tolist()  # flattened (domains x K) counts
+        return results
 
 
 def _is_sha256(text: str) -> bool:

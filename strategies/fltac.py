@@ -42,7 +42,6 @@ offline benchmark (see docs/results.md):
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +69,6 @@ from fedspecialists.protocol.records import (
 )
 from strategies.common import (
     RoundBookkeeping,
-    TrafficLedger,
     log_failed_reply,
     log_rejected_reply,
     planar_embedding,
@@ -554,6 +552,28 @@ def entry_digest(entry: PoolEntry) -> str:
     return digest.hexdigest()
 
 
+def check_settings(
+    num_clusters: int | str,
+    feature_source: str,
+    weighting: str,
+    clustering: str,
+    source_check_llr: float | None,
+) -> None:
+    """Refuse settings the strategy cannot run with (``ValueError`` naming the argument)."""
+    if num_clusters != "auto" and (
+        not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
+    ):
+        raise ValueError(f"num_clusters must be an int >= 1 or 'auto', not {num_clusters!r}")
+    if feature_source not in FEATURE_SOURCES:
+        raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, not {feature_source!r}")
+    if weighting not in ("uniform", "samples"):
+        raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
+    if clustering not in ("kmeans", "constrained_kmeans"):
+        raise ValueError(f"clustering must be kmeans or constrained_kmeans, not {clustering!r}")
+    if source_check_llr is not None and not source_check_llr > 0:
+        raise ValueError(f"source_check_llr must be > 0 or None, not {source_check_llr}")
+
+
 def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
     """Constructor arguments every adapter strategy reads from ``cfg`` (features, rounds)."""
     return {
@@ -652,24 +672,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         keep_local: bool = False,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        if num_clusters != "auto" and (
-            not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
-        ):
-            raise ValueError(f"num_clusters must be an int >= 1 or 'auto', not {num_clusters!r}")
-        if feature_source not in FEATURE_SOURCES:
-            raise ValueError(
-                f"feature_source must be one of {FEATURE_SOURCES}, not {feature_source!r}"
-            )
-        if weighting not in ("uniform", "samples"):
-            raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
-        if clustering not in ("kmeans", "constrained_kmeans"):
-            raise ValueError(f"clustering must be kmeans or constrained_kmeans, not {clustering!r}")
-        if not 0.0 < fraction_train <= 1.0:
-            raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
-        if min_replies < 1:
-            raise ValueError(f"min_replies must be >= 1, not {min_replies}")
-        if source_check_llr is not None and not source_check_llr > 0:
-            raise ValueError(f"source_check_llr must be > 0 or None, not {source_check_llr}")
+        check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
+        self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
         # first valid reply's, e.g. a causal LM whose adapter carries no head).
@@ -693,22 +697,12 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         except ValueError:  # no head (a causal LM's adapter): nothing to read label counts from
             self.head_keys = None
         self.label_count_bounds: dict[int, int] = {}
-        self.seed = seed
-        self.fraction_train = fraction_train
-        self.min_replies = min_replies
-        self.max_abs_value = max_abs_value
         self.max_update_norm = max_update_norm
         self.keep_local = keep_local
-        self.on_round_end = on_round_end
         # Global adapters by id ("v0" is the broadcast init) and each node's slot -> id.
         self.globals: dict[str, dict[str, np.ndarray]] = {"v0": dict(self.template)}
         self.node_slots: dict[int, list[str]] = {}
         self.majority_task: dict[str, str] = {}
-        self.ledger = TrafficLedger()
-        self.history: list[dict[str, Any]] = []
-        self._record: dict[str, Any] = {}
-        self._t_start = time.time()
-        self._t_round = time.time()
 
     @classmethod
     def from_config(
@@ -797,7 +791,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.label_count_bounds.update(
             label_count_bounds(counts.tolist(), owners, self.label_count_bounds)
         )
-        self._record["clusters_per_label_count"] = {str(c): k for c, k in per_group.items()}
+        self.record["clusters_per_label_count"] = {str(c): k for c, k in per_group.items()}
         return counts, per_group
 
     def cluster_count(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> int:
@@ -854,37 +848,10 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self.ledger.count_replies("train", replies)
-        pool: list[PoolEntry] = []
-        losses: list[tuple[float, int]] = []
-        failed = rejected = accepted = 0
-        for reply in replies:
-            if reply.has_error():
-                log_failed_reply(reply, "train")
-                failed += 1
-                continue
-            node = reply.metadata.src_node_id
-            reason, entries, loss = self._parse_train_reply(node, reply.content)
-            if reason is not None:
-                log_rejected_reply(node, "train", reason)
-                rejected += 1
-                continue
-            accepted += 1
-            pool.extend(entries)
-            if loss is not None:
-                losses.append(loss)
-        self._record.update(
-            {"replies_ok": accepted, "replies_failed": failed, "replies_rejected": rejected}
-        )
-        if accepted < self.min_replies or not pool:
-            log(
-                WARNING,
-                "round %s: %s valid replies (< min_replies=%s): aggregation skipped",
-                server_round,
-                accepted,
-                self.min_replies,
-            )
-            self._record["aggregated"] = False
+        accepted = self.screen_replies("train", replies, self._screen_train_reply)
+        pool = [entry for _, (entries, _) in accepted for entry in entries]
+        losses = [loss for _, (_, loss) in accepted if loss is not None]
+        if self.too_few_replies(server_round, len(accepted), usable=bool(pool)):
             return None, None
         # Replies arrive in any order and node ids are drawn anew by every federation, while
         # K-means++ and ties depend on row order: order by content, the same in every run.
@@ -895,13 +862,13 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             if losses
             else None
         )
-        self._record["train_loss"] = train_loss
-        self._record["aggregated"] = True
+        self.record["train_loss"] = train_loss
+        self.record["aggregated"] = True
         metrics: dict[str, int | float | list[int] | list[float]] = {"num-adapters": len(pool)}
         if train_loss is not None:
             metrics["train-loss"] = float(train_loss)
-        if self._record.get("clustering_agreement") is not None:
-            metrics["clustering-agreement"] = float(self._record["clustering_agreement"])
+        if self.record.get("clustering_agreement") is not None:
+            metrics["clustering-agreement"] = float(self.record["clustering_agreement"])
         return None, MetricRecord(metrics)
 
     def configure_evaluate(
@@ -939,20 +906,12 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                     total[key[len("total.") :]] += float(value)  # type: ignore[arg-type]
         accuracy = {task: correct[task] / total[task] for task in sorted(total) if total[task] > 0}
         mean = float(np.mean(list(accuracy.values()))) if accuracy else None
-        now = time.time()
-        self._record.update(
-            {
-                "accuracy": accuracy,
-                "mean_accuracy": mean,
-                "test_examples": {task: int(total[task]) for task in sorted(total)},
-                "round_time_s": now - self._t_round,
-                "wall_time_s": now - self._t_start,
-                "bytes": self.ledger.round_summary(),
-            }
-        )
-        self.history.append(self._record)
-        if self.on_round_end is not None:
-            self.on_round_end(self._record)
+        results = {
+            "accuracy": accuracy,
+            "mean_accuracy": mean,
+            "test_examples": {task: int(total[task]) for task in sorted(total)},
+        }
+        self.close_round(results)
         out: dict[str, int | float | list[int] | list[float]] = {
             f"accuracy.{task}": acc for task, acc in accuracy.items()
         }
@@ -981,6 +940,12 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                 content.array_records[f"{ADAPTER_PREFIX}{gid}"] = state_to_record(self.globals[gid])
         content.config_records["config"] = cfg
         return content
+
+    def _screen_train_reply(
+        self, node: int, content: RecordDict
+    ) -> tuple[str | None, tuple[list[PoolEntry], tuple[float, int] | None]]:
+        reason, entries, loss = self._parse_train_reply(node, content)
+        return reason, (entries, loss)
 
     def _parse_train_reply(
         self, node: int, content: RecordDict
@@ -1145,7 +1110,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "group": groups,
             "node": [e.node_id for e in pool],
         }
-        self._record.update(record)
+        self.record.update(record)
         ari = record.get("clustering_agreement")
         log(
             INFO,
