@@ -209,9 +209,7 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
     assert isinstance(model, MoEClassifier)
     state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     own = {k: expert_state(state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
-    grant = str(config.get("grant", "")) or None
-    fetched: dict[str, dict[str, np.ndarray] | None] = {}
-    fetches = failures = 0
+    fetch = PlanFetcher(node, transport, str(config.get("grant", "")) or None, own)
     for k in range(len(model.experts)):
         ids = config.get(f"plan.{k}.ids")
         if not ids:
@@ -219,28 +217,10 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
         weights = [float(w) for w in config[f"plan.{k}.weights"]]  # type: ignore[union-attr]
         hashes = [str(h) for h in config[f"plan.{k}.hashes"]]  # type: ignore[union-attr]
         addresses = [str(a) for a in config[f"plan.{k}.addresses"]]  # type: ignore[union-attr]
-        experts: list[dict[str, np.ndarray] | None] = []
-        for expert_id, sha, address in zip(ids, hashes, addresses, strict=True):  # type: ignore[arg-type]
-            owner, index = (int(x) for x in str(expert_id).split("/"))
-            if owner == node.node_id:
-                experts.append(own[index])
-                continue
-            if expert_id not in fetched:
-                ref = ExpertRef(str(expert_id), owner, address, sha)
-                try:
-                    tensors = _as_dtypes(
-                        transport.fetch(ref, grant, requester=node.node_id), own[k]
-                    )
-                    reason = check_adapter(tensors, own[k], node.cfg.validation.max_abs_value)
-                    if reason is not None:
-                        raise PeerFetchError(f"expert {expert_id}: {reason}")
-                    fetched[str(expert_id)] = tensors
-                    fetches += 1
-                except PeerFetchError as exc:
-                    log(WARNING, "node %s: peer expert refused: %s", node.node_id, exc)
-                    fetched[str(expert_id)] = None
-                    failures += 1
-            experts.append(fetched[str(expert_id)])
+        experts = [
+            fetch(str(expert_id), sha, address, k)
+            for expert_id, sha, address in zip(ids, hashes, addresses, strict=True)  # type: ignore[arg-type]
+        ]
         arrived = [e is not None for e in experts]
         w = renormalise(weights, arrived)
         mixed = mix_experts(
@@ -255,7 +235,50 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
         for k in range(len(model.experts)):
             planned.update(str(h) for h in config.get(f"plan.{k}.hashes", []))  # type: ignore[union-attr]
         transport.prune(planned)
-    return {"fetches": fetches, "failures": failures}
+    return {"fetches": fetch.fetches, "failures": fetch.failures}
+
+
+@dataclass
+class PlanFetcher:
+    """The source experts of one sync plan: this node's own, or a peer's, fetched once each.
+
+    A peer's expert is checked against the expected keys, shapes and value bound (those of
+    expert ``k``, the one it is mixed into); one that fails is ``None`` and counted.
+    """
+
+    node: Node
+    transport: PeerTransport
+    grant: str | None
+    own: dict[int, dict[str, np.ndarray]]
+    fetched: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict)
+    fetches: int = 0
+    failures: int = 0
+
+    def __call__(
+        self, expert_id: str, sha: str, address: str, k: int
+    ) -> dict[str, np.ndarray] | None:
+        owner, index = (int(x) for x in expert_id.split("/"))
+        if owner == self.node.node_id:
+            return self.own[index]
+        if expert_id not in self.fetched:
+            self.fetched[expert_id] = self._fetch(ExpertRef(expert_id, owner, address, sha), k)
+        return self.fetched[expert_id]
+
+    def _fetch(self, ref: ExpertRef, k: int) -> dict[str, np.ndarray] | None:
+        node = self.node
+        try:
+            tensors = _as_dtypes(
+                self.transport.fetch(ref, self.grant, requester=node.node_id), self.own[k]
+            )
+            reason = check_adapter(tensors, self.own[k], node.cfg.validation.max_abs_value)
+            if reason is not None:
+                raise PeerFetchError(f"expert {ref.expert_id}: {reason}")
+        except PeerFetchError as exc:
+            log(WARNING, "node %s: peer expert refused: %s", node.node_id, exc)
+            self.failures += 1
+            return None
+        self.fetches += 1
+        return tensors
 
 
 def _as_dtypes(
@@ -372,6 +395,40 @@ def predict(
 # --------------------------------------------------------------------------------------------
 
 
+def _save_personal(node: Node, state: dict[str, torch.Tensor]) -> None:
+    """Keep this node's personal parts on disk (they never leave it)."""
+    personal = {k: state[k].contiguous() for k in node.personal_keys}
+    if personal:
+        path = node.folder / f"run-{node.run_id}" / PERSONAL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(personal, path)
+
+
+def _publish_experts(
+    node: Node,
+    state: dict[str, torch.Tensor],
+    transport: PeerTransport,
+    server_round: int,
+    reply: RecordDict,
+) -> None:
+    """Serve this node's trained experts to peers; put their proxies and hashes in ``reply``."""
+    model = node.model
+    assert isinstance(model, MoEClassifier)
+    numpy_state = {k: v.numpy() for k, v in state.items()}
+    experts = {str(k): expert_state(numpy_state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
+    if node.cfg.peer.half_precision:
+        experts = {k: {n: v.astype(np.float16) for n, v in e.items()} for k, e in experts.items()}
+    hashes = transport.publish(server_round, experts)
+    proxies = torch.from_numpy(np.ascontiguousarray(expert_proxies(node), dtype=np.float32))
+    reply.array_records["proxies"] = state_to_record({"gate": proxies})
+    reply.config_records["experts"] = ConfigRecord(
+        {
+            "hashes": [hashes[str(k)] for k in range(len(model.experts))],
+            "address": transport.address,
+        }
+    )
+
+
 def train(msg: Message, context: Context) -> Message:
     """One round: sync experts from peers, train, keep personal parts, publish, reply."""
     started = time.perf_counter()
@@ -393,33 +450,13 @@ def train(msg: Message, context: Context) -> Message:
     pred, _ = predict(node.model, node.data.x_test, cfg.train.eval_batch_size)
     local_correct = int((pred == node.data.y_test).sum())
     state = {k: v.detach().cpu() for k, v in node.model.state_dict().items()}
-    personal = {k: state[k].contiguous() for k in node.personal_keys}
-    if personal:
-        path = node.folder / f"run-{node.run_id}" / PERSONAL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(personal, path)
+    _save_personal(node, state)
     reply = RecordDict()
     shared = {k: v for k, v in state.items() if _is_shared(k, node.shared_parts)}
     if shared:
         reply.array_records["shared"] = state_to_record(shared)
     if transport is not None:
-        model = node.model
-        assert isinstance(model, MoEClassifier)
-        numpy_state = {k: v.numpy() for k, v in state.items()}
-        experts = {str(k): expert_state(numpy_state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
-        if cfg.peer.half_precision:
-            experts = {
-                k: {n: v.astype(np.float16) for n, v in e.items()} for k, e in experts.items()
-            }
-        hashes = transport.publish(server_round, experts)
-        proxies = torch.from_numpy(np.ascontiguousarray(expert_proxies(node), dtype=np.float32))
-        reply.array_records["proxies"] = state_to_record({"gate": proxies})
-        reply.config_records["experts"] = ConfigRecord(
-            {
-                "hashes": [hashes[str(k)] for k in range(len(model.experts))],
-                "address": transport.address,
-            }
-        )
+        _publish_experts(node, state, transport, server_round, reply)
     reply.metric_records["metrics"] = MetricRecord(
         {
             "num-examples": len(node.data.y_train),
