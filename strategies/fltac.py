@@ -238,14 +238,7 @@ def constrained_kmeans_labels(
         centroids, _ = kmeans_plusplus(features, k, random_state=seed + start)
         labels = np.full(m, -1, dtype=np.int64)
         for _ in range(max_iter):
-            cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (M, k)
-            new = np.empty(m, dtype=np.int64)
-            for rows in rows_of.values():
-                if len(rows) > k:
-                    new[rows] = cost[rows].argmin(1)
-                else:
-                    r, c = linear_sum_assignment(cost[rows])
-                    new[rows[r]] = c
+            new = constrained_assignment(features, centroids, list(rows_of.values()))
             if np.array_equal(new, labels):
                 break
             labels = new
@@ -256,6 +249,27 @@ def constrained_kmeans_labels(
         if inertia < best_inertia - 1e-12:
             best_labels, best_inertia = labels.copy(), inertia
     return best_labels
+
+
+def constrained_assignment(
+    features: np.ndarray, centroids: np.ndarray, groups: Sequence[np.ndarray]
+) -> np.ndarray:
+    """The assignment step of :func:`constrained_kmeans_labels`.
+
+    ``features`` ``(M, D)``, ``centroids`` ``(k, D)``; ``groups`` are the row indices of each
+    owner. An owner's rows go to distinct clusters at least total squared distance (Hungarian);
+    an owner with more rows than clusters, each to its nearest centroid. Returns ``(M,)`` labels.
+    """
+    k = centroids.shape[0]
+    cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (M, k)
+    labels = np.empty(features.shape[0], dtype=np.int64)
+    for rows in groups:
+        if len(rows) > k:
+            labels[rows] = cost[rows].argmin(1)
+        else:
+            r, c = linear_sum_assignment(cost[rows])
+            labels[rows[r]] = c
+    return labels
 
 
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:

@@ -12,6 +12,7 @@ from strategies.fltac import (
     choose_sources,
     clustering_agreement,
     clusters_per_label_count,
+    constrained_assignment,
     constrained_kmeans_labels,
     fingerprint_features,
     group_means,
@@ -247,3 +248,14 @@ def test_clusters_per_label_count_spreads_the_fixed_k_by_adapters_per_cluster() 
     assert clusters_per_label_count(counts, owners, 4, {}) == {2: 3, 3: 1}
     # A K below what the groups need: no split.
     assert clusters_per_label_count(counts, owners, 1, {}) is None
+
+
+def test_constrained_assignment_by_hand() -> None:
+    centroids = np.array([[0.0, 0.0], [10.0, 0.0]])
+    features = np.array([[1.0, 0.0], [2.0, 0.0], [9.0, 0.0]])
+    # Owner A holds rows 0 and 1 (squared costs [1, 81] and [4, 64]): distinct clusters, and
+    # 0 -> c0, 1 -> c1 costs 1 + 64 = 65 < 81 + 4 = 85. Owner B's one row goes to its nearest.
+    labels = constrained_assignment(features, centroids, [np.array([0, 1]), np.array([2])])
+    assert labels.tolist() == [0, 1, 1]
+    # One owner with more rows than clusters: each row to its nearest centroid.
+    assert constrained_assignment(features, centroids, [np.array([0, 1, 2])]).tolist() == [0, 0, 1]
