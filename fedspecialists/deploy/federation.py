@@ -197,21 +197,47 @@ def local_federation(
     # Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port.
     port = free_port()
     fleet = control = f"127.0.0.1:{port}"
-    env = {
+    env = _flwr_env(home / "flwr-home", control, ca)
+    log = (home / "superlink.log").open("ab")
+    superlink = subprocess.Popen(
+        _superlink_command(home, creds, ca, port),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    fed = LocalFederation(home, creds, env, fleet, control, superlink, processes=[superlink])
+    try:
+        _wait_port(control, superlink, home / "superlink.log")
+        for i in range(num_sites):
+            make_server_cert(creds, f"peer{i}", ["127.0.0.1", "localhost"], ca, ca_key)
+            data_dir = Path(data_dirs[i]) if data_dirs else None
+            _add_site(fed, i, num_sites, register, start_nodes, data_dir)
+        yield fed
+    finally:
+        fed.stop()
+
+
+def _flwr_env(flwr_home: Path, control: str, ca: Path) -> dict[str, str]:
+    """The processes' environment, with a ``flwr`` config whose default connection is ours."""
+    flwr_home.mkdir(exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{control}"\nroot-certificates = "{ca}"\n'
+    )
+    return {
         **os.environ,
-        "FLWR_HOME": str(home / "flwr-home"),
+        "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    (home / "flwr-home").mkdir(exist_ok=True)
-    (home / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{control}"\nroot-certificates = "{ca}"\n'
-    )
-    command = [
+
+
+def _superlink_command(home: Path, creds: Path, ca: Path, port: int) -> list[str]:
+    return [
         "flower-superlink",
         "--ssl-ca-certfile",
         str(ca),
@@ -229,30 +255,29 @@ def local_federation(
         "--database",
         str(home / "state.db"),
     ]
-    log = (home / "superlink.log").open("ab")
-    superlink = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    fed = LocalFederation(home, creds, env, fleet, control, superlink, processes=[superlink])
-    try:
-        _wait_port(control, superlink, home / "superlink.log")
-        for i in range(num_sites):
-            make_server_cert(creds, f"peer{i}", ["127.0.0.1", "localhost"], ca, ca_key)
-            key, pub = make_node_key(creds, f"supernode{i}")
-            site = Site(i, key, pub, home / f"site{i}" / "store", free_port())
-            site.store.mkdir(parents=True, exist_ok=True)
-            fed.sites.append(site)
-            if register:
-                done = fed.register(pub)
-                if done.returncode != 0:
-                    raise RuntimeError(f"registering {pub} failed:\n{done.stdout}\n{done.stderr}")
-            site.peer = fed.start_peer(site)
-            if start_nodes:
-                own = f'data-dir="{Path(data_dirs[i]).resolve()}"' if data_dirs else ""
-                site.supernode = fed.start_supernode(site, num_sites, extra_config=own)
-        yield fed
-    finally:
-        fed.stop()
+
+
+def _add_site(
+    fed: LocalFederation,
+    i: int,
+    num_sites: int,
+    register: bool,
+    start_node: bool,
+    data_dir: Path | None,
+) -> None:
+    """Site ``i``: its node key (registered if ``register``), peer endpoint and SuperNode."""
+    key, pub = make_node_key(fed.credentials, f"supernode{i}")
+    site = Site(i, key, pub, fed.home / f"site{i}" / "store", free_port())
+    site.store.mkdir(parents=True, exist_ok=True)
+    fed.sites.append(site)
+    if register:
+        done = fed.register(pub)
+        if done.returncode != 0:
+            raise RuntimeError(f"registering {pub} failed:\n{done.stdout}\n{done.stderr}")
+    site.peer = fed.start_peer(site)
+    if start_node:
+        own = f'data-dir="{data_dir.resolve()}"' if data_dir is not None else ""
+        site.supernode = fed.start_supernode(site, num_sites, extra_config=own)
 
 
 def _wait_port(address: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -144,7 +144,27 @@ def local_superlink(
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
-    env = {
+    env = _superlink_env(home, port, control, extra_env or {})
+    log_file = home / "superlink.log"
+    process = subprocess.Popen(
+        _superlink_command(home, port, control, log_file),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so stop() reaches its children too
+    )
+    link = LocalSuperLink(home=home, process=process, env=env, port=port)
+    try:
+        _wait_healthy(process, port, log_file)
+        yield link
+    finally:
+        link.stop()
+
+
+def _superlink_env(
+    home: Path, port: int, control: int, extra_env: dict[str, str]
+) -> dict[str, str]:
+    return {
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
@@ -155,10 +175,12 @@ def local_superlink(
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        **(extra_env or {}),
+        **extra_env,
     }
-    log_file = home / "superlink.log"
-    command = [
+
+
+def _superlink_command(home: Path, port: int, control: int, log_file: Path) -> list[str]:
+    return [
         "flower-superlink",
         "--insecure",
         "--simulation",
@@ -175,33 +197,23 @@ def local_superlink(
         "--log-file",
         str(log_file),
     ]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, so stop() reaches its children too
-    )
-    link = LocalSuperLink(home=home, process=process, env=env, port=port)
-    try:
-        deadline = time.time() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"flower-superlink exited ({process.returncode}); see {log_file}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"flower-superlink not healthy after 60 s; see {log_file}")
-            time.sleep(0.3)
-        yield link
-    finally:
-        link.stop()
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -> None:
+    """Wait (up to 60 s) for the SuperLink's health endpoint; fail if it exits or never answers."""
+    deadline = time.time() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited ({process.returncode}); see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"flower-superlink not healthy after 60 s; see {log_file}")
+        time.sleep(0.3)
 
 
 @dataclass
