@@ -520,19 +520,8 @@ def _encode_labels(
     feature = train.features["label"]
     if isinstance(feature, datasets.ClassLabel) and label_names is not None:
         # Back to names, then encoded against the declared list below.
-        def to_names(ds: datasets.Dataset) -> datasets.Dataset:
-            names_of = ds.features["label"].names
-            return ds.cast_column("label", datasets.Value("int64")).map(
-                lambda b: {
-                    "label": [None if v is None or v < 0 else names_of[v] for v in b["label"]]
-                },
-                batched=True,
-                features=datasets.Features({**ds.features, "label": datasets.Value("string")}),
-                keep_in_memory=True,
-            )
-
-        train = to_names(train)
-        test = None if test is None else to_names(test)
+        train = _labels_as_names(train)
+        test = None if test is None else _labels_as_names(test)
         feature = train.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         names = [str(n) for n in feature.names]
@@ -542,39 +531,58 @@ def _encode_labels(
                 raise ValueError(f"task '{task}': train and test label classes differ")
         train = _drop_unlabelled(train)
         return train, (None if test is None else _drop_unlabelled(test)), names
-
     splits = [train] if test is None else [train, test]
     # to_pylist, not numpy: an int column with missing cells would turn into floats and NaN.
     raw = [ds.with_format("arrow")["label"].to_pylist() for ds in splits]
     values = sorted({v for labels in raw for v in labels if v is not None})
-    if label_names is not None:
-        names = [str(n) for n in label_names]
-        unknown = sorted({str(v) for v in values} - set(names))
-        if unknown:
-            raise ValueError(f"task '{task}': labels {unknown[:5]} are not in label_names {names}")
-        ids = {v: names.index(str(v)) for v in values}
-    else:
-        names = [str(v) for v in values]
-        ids = {v: i for i, v in enumerate(values)}
+    names, ids = _label_ids(task, values, label_names)
     class_label = datasets.ClassLabel(names=names)
+    encoded = [_relabel(ds, ids, class_label) for ds in splits]
+    return encoded[0], (encoded[1] if test is not None else None), names
 
-    def encode(ds: datasets.Dataset) -> datasets.Dataset:
-        ds = ds.filter(
-            lambda labels: [lab is not None for lab in labels],
-            input_columns="label",
-            batched=True,
-            keep_in_memory=True,
-        )
-        features = ds.features.copy()
-        features["label"] = class_label
-        return ds.map(
-            lambda batch: {"label": [ids[v] for v in batch["label"]]},
-            batched=True,
-            features=features,
-            keep_in_memory=True,
-        )
 
-    return encode(train), (None if test is None else encode(test)), names
+def _labels_as_names(ds: datasets.Dataset) -> datasets.Dataset:
+    """A ClassLabel column back to its names (missing or negative ids become ``None``)."""
+    names_of = ds.features["label"].names
+    return ds.cast_column("label", datasets.Value("int64")).map(
+        lambda b: {"label": [None if v is None or v < 0 else names_of[v] for v in b["label"]]},
+        batched=True,
+        features=datasets.Features({**ds.features, "label": datasets.Value("string")}),
+        keep_in_memory=True,
+    )
+
+
+def _label_ids(
+    task: str, values: Sequence[Any], label_names: Sequence[str] | None
+) -> tuple[list[str], dict[Any, int]]:
+    """Class names and each raw label value's id: declared ``label_names`` or sorted values."""
+    if label_names is None:
+        return [str(v) for v in values], {v: i for i, v in enumerate(values)}
+    names = [str(n) for n in label_names]
+    unknown = sorted({str(v) for v in values} - set(names))
+    if unknown:
+        raise ValueError(f"task '{task}': labels {unknown[:5]} are not in label_names {names}")
+    return names, {v: names.index(str(v)) for v in values}
+
+
+def _relabel(
+    ds: datasets.Dataset, ids: dict[Any, int], class_label: datasets.ClassLabel
+) -> datasets.Dataset:
+    """Unlabelled rows dropped, the rest's labels as ids of ``class_label``."""
+    ds = ds.filter(
+        lambda labels: [lab is not None for lab in labels],
+        input_columns="label",
+        batched=True,
+        keep_in_memory=True,
+    )
+    features = ds.features.copy()
+    features["label"] = class_label
+    return ds.map(
+        lambda batch: {"label": [ids[v] for v in batch["label"]]},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+    )
 
 
 def _labels(ds: datasets.Dataset) -> np.ndarray:
