@@ -334,7 +334,6 @@ def encode_text_domains(
     The encoder never trains and is identical on every client, so it never travels: what the
     MoE model learns (and the federation exchanges) starts from its pooled ``(N, D)`` features.
     """
-    import torch
 
     from fedspecialists.data.tasks import load_task
     from fedspecialists.models.lora import build_base_model, build_preprocessor
@@ -344,19 +343,7 @@ def encode_text_domains(
     encoder = tokenizer = None
     for spec in specs:
         ts = as_task_spec(spec)
-        key = hashlib.sha256(
-            json.dumps(
-                [
-                    asdict(ts),
-                    seed,
-                    str(model_cfg.name_or_path),
-                    model_cfg.max_length,
-                    _files_fingerprint(ts),
-                ],
-                default=str,
-            ).encode()
-        ).hexdigest()[:16]
-        path = cache / "domains" / f"{ts.name}-text-{key}.npz"
+        path = _text_domain_path(ts, seed, cache, model_cfg)
         if path.exists():
             out.append(load_cached(path, ts.name))
             continue
@@ -365,20 +352,10 @@ def encode_text_domains(
             encoder = build_base_model(model_cfg, "text_classification", 2)
             encoder.eval()
             tokenizer = build_preprocessor(model_cfg, "text_classification")
-        features = []
-        for split in (task.train, task.test):
-            chunks = []
-            for start in range(0, len(split), 64):
-                batch = tokenizer(  # type: ignore[misc]
-                    split["text"][start : start + 64],
-                    truncation=True,
-                    max_length=model_cfg.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                )
-                with torch.no_grad():
-                    chunks.append(_pooled(encoder, batch, model_cfg.pooling))
-            features.append(torch.cat(chunks).numpy().astype(np.float32))
+        features = [
+            _encode_texts(encoder, tokenizer, split["text"], model_cfg)
+            for split in (task.train, task.test)
+        ]
         domain = DomainData(
             ts.name,
             task.num_labels,
@@ -390,6 +367,41 @@ def encode_text_domains(
         save_cached(path, domain)
         out.append(domain)
     return out
+
+
+def _text_domain_path(ts: TaskSpec, seed: int, cache: Path, model_cfg: Any) -> Path:
+    """The cache file of a text domain's features: keyed by the task, seed, encoder and files."""
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                asdict(ts),
+                seed,
+                str(model_cfg.name_or_path),
+                model_cfg.max_length,
+                _files_fingerprint(ts),
+            ],
+            default=str,
+        ).encode()
+    ).hexdigest()[:16]
+    return cache / "domains" / f"{ts.name}-text-{key}.npz"
+
+
+def _encode_texts(encoder: Any, tokenizer: Any, texts: list[str], model_cfg: Any) -> np.ndarray:
+    """Pooled features ``(N, D)`` (float32) of ``texts`` under the frozen encoder, 64 at a time."""
+    import torch
+
+    chunks = []
+    for start in range(0, len(texts), 64):
+        batch = tokenizer(
+            texts[start : start + 64],
+            truncation=True,
+            max_length=model_cfg.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            chunks.append(_pooled(encoder, batch, model_cfg.pooling))
+    return torch.cat(chunks).numpy().astype(np.float32)
 
 
 def _pooled(model: Any, batch: Any, pooling: str) -> Any:
