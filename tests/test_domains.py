@@ -281,3 +281,23 @@ def test_concurrent_processes_writing_one_cache_file_all_succeed(tmp_path: Path)
     back = load_cached(path, "digits")
     assert back.num_labels == 3 and back.x_train.shape == (8, 1, 4, 4)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
+
+
+def test_a_random_encoder_gives_every_client_the_same_text_features(tmp_path: Path) -> None:
+    # model.pretrained: false (tiny_bert): each client builds the encoder itself, so it must be
+    # seeded, or every client would see its own random features.
+    from fedspecialists.config import load_config
+    from fedspecialists.data.domains import encode_text_domains
+    from fedspecialists.data.tasks import default_cache_dir
+
+    cfg = load_config("method=fedmoe_da suite=tiny_text model=tiny_bert")
+    features = []
+    for client in ("a", "b"):
+        cache = tmp_path / client
+        cache.mkdir()
+        for shared in ("wheels", "npm"):  # the fetched data files, not the features
+            if (default_cache_dir() / shared).exists():
+                (cache / shared).symlink_to(default_cache_dir() / shared)
+        domains = encode_text_domains(cfg.suite.tasks, 0, cache, cfg.model)
+        features.append(np.concatenate([d.x_train for d in domains]))
+    assert np.array_equal(features[0], features[1])

@@ -335,6 +335,8 @@ def encode_text_domains(
     MoE model learns (and the federation exchanges) starts from its pooled ``(N, D)`` features.
     """
 
+    import torch
+
     from fedspecialists.data.tasks import load_task
     from fedspecialists.models.lora import build_base_model, build_preprocessor
 
@@ -349,6 +351,9 @@ def encode_text_domains(
             continue
         task = load_task(ts, seed, cache)
         if encoder is None:
+            # A randomly initialised encoder (model.pretrained: false) must be the same on
+            # every client too: seed it like the federation's model.
+            torch.manual_seed(seed)
             encoder = build_base_model(model_cfg, "text_classification", 2)
             encoder.eval()
             tokenizer = build_preprocessor(model_cfg, "text_classification")
