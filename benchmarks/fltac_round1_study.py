@@ -87,6 +87,39 @@ def _choice_by_loss(losses: np.ndarray, owners: list[int]) -> np.ndarray:
     return out
 
 
+def _client_choice(
+    model: Any,
+    adapters: list[dict[str, np.ndarray]],
+    head: np.ndarray,
+    encs: list[tuple[Any, int]],
+    owners: list[int],
+    truth: list[str],
+    k: int,
+    seed: int,
+) -> dict[str, float]:
+    """IFCA-style: each client picks, by loss on its own data, among round-1 means of head-only
+    clustering (what FL-TAC had before fingerprints)."""
+    labels = constrained_kmeans_labels(head, owners, k, seed)
+    means = group_means(adapters, labels.tolist())
+    for c, mean in means.items():
+        model.load(f"g{c}", {kk: torch.tensor(v) for kk, v in mean.items()})
+    losses = np.zeros((len(adapters), k))
+    with torch.no_grad():
+        for j, (enc, c_j) in enumerate(encs):
+            batch = collate(enc, list(range(len(enc))))
+            for c in range(k):
+                model.activate(f"g{c}")
+                model.model.eval()
+                logits = masked_logits(model.model(**batch).logits, enc.num_labels)[:, :c_j]
+                losses[j, c] = float(F.cross_entropy(logits, enc.labels))
+    return {
+        "round-1 head clustering": clustering_agreement(truth, labels.tolist()),
+        "clients' choice by loss": clustering_agreement(
+            truth, _choice_by_loss(losses, owners).tolist()
+        ),
+    }
+
+
 def study(suite: str, seed: int) -> dict[str, Any]:
     cfg = load_config_as(AdapterRunConfig, [f"suite={suite}", f"seed={seed}"])
     tasks = load_suite(cfg.suite.tasks, seed, cfg.data.cache_dir)
@@ -138,27 +171,9 @@ def study(suite: str, seed: int) -> dict[str, Any]:
         "silhouette (plain K-means, 2..10)": max(silhouettes, key=silhouettes.__getitem__),
         "most tasks on one client (default)": tasks_lower_bound(owners),
     }
-    # IFCA-style: each client picks, by loss on its own data, among round-1 means of head-only
-    # clustering (what FL-TAC had before fingerprints).
-    labels = constrained_kmeans_labels(head, owners, k, seed)
-    means = group_means(adapters, labels.tolist())
-    for c, mean in means.items():
-        model.load(f"g{c}", {kk: torch.tensor(v) for kk, v in mean.items()})
-    losses = np.zeros((len(adapters), k))
-    with torch.no_grad():
-        for j, (enc, c_j) in enumerate(encs):
-            batch = collate(enc, list(range(len(enc))))
-            for c in range(k):
-                model.activate(f"g{c}")
-                model.model.eval()
-                logits = masked_logits(model.model(**batch).logits, enc.num_labels)[:, :c_j]
-                losses[j, c] = float(F.cross_entropy(logits, enc.labels))
-    result["client_choice_by_loss"] = {
-        "round-1 head clustering": clustering_agreement(truth, labels.tolist()),
-        "clients' choice by loss": clustering_agreement(
-            truth, _choice_by_loss(losses, owners).tolist()
-        ),
-    }
+    result["client_choice_by_loss"] = _client_choice(
+        model, adapters, head, encs, owners, truth, k, seed
+    )
     return result
 
 

@@ -421,6 +421,42 @@ def _slot_losses(task: str, candidates: list[np.ndarray], rng: np.random.Generat
     return 1.0 - 5.0 * fit[None, :] + 0.02 * rng.normal(size=(8, len(candidates)))
 
 
+def _client_reply(
+    msg: Message,
+    node: int,
+    rng: np.random.Generator,
+    input_fingerprint: bool,
+    pair_alike: bool,
+    shrinking_steps: bool,
+) -> Message:
+    """What a real client of :func:`_recovering_run` replies: a small step from its starts."""
+    config = msg.content.config_records["config"]
+    tasks = NODE_TASKS[node]
+    planned = config.get("slot-sources", ["v0"] * len(tasks))
+    sources = [str(s) for s in planned]  # type: ignore[union-attr]
+    starts = {g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources}
+    min_llr = config["check-sources"]
+    assert isinstance(min_llr, float)
+    moved = min_llr > 0 and "slot-sources" in config
+    if moved:
+        candidates = sorted(set(sources))
+        losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
+        chosen, _ = choose_sources(losses, [candidates.index(g) for g in sources], min_llr)
+        sources = [candidates[c] for c in chosen]
+    # A few local steps barely move an adapter away from the mean it started from.
+    scale = np.ones(4, np.float32)
+    if shrinking_steps:
+        scale[:3] = 1.0 / float(config["server-round"]) ** 2  # type: ignore[arg-type]
+    pairs = zip(sources, tasks, strict=True)
+    trained = [{H0: starts[g] + scale * _step(t, node)[H0]} for g, t in pairs]
+    reply = _reply(msg, trained, tasks=tasks)
+    if moved:
+        reply.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": sources})
+    if input_fingerprint:
+        reply = _with_fingerprints(reply, [_fingerprint(t, node, rng, pair_alike) for t in tasks])
+    return reply
+
+
 def _recovering_run(
     input_fingerprint: bool,
     rounds: int = 6,
@@ -447,39 +483,10 @@ def _recovering_run(
     rng = np.random.default_rng(0)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
-        out = []
-        for node, msg in messages.items():
-            config = msg.content.config_records["config"]
-            tasks = NODE_TASKS[node]
-            planned = config.get("slot-sources", ["v0"] * len(tasks))
-            sources = [str(s) for s in planned]  # type: ignore[union-attr]
-            starts = {
-                g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources
-            }
-            min_llr = config["check-sources"]
-            assert isinstance(min_llr, float)
-            moved = min_llr > 0 and "slot-sources" in config
-            if moved:
-                candidates = sorted(set(sources))
-                losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
-                chosen, _ = choose_sources(losses, [candidates.index(g) for g in sources], min_llr)
-                sources = [candidates[c] for c in chosen]
-            # A few local steps barely move an adapter away from the mean it started from.
-            scale = np.ones(4, np.float32)
-            if shrinking_steps:
-                scale[:3] = 1.0 / float(config["server-round"]) ** 2  # type: ignore[arg-type]
-            pairs = zip(sources, tasks, strict=True)
-            trained = [{H0: starts[g] + scale * _step(t, node)[H0]} for g, t in pairs]
-            reply = _reply(msg, trained, tasks=tasks)
-            if moved:
-                reply.content.config_records[SOURCES_RECORD] = ConfigRecord(
-                    {"slot-sources": sources}
-                )
-            if input_fingerprint:
-                fps = [_fingerprint(t, node, rng, pair_alike) for t in tasks]
-                reply = _with_fingerprints(reply, fps)
-            out.append(reply)
-        return out
+        return [
+            _client_reply(msg, node, rng, input_fingerprint, pair_alike, shrinking_steps)
+            for node, msg in messages.items()
+        ]
 
     agreement, slots = [], []
     for server_round in range(1, rounds + 1):
