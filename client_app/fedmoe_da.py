@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.common.logger import log
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
@@ -60,6 +60,7 @@ from fedspecialists.peer.exchange import (
     PeerTransport,
 )
 from fedspecialists.peer.grpc_endpoint import GrpcPeerTransport
+from fedspecialists.protocol.fedmoe_da import GATE, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import check_adapter, record_to_state, state_to_record
 from strategies.fedmoe_da import mix_experts, renormalise, routed_means
 
@@ -114,16 +115,15 @@ def _is_shared(key: str, parts: list[str]) -> bool:
     return part in parts or (part.startswith("expert.") and "experts" in parts)
 
 
-def _node(msg: Message, context: Context) -> Node:
+def _node(instruction: Instruction, context: Context) -> Node:
     """Build the model and load this node's state: initial, then personal, then shared."""
     overrides, cfg = run_config(context, MoERunConfig)
     data_dir = data_dir_of(context, cfg) or ""
     partition = partition_of(context, own_files=bool(data_dir))
-    config = msg.content.config_records["config"]
     if context.node_config.get("peer-store"):  # a deployment names the site's folder
         folder = Path(str(context.node_config["peer-store"]))
     else:
-        root = config.get("peer-root")
+        root = instruction.peer_root
         if not root:
             raise ValueError("no peer store: set peer-store in --node-config (or peer.root)")
         folder = Path(str(root)) / f"node-{context.node_id}"
@@ -148,7 +148,7 @@ def _node(msg: Message, context: Context) -> Node:
         partition,
         data,
         model,
-        [str(p) for p in config["share"]],  # type: ignore[union-attr]
+        instruction.share,
         folder,
         int(context.run_id),
         own_data=bool(data_dir),
@@ -158,9 +158,8 @@ def _node(msg: Message, context: Context) -> Node:
     personal = folder / f"run-{context.run_id}" / PERSONAL_FILE
     if personal.exists():
         model.load_state_dict(load_file(personal), strict=False)
-    if "shared" in msg.content.array_records:
-        shared = record_to_state(msg.content.array_records["shared"])
-        model.load_state_dict(shared, strict=False)
+    if instruction.shared is not None:
+        model.load_state_dict(record_to_state(instruction.shared), strict=False)
     node.device = device_of(context, cfg)
     model.to(node.device)
     return node
@@ -193,7 +192,7 @@ def _transport(node: Node, context: Context) -> PeerTransport:
     return transport
 
 
-def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> dict[str, int]:
+def sync_experts(node: Node, plan: Instruction, transport: PeerTransport) -> dict[str, int]:
     """Mix every expert named in this node's sync plan (Eq. 11), over the experts that arrived.
 
     Sources owned by this node are read from its own model; peers' through ``transport``,
@@ -209,20 +208,12 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
     assert isinstance(model, MoEClassifier)
     state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     own = {k: expert_state(state, k) for k in range(len(model.experts))}  # type: ignore[arg-type]
-    fetch = PlanFetcher(node, transport, str(config.get("grant", "")) or None, own)
-    for k in range(len(model.experts)):
-        ids = config.get(f"plan.{k}.ids")
-        if not ids:
-            continue
-        weights = [float(w) for w in config[f"plan.{k}.weights"]]  # type: ignore[union-attr]
-        hashes = [str(h) for h in config[f"plan.{k}.hashes"]]  # type: ignore[union-attr]
-        addresses = [str(a) for a in config[f"plan.{k}.addresses"]]  # type: ignore[union-attr]
-        experts = [
-            fetch(str(expert_id), sha, address, k)
-            for expert_id, sha, address in zip(ids, hashes, addresses, strict=True)  # type: ignore[arg-type]
-        ]
+    fetch = PlanFetcher(node, transport, plan.grant, own)
+    plans = {k: sources for k, sources in plan.plans.items() if k < len(model.experts)}
+    for k, sources in plans.items():
+        experts = [fetch(s.expert_id, s.sha256, s.address, k) for s in sources]
         arrived = [e is not None for e in experts]
-        w = renormalise(weights, arrived)
+        w = renormalise([s.weight for s in sources], arrived)
         mixed = mix_experts(
             [wi for wi, ok in zip(w.tolist(), arrived, strict=True) if ok],
             [e for e in experts if e is not None],
@@ -231,10 +222,7 @@ def sync_experts(node: Node, config: ConfigRecord, transport: PeerTransport) -> 
             state[f"experts.{k}.{name}"] = value
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})  # copies to device
     if isinstance(transport, ChangedOnlyFetch):  # keep only what this plan used
-        planned: set[str] = set()
-        for k in range(len(model.experts)):
-            planned.update(str(h) for h in config.get(f"plan.{k}.hashes", []))  # type: ignore[union-attr]
-        transport.prune(planned)
+        transport.prune({s.sha256 for sources in plans.values() for s in sources})
     return {"fetches": fetch.fetches, "failures": fetch.failures}
 
 
@@ -409,7 +397,7 @@ def _publish_experts(
     state: dict[str, torch.Tensor],
     transport: PeerTransport,
     server_round: int,
-    reply: RecordDict,
+    reply: TrainReply,
 ) -> None:
     """Serve this node's trained experts to peers; put their proxies and hashes in ``reply``."""
     model = node.model
@@ -420,29 +408,24 @@ def _publish_experts(
         experts = {k: {n: v.astype(np.float16) for n, v in e.items()} for k, e in experts.items()}
     hashes = transport.publish(server_round, experts)
     proxies = torch.from_numpy(np.ascontiguousarray(expert_proxies(node), dtype=np.float32))
-    reply.array_records["proxies"] = state_to_record({"gate": proxies})
-    reply.config_records["experts"] = ConfigRecord(
-        {
-            "hashes": [hashes[str(k)] for k in range(len(model.experts))],
-            "address": transport.address,
-        }
-    )
+    reply.proxies = state_to_record({GATE: proxies})
+    reply.hashes = [hashes[str(k)] for k in range(len(model.experts))]
+    reply.address = transport.address
 
 
 def train(msg: Message, context: Context) -> Message:
     """One round: sync experts from peers, train, keep personal parts, publish, reply."""
     started = time.perf_counter()
-    node = _node(msg, context)
+    instruction = Instruction.from_record(msg.content)
+    node = _node(instruction, context)
     cfg = node.cfg
-    config = msg.content.config_records["config"]
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    exchange = bool(config.get("exchange", False))
-    transport = _transport(node, context) if exchange else None
+    server_round = instruction.server_round
+    transport = _transport(node, context) if instruction.exchange else None
     sync = {"fetches": 0, "failures": 0}
     if transport is not None:
-        transport.trust(str(config["grant-key"]))
-        if any(str(k).startswith("plan.") for k in config):
-            sync = sync_experts(node, config, transport)
+        transport.trust(str(instruction.grant_key))
+        if instruction.plans:
+            sync = sync_experts(node, instruction, transport)
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + node.partition[0]
     ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
     # Accuracy of the model as local training left it (own backbone), next to the evaluate
@@ -451,26 +434,22 @@ def train(msg: Message, context: Context) -> Message:
     local_correct = int((pred == node.data.y_test).sum())
     state = {k: v.detach().cpu() for k, v in node.model.state_dict().items()}
     _save_personal(node, state)
-    reply = RecordDict()
     shared = {k: v for k, v in state.items() if _is_shared(k, node.shared_parts)}
-    if shared:
-        reply.array_records["shared"] = state_to_record(shared)
+    reply = TrainReply(
+        num_examples=len(node.data.y_train),
+        train_loss=ce,
+        aux_loss=aux,
+        peer_bytes=transport.bytes_fetched if transport is not None else 0,
+        peer_fetches=sync["fetches"],
+        peer_failures=sync["failures"],
+        peer_reused=transport.reused if isinstance(transport, ChangedOnlyFetch) else 0,
+        domain_examples=node.data.domain_counts(len(cfg.suite.tasks)),
+        after_training_correct=local_correct,
+        after_training_total=len(node.data.y_test),
+        shared=state_to_record(shared) if shared else None,
+    )
     if transport is not None:
         _publish_experts(node, state, transport, server_round, reply)
-    reply.metric_records["metrics"] = MetricRecord(
-        {
-            "num-examples": len(node.data.y_train),
-            "train-loss": ce,
-            "aux-loss": aux,
-            "peer-bytes": transport.bytes_fetched if transport is not None else 0,
-            "peer-fetches": sync["fetches"],
-            "peer-failures": sync["failures"],
-            "peer-reused": transport.reused if isinstance(transport, ChangedOnlyFetch) else 0,
-            "domain-examples": node.data.domain_counts(len(cfg.suite.tasks)),
-            "after-training-correct": local_correct,
-            "after-training-total": len(node.data.y_test),
-        }
-    )
     log(
         INFO,
         "partition %s: round %s trained on %s examples (loss %.3f), %s peer experts (%s refused), "
@@ -483,12 +462,12 @@ def train(msg: Message, context: Context) -> Message:
         sync["failures"],
         time.perf_counter() - started,
     )
-    return Message(content=reply, reply_to=msg)
+    return Message(content=reply.to_record(), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalised accuracy (own test split, per domain), global test accuracy and routing."""
-    node = _node(msg, context)
+    node = _node(Instruction.from_record(msg.content), context)
     cfg, data = node.cfg, node.data
     num_domains = len(cfg.suite.tasks)
     batch = cfg.train.eval_batch_size
@@ -499,20 +478,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         x_global, y_global, _ = _global_test(node.overrides)
         global_pred, _ = predict(node.model, x_global, batch)
         global_correct, global_total = int((global_pred == y_global).sum()), len(y_global)
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "personal-correct": int(hit.sum()),
-        "personal-total": len(hit),
-        "global-correct": global_correct,
-        "global-total": global_total,
-        "domain-correct": np.bincount(data.d_test, weights=hit, minlength=num_domains)
+    reply = EvaluateReply(
+        personal_correct=int(hit.sum()),
+        personal_total=len(hit),
+        global_correct=global_correct,
+        global_total=global_total,
+        domain_correct=np.bincount(data.d_test, weights=hit, minlength=num_domains)
         .astype(int)
         .tolist(),
-        "domain-total": np.bincount(data.d_test, minlength=num_domains).tolist(),
-        "num-examples": len(hit),
-    }
+        domain_total=np.bincount(data.d_test, minlength=num_domains).tolist(),
+    )
     if selected is not None:
         k = node.cfg.moe.num_experts
         counts = np.zeros((num_domains, k), dtype=np.int64)
         np.add.at(counts, (np.repeat(data.d_test, selected.shape[1]), selected.ravel()), 1)
-        metrics["routing"] = counts.ravel().tolist()
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        reply.routing = counts.ravel().tolist()
+    return Message(content=reply.to_record(), reply_to=msg)

@@ -38,6 +38,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedspecialists.config import MoERunConfig
 from fedspecialists.peer.exchange import GrantIssuer
+from fedspecialists.protocol.fedmoe_da import (
+    EvaluateReply,
+    Instruction,
+    ProtocolError,
+    Source,
+    TrainReply,
+)
 from fedspecialists.protocol.records import check_adapter, record_to_numpy, state_to_record
 from strategies.common import (
     RoundBookkeeping,
@@ -46,8 +53,10 @@ from strategies.common import (
     weighted_mean,
 )
 
-# An accepted training reply: (node id, its shared parameters, its metadata).
-Accepted = tuple[int, dict[str, np.ndarray], dict[str, Any]]
+# An accepted training reply: (node id, its checked shared parameters, the reply).
+Accepted = tuple[int, dict[str, np.ndarray], TrainReply]
+# What a reply's parser keeps: the shared parts, and the reply (None when it is rejected).
+Parsed = tuple[dict[str, np.ndarray], TrainReply | None]
 
 
 def correlation_matrix(proxies: np.ndarray) -> np.ndarray:
@@ -453,30 +462,28 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         }
 
     # -- messages ------------------------------------------------------------------------------
-    def _config(self, node: int, server_round: int, phase: str) -> ConfigRecord:
-        cfg = ConfigRecord(
-            {
-                "server-round": server_round,
-                "share": list(self.shared_parts),
-                "exchange": self.exchange,
-            }
+    def instruction(self, node: int, server_round: int, phase: str) -> Instruction:
+        """What ``node`` is sent for ``phase``: the shared parts and, when training with expert
+        exchange, a fetch grant and (in a mixing round) its sync plan."""
+        message = Instruction(
+            server_round=server_round,
+            share=list(self.shared_parts),
+            exchange=self.exchange,
+            peer_root=self.peer_root,
+            shared=state_to_record(self.shared) if self.shared else None,
         )
-        if self.peer_root is not None:
-            cfg["peer-root"] = self.peer_root
         if phase == "train" and self.exchange:
-            cfg["grant-key"] = self.grants.public_key
-            cfg["grant"] = self.grants.issue(server_round, node, self.grant_ttl_s)
-            if not mix_round(server_round, self.mix_every):
-                return cfg
-            for expert, sources in self.plan_for(node).items():
-                k = expert.split("/")[1]
-                cfg[f"plan.{k}.ids"] = [s[0] for s in sources]
-                cfg[f"plan.{k}.weights"] = [s[1] for s in sources]
-                cfg[f"plan.{k}.hashes"] = [s[2] for s in sources]
-                cfg[f"plan.{k}.addresses"] = [
-                    self.pool.addresses[int(s[0].split("/")[0])] for s in sources
-                ]
-        return cfg
+            message.grant_key = self.grants.public_key
+            message.grant = self.grants.issue(server_round, node, self.grant_ttl_s)
+            if mix_round(server_round, self.mix_every):
+                message.plans = {
+                    int(expert.split("/")[1]): [
+                        Source(i, w, h, self.pool.addresses[int(i.split("/")[0])])
+                        for i, w, h in sources
+                    ]
+                    for expert, sources in self.plan_for(node).items()
+                }
+        return message
 
     def plan_for(self, node: int) -> dict[str, list[tuple[str, float, str]]]:
         """This node's sync plan from the current A and the latest hashes (empty before A)."""
@@ -489,11 +496,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         return sync_plans(self.matrix, ids, owners, flat).get(node, {})
 
     def _message(self, node: int, server_round: int, phase: str) -> Message:
-        content = RecordDict({"config": self._config(node, server_round, phase)})
-        if self.shared:
-            content.array_records["shared"] = state_to_record(self.shared)
         return Message(
-            content=content,
+            content=self.instruction(node, server_round, phase).to_record(),
             message_type=MessageType.TRAIN if phase == "train" else MessageType.EVALUATE,
             dst_node_id=node,
         )
@@ -513,7 +517,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         screened = self.screen_replies(
             "train", replies, lambda node, content: self._parse_train_reply(content)
         )
-        accepted = [(node, shared, meta) for node, (shared, meta) in screened]
+        accepted = [(node, shared, meta) for node, (shared, meta) in screened if meta is not None]
         accepted.sort(key=lambda a: a[0])  # arrival order must not change the float sums
         self._record_peer_traffic(accepted)
         if self.too_few_replies(server_round, len(accepted)):
@@ -524,32 +528,32 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         return None, MetricRecord({"train-loss": train_loss})
 
     def _record_peer_traffic(self, accepted: list[Accepted]) -> None:
-        peer_bytes = sum(int(m["peer-bytes"]) for _, _, m in accepted)
+        peer_bytes = sum(m.peer_bytes for _, _, m in accepted)
         self.peer_bytes_total += peer_bytes
         self.record.update(
             {
                 "peer_bytes": {"round": peer_bytes, "cumulative": self.peer_bytes_total},
-                "peer_fetches": sum(int(m["peer-fetches"]) for _, _, m in accepted),
-                "peer_failures": sum(int(m["peer-failures"]) for _, _, m in accepted),
+                "peer_fetches": sum(m.peer_fetches for _, _, m in accepted),
+                "peer_failures": sum(m.peer_failures for _, _, m in accepted),
                 # peer experts a client already held (same hash): not fetched again
-                "peer_reused": sum(int(m.get("peer-reused", 0)) for _, _, m in accepted),
+                "peer_reused": sum(m.peer_reused for _, _, m in accepted),
             }
         )
 
     def _aggregate_shared(self, accepted: list[Accepted]) -> float:
         """FedAvg of the shared parts (weighted by examples); records loss and local accuracy."""
-        examples = [float(m["num-examples"]) for _, _, m in accepted]
+        examples = [float(m.num_examples) for _, _, m in accepted]
         if self.shared:
             self.shared = weighted_mean([shared for _, shared, _ in accepted], examples)
         train_loss = sum(
-            float(m["train-loss"]) * n for (_, _, m), n in zip(accepted, examples, strict=True)
+            m.train_loss * n for (_, _, m), n in zip(accepted, examples, strict=True)
         ) / sum(examples)
         after = [
-            float(m["after-training-correct"]) / float(m["after-training-total"])
+            (m.after_training_correct or 0) / m.after_training_total
             for _, _, m in accepted
-            if float(m.get("after-training-total", 0)) > 0
+            if m.after_training_total
         ]
-        counts = [m["domain-examples"] for _, _, m in accepted if "domain-examples" in m]
+        counts = [m.domain_examples for _, _, m in accepted if m.domain_examples is not None]
         if counts and len({len(c) for c in counts}) == 1:
             self.record["train_examples_per_domain"] = np.sum(counts, axis=0).astype(int).tolist()
         self.record.update(
@@ -567,11 +571,13 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
         for node, _, meta in accepted:
-            if "domain-examples" in meta:
-                self.dominant_domain[node] = int(np.argmax(meta["domain-examples"]))
-            self.pool.proxies[node] = meta["proxies"]
-            self.pool.hashes[node] = meta["hashes"]
-            self.pool.addresses[node] = meta["address"]
+            if meta.domain_examples is not None:
+                self.dominant_domain[node] = int(np.argmax(meta.domain_examples))
+            proxies = meta.gate_proxies()
+            assert proxies is not None and meta.hashes is not None  # checked with the reply
+            self.pool.proxies[node] = proxies
+            self.pool.hashes[node] = meta.hashes
+            self.pool.addresses[node] = str(meta.address)
         ids, owners, proxies = self.pool.order()
         if (
             self.matrix is None
@@ -598,63 +604,45 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                     self.record["same_domain_peer_share"] = {"share": share, "chance": chance}
         self.record["aggregation_recomputed"] = "aggregation" in self.record
 
-    def _parse_train_reply(
-        self, content: RecordDict
-    ) -> tuple[str | None, tuple[dict[str, np.ndarray], dict[str, Any]]]:
-        """Validate one reply; return (reason it is rejected, or None; (shared, metadata))."""
-        empty: tuple[dict[str, np.ndarray], dict[str, Any]] = ({}, {})
-        metrics = content.metric_records.get("metrics")
-        if metrics is None:
-            return "no 'metrics' record", empty
-        meta: dict[str, Any] = {}
-        for key in ("num-examples", "train-loss", "peer-bytes", "peer-fetches", "peer-failures"):
-            value = metrics.get(key)
-            if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
-                return f"metric '{key}' missing or invalid ({value!r})", empty
-            meta[key] = value
-        if meta["num-examples"] <= 0:
-            return "no training examples", empty
-        for key in ("after-training-correct", "after-training-total", "peer-reused"):  # optional
-            value = metrics.get(key)
-            if isinstance(value, int | float) and np.isfinite(value) and value >= 0:
-                meta[key] = value
-        per_domain = metrics.get("domain-examples")  # optional: training examples per domain
-        if isinstance(per_domain, list) and all(
-            isinstance(v, int | float) and np.isfinite(v) and v >= 0 for v in per_domain
-        ):
-            meta["domain-examples"] = [float(v) for v in per_domain]
-        shared: dict[str, np.ndarray] = {}
-        if self.template:
-            if "shared" not in content.array_records:
-                return "no 'shared' parameters", empty
-            shared = record_to_numpy(content.array_records["shared"])
-            reason = check_adapter(shared, self.template, self.max_abs_value)
-            if reason is not None:
-                return f"shared parameters: {reason}", empty
-        if self.exchange:
-            proxies_rec = content.array_records.get("proxies")
-            experts = content.config_records.get("experts")
-            if proxies_rec is None or experts is None:
-                return "no gate proxies / expert hashes", empty
-            proxies = record_to_numpy(proxies_rec).get("gate")
-            if proxies is None or proxies.ndim != 2 or proxies.shape[0] != self.num_experts:
-                return f"gate proxies must be ({self.num_experts}, d)", empty
-            expected = next(iter(self.pool.proxies.values()), proxies).shape
-            if proxies.shape != expected or not np.all(np.isfinite(proxies)):
-                return (
-                    f"gate proxies of shape {proxies.shape} (expected {expected}) or non-finite",
-                    empty,
-                )
-            if float(np.max(np.abs(proxies))) > self.max_abs_value:
-                return "gate proxies above validation.max_abs_value", empty
-            hashes = [str(h) for h in experts.get("hashes", [])]  # type: ignore[union-attr]
-            if len(hashes) != self.num_experts or not all(_is_sha256(h) for h in hashes):
-                return f"expert hashes must be {self.num_experts} SHA-256 hex digests", empty
-            address = experts.get("address")
-            if not isinstance(address, str) or not address:
-                return "no peer address", empty
-            meta.update({"proxies": proxies, "hashes": hashes, "address": address})
-        return None, (shared, meta)
+    def _parse_train_reply(self, content: RecordDict) -> tuple[str | None, Parsed]:
+        """Validate one reply; return (reason it is rejected, or None; (shared, the reply))."""
+        try:
+            reply = TrainReply.from_record(content)
+            return None, (self._shared_of(reply), self._checked_experts(reply))
+        except ProtocolError as exc:
+            return str(exc), ({}, None)
+
+    def _shared_of(self, reply: TrainReply) -> dict[str, np.ndarray]:
+        """The reply's trained shared parts, checked against the template (``{}``: none)."""
+        if not self.template:
+            return {}
+        if reply.shared is None:
+            raise ProtocolError("no 'shared' parameters")
+        shared = record_to_numpy(reply.shared)
+        reason = check_adapter(shared, self.template, self.max_abs_value)
+        if reason is not None:
+            raise ProtocolError(f"shared parameters: {reason}")
+        return shared
+
+    def _checked_experts(self, reply: TrainReply) -> TrainReply:
+        """With expert exchange: the reply's proxies ``(K, d)``, K hashes and its address."""
+        if not self.exchange:
+            return reply
+        proxies = reply.gate_proxies()
+        if reply.proxies is None or reply.hashes is None:
+            raise ProtocolError("no gate proxies / expert hashes")
+        if proxies is None or proxies.ndim != 2 or proxies.shape[0] != self.num_experts:
+            raise ProtocolError(f"gate proxies must be ({self.num_experts}, d)")
+        expected = next(iter(self.pool.proxies.values()), proxies).shape
+        if proxies.shape != expected or not np.all(np.isfinite(proxies)):
+            raise ProtocolError(
+                f"gate proxies of shape {proxies.shape} (expected {expected}) or non-finite"
+            )
+        if float(np.max(np.abs(proxies))) > self.max_abs_value:
+            raise ProtocolError("gate proxies above validation.max_abs_value")
+        if len(reply.hashes) != self.num_experts:
+            raise ProtocolError(f"expert hashes must be {self.num_experts} SHA-256 hex digests")
+        return reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -673,13 +661,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             if reply.has_error():
                 log_failed_reply(reply, "evaluate")
                 continue
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is None or float(metrics.get("personal-total", 0)) <= 0:  # type: ignore[arg-type]
-                log_rejected_reply(
-                    reply.metadata.src_node_id, "evaluate", "no personalised test results"
-                )
-                continue
-            sums.add(reply.metadata.src_node_id, metrics)
+            try:
+                sums.add(reply.metadata.src_node_id, EvaluateReply.from_record(reply.content))
+            except ProtocolError as exc:
+                log_rejected_reply(reply.metadata.src_node_id, "evaluate", str(exc))
         self.close_round(sums.results())
         out: dict[str, float] = {}
         if sums.personal:
@@ -698,17 +683,17 @@ class EvaluationSums:
     domain_total: np.ndarray | None = None
     routing: np.ndarray | None = None
 
-    def add(self, node: int, m: MetricRecord) -> None:
-        """One node's evaluation metrics (its personal test total is > 0)."""
-        self.personal[str(node)] = float(m["personal-correct"]) / float(m["personal-total"])  # type: ignore[arg-type]
-        if float(m.get("global-total", 0)) > 0:  # type: ignore[arg-type]  # 0: site data only
-            self.global_acc[str(node)] = float(m["global-correct"]) / float(m["global-total"])  # type: ignore[arg-type]
-        dc = np.asarray(m["domain-correct"], dtype=np.float64)
-        dt = np.asarray(m["domain-total"], dtype=np.float64)
+    def add(self, node: int, m: EvaluateReply) -> None:
+        """One node's evaluation (its personal test total is > 0)."""
+        self.personal[str(node)] = m.personal_correct / m.personal_total
+        if m.global_total > 0:  # 0: a site with its own data only
+            self.global_acc[str(node)] = m.global_correct / m.global_total
+        dc = np.asarray(m.domain_correct, dtype=np.float64)
+        dt = np.asarray(m.domain_total, dtype=np.float64)
         self.domain_correct = dc if self.domain_correct is None else self.domain_correct + dc
         self.domain_total = dt if self.domain_total is None else self.domain_total + dt
-        if "routing" in m:
-            r = np.asarray(m["routing"], dtype=np.float64)
+        if m.routing is not None:
+            r = np.asarray(m.routing, dtype=np.float64)
             self.routing = r if self.routing is None else self.routing + r
 
     def results(self) -> dict[str, Any]:
@@ -735,7 +720,3 @@ class EvaluationSums:
         if self.routing is not None:
             results["routing"] = self.routing.tolist()  # flattened (domains x K) counts
         return results
-
-
-def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
 from numpy.testing import assert_allclose
 
 from client_app.fedmoe_da import Node, expert_proxies, sync_experts, train_model
 from fedspecialists.config import MoESettings
 from fedspecialists.models.moe import MoEClassifier, build_model, expert_state
 from fedspecialists.peer.exchange import GrantIssuer, LocalPeerStore
+from fedspecialists.protocol.fedmoe_da import Instruction, Source
 
 MOE = MoESettings(  # only what the model reads
     channels=[4],
@@ -42,15 +42,15 @@ def _experts(node: Node) -> dict[str, dict[str, np.ndarray]]:
 
 def _plan(
     sources: list[tuple[str, float, str, str]], issuer: GrantIssuer, node: int
-) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "grant": issuer.issue(2, node, 60),
-            "plan.0.ids": [s[0] for s in sources],
-            "plan.0.weights": [s[1] for s in sources],
-            "plan.0.hashes": [s[2] for s in sources],
-            "plan.0.addresses": [s[3] for s in sources],
-        }
+) -> Instruction:
+    """Round 2's training instruction to ``node``: mix its expert 0 from ``sources``."""
+    return Instruction(
+        server_round=2,
+        share=["backbone"],
+        exchange=True,
+        grant_key=issuer.public_key,
+        grant=issuer.issue(2, node, 60),
+        plans={0: [Source(*s) for s in sources]},
     )
 
 

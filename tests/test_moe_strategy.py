@@ -8,10 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from conftest import FakeGrid
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message
 from numpy.testing import assert_allclose
 
 from fedspecialists.peer.exchange import verify_grant
+from fedspecialists.protocol.fedmoe_da import Instruction, TrainReply
 from fedspecialists.protocol.records import record_to_numpy, state_to_record
 from strategies.baselines import FedAvgMoE, LocalMoE
 from strategies.fedmoe_da import (
@@ -38,27 +39,19 @@ def _reply(
     hashes: list[str] | None = None,
 ) -> Message:
     node = msg.metadata.dst_node_id
-    content = RecordDict()
-    content.array_records["shared"] = state_to_record(
-        {"backbone.w": np.full((2, 2), backbone, np.float32)}
+    reply = TrainReply(
+        num_examples=examples,
+        train_loss=1.0,
+        aux_loss=0.0,
+        peer_bytes=100,
+        peer_fetches=1,
+        peer_failures=0,
+        shared=state_to_record({"backbone.w": np.full((2, 2), backbone, np.float32)}),
+        proxies=state_to_record({"gate": gates.astype(np.float32)}),
+        hashes=hashes or [_hash(node, k, server_round) for k in range(K)],
+        address=f"/stores/node-{node}",
     )
-    content.array_records["proxies"] = state_to_record({"gate": gates.astype(np.float32)})
-    content.config_records["experts"] = ConfigRecord(
-        {
-            "hashes": hashes or [_hash(node, k, server_round) for k in range(K)],
-            "address": f"/stores/node-{node}",
-        }
-    )
-    content.metric_records["metrics"] = MetricRecord(
-        {
-            "num-examples": examples,
-            "train-loss": 1.0,
-            "peer-bytes": 100,
-            "peer-fetches": 1,
-            "peer-failures": 0,
-        }
-    )
-    return Message(content, reply_to=msg)
+    return Message(reply.to_record(), reply_to=msg)
 
 
 GATES = {
@@ -111,20 +104,20 @@ def test_aggregation_matrix_and_per_node_sync_plans() -> None:
     assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1", "3/0", "3/1"]
 
     messages = _round(strategy, 2, lambda n, m: _reply(m, 0.0, GATES[n], server_round=2))
-    config = messages[1].content.config_records["config"]
-    ids = [str(i) for i in config["plan.0.ids"]]  # type: ignore[union-attr]
-    weights = [float(w) for w in config["plan.0.weights"]]  # type: ignore[union-attr,arg-type]
+    instruction = Instruction.from_record(messages[1].content)
+    sources = instruction.plans[0]
+    ids = [s.expert_id for s in sources]
     # Row of expert 1/0: itself plus its most related expert (2/0, cos ~ .995) and 3/1 (cos 1).
     row = expected[0]
     assert ids == [strategy.matrix_ids[j] for j in np.flatnonzero(row > 0)]
-    assert_allclose(weights, row[row > 0])
-    assert list(config["plan.0.hashes"]) == [  # type: ignore[arg-type]
+    assert_allclose([s.weight for s in sources], row[row > 0])
+    assert [s.sha256 for s in sources] == [
         _hash(int(i.split("/")[0]), int(i.split("/")[1]), 1) for i in ids
     ]
-    assert str(config["plan.0.addresses"][1]).startswith("/stores/node-")  # type: ignore[index]
-    assert config["peer-root"] == "/stores"
+    assert sources[1].address.startswith("/stores/node-")
+    assert instruction.peer_root == "/stores"
     # A signed grant for this node and this round, verifiable with the key sent alongside.
-    claims = verify_grant(str(config["grant"]), str(config["grant-key"]), node_id=1)
+    claims = verify_grant(instruction.grant, str(instruction.grant_key), node_id=1)
     assert claims["round"] == 2
 
 
@@ -187,8 +180,8 @@ def test_p_zero_sends_no_plan_and_baselines_share_what_they_say() -> None:
     p0 = DomainAwareMoEAggregation(BACKBONE, ["backbone"], num_experts=K, num_peers=0)
     assert not p0.exchange
     msg = next(iter(p0.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
-    config = msg.content.config_records["config"]
-    assert config["exchange"] is False and not any(str(k).startswith("plan.") for k in config)
+    instruction = Instruction.from_record(msg.content)
+    assert instruction.exchange is False and not instruction.plans
 
     local = LocalMoE({}, [], num_experts=K)
     msg = next(iter(local.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
@@ -205,9 +198,9 @@ def test_mix_every_two_rounds_sends_plans_in_rounds_2_and_4_only() -> None:
     planned = []
     for r in range(1, 6):
         messages = _round(strategy, r, lambda n, m, r=r: _reply(m, 0.0, GATES[n], server_round=r))  # type: ignore[misc]
-        config = messages[1].content.config_records["config"]
-        planned.append(any(str(k).startswith("plan.") for k in config))
-        assert "grant" in config  # the owners still learn the round's key
+        instruction = Instruction.from_record(messages[1].content)
+        planned.append(bool(instruction.plans))
+        assert instruction.grant is not None  # the owners still learn the round's key
     assert planned == [False, True, False, True, False]
 
 
@@ -230,9 +223,9 @@ def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> 
     domains = {1: [9, 1], 2: [8, 2], 3: [0, 5]}  # training examples per domain
 
     def reply(n: int, m: Message) -> Message:
-        out = _reply(m, 0.0, GATES[n])
-        out.content.metric_records["metrics"]["domain-examples"] = domains[n]
-        return out
+        out = TrainReply.from_record(_reply(m, 0.0, GATES[n]).content)
+        out.domain_examples = domains[n]
+        return Message(out.to_record(), reply_to=m)
 
     _round(strategy, 1, reply)
     assert strategy.matrix is not None
