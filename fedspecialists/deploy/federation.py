@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
 from fedspecialists.run.local import (
+    OFFLINE_ENV,
     RunOutcome,
     flwr_cli,
     free_port,
@@ -225,15 +226,7 @@ def _flwr_env(flwr_home: Path, control: str, ca: Path) -> dict[str, str]:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{control}"\nroot-certificates = "{ca}"\n'
     )
-    return {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    return {**os.environ, "FLWR_HOME": str(flwr_home), **OFFLINE_ENV}
 
 
 def _superlink_command(home: Path, creds: Path, ca: Path, port: int) -> list[str]:

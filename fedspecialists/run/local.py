@@ -161,6 +161,17 @@ def local_superlink(
         link.stop()
 
 
+# What every Flower process this project starts runs with: no hub, no telemetry, and never a
+# `uv sync` of the app's dependencies at run time (it would fetch CUDA torch).
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
 def _superlink_env(
     home: Path, port: int, control: int, extra_env: dict[str, str]
 ) -> dict[str, str]:
@@ -169,12 +180,7 @@ def _superlink_env(
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        # Never `uv sync` the app's dependencies at run time (it would fetch CUDA torch).
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **OFFLINE_ENV,
         **extra_env,
     }
 
