@@ -14,7 +14,7 @@ from functools import lru_cache
 from logging import INFO
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.common.logger import log
 
 from client_app.fltac_training import (
@@ -42,10 +42,9 @@ from fedspecialists.models.lora import (
     get_adapter_model,
     suite_kind,
 )
+from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
     ADAPTER_PREFIX,
-    FINGERPRINT_RECORD,
-    SOURCES_RECORD,
     record_to_state,
     state_to_record,
 )
@@ -62,6 +61,7 @@ class Setup:
     slots: list[Slot]
     adapters: AdapterModel
     sources: list[str]  # the global id (or "local") each slot starts from
+    instruction: Instruction  # what the server sent
 
     def encoded(self, task: ClientTask, split: str) -> Encoded:
         return _encoded(self.overrides, self.partition, task, split)
@@ -126,34 +126,29 @@ def _setup(msg: Message, context: Context) -> Setup:
     else:
         slots = [Slot(f"slot{i}", [task]) for i, task in enumerate(mine)]
     adapters = get_adapter_model(cfg, max(counts), device_of(context, cfg))
-    sources = _load_sources(msg, context, slots, adapters)
-    return Setup(overrides, cfg, partition, slots, adapters, sources)
+    instruction = Instruction.from_record(msg.content)
+    sources = _load_sources(instruction, context, slots, adapters)
+    return Setup(overrides, cfg, partition, slots, adapters, sources, instruction)
 
 
 def _load_sources(
-    msg: Message, context: Context, slots: list[Slot], adapters: AdapterModel
+    instruction: Instruction, context: Context, slots: list[Slot], adapters: AdapterModel
 ) -> list[str]:
     """Load every slot's starting adapter: the one the server named, or the locally kept one.
 
     Returns the source of every slot (a global id, or ``local``).
     """
-    config = msg.content.config_records["config"]
-    if "slot-sources" in config:
-        sources = [str(s) for s in config["slot-sources"]]  # type: ignore[union-attr]
-        if len(sources) != len(slots):
-            raise ValueError(f"server sent {len(sources)} slot sources for {len(slots)} slots")
-    else:
-        sources = [str(config["default-source"])] * len(slots)
+    sources = instruction.sources(len(slots))
     for slot, source in zip(slots, sources, strict=True):
-        if source == "local":
+        if source == LOCAL:
             record = context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"]
         else:
-            record = msg.content.array_records[f"{ADAPTER_PREFIX}{source}"]
+            record = instruction.global_adapter(source)
         adapters.load(slot.name, record_to_state(record))
     return sources
 
 
-def check_sources(msg: Message, setup: Setup, min_llr: float) -> tuple[int, float]:
+def check_sources(setup: Setup, min_llr: float) -> tuple[int, float]:
     """FL-TAC's client-side source check (see :func:`strategies.fltac.choose_sources`).
 
     Every global adapter the server sent is scored on every slot's training examples; where the
@@ -178,7 +173,7 @@ def check_sources(msg: Message, setup: Setup, min_llr: float) -> tuple[int, floa
     chosen, llr = choose_sources(losses, current, min_llr)
     changed = [i for i in range(len(chosen)) if chosen[i] != current[i]]
     for i in changed:
-        record = msg.content.array_records[f"{ADAPTER_PREFIX}{candidates[chosen[i]]}"]
+        record = setup.instruction.global_adapter(candidates[chosen[i]])
         setup.adapters.load(setup.slots[i].name, record_to_state(record))
         setup.sources[i] = candidates[chosen[i]]
     if changed:
@@ -196,45 +191,35 @@ def train(msg: Message, context: Context) -> Message:
     """Train each local adapter on its own task data; reply with all adapters, no task labels."""
     started = time.perf_counter()
     setup = _setup(msg, context)
-    cfg, partition = setup.cfg, setup.partition
-    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-    keep_local = bool(msg.content.config_records["config"].get("keep-local", False))
-    min_llr = float(msg.content.config_records["config"].get("check-sources", 0.0))  # type: ignore[arg-type]
-    check = check_sources(msg, setup, min_llr) if min_llr > 0 else None
-    reply = RecordDict()
+    cfg, partition, instruction = setup.cfg, setup.partition, setup.instruction
+    min_llr = instruction.check_sources
+    check = check_sources(setup, min_llr) if min_llr > 0 else None
+    adapters: list[ArrayRecord] = []
     examples: list[int] = []
     weighted_loss = 0.0
     for i, slot in enumerate(setup.slots):
         enc = setup.training_data(slot)
-        seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition[0] * 31 + i
+        seed = cfg.seed * 1_000_003 + instruction.server_round * 1_009 + partition[0] * 31 + i
         loss, _ = train_adapter(setup.adapters, slot.name, enc, cfg.train, seed)
-        record = state_to_record(setup.adapters.state(slot.name))
-        reply.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
-        if keep_local:
-            context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = record
+        adapters.append(state_to_record(setup.adapters.state(slot.name)))
+        if instruction.keep_local:
+            context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"] = adapters[-1]
         examples.append(len(enc))
         weighted_loss += loss * len(enc)
-    if bool(msg.content.config_records["config"].get("send-fingerprint", False)):
+    total = sum(examples)
+    reply = TrainReply(adapters, examples, train_loss=weighted_loss / total if total else 0.0)
+    if instruction.send_fingerprint:
         # FL-TAC's task evidence beside the adapters: what each slot's inputs look like.
-        reply.array_records[FINGERPRINT_RECORD] = state_to_record(
+        reply.fingerprints = state_to_record(
             {slot.name: setup.fingerprint(slot) for slot in setup.slots}
         )
-    total = sum(examples)
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": total,
-        "slot-examples": examples,
-        "train-loss": weighted_loss / total if total else 0.0,
-    }
     if check is not None:
         # Which received global each slot started from (a permutation of the server's plan).
-        reply.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": setup.sources})
-        metrics["source-swaps"], metrics["source-check-llr"] = check
-    reply.metric_records["metrics"] = MetricRecord(metrics)
+        reply.slot_sources = list(setup.sources)
+        reply.source_swaps, reply.source_check_llr = check
     if cfg.report_true_tasks:
         # Evaluation-only side channel (clustering agreement, oracle); never used to cluster.
-        reply.config_records["truth"] = ConfigRecord(
-            {"slot-tasks": ["+".join(t.name for t in slot.tasks) for slot in setup.slots]}
-        )
+        reply.slot_tasks = ["+".join(t.name for t in slot.tasks) for slot in setup.slots]
     log(
         INFO,
         "partition %s: trained %s adapter(s) on %s examples in %.1fs",
@@ -243,14 +228,13 @@ def train(msg: Message, context: Context) -> Message:
         total,
         time.perf_counter() - started,
     )
-    return Message(content=reply, reply_to=msg)
+    return Message(content=reply.to_record(), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the adapters this node would use now, on its share of every task's test data."""
     setup = _setup(msg, context)
-    metrics: dict[str, int | float | list[int] | list[float]] = {}
-    total = 0
+    reply = EvaluateReply({}, {}, {})
     for slot in setup.slots:
         for task in slot.tasks:
             correct, count, loss = evaluate_adapter(
@@ -259,9 +243,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                 setup.encoded(task, "test"),
                 setup.cfg.train.eval_batch_size,
             )
-            metrics[f"correct.{task.name}"] = correct
-            metrics[f"total.{task.name}"] = count
-            metrics[f"loss.{task.name}"] = loss
-            total += count
-    metrics["num-examples"] = total
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            reply.correct[task.name] = correct
+            reply.total[task.name] = count
+            reply.loss[task.name] = loss
+    return Message(content=reply.to_record(), reply_to=msg)

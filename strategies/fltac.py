@@ -58,15 +58,15 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from fedspecialists.config import AdapterRunConfig, num_clusters
+from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
-    ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
     SOURCES_RECORD,
-    adapter_names,
     check_adapter,
     record_to_numpy,
     state_to_record,
 )
+from fedspecialists.protocol.values import ProtocolError
 from strategies.common import (
     RoundBookkeeping,
     log_failed_reply,
@@ -76,7 +76,6 @@ from strategies.common import (
 )
 
 FEATURE_SOURCES = ("cumulative", "update", "weights", "cumulative+update")
-LOCAL = "local"  # slot source meaning "the adapter the client kept itself" (local only)
 
 Adapter = Mapping[str, np.ndarray]
 
@@ -909,15 +908,15 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             if reply.has_error():
                 log_failed_reply(reply, "evaluate")
                 continue
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is None:
-                log_rejected_reply(reply.metadata.src_node_id, "evaluate", "no 'metrics' record")
+            try:
+                result = EvaluateReply.from_record(reply.content)
+            except ProtocolError as exc:
+                log_rejected_reply(reply.metadata.src_node_id, "evaluate", str(exc))
                 continue
-            for key, value in metrics.items():
-                if key.startswith("correct."):
-                    correct[key[len("correct.") :]] += float(value)  # type: ignore[arg-type]
-                elif key.startswith("total."):
-                    total[key[len("total.") :]] += float(value)  # type: ignore[arg-type]
+            for task, value in result.correct.items():
+                correct[task] += value
+            for task, value in result.total.items():
+                total[task] += value
         accuracy = {task: correct[task] / total[task] for task in sorted(total) if total[task] > 0}
         mean = float(np.mean(list(accuracy.values()))) if accuracy else None
         results = {
@@ -934,26 +933,26 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         return MetricRecord(out) if out else None
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _payload(self, node: int, server_round: int, config: ConfigRecord) -> RecordDict:
-        content = RecordDict()
+    def instruction(self, node: int, server_round: int, config: ConfigRecord) -> Instruction:
+        """What ``node`` is sent: each slot's starting global (a new node: v0 for all)."""
+        message = Instruction(
+            server_round=server_round,
+            keep_local=self.keep_local,
+            send_fingerprint=self.input_fingerprint,
+            check_sources=float(self.source_check_llr or 0.0),
+            extra=dict(config),
+        )
         slot_ids = self.node_slots.get(node)
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["keep-local"] = self.keep_local
-        cfg["send-fingerprint"] = self.input_fingerprint
-        cfg["check-sources"] = float(self.source_check_llr or 0.0)
-        if slot_ids is None:
-            # A node not heard from yet: every one of its task slots starts from v0.
-            needed: list[str] = ["v0"]
-            cfg["default-source"] = "v0"
-        else:
-            needed, slot_map = node_payload(slot_ids)
-            cfg["slot-sources"] = slot_map
-        for gid in needed:
-            if gid != LOCAL:
-                content.array_records[f"{ADAPTER_PREFIX}{gid}"] = state_to_record(self.globals[gid])
-        content.config_records["config"] = cfg
-        return content
+        needed: list[str] = ["v0"]
+        if slot_ids is not None:
+            needed, message.slot_sources = node_payload(slot_ids)
+        message.globals = {
+            gid: state_to_record(self.globals[gid]) for gid in needed if gid != LOCAL
+        }
+        return message
+
+    def _payload(self, node: int, server_round: int, config: ConfigRecord) -> RecordDict:
+        return self.instruction(node, server_round, config).to_record()
 
     def _screen_train_reply(
         self, node: int, content: RecordDict
@@ -965,101 +964,93 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self, node: int, content: RecordDict
     ) -> tuple[str | None, list[PoolEntry], tuple[float, int] | None]:
         """Validate one reply; returns (reason to reject or None, its adapters, (loss, n))."""
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or "slot-examples" not in metrics:
-            return "no 'metrics' record with 'slot-examples'", [], None
-        slot_examples = metrics["slot-examples"]
-        if not isinstance(slot_examples, list) or any(
-            not isinstance(n, int) or n < 0 for n in slot_examples
-        ):
-            return "'slot-examples' must be a list of non-negative ints", [], None
-        num_slots = len(slot_examples)
-        names = adapter_names(content)
-        expected = [f"slot{i}" for i in range(num_slots)]
-        if names != sorted(expected):
-            return f"adapters {names} do not match {num_slots} slots", [], None
+        try:
+            reply = TrainReply.from_record(content)
+            return None, self._pool_entries(node, reply), self._loss(reply)
+        except ProtocolError as exc:
+            return str(exc), [], None
+
+    def _pool_entries(self, node: int, reply: TrainReply) -> list[PoolEntry]:
+        """The reply's adapters as pool entries, each checked against the template and against
+        the global it started from (value bound, update norm)."""
+        num_slots = len(reply.slot_examples)
         previous = self.node_slots.get(node, ["v0"] * num_slots)
         if len(previous) != num_slots:
-            return f"{num_slots} slots, but the node had {len(previous)} before", [], None
-        reason, used = self._parse_sources(content, previous)
-        if reason is not None:
-            return reason, [], None
+            raise ProtocolError(f"{num_slots} slots, but the node had {len(previous)} before")
+        used = self._parse_sources(reply, previous)
         fingerprints: list[np.ndarray | None] = [None] * num_slots
         if self.input_fingerprint:
-            reason, found = self._parse_fingerprints(content, num_slots)
-            if reason is not None:
-                return reason, [], None
-            fingerprints = list(found)
-        truth_rec = content.config_records.get("truth")
-        truth = list(truth_rec["slot-tasks"]) if truth_rec and "slot-tasks" in truth_rec else None  # type: ignore[arg-type]
+            fingerprints = list(self._parse_fingerprints(reply.fingerprints, num_slots))
+        truth = reply.slot_tasks
         entries = []
-        for i in range(num_slots):
-            arrays = record_to_numpy(content.array_records[f"{ADAPTER_PREFIX}slot{i}"])
+        for i, record in enumerate(reply.adapters):
+            arrays = record_to_numpy(record)
             reference = self.globals.get(used[i])
             reason = check_adapter(
                 arrays, self.template, self.max_abs_value, reference, self.max_update_norm
             )
             if reason is not None:
-                return f"adapter slot{i}: {reason}", [], None
+                raise ProtocolError(f"adapter slot{i}: {reason}")
             entries.append(
                 PoolEntry(
                     node_id=node,
                     slot=i,
                     arrays=arrays,
-                    num_examples=int(slot_examples[i]),
+                    num_examples=reply.slot_examples[i],
                     previous_id=used[i],
                     true_task=str(truth[i]) if truth is not None and i < len(truth) else None,
                     fingerprint=fingerprints[i],
                     moved=used[i] != previous[i],
                 )
             )
-        loss = None
-        if "train-loss" in metrics:
-            loss = (float(metrics["train-loss"]), int(sum(slot_examples)))  # type: ignore[arg-type]
-        return None, entries, loss
+        return entries
 
-    def _parse_sources(
-        self, content: RecordDict, planned: Sequence[str]
-    ) -> tuple[str | None, list[str]]:
+    @staticmethod
+    def _loss(reply: TrainReply) -> tuple[float, int] | None:
+        if reply.train_loss is None:
+            return None
+        return reply.train_loss, int(sum(reply.slot_examples))
+
+    def _parse_sources(self, reply: TrainReply, planned: Sequence[str]) -> list[str]:
         """The global each slot started from: the plan, or the client's checked choice.
 
         A client may only move a slot to another global it was sent, and only when asked to.
         """
-        record = content.config_records.get(SOURCES_RECORD)
-        if record is None:
-            return None, list(planned)
+        used = reply.slot_sources
+        if used is None:
+            return list(planned)
         if self.source_check_llr is None:
-            return f"a '{SOURCES_RECORD}' record, but the source check is off", []
-        used = record.get("slot-sources")
-        if not isinstance(used, list) or len(used) != len(planned):
-            return f"'{SOURCES_RECORD}' must list {len(planned)} slot sources", []
+            raise ProtocolError(f"a '{SOURCES_RECORD}' record, but the source check is off")
+        if len(used) != len(planned):
+            raise ProtocolError(f"'{SOURCES_RECORD}' must list {len(planned)} slot sources")
         allowed = set(planned) - {"v0", LOCAL}
         pairs = zip(used, planned, strict=True)
         if any(u != p and (u not in allowed or p not in allowed) for u, p in pairs):
-            return f"slot sources {used} are not a choice among the globals {sorted(allowed)}", []
-        return None, [str(u) for u in used]
+            raise ProtocolError(
+                f"slot sources {used} are not a choice among the globals {sorted(allowed)}"
+            )
+        return list(used)
 
-    def _parse_fingerprints(
-        self, content: RecordDict, num_slots: int
-    ) -> tuple[str | None, list[np.ndarray]]:
-        """The ``(H,)`` fingerprint of every slot, or the reason the reply's are unusable."""
-        record = content.array_records.get(FINGERPRINT_RECORD)
+    def _parse_fingerprints(self, record: ArrayRecord | None, num_slots: int) -> list[np.ndarray]:
+        """The ``(H,)`` fingerprint of every slot; ``ProtocolError`` if they are unusable."""
         if record is None:
-            return f"no '{FINGERPRINT_RECORD}' record (input_fingerprint is on)", []
+            raise ProtocolError(f"no '{FINGERPRINT_RECORD}' record (input_fingerprint is on)")
         arrays = record_to_numpy(record)
         expected = [f"slot{i}" for i in range(num_slots)]
         if sorted(arrays) != sorted(expected):
-            return f"fingerprints {sorted(arrays)} do not match {num_slots} slots", []
+            raise ProtocolError(f"fingerprints {sorted(arrays)} do not match {num_slots} slots")
         found = [np.asarray(arrays[name], dtype=np.float64) for name in expected]
         for name, value in zip(expected, found, strict=True):
             width = self.fingerprint_width or value.size
             if value.ndim != 1 or value.size != width:
-                return f"fingerprint {name}: shape {value.shape}, expected ({width},)", []
+                raise ProtocolError(f"fingerprint {name}: shape {value.shape}, expected ({width},)")
             if not np.all(np.isfinite(value)) or float(np.abs(value).max()) > self.max_abs_value:
-                return f"fingerprint {name}: non-finite or above {self.max_abs_value:g}", []
+                raise ProtocolError(
+                    f"fingerprint {name}: non-finite or above {self.max_abs_value:g}"
+                )
         if self.fingerprint_width is None and found:
             self.fingerprint_width = int(found[0].size)
-        return None, found
+        return found
 
     def _starts(self, pool: Sequence[PoolEntry]) -> list[dict[str, np.ndarray]]:
         """The global each pooled adapter started from this round."""

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.fltac import train
 from client_app.fltac_training import Encoded, evaluate_adapter, example_losses
 from fedspecialists.config import AdapterRunConfig, load_config_as
 from fedspecialists.models.lora import build_preprocessor, get_adapter_model, initial_adapter
-from fedspecialists.protocol.records import SOURCES_RECORD, record_to_numpy, state_to_record
+from fedspecialists.protocol.fltac import Instruction, TrainReply
+from fedspecialists.protocol.records import record_to_numpy, state_to_record
 from strategies.fltac import head_label_counts, select_feature_keys
 
 OVERRIDES = "model=minilm suite=tiny_text train.num_threads=1"
@@ -28,12 +29,20 @@ def _context() -> Context:
     )
 
 
-def _message(server_round: int, adapters: dict[str, dict[str, np.ndarray]], **config) -> Message:  # type: ignore[no-untyped-def]
-    content = RecordDict()
-    for gid, state in adapters.items():
-        content.array_records[f"adapter.{gid}"] = state_to_record(state)
-    content.config_records["config"] = ConfigRecord({"server-round": server_round, **config})
-    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+def _message(
+    server_round: int,
+    adapters: dict[str, dict[str, np.ndarray]],
+    sources: list[str] | None = None,
+    check: float = 0.0,
+) -> Message:
+    """The server's training instruction: slots start from ``sources`` (default: all v0)."""
+    instruction = Instruction(
+        server_round=server_round,
+        check_sources=check,
+        slot_sources=sources,
+        globals={gid: state_to_record(state) for gid, state in adapters.items()},
+    )
+    return Message(content=instruction.to_record(), dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,7 @@ def task_globals() -> dict[str, dict[str, np.ndarray]]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as conftest does
     cfg = load_config_as(AdapterRunConfig, OVERRIDES)
     v0 = {k: v.numpy() for k, v in initial_adapter(cfg, 5).items()}
-    reply = train(_message(1, {"v0": v0}, **{"default-source": "v0"}), _context())
+    reply = train(_message(1, {"v0": v0}), _context())
     return {
         f"g{i}": record_to_numpy(reply.content.array_records[f"adapter.slot{i}"]) for i in range(3)
     }
@@ -63,28 +72,23 @@ def test_the_client_undoes_a_swapped_pair_and_says_so(
     task_globals: dict[str, dict[str, np.ndarray]],
 ) -> None:
     # The server starts slot 0 (bbc_topic) from slot 1's global and slot 1 from slot 0's.
-    msg = _message(2, task_globals, **{"slot-sources": ["g1", "g0", "g2"], "check-sources": 4.6})
-    reply = train(msg, _context())
-    assert list(reply.content.config_records[SOURCES_RECORD]["slot-sources"]) == ["g0", "g1", "g2"]  # type: ignore[arg-type]
-    metrics = reply.content.metric_records["metrics"]
-    assert metrics["source-swaps"] == 2
-    assert float(metrics["source-check-llr"]) >= 4.6  # type: ignore[arg-type]
+    msg = _message(2, task_globals, sources=["g1", "g0", "g2"], check=4.6)
+    reply = TrainReply.from_record(train(msg, _context()).content)
+    assert reply.slot_sources == ["g0", "g1", "g2"]
+    assert reply.source_swaps == 2
+    assert reply.source_check_llr is not None and reply.source_check_llr >= 4.6
 
 
 def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
     task_globals: dict[str, dict[str, np.ndarray]],
 ) -> None:
     right = ["g0", "g1", "g2"]
-    kept = train(
-        _message(2, task_globals, **{"slot-sources": right, "check-sources": 4.6}), _context()
-    )
-    assert list(kept.content.config_records[SOURCES_RECORD]["slot-sources"]) == right  # type: ignore[arg-type]
+    kept = train(_message(2, task_globals, sources=right, check=4.6), _context())
+    assert TrainReply.from_record(kept.content).slot_sources == right
     assert kept.content.metric_records["metrics"]["source-swaps"] == 0
     swapped = ["g1", "g0", "g2"]
-    off = train(
-        _message(2, task_globals, **{"slot-sources": swapped, "check-sources": 0.0}), _context()
-    )
-    assert SOURCES_RECORD not in off.content.config_records
+    off = train(_message(2, task_globals, sources=swapped, check=0.0), _context())
+    assert TrainReply.from_record(off.content).slot_sources is None
     assert "source-swaps" not in off.content.metric_records["metrics"]
 
 

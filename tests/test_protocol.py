@@ -1,4 +1,4 @@
-"""FedMoE-DA's typed messages: they round-trip, keep the wire format, and refuse malformed ones."""
+"""The typed messages of both methods: they round-trip, keep the wire format, refuse bad ones."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedspecialists.protocol import fltac
 from fedspecialists.protocol.fedmoe_da import (
     EvaluateReply,
     Instruction,
@@ -118,3 +119,77 @@ def test_evaluate_reply_round_trips_and_refuses_an_empty_one() -> None:
 def test_an_instruction_without_a_round_is_refused() -> None:
     with pytest.raises(ProtocolError, match="server-round"):
         Instruction.from_record(RecordDict({"config": ConfigRecord({"share": []})}))
+
+
+# -- FL-TAC ---------------------------------------------------------------------------------------
+def _adapter(value: float) -> ArrayRecord:
+    return state_to_record({"lora_A.weight": np.full((1, 2), value, np.float32)})
+
+
+def test_fltac_instruction_round_trips() -> None:
+    sent = fltac.Instruction(
+        server_round=2,
+        keep_local=True,
+        send_fingerprint=True,
+        check_sources=4.6,
+        slot_sources=["g1", "local"],
+        globals={"g1": _adapter(1.0)},
+        extra={"lr-scale": 1.0},
+    )
+    got = fltac.Instruction.from_record(sent.to_record())
+    assert (got.server_round, got.keep_local, got.send_fingerprint) == (2, True, True)
+    assert got.sources(2) == ["g1", "local"] and got.extra == {"lr-scale": 1.0}
+    assert list(got.globals) == ["g1"]
+    with pytest.raises(ProtocolError, match="2 slot sources for 3 slots"):
+        got.sources(3)
+    with pytest.raises(ProtocolError, match="no global adapter 'g9'"):
+        got.global_adapter("g9")
+    assert fltac.Instruction.from_record(fltac.Instruction(1).to_record()).sources(2) == ["v0"] * 2
+
+
+def test_fltac_train_reply_round_trips_and_keeps_the_wire_format() -> None:
+    reply = fltac.TrainReply(
+        [_adapter(1.0), _adapter(2.0)],
+        [3, 4],
+        train_loss=0.25,
+        slot_sources=["g1", "g0"],
+        source_swaps=2,
+        source_check_llr=5.0,
+        slot_tasks=["a", "b"],
+    )
+    got = fltac.TrainReply.from_record(reply.to_record())
+    assert (got.slot_examples, got.train_loss, got.slot_sources) == ([3, 4], 0.25, ["g1", "g0"])
+    assert (got.source_swaps, got.source_check_llr, got.slot_tasks) == (2, 5.0, ["a", "b"])
+    bare = RecordDict()
+    bare.array_records["adapter.slot0"] = _adapter(1.0)
+    bare.array_records["adapter.slot1"] = _adapter(2.0)
+    bare.config_records["sources"] = ConfigRecord({"slot-sources": ["g1", "g0"]})
+    bare.metric_records["metrics"] = MetricRecord(
+        {
+            "num-examples": 7,
+            "slot-examples": [3, 4],
+            "train-loss": 0.25,
+            "source-swaps": 2,
+            "source-check-llr": 5.0,
+        }
+    )
+    bare.config_records["truth"] = ConfigRecord({"slot-tasks": ["a", "b"]})
+    assert content_nbytes(reply.to_record()) == content_nbytes(bare)
+
+
+def test_a_malformed_fltac_reply_raises_with_its_reason() -> None:
+    content = fltac.TrainReply([_adapter(1.0)], [3]).to_record()
+    del content.array_records["adapter.slot0"]
+    with pytest.raises(ProtocolError, match="do not match 1 slots"):
+        fltac.TrainReply.from_record(content)
+    content = fltac.TrainReply([_adapter(1.0)], [3]).to_record()
+    content.metric_records["metrics"]["slot-examples"] = [-1]
+    with pytest.raises(ProtocolError, match="non-negative ints"):
+        fltac.TrainReply.from_record(content)
+
+
+def test_fltac_evaluate_reply_round_trips() -> None:
+    reply = fltac.EvaluateReply({"a": 3, "b": 1}, {"a": 4, "b": 2}, {"a": 0.5, "b": 0.7})
+    content = reply.to_record()
+    assert content.metric_records["metrics"]["num-examples"] == 6
+    assert fltac.EvaluateReply.from_record(content) == reply

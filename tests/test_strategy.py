@@ -7,12 +7,12 @@ import logging
 import numpy as np
 import pytest
 from conftest import FakeGrid
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord
 from numpy.testing import assert_allclose
 
+from fedspecialists.protocol.fltac import Instruction, TrainReply
 from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
-    SOURCES_RECORD,
     content_nbytes,
     record_to_numpy,
     state_to_record,
@@ -38,20 +38,17 @@ def _reply(
     adapters: list[dict[str, np.ndarray]],
     examples: list[int] | None = None,
     tasks: list[str] | None = None,
+    sources: list[str] | None = None,
 ) -> Message:
-    content = RecordDict()
-    for i, adapter in enumerate(adapters):
-        content.array_records[f"adapter.slot{i}"] = state_to_record(adapter)
-    content.metric_records["metrics"] = MetricRecord(
-        {
-            "slot-examples": examples or [1] * len(adapters),
-            "train-loss": 0.5,
-            "num-examples": sum(examples or [1] * len(adapters)),
-        }
+    """A node's training reply: these adapters, and the sources its check chose (if any)."""
+    reply = TrainReply(
+        [state_to_record(adapter) for adapter in adapters],
+        examples or [1] * len(adapters),
+        train_loss=0.5,
+        slot_sources=sources,
+        slot_tasks=tasks,
     )
-    if tasks is not None:
-        content.config_records["truth"] = ConfigRecord({"slot-tasks": tasks})
-    return Message(content, reply_to=msg)
+    return Message(reply.to_record(), reply_to=msg)
 
 
 def _by_node(messages: list[Message]) -> dict[int, Message]:
@@ -71,7 +68,7 @@ def test_round_one_broadcasts_v0_to_every_node() -> None:
     assert sorted(messages) == [1, 2]
     for msg in messages.values():
         assert list(msg.content.array_records) == ["adapter.v0"]
-        assert msg.content.config_records["config"]["default-source"] == "v0"
+        assert Instruction.from_record(msg.content).sources(2) == ["v0", "v0"]
         assert_allclose(record_to_numpy(msg.content.array_records["adapter.v0"])[W], V0[W])
 
 
@@ -93,8 +90,8 @@ def test_clusters_are_averaged_and_each_node_gets_exactly_its_adapters() -> None
 
     # Assert: x cluster = mean of (1,0) and (3,0) = (2,0); y cluster = (0,2).
     assert agreement == pytest.approx(1.0)
-    slots1 = list(second[1].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
-    slots2 = list(second[2].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
+    slots1 = Instruction.from_record(second[1].content).sources(2)
+    slots2 = Instruction.from_record(second[2].content).sources(2)
     x_id, y_id = slots1
     assert x_id != y_id and slots2 == [y_id, x_id]
     for node in (1, 2):
@@ -117,9 +114,7 @@ def test_cluster_ids_stay_stable_across_rounds() -> None:
     def replies(messages: dict[int, Message]) -> list[Message]:
         out = []
         for node, msg in messages.items():
-            config = msg.content.config_records["config"]
-            planned = config.get("slot-sources", [config.get("default-source")] * 3)
-            sources = [str(s) for s in planned]  # type: ignore[union-attr]
+            sources = Instruction.from_record(msg.content).sources(len(tasks[node]))
             trained = []
             for slot, task in enumerate(tasks[node]):
                 start = record_to_numpy(msg.content.array_records[f"adapter.{sources[slot]}"])
@@ -152,7 +147,7 @@ def test_a_node_whose_slots_share_a_cluster_receives_it_once() -> None:
 
     _round(strategy, 1, grid, replies)
     second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
-    sources = list(second[1].content.config_records["config"]["slot-sources"])  # type: ignore[arg-type]
+    sources = Instruction.from_record(second[1].content).sources(2)
     assert sources[0] == sources[1]
     assert list(second[1].content.array_records) == [f"adapter.{sources[0]}"]
 
@@ -290,9 +285,9 @@ def test_local_only_sends_no_adapters_after_round_one() -> None:
     strategy = LocalOnly(V0)
     _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(1, 0), _adapter(0, 1)])])
     second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
-    config = second[1].content.config_records["config"]
-    assert list(config["slot-sources"]) == ["local", "local"]  # type: ignore[arg-type]
-    assert config["keep-local"] is True
+    instruction = Instruction.from_record(second[1].content)
+    assert instruction.slot_sources == ["local", "local"]
+    assert instruction.keep_local is True
     assert len(second[1].content.array_records) == 0
     assert strategy.final_adapters() == {}
 
@@ -335,7 +330,7 @@ def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         for msg in messages.values():
-            assert msg.content.config_records["config"]["send-fingerprint"] is True
+            assert Instruction.from_record(msg.content).send_fingerprint is True
         return [
             _with_fingerprints(_reply(messages[1], [_adapter(1, 0)]), [fp]),
             _reply(messages[2], [_adapter(3, 0)]),  # none at all
@@ -430,14 +425,12 @@ def _client_reply(
     shrinking_steps: bool,
 ) -> Message:
     """What a real client of :func:`_recovering_run` replies: a small step from its starts."""
-    config = msg.content.config_records["config"]
+    instruction = Instruction.from_record(msg.content)
     tasks = NODE_TASKS[node]
-    planned = config.get("slot-sources", ["v0"] * len(tasks))
-    sources = [str(s) for s in planned]  # type: ignore[union-attr]
-    starts = {g: record_to_numpy(msg.content.array_records[f"adapter.{g}"])[H0] for g in sources}
-    min_llr = config["check-sources"]
-    assert isinstance(min_llr, float)
-    moved = min_llr > 0 and "slot-sources" in config
+    sources = instruction.sources(len(tasks))
+    starts = {g: record_to_numpy(instruction.global_adapter(g))[H0] for g in sources}
+    min_llr = instruction.check_sources
+    moved = min_llr > 0 and instruction.slot_sources is not None
     if moved:
         candidates = sorted(set(sources))
         losses = [_slot_losses(t, [starts[c] for c in candidates], rng) for t in tasks]
@@ -446,12 +439,10 @@ def _client_reply(
     # A few local steps barely move an adapter away from the mean it started from.
     scale = np.ones(4, np.float32)
     if shrinking_steps:
-        scale[:3] = 1.0 / float(config["server-round"]) ** 2  # type: ignore[arg-type]
+        scale[:3] = 1.0 / float(instruction.server_round) ** 2
     pairs = zip(sources, tasks, strict=True)
     trained = [{H0: starts[g] + scale * _step(t, node)[H0]} for g, t in pairs]
-    reply = _reply(msg, trained, tasks=tasks)
-    if moved:
-        reply.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": sources})
+    reply = _reply(msg, trained, tasks=tasks, sources=sources if moved else None)
     if input_fingerprint:
         reply = _with_fingerprints(reply, [_fingerprint(t, node, rng, pair_alike) for t in tasks])
     return reply
@@ -555,14 +546,10 @@ def test_the_source_check_is_asked_for_and_its_choices_are_checked(
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         assert all(
-            m.content.config_records["config"]["check-sources"] == 4.6 for m in messages.values()
+            Instruction.from_record(m.content).check_sources == 4.6 for m in messages.values()
         )
-        moved = _reply(messages[1], both)
-        moved.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": plan[::-1]})
-        foreign = _reply(messages[2], both)
-        foreign.content.config_records[SOURCES_RECORD] = ConfigRecord(
-            {"slot-sources": ["v0", plan[1]]}
-        )
+        moved = _reply(messages[1], both, sources=plan[::-1])
+        foreign = _reply(messages[2], both, sources=["v0", plan[1]])
         return [moved, foreign, _reply(messages[3], both)]
 
     with caplog.at_level(logging.WARNING):
@@ -579,10 +566,8 @@ def test_a_sources_record_is_rejected_when_the_check_is_off(
     strategy = TaskAdapterClustering(V0, num_clusters=1)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
-        assert messages[1].content.config_records["config"]["check-sources"] == 0.0
-        reply = _reply(messages[1], [_adapter(1, 0)])
-        reply.content.config_records[SOURCES_RECORD] = ConfigRecord({"slot-sources": ["v0"]})
-        return [reply]
+        assert Instruction.from_record(messages[1].content).check_sources == 0.0
+        return [_reply(messages[1], [_adapter(1, 0)], sources=["v0"])]
 
     with caplog.at_level(logging.WARNING):
         _round(strategy, 1, grid, replies)

@@ -20,21 +20,28 @@ Content of each message (record kind, name: keys)::
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedspecialists.protocol.values import (
+    ProtocolError,
+    count,
+    number,
+    optional_count,
+    optional_counts,
+    optional_int,
+    optional_str,
+    string_list,
+)
+
 CONFIG, METRICS, SHARED, PROXIES, EXPERTS = "config", "metrics", "shared", "proxies", "experts"
 GATE = "gate"  # the proxies record's one array: each expert's gate row, (K, d)
+PLAN_PARTS = ("ids", "weights", "hashes", "addresses")  # plan.<k>.<part>: one list each
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class ProtocolError(ValueError):
-    """A FedMoE-DA message that breaks the protocol; the message says what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,10 @@ class Instruction:
             raise ProtocolError("no 'config' record with 'server-round'")
         grant_key = config.get("grant-key")
         return cls(
-            server_round=int(_number(config, "server-round")),
-            share=[str(p) for p in _list(config, "share")],
+            server_round=int(number(config, "server-round")),
+            share=[str(p) for p in string_list(config, "share")],
             exchange=bool(config.get("exchange", False)),
-            peer_root=_optional_str(config, "peer-root"),
+            peer_root=optional_str(config, "peer-root"),
             grant_key=None if grant_key is None else str(grant_key),
             grant=str(config.get("grant", "")) or None,
             plans=_plans(config),
@@ -165,7 +172,7 @@ class TrainReply:
         if metrics is None:
             raise ProtocolError("no 'metrics' record")
         required = {
-            key: _count(metrics, key)
+            key: count(metrics, key)
             for key in ("num-examples", "train-loss", "peer-bytes", "peer-fetches", "peer-failures")
         }
         if required["num-examples"] <= 0:
@@ -174,14 +181,14 @@ class TrainReply:
         return cls(
             num_examples=int(required["num-examples"]),
             train_loss=float(required["train-loss"]),
-            aux_loss=float(_optional_count(metrics, "aux-loss") or 0.0),
+            aux_loss=float(optional_count(metrics, "aux-loss") or 0.0),
             peer_bytes=int(required["peer-bytes"]),
             peer_fetches=int(required["peer-fetches"]),
             peer_failures=int(required["peer-failures"]),
-            peer_reused=int(_optional_count(metrics, "peer-reused") or 0),
-            domain_examples=_optional_counts(metrics, "domain-examples"),
-            after_training_correct=_optional_int(metrics, "after-training-correct"),
-            after_training_total=_optional_int(metrics, "after-training-total"),
+            peer_reused=int(optional_count(metrics, "peer-reused") or 0),
+            domain_examples=optional_counts(metrics, "domain-examples"),
+            after_training_correct=optional_int(metrics, "after-training-correct"),
+            after_training_total=optional_int(metrics, "after-training-total"),
             shared=content.array_records.get(SHARED),
             proxies=content.array_records.get(PROXIES),
             hashes=hashes,
@@ -225,69 +232,21 @@ class EvaluateReply:
     @classmethod
     def from_record(cls, content: RecordDict) -> EvaluateReply:
         metrics = content.metric_records.get(METRICS)
-        if metrics is None or not (_optional_count(metrics, "personal-total") or 0) > 0:
+        if metrics is None or not (optional_count(metrics, "personal-total") or 0) > 0:
             raise ProtocolError("no personalised test results")
-        domain_correct = _optional_counts(metrics, "domain-correct")
-        domain_total = _optional_counts(metrics, "domain-total")
+        domain_correct = optional_counts(metrics, "domain-correct")
+        domain_total = optional_counts(metrics, "domain-total")
         if domain_correct is None or domain_total is None:
             raise ProtocolError("no per-domain test counts")
         return cls(
-            personal_correct=int(_count(metrics, "personal-correct")),
-            personal_total=int(_count(metrics, "personal-total")),
-            global_correct=int(_optional_count(metrics, "global-correct") or 0),
-            global_total=int(_optional_count(metrics, "global-total") or 0),
+            personal_correct=int(count(metrics, "personal-correct")),
+            personal_total=int(count(metrics, "personal-total")),
+            global_correct=int(optional_count(metrics, "global-correct") or 0),
+            global_total=int(optional_count(metrics, "global-total") or 0),
             domain_correct=domain_correct,
             domain_total=domain_total,
-            routing=_optional_counts(metrics, "routing"),
+            routing=optional_counts(metrics, "routing"),
         )
-
-
-def _valid(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(record: MetricRecord | ConfigRecord, key: str) -> float:
-    value = record.get(key)
-    if not _valid(value) or value < 0:
-        raise ProtocolError(f"metric '{key}' missing or invalid ({value!r})")
-    return float(value)
-
-
-def _number(record: ConfigRecord, key: str) -> float:
-    value = record.get(key)
-    if not _valid(value):
-        raise ProtocolError(f"'{key}' missing or not a number ({value!r})")
-    return float(value)
-
-
-def _optional_count(record: MetricRecord, key: str) -> float | None:
-    value = record.get(key)
-    return float(value) if _valid(value) and value >= 0 else None
-
-
-def _optional_int(record: MetricRecord, key: str) -> int | None:
-    value = _optional_count(record, key)
-    return None if value is None else int(value)
-
-
-def _optional_counts(record: MetricRecord, key: str) -> list[int] | None:
-    values = record.get(key)
-    if not isinstance(values, list):
-        return None
-    counts = [v for v in values if _valid(v) and v >= 0]
-    return [int(v) for v in counts] if len(counts) == len(values) else None
-
-
-def _list(record: ConfigRecord, key: str) -> list[Any]:
-    value = record.get(key, [])
-    if not isinstance(value, list):
-        raise ProtocolError(f"'{key}' must be a list, not {value!r}")
-    return value
-
-
-def _optional_str(record: ConfigRecord, key: str) -> str | None:
-    value = record.get(key)
-    return None if value is None or value == "" else str(value)
 
 
 def _plans(config: ConfigRecord) -> dict[int, list[Source]]:
@@ -298,7 +257,8 @@ def _plans(config: ConfigRecord) -> dict[int, list[Source]]:
             continue
         k = int(match.group(1))
         parts = [
-            _list(config, f"plan.{k}.{part}") for part in ("ids", "weights", "hashes", "addresses")
+            string_list(config, f"plan.{k}.{part}")
+            for part in ("ids", "weights", "hashes", "addresses")
         ]
         if len({len(p) for p in parts}) != 1:
             raise ProtocolError(f"plan {k}: ids, weights, hashes and addresses differ in length")
@@ -311,7 +271,7 @@ def _plans(config: ConfigRecord) -> dict[int, list[Source]]:
 def _experts(record: ConfigRecord | None) -> tuple[list[str] | None, str | None]:
     if record is None:
         return None, None
-    hashes = [str(h) for h in _list(record, "hashes")]
+    hashes = [str(h) for h in string_list(record, "hashes")]
     if not all(_SHA256.fullmatch(h) for h in hashes):
         raise ProtocolError("expert hashes must be SHA-256 hex digests")
     address = record.get("address")
