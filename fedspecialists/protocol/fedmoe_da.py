@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedspecialists.protocol.values import (
     ProtocolError,
     count,
+    instruction_config,
     number,
     optional_count,
     optional_counts,
@@ -97,9 +98,7 @@ class Instruction:
 
     @classmethod
     def from_record(cls, content: RecordDict) -> Instruction:
-        config = content.config_records.get(CONFIG)
-        if config is None or "server-round" not in config:
-            raise ProtocolError("no 'config' record with 'server-round'")
+        config = instruction_config(content, CONFIG)
         grant_key = config.get("grant-key")
         return cls(
             server_round=int(number(config, "server-round")),

@@ -32,6 +32,7 @@ from fedspecialists.protocol.records import (
 )
 from fedspecialists.protocol.values import (
     ProtocolError,
+    instruction_config,
     number,
     optional_count,
     optional_int,
@@ -92,9 +93,7 @@ class Instruction:
 
     @classmethod
     def from_record(cls, content: RecordDict) -> Instruction:
-        config = content.config_records.get(CONFIG)
-        if config is None or "server-round" not in config:
-            raise ProtocolError("no 'config' record with 'server-round'")
+        config = instruction_config(content, CONFIG)
         sources = None
         if "slot-sources" in config:
             sources = [str(s) for s in string_list(config, "slot-sources")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, TypeGuard
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 
 class ProtocolError(ValueError):
@@ -61,3 +61,11 @@ def string_list(record: ConfigRecord, key: str) -> list[Any]:
 def optional_str(record: ConfigRecord, key: str) -> str | None:
     value = record.get(key)
     return None if value is None or value == "" else str(value)
+
+
+def instruction_config(content: RecordDict, name: str = "config") -> ConfigRecord:
+    """The server's config record of an instruction; it must name its ``server-round``."""
+    config = content.config_records.get(name)
+    if config is None or "server-round" not in config:
+        raise ProtocolError(f"no '{name}' record with 'server-round'")
+    return config
