@@ -26,7 +26,7 @@ SKIPPED = re.compile(r"time|per_node|node")  # keys whose values differ by const
 def differences(a: Any, b: Any, path: str = "") -> tuple[int, list[str]]:
     """(values compared, the paths where ``a`` and ``b`` differ) over nested dicts and lists."""
     if isinstance(a, dict) and isinstance(b, dict):
-        compared, where = 0, []
+        compared, where = 0, list[str]()
         for key in sorted(set(a) | set(b)):
             if SKIPPED.search(key) or key.isdigit():
                 continue
@@ -34,7 +34,7 @@ def differences(a: Any, b: Any, path: str = "") -> tuple[int, list[str]]:
             compared, where = compared + n, where + w
         return compared, where
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        compared, where = 0, []
+        compared, where = 0, list[str]()
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             n, w = differences(x, y, f"{path}[{i}]")
             compared, where = compared + n, where + w
