@@ -222,7 +222,7 @@ def sync_experts(node: Node, plan: Instruction, transport: PeerTransport) -> dic
             state[f"experts.{k}.{name}"] = value
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})  # copies to device
     if isinstance(transport, ChangedOnlyFetch):  # keep only what this plan used
-        transport.prune({s.sha256 for sources in plans.values() for s in sources})
+        transport.prune(plan.planned_hashes())
     return {"fetches": fetch.fetches, "failures": fetch.failures}
 
 

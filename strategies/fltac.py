@@ -850,7 +850,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         nodes = self.begin_train_round(server_round, grid)
         messages = [
             Message(
-                content=self._payload(node, server_round, config),
+                content=self.instruction(node, server_round, config).to_record(),
                 message_type=MessageType.TRAIN,
                 dst_node_id=node,
             )
@@ -861,7 +861,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen_replies("train", replies, self._screen_train_reply)
+        accepted = self.screen_replies("train", replies, self._parse_train_reply)
         pool = [entry for _, (entries, _) in accepted for entry in entries]
         losses = [loss for _, (_, loss) in accepted if loss is not None]
         if self.too_few_replies(server_round, len(accepted), usable=bool(pool)):
@@ -890,7 +890,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         # Every known node evaluates the adapters it would use now, on its own test split.
         messages = [
             Message(
-                content=self._payload(node, server_round, config),
+                content=self.instruction(node, server_round, config).to_record(),
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
@@ -951,24 +951,15 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         }
         return message
 
-    def _payload(self, node: int, server_round: int, config: ConfigRecord) -> RecordDict:
-        return self.instruction(node, server_round, config).to_record()
-
-    def _screen_train_reply(
-        self, node: int, content: RecordDict
-    ) -> tuple[str | None, tuple[list[PoolEntry], tuple[float, int] | None]]:
-        reason, entries, loss = self._parse_train_reply(node, content)
-        return reason, (entries, loss)
-
     def _parse_train_reply(
         self, node: int, content: RecordDict
-    ) -> tuple[str | None, list[PoolEntry], tuple[float, int] | None]:
-        """Validate one reply; returns (reason to reject or None, its adapters, (loss, n))."""
+    ) -> tuple[str | None, tuple[list[PoolEntry], tuple[float, int] | None]]:
+        """Validate one reply: (reason to reject or None, (its adapters, (loss, examples)))."""
         try:
             reply = TrainReply.from_record(content)
-            return None, self._pool_entries(node, reply), self._loss(reply)
+            return None, (self._pool_entries(node, reply), self._loss(reply))
         except ProtocolError as exc:
-            return str(exc), [], None
+            return str(exc), ([], None)
 
     def _pool_entries(self, node: int, reply: TrainReply) -> list[PoolEntry]:
         """The reply's adapters as pool entries, each checked against the template and against
