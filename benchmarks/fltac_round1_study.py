@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import silhouette_score
 
+from client_app.training import round_seed
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client_app.fltac_training import (
@@ -137,9 +139,7 @@ def study(suite: str, seed: int) -> dict[str, Any]:
             enc = encode(task, "train", pre, cfg.model.max_length)
             model.load("slot0", {k: v.clone() for k, v in v0_t.items()})
             # The ClientApp's round-1 seed for this slot.
-            train_adapter(
-                model, "slot0", enc, cfg.train, seed * 1_000_003 + 1_009 + client * 31 + slot
-            )
+            train_adapter(model, "slot0", enc, cfg.train, round_seed(seed, 1, client, slot))
             adapters.append({k: v.numpy().copy() for k, v in model.state("slot0").items()})
             fps.append(input_fingerprint(model, enc, 64, cfg.model.head_module))
             owners.append(client)

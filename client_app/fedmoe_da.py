@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
+from client_app.training import local_batch_size, make_optimizer, round_seed, steps_per_round
 from fedspecialists import methods
-from fedspecialists.config import MoERunConfig, steps_per_round
+from fedspecialists.config import MoERunConfig
 from fedspecialists.data.domains import (
     ClientDomains,
     global_test_set,
@@ -328,17 +329,10 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params,
-            lr=cfg.train.lr,
-            momentum=cfg.train.momentum,
-            weight_decay=cfg.train.weight_decay,
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(params, cfg.train)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = steps_per_round(cfg.train, len(y), cfg.train.batch_size, rounding=round)
+    batch_size = local_batch_size(cfg.train, len(y))
+    steps = steps_per_round(cfg.train, len(y))
     model.train()
     ce_sum = aux_sum = 0.0
     order = torch.randperm(len(y), generator=generator)
@@ -346,8 +340,8 @@ def train_model(
     for _ in range(steps):
         if cursor >= len(order):
             order, cursor = torch.randperm(len(y), generator=generator), 0
-        idx = order[cursor : cursor + cfg.train.batch_size]
-        cursor += cfg.train.batch_size
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
         out = model(xt[idx].to(device))
         ce = F.cross_entropy(out.logits, yt[idx].to(device))
         loss = ce
@@ -426,7 +420,7 @@ def train(msg: Message, context: Context) -> Message:
         transport.trust(str(instruction.grant_key))
         if instruction.plans:
             sync = sync_experts(node, instruction, transport)
-    seed = cfg.seed * 1_000_003 + server_round * 1_009 + node.partition[0]
+    seed = round_seed(cfg.seed, server_round, node.partition[0])
     ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
     # Accuracy of the model as local training left it (own backbone), next to the evaluate
     # round's, which uses the server's aggregate of the shared parts.

@@ -27,6 +27,7 @@ from client_app.fltac_training import (
     train_adapter,
 )
 from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
+from client_app.training import round_seed
 from fedspecialists import methods
 from fedspecialists.config import AdapterRunConfig
 from fedspecialists.data.tasks import (
@@ -199,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
     weighted_loss = 0.0
     for i, slot in enumerate(setup.slots):
         enc = setup.training_data(slot)
-        seed = cfg.seed * 1_000_003 + instruction.server_round * 1_009 + partition[0] * 31 + i
+        seed = round_seed(cfg.seed, instruction.server_round, partition[0], i)
         loss, _ = train_adapter(setup.adapters, slot.name, enc, cfg.train, seed)
         adapters.append(state_to_record(setup.adapters.state(slot.name)))
         if instruction.keep_local:

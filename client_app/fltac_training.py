@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedspecialists.config import TrainSettings, steps_per_round
+from client_app.training import local_batch_size, make_optimizer, steps_per_round
+from fedspecialists.config import TrainSettings
 from fedspecialists.data.tasks import ClientTask
 from fedspecialists.models.lora import AdapterModel
 
@@ -159,18 +160,9 @@ def train_adapter(
     params = adapters.activate(name)
     model = adapters.model
     model.train()
-    optimizer: torch.optim.Optimizer
-    if train_cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            params,
-            lr=train_cfg.lr,
-            momentum=train_cfg.momentum,
-            weight_decay=train_cfg.weight_decay,
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    batch_size = min(int(train_cfg.batch_size), len(enc))
-    steps = steps_per_round(train_cfg, len(enc), batch_size)
+    optimizer = make_optimizer(params, train_cfg)
+    batch_size = local_batch_size(train_cfg, len(enc))
+    steps = steps_per_round(train_cfg, len(enc))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     total = 0.0

@@ -7,10 +7,9 @@ unknown key or a wrong type is refused with the key named, then checks value ran
 
 from __future__ import annotations
 
-import math
 import shlex
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -618,16 +617,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def steps_per_round(
-    train_cfg: Any, examples: int, batch_size: int, rounding: Callable[[float], int] = math.ceil
-) -> int:
-    """Optimiser steps in one round: ``train.local_steps`` if set, else epochs over the data.
-
-    ``rounding`` turns the epochs' fractional steps into a count (the adapter methods use
-    ``ceil``, the MoE methods ``round``; issue 11 is to make them one).
-    """
-    if train_cfg.local_steps:
-        return int(train_cfg.local_steps)
-    return max(1, int(rounding(train_cfg.local_epochs * examples / batch_size)))

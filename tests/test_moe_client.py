@@ -196,7 +196,7 @@ def _forward_passes(local_steps: int | None, examples: int) -> int:
 
 
 def test_local_steps_fix_the_steps_per_round_whatever_the_data_size() -> None:
-    assert _forward_passes(None, 10) == 5  # round(2 epochs * 10 / 4)
+    assert _forward_passes(None, 10) == 5  # ceil(2 epochs * 10 / 4)
     assert _forward_passes(None, 20) == 10
     assert _forward_passes(7, 10) == 7
     assert _forward_passes(7, 20) == 7
