@@ -13,8 +13,9 @@ from types import ModuleType
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client_app.node import config_for
+from client_app.node import client_id_of, config_for
 from fedspecialists import methods
+from fedspecialists.protocol.identity import IdentityReply
 
 app = ClientApp()
 
@@ -37,6 +38,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """One evaluation round of the run's method on this node."""
     reply: Message = _handlers(context).evaluate(msg, context)
     return reply
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """This node's client id (see :mod:`fedspecialists.protocol.identity`); no model, no data."""
+    return Message(content=IdentityReply(client_id_of(context)).to_record(), reply_to=msg)
 
 
 __all__ = ["app"]

@@ -9,10 +9,13 @@ One training round of a FedMoE-DA client::
     -> reply: shared parts, gate vectors (proxies), expert hashes, metrics
 
 What the server does not aggregate stays on the node, in
-``<node dir>/run-<run id>/personal.safetensors`` (one folder per run, so a later run on the same
-site never starts from an earlier run's experts)
-(the final personalised model of every client, loadable with ``safetensors``). The node folder
-is ``<peer root>/node-<node id>`` in simulation (the root comes from the server), or the
+``<node dir>/run-<run key>/personal.safetensors`` (one folder per run, so a later run on the same
+site never starts from an earlier run's experts; the run key is the Flower run id the run first
+started under, so a resumed run finds it) (the final personalised model of every client,
+loadable with ``safetensors``), and each round's version beside it in ``rounds/`` (the last
+two): a round starts from the version of the round before it, so a run resumed after a crash
+in the middle of a round starts that round from where it began. The node folder
+is ``<peer root>/node-<client id>`` in simulation (the root comes from the server), or the
 ``peer-store`` key of ``--node-config`` in a deployment, where ``peer-address`` (this site's
 gRPC peer endpoint, ``fedspecialists-peer``) and ``peer-root-certificates`` select the network
 transport.
@@ -33,7 +36,14 @@ from flwr.common.logger import log
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
+from client_app.node import (
+    client_id_of,
+    config_as,
+    data_dir_of,
+    device_of,
+    partition_of,
+    run_config,
+)
 from client_app.training import local_batch_size, make_optimizer, round_seed, steps_per_round
 from fedspecialists import methods
 from fedspecialists.config import MoERunConfig
@@ -96,12 +106,13 @@ class Node:
     cfg: MoERunConfig
     overrides: str
     node_id: int
+    client_id: int  # protocol.identity: what the server's plans name this client by
     partition: tuple[int, int]
     data: ClientDomains
     model: MoEClassifier | DenseClassifier
     shared_parts: list[str]
     folder: Path
-    run_id: int = 0
+    run_key: str = "0"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     own_data: bool = False  # the site's own files: no global test set (no site holds all data)
     initial_gate: np.ndarray | None = None  # (K, d) the federation's common starting gate
@@ -116,8 +127,11 @@ def _is_shared(key: str, parts: list[str]) -> bool:
     return part in parts or (part.startswith("expert.") and "experts" in parts)
 
 
-def _node(instruction: Instruction, context: Context) -> Node:
-    """Build the model and load this node's state: initial, then personal, then shared."""
+def _node(instruction: Instruction, context: Context, phase: str) -> Node:
+    """Build the model and load this node's state: initial, then personal, then shared.
+
+    The personal parts are those this node kept after its last training before this round's
+    (``phase`` ``train``) or after this round's (``evaluate``)."""
     overrides, cfg = run_config(context, MoERunConfig)
     data_dir = data_dir_of(context, cfg) or ""
     partition = partition_of(context, own_files=bool(data_dir))
@@ -127,7 +141,7 @@ def _node(instruction: Instruction, context: Context) -> Node:
         root = instruction.peer_root
         if not root:
             raise ValueError("no peer store: set peer-store in --node-config (or peer.root)")
-        folder = Path(str(root)) / f"node-{context.node_id}"
+        folder = Path(str(root)) / f"node-{client_id_of(context)}"
     folder.mkdir(parents=True, exist_ok=True)
     data = _client_data(overrides, partition, data_dir)
     input_shape, num_labels = _model_input(overrides)
@@ -146,18 +160,20 @@ def _node(instruction: Instruction, context: Context) -> Node:
         cfg,
         overrides,
         int(context.node_id),
+        client_id_of(context),
         partition,
         data,
         model,
         instruction.share,
         folder,
-        int(context.run_id),
+        instruction.run_key or str(context.run_id),
         own_data=bool(data_dir),
     )
     if isinstance(model, MoEClassifier):
         node.initial_gate = model.gate.weight.detach().numpy().copy()
-    personal = folder / f"run-{context.run_id}" / PERSONAL_FILE
-    if personal.exists():
+    upto = instruction.server_round - 1 if phase == "train" else instruction.server_round
+    personal = personal_version(folder / f"run-{node.run_key}", upto)
+    if personal is not None:
         model.load_state_dict(load_file(personal), strict=False)
     if instruction.shared is not None:
         model.load_state_dict(record_to_state(instruction.shared), strict=False)
@@ -189,7 +205,7 @@ def _transport(node: Node, context: Context) -> PeerTransport:
     else:
         transport = LocalPeerStore(node.folder, node.cfg.peer.max_bytes)
     if node.cfg.peer.fetch_changed_only:
-        return ChangedOnlyFetch(transport, node.folder / f"run-{node.run_id}")
+        return ChangedOnlyFetch(transport, node.folder / f"run-{node.run_key}")
     return transport
 
 
@@ -247,7 +263,7 @@ class PlanFetcher:
         self, expert_id: str, sha: str, address: str, k: int
     ) -> dict[str, np.ndarray] | None:
         owner, index = (int(x) for x in expert_id.split("/"))
-        if owner == self.node.node_id:
+        if owner == self.node.client_id:
             return self.own[index]
         if expert_id not in self.fetched:
             self.fetched[expert_id] = self._fetch(ExpertRef(expert_id, owner, address, sha), k)
@@ -377,13 +393,35 @@ def predict(
 # --------------------------------------------------------------------------------------------
 
 
-def _save_personal(node: Node, state: dict[str, torch.Tensor]) -> None:
-    """Keep this node's personal parts on disk (they never leave it)."""
+def personal_version(run_folder: Path, upto: int) -> Path | None:
+    """This node's personal parts as its last training at or before round ``upto`` left them
+    (``rounds/personal-r<round>.safetensors``; a folder without rounds: ``personal``)."""
+    versions = sorted(
+        (int(p.stem.rsplit("-r", 1)[1]), p)
+        for p in (run_folder / "rounds").glob("personal-r*.safetensors")
+    )
+    usable = [p for r, p in versions if r <= upto]
+    if usable:
+        return usable[-1]
+    latest = run_folder / PERSONAL_FILE
+    return latest if latest.exists() and not versions else None
+
+
+def _save_personal(node: Node, state: dict[str, torch.Tensor], server_round: int) -> None:
+    """Keep this node's personal parts on disk (they never leave it): the latest, and this
+    round's version (the last two rounds' are kept, what a resumed round starts from)."""
     personal = {k: state[k].contiguous() for k in node.personal_keys}
-    if personal:
-        path = node.folder / f"run-{node.run_id}" / PERSONAL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(personal, path)
+    if not personal:
+        return
+    run_folder = node.folder / f"run-{node.run_key}"
+    (run_folder / "rounds").mkdir(parents=True, exist_ok=True)
+    save_file(personal, run_folder / "rounds" / f"personal-r{server_round}.safetensors")
+    save_file(personal, run_folder / PERSONAL_FILE)
+    for old in sorted(
+        (run_folder / "rounds").glob("personal-r*.safetensors"),
+        key=lambda p: int(p.stem.rsplit("-r", 1)[1]),
+    )[:-2]:
+        old.unlink(missing_ok=True)
 
 
 def _publish_experts(
@@ -411,7 +449,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round: sync experts from peers, train, keep personal parts, publish, reply."""
     started = time.perf_counter()
     instruction = Instruction.from_record(msg.content)
-    node = _node(instruction, context)
+    node = _node(instruction, context, "train")
     cfg = node.cfg
     server_round = instruction.server_round
     transport = _transport(node, context) if instruction.exchange else None
@@ -427,7 +465,7 @@ def train(msg: Message, context: Context) -> Message:
     pred, _ = predict(node.model, node.data.x_test, cfg.train.eval_batch_size)
     local_correct = int((pred == node.data.y_test).sum())
     state = {k: v.detach().cpu() for k, v in node.model.state_dict().items()}
-    _save_personal(node, state)
+    _save_personal(node, state, server_round)
     shared = {k: v for k, v in state.items() if _is_shared(k, node.shared_parts)}
     reply = TrainReply(
         num_examples=len(node.data.y_train),
@@ -461,7 +499,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Personalised accuracy (own test split, per domain), global test accuracy and routing."""
-    node = _node(Instruction.from_record(msg.content), context)
+    node = _node(Instruction.from_record(msg.content), context, "evaluate")
     cfg, data = node.cfg, node.data
     num_domains = len(cfg.suite.tasks)
     batch = cfg.train.eval_batch_size

@@ -51,6 +51,15 @@ def partition_of(context: Context, own_files: bool = False) -> tuple[int, int]:
     )
 
 
+def client_id_of(context: Context) -> int:
+    """This node's client id, the same in every federation the run meets it in: the node
+    config's ``client-id``, else its ``partition-id``, else (unstable) the node id."""
+    for key in ("client-id", "partition-id"):
+        if key in context.node_config:
+            return int(str(context.node_config[key]))
+    return int(context.node_id)
+
+
 def data_dir_of(context: Context, cfg: ExperimentConfig) -> str | None:
     """The site's own data folder (node config ``data-dir``) when the run's suite reads files.
 

@@ -255,6 +255,7 @@ class ExperimentConfig:
     seed: int = MISSING
     num_rounds: int = MISSING
     report_true_tasks: bool = MISSING
+    resume: str | None = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -426,6 +427,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Range checks the type system cannot express. Raises ``ConfigError`` naming the key."""
     _check(cfg.seed >= 0, "seed", "must be >= 0")
     _check(cfg.num_rounds >= 1, "num_rounds", "must be >= 1")
+    _check(cfg.resume is None or bool(str(cfg.resume).strip()), "resume", "must name a run folder")
     if methods.get(cfg.method.name).needs_true_tasks:
         _check(cfg.report_true_tasks, "report_true_tasks", f"{cfg.method.name} needs true tasks")
     _check_suite(cfg.suite)

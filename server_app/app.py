@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedspecialists import methods
 from fedspecialists.config import load_config
-from server_app.outputs import RunRecorder, run_dir_for
+from server_app.outputs import RunRecorder, resumed_run, run_dir_for
 
 app = ServerApp()
 
@@ -26,8 +26,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run one experiment: config -> strategy -> rounds -> files."""
     overrides = str(context.run_config.get("overrides", ""))
     cfg = load_config(overrides)  # refuses unknown keys / bad values before any training
-    run_dir = run_dir_for(cfg)
-    recorder = RunRecorder(run_dir, cfg)
+    run_dir, checkpoint = resumed_run(cfg) if cfg.resume else (run_dir_for(cfg), None)
+    recorder = RunRecorder(run_dir, cfg, checkpoint)
     log(
         INFO,
         "fedspecialists: method=%s suite=%s, writing to %s",

@@ -84,7 +84,8 @@ def run(grid: Grid, cfg: MoERunConfig, recorder: RunRecorder, run_dir: Path) -> 
     strategy = method.strategy_class().from_config(
         cfg, shared_state(state, parts), parts, peer_root, recorder.on_round_end
     )
-    run_rounds(strategy, grid, cfg)
+    strategy.run_key = str(grid.run.run_id)  # a resumed run restores its first run's key
+    run_rounds(strategy, grid, cfg, recorder)
     if strategy.shared:
         save_file(strategy.shared, str(run_dir / "shared_model.safetensors"))
     personal = [

@@ -37,7 +37,7 @@ def run(grid: Grid, cfg: AdapterRunConfig, recorder: RunRecorder, run_dir: Path)
     }
     method = methods.get(cfg.method.name)
     strategy = method.strategy_class().from_config(cfg, template, recorder.on_round_end)
-    run_rounds(strategy, grid, cfg)
+    run_rounds(strategy, grid, cfg, recorder)
     adapters = strategy.final_adapters() if cfg.output.save_adapters else {}
     saved = save_adapters(run_dir, cfg, num_labels, adapters, strategy.majority_task)
     summary = recorder.write_summary(

@@ -8,7 +8,9 @@ Layout of a run folder::
     summary.json         method, final per-task and mean accuracy, total bytes, agreement per round
     plots/*.png          accuracy per task, cumulative bytes, adapter embeddings per round
     adapters/<id>/       final global adapters as peft folders (PeftModel.from_pretrained loads)
-    status.json          "running" / "completed" / "failed" (with the error)
+    status.json          "running" (with a heartbeat) / "completed" / "failed" (with the error);
+                         read as "interrupted" when the heartbeat stops (fedspecialists.run.status)
+    checkpoint/          the last completed round's strategy state (resume=<this folder>)
 
 Mixture-of-experts runs (FedMoE-DA and its baselines) write instead of adapters::
 
@@ -29,8 +31,17 @@ from typing import Any
 
 import numpy as np
 from flwr.common.logger import log
+from omegaconf import OmegaConf
 
-from fedspecialists.config import AdapterRunConfig, ExperimentConfig, MoERunConfig, to_yaml
+from fedspecialists.config import (
+    AdapterRunConfig,
+    ConfigError,
+    ExperimentConfig,
+    MoERunConfig,
+    to_yaml,
+)
+from fedspecialists.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedspecialists.run.status import StatusFile, atomic_write
 
 
 def run_setting(cfg: ExperimentConfig) -> str:
@@ -54,23 +65,85 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return path
 
 
-class RunRecorder:
-    """Writes a run's files as the rounds go by."""
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+
+def resumed_run(cfg: ExperimentConfig) -> tuple[Path, Checkpoint]:
+    """The run folder ``cfg.resume`` names and its last checkpoint, once its config is shown to
+    be the run's own (``ConfigError`` naming every key that differs; ``num_rounds`` may grow)."""
+    run_dir = Path(str(cfg.resume)).expanduser().resolve()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    now = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    differ = sorted(
+        k
+        for k in set(saved) | set(now)
+        if k not in ("resume", "num_rounds") and saved.get(k) != now.get(k)
+    )
+    if differ:
+        raise ConfigError(
+            f"resume: the overrides give a config that differs from the run's in {differ}; "
+            "give the same overrides as the run had, plus resume=<its folder>"
+        )
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint.round > cfg.num_rounds:
+        raise ConfigError(f"resume: the run is at round {checkpoint.round} > num_rounds")
+    return run_dir, checkpoint
+
+
+class RunRecorder:
+    """Writes a run's files as the rounds go by.
+
+    Resuming (``resumed``: the checkpoint to go on from), it keeps the files' rounds up to the
+    checkpoint's (a round the crash cut short is dropped) and appends from there.
+    """
+
+    FILES = ("metrics.jsonl", "embeddings.jsonl", "aggregation.jsonl")
+
+    def __init__(
+        self, run_dir: Path, cfg: ExperimentConfig, resumed: Checkpoint | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
-        self.rounds: list[dict[str, Any]] = []
-        self.embeddings: list[dict[str, Any]] = []
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.aggregations: list[dict[str, Any]] = []
-        for name in ("metrics.jsonl", "embeddings.jsonl", "aggregation.jsonl"):
-            (run_dir / name).write_text("")
-        self.set_status("running")
+        self.resumed = resumed
+        self.status = StatusFile(run_dir)
+        kept = {name: self._kept_lines(name) for name in self.FILES}
+        self.rounds: list[dict[str, Any]] = kept["metrics.jsonl"]
+        self.embeddings: list[dict[str, Any]] = kept["embeddings.jsonl"]
+        self.aggregations: list[dict[str, Any]] = kept["aggregation.jsonl"]
+        if resumed is None:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        for name, lines in kept.items():
+            atomic_write(run_dir / name, "".join(json.dumps(x) + "\n" for x in lines).encode())
+        details = {} if resumed is None else {"resumed_after_round": resumed.round}
+        self.set_status("running", **details)
+
+    def _kept_lines(self, name: str) -> list[dict[str, Any]]:
+        """A resumed run's lines of ``name`` up to the checkpoint's round (a new run: none)."""
+        path = self.run_dir / name
+        if self.resumed is None or not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [x for x in lines if int(x["round"]) <= self.resumed.round]
 
     def set_status(self, status: str, **details: Any) -> None:
-        payload = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
-        (self.run_dir / "status.json").write_text(json.dumps(payload, indent=2))
+        self.status.set(status, **details)
+
+    def save_checkpoint(
+        self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]
+    ) -> None:
+        """The strategy's state after ``server_round`` (``checkpoint/``), named in the status."""
+        save_checkpoint(self.run_dir, Checkpoint(server_round, arrays, state))
+        (self.run_dir / "checkpoint").chmod(0o700)  # it holds the peer-grant signing key
+        self.status.update(last_round=server_round)
 
     def on_round_end(self, record: dict[str, Any]) -> None:
         """Append the round to metrics.jsonl (embedding to embeddings.jsonl) and print progress."""

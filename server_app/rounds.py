@@ -1,14 +1,56 @@
-"""What both ServerApp paths share: waiting for the federation and running the round loop."""
+"""What both ServerApp paths share: waiting for the federation and running the round loop.
+
+The loop is ours, not Flower's ``Strategy.start`` (which always counts from round 1): it asks
+nodes it has not met for their client id, runs each round's training and evaluation, and writes
+a checkpoint after every round, so that a run can go on from its last completed round
+(``resume=<run folder>``).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedspecialists.config import ExperimentConfig
+from server_app.outputs import RunRecorder
+
+
+class RoundStrategy(Protocol):
+    """What the loop needs of a strategy: Flower's four round hooks and the shared plumbing
+    of :class:`strategies.common.RoundBookkeeping` (round opening, identities, checkpoints)."""
+
+    def summary(self) -> None: ...
+
+    def open_round(self, server_round: int) -> None: ...
+
+    def identify_nodes(self, server_round: int, grid: Any, timeout: float) -> None: ...
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None: ...
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
+
+    def restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None: ...
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
@@ -27,14 +69,26 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def run_rounds(strategy: Strategy, grid: Grid, cfg: ExperimentConfig) -> None:
-    """Wait for the federation, then the strategy's round loop (Flower's ``Strategy.start``)."""
+def run_rounds(
+    strategy: RoundStrategy, grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder
+) -> None:
+    """Rounds ``1..num_rounds`` (or, resuming, from the one after the checkpoint), each
+    followed by a checkpoint in the run folder."""
+    first = 1
+    if recorder.resumed is not None:
+        strategy.restore(recorder.resumed.arrays, recorder.resumed.state)
+        first = recorder.resumed.round + 1
+        log(INFO, "resuming %s after round %s", recorder.run_dir, recorder.resumed.round)
     wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.node_wait_s)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.federation.reply_timeout_s,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-    )
+    strategy.summary()
+    timeout = cfg.federation.reply_timeout_s
+    for server_round in range(first, cfg.num_rounds + 1):
+        log(INFO, "[ROUND %s/%s]", server_round, cfg.num_rounds)
+        strategy.open_round(server_round)
+        strategy.identify_nodes(server_round, grid, timeout)
+        empty = (ArrayRecord(), ConfigRecord())
+        train = strategy.configure_train(server_round, *empty, grid)
+        strategy.aggregate_train(server_round, grid.send_and_receive(train, timeout=timeout))
+        evaluate = strategy.configure_evaluate(server_round, *empty, grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluate, timeout=timeout))
+        recorder.save_checkpoint(server_round, *strategy.checkpoint())

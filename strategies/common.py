@@ -13,10 +13,12 @@ from logging import INFO, WARNING
 from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.protocol.records import content_nbytes
+from fedspecialists.protocol.values import ProtocolError
 
 T = TypeVar("T")
 
@@ -38,6 +40,21 @@ class TrafficLedger:
 
     def start_round(self) -> None:
         self.round_bytes = defaultdict(lambda: defaultdict(int))
+
+    def to_state(self) -> dict[str, Any]:
+        """The cumulative counts, JSON-able (a checkpoint's part; the round's are not kept)."""
+        return {
+            "total_bytes": {f"{p}/{d}": int(n) for (p, d), n in self.total_bytes.items()},
+            "per_node_total": {str(node): dict(v) for node, v in self.per_node_total.items()},
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`to_state`'s counts."""
+        for key, n in state["total_bytes"].items():
+            phase, direction = key.split("/")
+            self.total_bytes[(phase, direction)] = int(n)
+        for node, v in state["per_node_total"].items():
+            self.per_node_total[int(node)] = {"down": int(v["down"]), "up": int(v["up"])}
 
     def count(self, phase: str, direction: str, node_id: int, nbytes: int) -> None:
         self.round_bytes[(phase, direction)][node_id] += nbytes
@@ -102,13 +119,23 @@ def weighted_mean(
     return out
 
 
-def sample_round_nodes(node_ids: Sequence[int], fraction: float, seed: int) -> list[int]:
-    """A seeded sample of ``ceil(fraction * len(node_ids))`` nodes (all of them at fraction 1)."""
-    nodes = sorted(node_ids)
+def sample_round_nodes(
+    node_ids: Sequence[int],
+    fraction: float,
+    seed: int,
+    client_of: Callable[[int], int] = int,
+) -> list[int]:
+    """A seeded sample of ``ceil(fraction * len(node_ids))`` nodes (all of them at fraction 1).
+
+    Drawn over the nodes ordered by ``client_of`` (their client ids), so that the same clients
+    are drawn whatever node ids a federation gave them; returned in that order.
+    """
+    nodes = sorted(node_ids, key=client_of)
     if fraction >= 1.0:
         return nodes
     count = max(1, math.ceil(fraction * len(nodes)))
-    return sorted(random.Random(seed).sample(nodes, count))
+    drawn = set(random.Random(seed).sample(range(len(nodes)), count))
+    return [node for i, node in enumerate(nodes) if i in drawn]
 
 
 def log_failed_reply(reply: Message, phase: str) -> None:
@@ -167,6 +194,7 @@ class RoundBookkeeping:
     on_round_end: Callable[[dict[str, Any]], None] | None
     history: list[dict[str, Any]]
     record: dict[str, Any]
+    client_ids: dict[int, int]  # node id -> client id (protocol.identity)
 
     def init_rounds(
         self,
@@ -186,21 +214,101 @@ class RoundBookkeeping:
         self.ledger = TrafficLedger()
         self.history = []
         self.record = {}
+        self.client_ids = {}
         self._t_start = self._t_round = time.time()
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    # -- checkpoint ------------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything needed to go on after the last closed round: ``(arrays, JSON state)``.
+
+        The shared part (history, traffic, elapsed time) here; the method's own from
+        :meth:`method_checkpoint`.
+        """
+        arrays, state = self.method_checkpoint()
+        state["rounds"] = {
+            "history": self.history,
+            "ledger": self.ledger.to_state(),
+            "wall_time_s": time.time() - self._t_start,
+        }
+        return arrays, state
+
+    def restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`checkpoint`'s output (a freshly built strategy, same settings)."""
+        rounds = state["rounds"]
+        self.history = list(rounds["history"])
+        self.ledger.load_state(rounds["ledger"])
+        self._t_start = time.time() - float(rounds["wall_time_s"])
+        self.method_restore(arrays, state)
+
+    def method_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        raise NotImplementedError
+
+    def method_restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
     def summary(self) -> None:
         log(INFO, "%s settings: %s", type(self).__name__, self.describe())
 
-    def begin_train_round(self, server_round: int, grid: Any) -> list[int]:
-        """Start the round's clock, traffic count and record; return the nodes sampled for it."""
+    def client_of(self, node: int) -> int:
+        """The client id of ``node`` (its node id until it has said, or if it never does)."""
+        return self.client_ids.get(node, node)
+
+    def identify_nodes(self, server_round: int, grid: Any, timeout: float) -> None:
+        """Ask the nodes not met yet for their client id (one small query message each).
+
+        A node that does not answer is asked again next round; one that claims a client id
+        another node already holds keeps its node id (logged): ids must stay unique.
+        """
+        nodes = [n for n in sorted(grid.get_node_ids()) if n not in self.client_ids]
+        if not nodes:
+            return
+        query = [
+            Message(
+                content=IdentityQuery(server_round).to_record(),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        taken = set(self.client_ids.values())
+        for reply in self.ledger.count_replies(
+            "identify",
+            grid.send_and_receive(self.ledger.count_messages("identify", query), timeout=timeout),
+        ):
+            node = reply.metadata.src_node_id
+            try:
+                if reply.has_error():
+                    raise ProtocolError(reply.error.reason)
+                client = IdentityReply.from_record(reply.content).client_id
+            except ProtocolError as exc:
+                log(WARNING, "node %s did not say which client it is: %s", node, exc)
+                continue
+            if client in taken:
+                log(
+                    WARNING,
+                    "node %s claims client id %s, already taken: keyed by node id",
+                    node,
+                    client,
+                )
+                client = node
+            self.client_ids[node] = client
+            taken.add(client)
+
+    def open_round(self, server_round: int) -> None:
+        """Start the round's clock, traffic count and record (the round loop calls it first)."""
         self._t_round = time.time()
         self.ledger.start_round()
         self.record = {"round": server_round}
+
+    def begin_train_round(self, server_round: int, grid: Any) -> list[int]:
+        """Open the round (if the round loop has not) and return the nodes sampled for it."""
+        if self.record.get("round") != server_round:
+            self.open_round(server_round)
         return sample_round_nodes(
-            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round
+            list(grid.get_node_ids()), self.fraction_train, self.seed + server_round, self.client_of
         )
 
     def screen_replies(
@@ -208,8 +316,8 @@ class RoundBookkeeping:
     ) -> list[tuple[int, T]]:
         """Count the replies' bytes; log and count failed and rejected ones in the record.
 
-        Returns ``(node id, parsed)`` for every reply ``parse`` accepts, in arrival order; a
-        rejected one never reaches the caller.
+        Returns ``(node id, parsed)`` for every reply ``parse`` accepts, ordered by client id
+        (arrival order must not change a float sum); a rejected one never reaches the caller.
         """
         accepted: list[tuple[int, T]] = []
         failed = rejected = 0
@@ -225,6 +333,7 @@ class RoundBookkeeping:
                 rejected += 1
                 continue
             accepted.append((node, parsed))
+        accepted.sort(key=lambda item: self.client_of(item[0]))
         self.record.update(
             {"replies_ok": len(accepted), "replies_failed": failed, "replies_rejected": rejected}
         )

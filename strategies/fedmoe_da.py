@@ -305,14 +305,15 @@ def sync_plans(
 
 @dataclass
 class ExpertPool:
-    """The latest proxies of every client-expert heard from, in pool order ``<node>/<k>``."""
+    """The latest proxies of every client-expert heard from, in pool order ``<client>/<k>``
+    (client ids, :mod:`fedspecialists.protocol.identity`: they outlive node ids)."""
 
-    proxies: dict[int, np.ndarray]  # node -> (K, d) gate vectors
-    hashes: dict[int, list[str]]  # node -> K content hashes
-    addresses: dict[int, str]  # node -> peer address
+    proxies: dict[int, np.ndarray]  # client -> (K, d) gate vectors
+    hashes: dict[int, list[str]]  # client -> K content hashes
+    addresses: dict[int, str]  # client -> peer address
 
     def order(self) -> tuple[list[str], list[int], np.ndarray]:
-        """Expert ids, their owners and the ``(M, d)`` proxy matrix, nodes sorted."""
+        """Expert ids, their owners and the ``(M, d)`` proxy matrix, clients sorted."""
         ids: list[str] = []
         owners: list[int] = []
         rows = []
@@ -410,11 +411,12 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.peer_root = peer_root
         self.grant_ttl_s = grant_ttl_s
         self.pool = ExpertPool({}, {}, {})
-        self.dominant_domain: dict[int, int] = {}  # reported by clients; metrics only
+        self.dominant_domain: dict[int, int] = {}  # client -> its domain; metrics only
         self.matrix: np.ndarray | None = None
         self.matrix_ids: list[str] = []
         self.grants = GrantIssuer()
         self.peer_bytes_total = 0
+        self.run_key: str | None = None  # names the clients' personal files (the server sets it)
 
     @classmethod
     def from_config(
@@ -471,6 +473,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             exchange=self.exchange,
             peer_root=self.peer_root,
             shared=state_to_record(self.shared) if self.shared else None,
+            run_key=self.run_key,
         )
         if phase == "train" and self.exchange:
             message.grant_key = self.grants.public_key
@@ -481,19 +484,19 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                         Source(i, w, h, self.pool.addresses[int(i.split("/")[0])])
                         for i, w, h in sources
                     ]
-                    for expert, sources in self.plan_for(node).items()
+                    for expert, sources in self.plan_for(self.client_of(node)).items()
                 }
         return message
 
-    def plan_for(self, node: int) -> dict[str, list[tuple[str, float, str]]]:
-        """This node's sync plan from the current A and the latest hashes (empty before A)."""
-        if self.matrix is None or node not in self.pool.proxies:
+    def plan_for(self, client: int) -> dict[str, list[tuple[str, float, str]]]:
+        """A client's sync plan from the current A and the latest hashes (empty before A)."""
+        if self.matrix is None or client not in self.pool.proxies:
             return {}
         ids, owners, _ = self.pool.order()
         if ids != self.matrix_ids:
             return {}
         flat = {f"{n}/{k}": h for n, hs in self.pool.hashes.items() for k, h in enumerate(hs)}
-        return sync_plans(self.matrix, ids, owners, flat).get(node, {})
+        return sync_plans(self.matrix, ids, owners, flat).get(client, {})
 
     def _message(self, node: int, server_round: int, phase: str) -> Message:
         return Message(
@@ -501,6 +504,40 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             message_type=MessageType.TRAIN if phase == "train" else MessageType.EVALUATE,
             dst_node_id=node,
         )
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def method_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The shared parts (``shared/<tensor>``), the pool's proxies (``proxies/<client>``),
+        A (``matrix``), and as JSON the hashes, addresses, plans' ids and the grant key."""
+        arrays = {f"shared/{k}": v for k, v in self.shared.items()}
+        arrays.update({f"proxies/{c}": p for c, p in self.pool.proxies.items()})
+        if self.matrix is not None:
+            arrays["matrix"] = self.matrix
+        state = {
+            "hashes": {str(c): h for c, h in self.pool.hashes.items()},
+            "addresses": {str(c): a for c, a in self.pool.addresses.items()},
+            "dominant_domain": {str(c): d for c, d in self.dominant_domain.items()},
+            "matrix_ids": self.matrix_ids,
+            "peer_bytes_total": self.peer_bytes_total,
+            # The same key after a resume: owners already trust it (checkpoint folder is 0700).
+            "grant_key": self.grants.private_key_hex(),
+            "run_key": self.run_key,
+        }
+        return arrays, state
+
+    def method_restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        self.shared = {k[len("shared/") :]: v for k, v in arrays.items() if k.startswith("shared/")}
+        self.pool = ExpertPool(
+            {int(k.split("/")[1]): v for k, v in arrays.items() if k.startswith("proxies/")},
+            {int(c): list(h) for c, h in state["hashes"].items()},
+            {int(c): str(a) for c, a in state["addresses"].items()},
+        )
+        self.matrix = arrays.get("matrix")
+        self.matrix_ids = list(state["matrix_ids"])
+        self.dominant_domain = {int(c): int(d) for c, d in state["dominant_domain"].items()}
+        self.peer_bytes_total = int(state["peer_bytes_total"])
+        self.grants = GrantIssuer.from_private_hex(str(state["grant_key"]))
+        self.run_key = state["run_key"]
 
     # -- Strategy API --------------------------------------------------------------------------
     def configure_train(
@@ -518,7 +555,6 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             "train", replies, lambda node, content: self._parse_train_reply(content)
         )
         accepted = [(node, shared, meta) for node, (shared, meta) in screened if meta is not None]
-        accepted.sort(key=lambda a: a[0])  # arrival order must not change the float sums
         self._record_peer_traffic(accepted)
         if self.too_few_replies(server_round, len(accepted)):
             return None, None
@@ -571,13 +607,14 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
         for node, _, meta in accepted:
+            client = self.client_of(node)  # the pool outlives node ids (a resumed run)
             if meta.domain_examples is not None:
-                self.dominant_domain[node] = int(np.argmax(meta.domain_examples))
+                self.dominant_domain[client] = int(np.argmax(meta.domain_examples))
             proxies = meta.gate_proxies()
             assert proxies is not None and meta.hashes is not None  # checked with the reply
-            self.pool.proxies[node] = proxies
-            self.pool.hashes[node] = meta.hashes
-            self.pool.addresses[node] = str(meta.address)
+            self.pool.proxies[client] = proxies
+            self.pool.hashes[client] = meta.hashes
+            self.pool.addresses[client] = str(meta.address)
         ids, owners, proxies = self.pool.order()
         if (
             self.matrix is None
@@ -650,14 +687,19 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         # Every node evaluates the model it holds now: shared parts from here, the rest its own.
         return self.ledger.count_messages(
             "evaluate",
-            [self._message(node, server_round, "evaluate") for node in sorted(grid.get_node_ids())],
+            [
+                self._message(node, server_round, "evaluate")
+                for node in sorted(grid.get_node_ids(), key=self.client_of)
+            ],
         )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         sums = EvaluationSums()
-        for reply in self.ledger.count_replies("evaluate", replies):
+        counted = self.ledger.count_replies("evaluate", replies)
+        # Client order, not arrival order: the means over nodes are float sums.
+        for reply in sorted(counted, key=lambda r: self.client_of(r.metadata.src_node_id)):
             if reply.has_error():
                 log_failed_reply(reply, "evaluate")
                 continue

@@ -712,7 +712,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.label_count_bounds: dict[int, int] = {}
         self.max_update_norm = max_update_norm
         self.keep_local = keep_local
-        # Global adapters by id ("v0" is the broadcast init) and each node's slot -> id.
+        # Global adapters by id ("v0" is the broadcast init) and each client's slot -> id.
         self.globals: dict[str, dict[str, np.ndarray]] = {"v0": dict(self.template)}
         self.node_slots: dict[int, list[str]] = {}
         self.majority_task: dict[str, str] = {}
@@ -842,6 +842,34 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "min_replies": self.min_replies,
         }
 
+    # -- checkpoint --------------------------------------------------------------------------------
+    def method_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The global adapters (``global/<id>/<tensor>``) and what the clustering keeps."""
+        arrays = {
+            f"global/{gid}/{name}": value
+            for gid, params in self.globals.items()
+            for name, value in params.items()
+        }
+        state = {
+            "globals": sorted(self.globals),
+            "node_slots": {str(client): slots for client, slots in self.node_slots.items()},
+            "majority_task": dict(self.majority_task),
+            "label_count_bounds": {str(c): k for c, k in self.label_count_bounds.items()},
+            "fingerprint_width": self.fingerprint_width,
+        }
+        return arrays, state
+
+    def method_restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        self.globals = {gid: {} for gid in state["globals"]}
+        for key, value in arrays.items():
+            _, gid, name = key.split("/", 2)
+            self.globals[gid][name] = value
+        self.node_slots = {int(c): list(slots) for c, slots in state["node_slots"].items()}
+        self.majority_task = dict(state["majority_task"])
+        self.label_count_bounds = {int(c): int(k) for c, k in state["label_count_bounds"].items()}
+        width = state["fingerprint_width"]
+        self.fingerprint_width = None if width is None else int(width)
+
     # -- Strategy API ----------------------------------------------------------------------------
 
     def configure_train(
@@ -894,7 +922,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
-            for node in sorted(grid.get_node_ids())
+            for node in sorted(grid.get_node_ids(), key=self.client_of)
         ]
         return self.ledger.count_messages("evaluate", messages)
 
@@ -942,7 +970,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             check_sources=float(self.source_check_llr or 0.0),
             extra=dict(config),
         )
-        slot_ids = self.node_slots.get(node)
+        slot_ids = self.node_slots.get(self.client_of(node))
         needed: list[str] = ["v0"]
         if slot_ids is not None:
             needed, message.slot_sources = node_payload(slot_ids)
@@ -965,7 +993,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         """The reply's adapters as pool entries, each checked against the template and against
         the global it started from (value bound, update norm)."""
         num_slots = len(reply.slot_examples)
-        previous = self.node_slots.get(node, ["v0"] * num_slots)
+        previous = self.node_slots.get(self.client_of(node), ["v0"] * num_slots)
         if len(previous) != num_slots:
             raise ProtocolError(f"{num_slots} slots, but the node had {len(previous)} before")
         used = self._parse_sources(reply, previous)
@@ -1078,8 +1106,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         new_slots: dict[int, dict[int, str]] = defaultdict(dict)
         for entry, gid in zip(pool, groups, strict=True):
             new_slots[entry.node_id][entry.slot] = gid
-        for node, slots in new_slots.items():
-            self.node_slots[node] = [slots[i] for i in range(len(slots))]
+        for node, slots in new_slots.items():  # by client id: it outlives node ids
+            self.node_slots[self.client_of(node)] = [slots[i] for i in range(len(slots))]
         truth = [e.true_task for e in pool]
         has_truth = all(t is not None for t in truth)
         record: dict[str, Any] = {

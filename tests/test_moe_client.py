@@ -31,7 +31,7 @@ CFG = SimpleNamespace(validation=SimpleNamespace(max_abs_value=1e4))
 def _node(node_id: int, tmp_path: Path) -> tuple[Node, LocalPeerStore]:
     model = build_model((1, 8, 8), 3, MOE, dense=False, seed=node_id)
     folder = tmp_path / f"node-{node_id}"
-    node = Node(CFG, "", node_id, (node_id, 4), None, model, ["backbone"], folder)  # type: ignore[arg-type]
+    node = Node(CFG, "", node_id, node_id, (node_id, 4), None, model, ["backbone"], folder)  # type: ignore[arg-type]
     return node, LocalPeerStore(folder, max_bytes=1_000_000)
 
 

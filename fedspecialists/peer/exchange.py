@@ -88,6 +88,14 @@ class GrantIssuer:
     def __init__(self, private_key: Ed25519PrivateKey | None = None) -> None:
         self._key = private_key or Ed25519PrivateKey.generate()
 
+    def private_key_hex(self) -> str:
+        """The raw private key, hex (a checkpoint keeps it so a resumed run signs alike)."""
+        return self._key.private_bytes_raw().hex()
+
+    @classmethod
+    def from_private_hex(cls, text: str) -> GrantIssuer:
+        return cls(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(text)))
+
     @property
     def public_key(self) -> str:
         """Raw public key, hex (sent to every node so owners can verify grants)."""

@@ -6,7 +6,8 @@ raises :class:`ProtocolError` with the reason (the strategy logs it and rejects 
 
 Content of each message (record kind, name: keys)::
 
-    Instruction   config "config": server-round, share, exchange, [peer-root], [grant-key, grant],
+    Instruction   config "config": server-round, share, exchange, [peer-root], [run-key],
+                  [grant-key, grant],
                   [plan.<k>.ids / .weights / .hashes / .addresses per expert k to mix];
                   arrays "shared": the server's aggregate of the shared parts (if any)
     TrainReply    metrics "metrics": num-examples, train-loss, aux-loss, peer-bytes,
@@ -47,7 +48,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class Source:
-    """One source expert of a sync plan: its id (``"<node>/<k>"``), weight, hash and owner."""
+    """One source expert of a sync plan: its id (``"<client id>/<k>"``), weight, hash and owner."""
 
     expert_id: str
     weight: float
@@ -61,7 +62,8 @@ class Instruction:
 
     ``plans`` maps each of the node's experts ``k`` to mix to its sources (Eq. 11); empty in a
     round without mixing. ``grant_key`` and ``grant`` (the server's public key and a signed
-    per-round fetch grant) come with expert exchange.
+    per-round fetch grant) come with expert exchange. ``run_key`` names the run the node's
+    personal files belong to (the same after a resume; ``None``: the Flower run id).
     """
 
     server_round: int
@@ -72,6 +74,7 @@ class Instruction:
     grant: str | None = None
     plans: dict[int, list[Source]] = field(default_factory=dict)
     shared: ArrayRecord | None = None
+    run_key: str | None = None
 
     def to_record(self) -> RecordDict:
         config = ConfigRecord(
@@ -83,6 +86,8 @@ class Instruction:
         )
         if self.peer_root is not None:
             config["peer-root"] = self.peer_root
+        if self.run_key is not None:
+            config["run-key"] = self.run_key
         if self.grant_key is not None:
             config["grant-key"] = self.grant_key
             config["grant"] = self.grant or ""
@@ -109,6 +114,7 @@ class Instruction:
             grant=str(config.get("grant", "")) or None,
             plans=_plans(config),
             shared=content.array_records.get(SHARED),
+            run_key=optional_str(config, "run-key"),
         )
 
     def planned_hashes(self) -> set[str]:

@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fedspecialists import methods
+from fedspecialists.run.status import read_status
 
 
 @dataclass
@@ -91,7 +92,7 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
         }
     )
     for folder in folders:
-        status = json.loads((folder / "status.json").read_text()).get("status", "?")
+        status = str(read_status(folder)["status"])  # "interrupted": died while running
         if status != "completed" or not (folder / "summary.json").exists():
             skipped.append((folder, status))
             continue

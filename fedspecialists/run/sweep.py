@@ -14,6 +14,11 @@ key or a bad value stops the sweep at once, with the key named. Each job then ru
 exit; the job's run folder is ``<hydra sweep dir>/<job number>/run``. A job whose run fails is
 reported as failed (its status read from the SuperLink) and the sweep goes on.
 
+A sweep (or one run) cut short goes on with the same command plus ``resume=<folder>``: for
+``--multirun`` the folder is the sweep's (``<sweep dir>``), and each job's run in it is skipped
+when it completed, resumed from its checkpoint when it has one, and run anew otherwise; for a
+single run the folder is the run's own.
+
 ``fedspecialists-report <sweep dir>`` turns the run folders into tables and plots.
 """
 
@@ -33,6 +38,7 @@ from omegaconf import DictConfig
 
 from fedspecialists.config import CONF_DIR, ConfigError, apply_schema, load_config
 from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app
+from fedspecialists.run.status import read_status
 
 logger = getLogger("fedspecialists.run.sweep")
 _LINK: dict[str, Any] = {}
@@ -81,9 +87,24 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     hydra = HydraConfig.get()
     job_dir = Path(hydra.runtime.output_dir)
     checked = apply_schema(cfg)
-    task = [o for o in hydra.overrides.task if not o.startswith(("output.root=", "output.name="))]
-    overrides = shlex.join([*task, f"output.root={job_dir}", "output.name=run"])
+    own = ("output.root=", "output.name=", "resume=")
+    task = [o for o in hydra.overrides.task if not o.startswith(own)]
     multirun = hydra.mode is not None and hydra.mode.name == "MULTIRUN"
+    run_dir = job_dir / "run"
+    if checked.resume:
+        run_dir = resumed_job_folder(Path(str(checked.resume)), hydra.job.num if multirun else None)
+    result = {
+        "job": hydra.job.num if multirun else 0,
+        "overrides": task,
+        "run_dir": str(run_dir),
+    }
+    if read_status(run_dir)["status"] == "completed" and multirun:
+        logger.log(INFO, "job %s already completed: %s", result["job"], run_dir)
+        return {**result, "status": "finished:completed", "run_id": None, "skipped": True}
+    resume = [f"resume={run_dir}"] if (run_dir / "checkpoint" / "checkpoint.json").exists() else []
+    overrides = shlex.join(
+        [*task, f"output.root={run_dir.parent}", f"output.name={run_dir.name}", *resume]
+    )
     sweep_dir = Path(hydra.sweep.dir) if multirun else job_dir
     link = _superlink(sweep_dir / ".flwr-home")
     outcome = run_app(
@@ -93,14 +114,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         timeout_s=checked.federation.reply_timeout_s * checked.num_rounds,
     )
     status = outcome.status
-    run_dir = job_dir / "run"
-    result = {
-        "job": hydra.job.num if multirun else 0,
-        "overrides": task,
-        "status": status,
-        "run_id": outcome.run_id,
-        "run_dir": str(run_dir),
-    }
+    result.update({"status": status, "run_id": outcome.run_id, "resumed": bool(resume)})
     (job_dir / "job.json").write_text(json.dumps(result, indent=2))
     (job_dir / "flwr.log").write_text(outcome.log)
     if status == "finished:completed":
@@ -108,6 +122,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     else:
         logger.log(ERROR, "job %s FAILED (%s); log in %s", result["job"], status, job_dir)
     return result
+
+
+def resumed_job_folder(folder: Path, job: int | None) -> Path:
+    """The run folder a resumed job goes on in: ``<sweep dir>/<job>/run`` for job ``job`` of a
+    multirun sweep, the folder itself for a single run."""
+    folder = folder.expanduser().resolve()
+    return folder / str(job) / "run" if job is not None else folder
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

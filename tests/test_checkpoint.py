@@ -1,0 +1,187 @@
+"""Checkpoints, the run status and client identities: what a resumed run stands on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FakeGrid
+from flwr.app import Message, MessageType
+from numpy.testing import assert_array_equal
+from test_moe_strategy import GATES, _reply, _round, _strategy
+
+from fedspecialists.config import ConfigError, load_config
+from fedspecialists.protocol.fedmoe_da import Instruction
+from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
+from fedspecialists.run.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedspecialists.run.status import STALE_AFTER_S, StatusFile, read_status
+from server_app.outputs import RunRecorder, resumed_run
+from strategies.common import sample_round_nodes
+
+
+def _checkpoint(k: int) -> Checkpoint:
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3) * k, "b": np.ones(2, np.int64)}
+    return Checkpoint(k, arrays, {"round": k, "nested": {"1": [0.1, 1e-300]}})
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint(1))
+    save_checkpoint(tmp_path, _checkpoint(2))
+    back = load_checkpoint(tmp_path)
+    assert back.round == 2
+    assert back.state == {"round": 2, "nested": {"1": [0.1, 1e-300]}}  # floats exact in JSON
+    assert_array_equal(back.arrays["a"], np.array([[0, 2, 4], [6, 8, 10]], np.float32))
+    assert back.arrays["b"].dtype == np.int64
+    # Only the committed round's tensors are kept; no temporary file is left behind.
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "checkpoint.json",
+        "round-2.safetensors",
+    ]
+
+
+def test_a_crash_before_the_commit_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint(1))
+    # A crash after the new tensors were written, before checkpoint.json was replaced:
+    (tmp_path / "checkpoint" / "round-2.safetensors").write_bytes(b"half-written")
+    assert load_checkpoint(tmp_path).round == 1
+
+
+def test_damaged_or_missing_checkpoints_are_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, _checkpoint(3))
+    tensors = tmp_path / "checkpoint" / "round-3.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_running_status_whose_heartbeat_stopped_reads_as_interrupted(tmp_path: Path) -> None:
+    status = StatusFile(tmp_path)
+    status.set("running")
+    status.update(last_round=2)
+    written = json.loads((tmp_path / "status.json").read_text())
+    assert written["status"] == "running" and written["last_round"] == 2
+    beat = written["heartbeat"]
+    assert read_status(tmp_path, now=beat + 1)["status"] == "running"
+    stale = read_status(tmp_path, now=beat + STALE_AFTER_S + 5)
+    assert stale["status"] == "interrupted" and stale["stale_s"] == pytest.approx(STALE_AFTER_S + 5)
+    status.set("completed")
+    done = json.loads((tmp_path / "status.json").read_text())
+    assert done["status"] == "completed" and "heartbeat" not in done and done["last_round"] == 2
+    assert read_status(tmp_path, now=beat + 10 * STALE_AFTER_S)["status"] == "completed"
+    assert read_status(tmp_path / "nowhere")["status"] == "unknown"
+
+
+def test_resume_refuses_other_overrides_naming_the_keys(tmp_path: Path) -> None:
+    cfg = load_config(f"output.root={tmp_path} output.name=run seed=3")
+    (tmp_path / "run").mkdir()
+    RunRecorder(tmp_path / "run", cfg).set_status("failed")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        resumed_run(
+            load_config(f"output.root={tmp_path} output.name=run seed=3 resume={tmp_path}/run")
+        )
+    save_checkpoint(tmp_path / "run", _checkpoint(2))
+    with pytest.raises(ConfigError, match=r"\['lora.rank', 'seed'\]"):
+        resumed_run(
+            load_config(
+                f"output.root={tmp_path} output.name=run seed=4 lora.rank=2 resume={tmp_path}/run"
+            )
+        )
+    with pytest.raises(ConfigError, match="not a run folder"):
+        resumed_run(load_config(f"resume={tmp_path}/elsewhere"))
+    # The same overrides, and more rounds than the run had: accepted.
+    folder, checkpoint = resumed_run(
+        load_config(
+            f"output.root={tmp_path} output.name=run seed=3 num_rounds=9 resume={tmp_path}/run"
+        )
+    )
+    assert folder == tmp_path / "run" and checkpoint.round == 2
+
+
+def test_a_resumed_recorder_keeps_the_rounds_up_to_the_checkpoint(tmp_path: Path) -> None:
+    cfg = load_config(f"output.root={tmp_path} output.name=run")
+    (tmp_path / "run").mkdir()
+    recorder = RunRecorder(tmp_path / "run", cfg)
+    for r in (1, 2, 3):  # round 3 was cut short by the crash after its line was written
+        recorder.on_round_end({"round": r, "mean_accuracy": r / 10})
+    again = RunRecorder(tmp_path / "run", cfg, _checkpoint(2))
+    assert [x["round"] for x in again.rounds] == [1, 2]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["resumed_after_round"] == 2
+
+
+class IdentifyingGrid(FakeGrid):
+    """A grid whose nodes answer the identity query with their client ids."""
+
+    def __init__(self, clients: dict[int, int]) -> None:
+        super().__init__(list(clients))
+        self.clients = clients
+        self.queries = 0
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        replies = []
+        for message in messages:
+            assert message.metadata.message_type == MessageType.QUERY
+            assert IdentityQuery.is_query(message.content)
+            self.queries += 1
+            client = self.clients[message.metadata.dst_node_id]
+            replies.append(Message(IdentityReply(client).to_record(), reply_to=message))
+        return replies
+
+
+def test_nodes_are_asked_once_and_a_duplicate_client_id_keeps_its_node_id() -> None:
+    strategy = _strategy()
+    grid = IdentifyingGrid({501: 0, 77: 1, 9000: 1})
+    strategy.identify_nodes(1, grid, timeout=5)
+    assert strategy.client_ids == {77: 1, 501: 0, 9000: 9000}  # asked in node order: 77 first
+    strategy.identify_nodes(2, grid, timeout=5)
+    assert grid.queries == 3  # nobody asked twice
+
+
+def test_the_same_clients_are_sampled_whatever_their_node_ids() -> None:
+    first = {10: 0, 20: 1, 30: 2, 40: 3, 50: 4}
+    second = {999: 0, 5: 1, 123: 2, 7: 3, 60: 4}  # the same clients in another federation
+    drawn = [
+        [ids[n] for n in sample_round_nodes(list(ids), 0.4, seed=3, client_of=ids.__getitem__)]
+        for ids in (first, second)
+    ]
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 2
+
+
+def test_a_restored_fedmoe_da_strategy_plans_as_the_original_under_new_node_ids() -> None:
+    """Round 1 under node ids 1-3, checkpoint; round 2 by the original and by a fresh strategy
+    restored from it whose clients came back as nodes 41-43: the same plans and backbone."""
+    original = _strategy(peer_root="/stores")
+    original.client_ids = {1: 0, 2: 1, 3: 2}
+    _round(original, 1, lambda n, m: _reply(m, float(n), GATES[n]))
+    arrays, state = original.checkpoint()
+    restored = _strategy(peer_root="/stores")
+    restored.restore(arrays, json.loads(json.dumps(state)))  # through JSON, as on disk
+    restored.client_ids = {41: 0, 42: 1, 43: 2}
+
+    def reply(n: int, m: Message) -> Message:
+        node = n if n < 40 else n - 40
+        return _reply(m, float(node) + 0.5, GATES[node], server_round=2)
+
+    plans_a = _round(original, 2, reply)
+    plans_b = _round(restored, 2, reply, nodes=(41, 42, 43))
+    for node in (1, 2, 3):
+        a = Instruction.from_record(plans_a[node].content)
+        b = Instruction.from_record(plans_b[node + 40].content)
+        assert a.plans == b.plans and a.plans  # same sources, weights, hashes, addresses
+        assert a.grant_key == b.grant_key  # the same signing key: owners trust it already
+    assert_array_equal(original.shared["backbone.w"], restored.shared["backbone.w"])
+    assert original.matrix_ids == restored.matrix_ids == ["0/0", "0/1", "1/0", "1/1", "2/0", "2/1"]
