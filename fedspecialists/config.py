@@ -24,6 +24,19 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 PROXIES = ("gate", "gate_update", "routed_mean")  # what stands for an expert in FedMoE-DA's Eq. 8
+ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
+FAULT_KINDS = (  # client_app.faults
+    "none",
+    "crash",
+    "hang",
+    "nan",
+    "inf",
+    "shape",
+    "huge_norm",
+    "sign_flip",
+    "scale",
+    "other_task",
+)
 FLTAC_CHOICES = {
     "clustering": ("kmeans", "constrained_kmeans"),
     "feature_source": ("update", "cumulative", "weights", "cumulative+update"),
@@ -232,6 +245,45 @@ class ValidationConfig:
 
 
 @dataclass
+class RobustSettings:
+    """How replies are aggregated where many meet: inside an FL-TAC cluster, FedMoE-DA's
+    backbone (``strategies.robust``). ``rule``: mean | median | trimmed_mean."""
+
+    rule: str = MISSING
+    trim_fraction: float = MISSING
+    clip_norm: float | None = MISSING
+
+
+@dataclass
+class FaultSettings:
+    """Faults injected on purpose (``client_app.faults``), to measure what a run survives.
+
+    Each round, ``round(fraction * clients)`` clients drawn by seed are faulty, with ``kind``:
+    crash (the ClientApp raises), hang (it sleeps past ``federation.reply_timeout_s``), nan,
+    inf, shape, huge_norm (an invalid update), sign_flip, scale (finite attacks on the update),
+    other_task (FL-TAC: each slot sends another slot's adapter). ``none``: no fault.
+    """
+
+    kind: str = MISSING
+    fraction: float = MISSING
+    scale: float = MISSING  # factor of the scale attack (and of huge_norm: 1e6)
+    seed: int = MISSING
+
+
+@dataclass
+class PrivacySettings:
+    """Local differential privacy with Flower's ``LocalDpMod`` on every trained update:
+    clipped to ``clipping_norm``, Gaussian noise of std ``sensitivity * sqrt(2 ln(1.25 /
+    delta)) / epsilon``. ``local_dp: false``: off."""
+
+    local_dp: bool = MISSING
+    clipping_norm: float = MISSING
+    sensitivity: float = MISSING
+    epsilon: float = MISSING
+    delta: float = MISSING
+
+
+@dataclass
 class OutputConfig:
     root: str = MISSING
     name: str | None = MISSING
@@ -263,6 +315,9 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    robust: RobustSettings = field(default_factory=RobustSettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     output: OutputConfig = field(default_factory=OutputConfig)
     data: DataSettings = field(default_factory=DataSettings)
 
@@ -433,6 +488,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_suite(cfg.suite)
     _check_model_and_training(cfg)
     _check_federation(cfg)
+    _check_robustness(cfg)
     if isinstance(cfg, AdapterRunConfig):
         _check_adapter_sections(cfg)
     if isinstance(cfg, MoERunConfig):
@@ -497,6 +553,22 @@ def _check_model_and_training(cfg: ExperimentConfig) -> None:
         "train.device",
         "must be auto, cpu, mps, cuda or cuda:<index>",
     )
+
+
+def _check_robustness(cfg: ExperimentConfig) -> None:
+    robust, faults, dp = cfg.robust, cfg.faults, cfg.privacy
+    _check(robust.rule in ROBUST_RULES, "robust.rule", f"must be one of {ROBUST_RULES}")
+    _check(0.0 <= robust.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
+    clip = robust.clip_norm
+    _check(clip is None or clip > 0, "robust.clip_norm", "must be > 0 or null")
+    _check(faults.kind in FAULT_KINDS, "faults.kind", f"must be one of {FAULT_KINDS}")
+    _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]")
+    _check(faults.scale > 0, "faults.scale", "must be > 0")
+    if faults.kind == "other_task":
+        _check(isinstance(cfg, AdapterRunConfig), "faults.kind", "other_task is FL-TAC's only")
+    for key in ("clipping_norm", "epsilon", "delta"):
+        _check(getattr(dp, key) > 0, f"privacy.{key}", "must be > 0")
+    _check(dp.sensitivity >= 0, "privacy.sensitivity", "must be >= 0")
 
 
 def _check_federation(cfg: ExperimentConfig) -> None:

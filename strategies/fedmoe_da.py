@@ -52,6 +52,7 @@ from strategies.common import (
     log_rejected_reply,
     weighted_mean,
 )
+from strategies.robust import RobustAggregation
 
 # An accepted training reply: (node id, its checked shared parameters, the reply).
 Accepted = tuple[int, dict[str, np.ndarray], TrainReply]
@@ -384,8 +385,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         fraction_train: float = 1.0,
         min_replies: int = 1,
         max_abs_value: float = 1.0e4,
+        robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self.robust = robust or RobustAggregation()  # the backbone's; the plain mean by default
         if num_peers < 0:
             raise ValueError(f"P (num_peers) must be >= 0, not {num_peers}")
         if tau <= 0:
@@ -444,6 +447,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             fraction_train=cfg.federation.fraction_train,
             min_replies=cfg.federation.min_replies,
             max_abs_value=cfg.validation.max_abs_value,
+            robust=RobustAggregation(
+                cfg.robust.rule, cfg.robust.trim_fraction, cfg.robust.clip_norm
+            ),
             on_round_end=on_round_end,
         )
 
@@ -461,6 +467,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             "mix_within_client": self.mix_within_client,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
+            "robust": self.robust,
         }
 
     # -- messages ------------------------------------------------------------------------------
@@ -579,8 +586,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
     def _aggregate_shared(self, accepted: list[Accepted]) -> float:
         """FedAvg of the shared parts (weighted by examples); records loss and local accuracy."""
         examples = [float(m.num_examples) for _, _, m in accepted]
-        if self.shared:
-            self.shared = weighted_mean([shared for _, shared, _ in accepted], examples)
+        if self.shared:  # every client started from the current aggregate (what clipping needs)
+            states = [shared for _, shared, _ in accepted]
+            self.shared = self.robust(states, examples, [self.shared] * len(states))
         train_loss = sum(
             m.train_loss * n for (_, _, m), n in zip(accepted, examples, strict=True)
         ) / sum(examples)

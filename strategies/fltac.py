@@ -72,8 +72,8 @@ from strategies.common import (
     log_failed_reply,
     log_rejected_reply,
     planar_embedding,
-    weighted_mean,
 )
+from strategies.robust import RobustAggregation
 
 FEATURE_SOURCES = ("cumulative", "update", "weights", "cumulative+update")
 
@@ -386,15 +386,21 @@ def clusters_per_label_count(
 
 
 def group_means(
-    adapters: Sequence[Adapter], labels: Sequence[int], weights: Sequence[float] | None = None
+    adapters: Sequence[Adapter],
+    labels: Sequence[int],
+    weights: Sequence[float] | None = None,
+    aggregate: RobustAggregation | None = None,
+    references: Sequence[Adapter] | None = None,
 ) -> dict[int, dict[str, np.ndarray]]:
-    """Mean adapter of every group (unweighted as in the paper, or weighted by ``weights``).
+    """Mean adapter of every group (unweighted as in the paper, or weighted by ``weights``),
+    or its robust ``aggregate`` (``references``: the global each adapter started from).
 
     Returns
     -------
     dict[int, dict[str, np.ndarray]]
         Label -> adapter whose every tensor is the (weighted) mean over the label's members.
     """
+    aggregate = aggregate or RobustAggregation()
     labels_arr = np.asarray(labels)
     out: dict[int, dict[str, np.ndarray]] = {}
     for label in sorted(set(labels_arr.tolist())):
@@ -402,7 +408,8 @@ def group_means(
         member_weights = None if weights is None else [float(weights[m]) for m in members]
         if member_weights is not None and sum(member_weights) <= 0:
             member_weights = None
-        out[int(label)] = weighted_mean([adapters[m] for m in members], member_weights)
+        refs = None if references is None else [references[m] for m in members]
+        out[int(label)] = aggregate([adapters[m] for m in members], member_weights, refs)
     return out
 
 
@@ -599,6 +606,9 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
         "min_replies": cfg.federation.min_replies,
         "max_abs_value": cfg.validation.max_abs_value,
         "max_update_norm": cfg.validation.max_update_norm,
+        "robust": RobustAggregation(
+            cfg.robust.rule, cfg.robust.trim_fraction, cfg.robust.clip_norm
+        ),
     }
 
 
@@ -683,9 +693,11 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         max_abs_value: float = 1.0e4,
         max_update_norm: float | None = None,
         keep_local: bool = False,
+        robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
+        self.robust = robust or RobustAggregation()  # the plain mean unless configured
         self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
@@ -754,7 +766,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         """
         seed = self.seed + server_round
         labels = self.cluster(pool, features, seed)
-        means = group_means([e.arrays for e in pool], labels, self.group_weights(pool))
+        means = self.cluster_means(pool, labels)
         known = [gid for gid in self.globals if gid != "v0"]
         mapping = match_cluster_ids(
             labels, [e.previous_id for e in pool], known, means, self.globals
@@ -826,6 +838,16 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
     def group_weights(self, pool: Sequence[PoolEntry]) -> list[float] | None:
         return [float(e.num_examples) for e in pool] if self.weighting == "samples" else None
 
+    def cluster_means(
+        self, pool: Sequence[PoolEntry], labels: Sequence[int]
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Each cluster's aggregate (:attr:`robust`: the mean unless configured); a clipped
+        update is measured against the global the adapter started from."""
+        references = [self.globals.get(e.previous_id, self.template) for e in pool]
+        return group_means(
+            [e.arrays for e in pool], labels, self.group_weights(pool), self.robust, references
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -840,6 +862,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
+            "robust": self.robust,
         }
 
     # -- checkpoint --------------------------------------------------------------------------------
@@ -1100,7 +1123,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         labels = sorted(set(groups))
         index = [labels.index(gid) for gid in groups]
         if ids is not None:
-            means = group_means([e.arrays for e in pool], index, self.group_weights(pool))
+            means = self.cluster_means(pool, index)
             for label, gid in enumerate(labels):
                 self.globals[gid] = means[label]
         new_slots: dict[int, dict[int, str]] = defaultdict(dict)

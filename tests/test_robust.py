@@ -1,0 +1,84 @@
+"""Robust aggregation against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from strategies.common import weighted_mean
+from strategies.robust import (
+    RobustAggregation,
+    clip_update,
+    coordinate_median,
+    trimmed_mean,
+    update_norm,
+)
+
+
+def _s(*values: float) -> dict[str, np.ndarray]:
+    return {"w": np.asarray(values, np.float32)}
+
+
+STATES = [_s(1.0, 10.0), _s(2.0, -4.0), _s(3.0, 0.0), _s(100.0, 1.0), _s(4.0, 2.0)]
+
+
+def test_update_norm_and_clipping_by_hand() -> None:
+    ref = {"w": np.asarray([1.0, 1.0], np.float32), "b": np.asarray([0.0], np.float32)}
+    state = {"w": np.asarray([4.0, 1.0], np.float32), "b": np.asarray([4.0], np.float32)}
+    assert update_norm(state, ref) == pytest.approx(5.0)  # sqrt(3^2 + 0 + 4^2)
+    clipped = clip_update(state, ref, 1.0)  # scale 1/5
+    assert_allclose(clipped["w"], [1.6, 1.0], rtol=1e-6)
+    assert_allclose(clipped["b"], [0.8], rtol=1e-6)
+    assert clipped["w"].dtype == np.float32
+    untouched = clip_update(state, ref, 5.0)  # norm 5 <= 5: as it was
+    assert_array_equal(untouched["w"], state["w"])
+
+
+def test_coordinate_median_by_hand() -> None:
+    # w[0]: 1, 2, 3, 100, 4 -> 3;  w[1]: 10, -4, 0, 1, 2 -> 1
+    assert_array_equal(coordinate_median(STATES)["w"], np.asarray([3.0, 1.0], np.float32))
+    # An even count averages the two middle values: 1, 2, 3, 100 -> 2.5
+    assert coordinate_median(STATES[:4])["w"][0] == pytest.approx(2.5)
+
+
+def test_trimmed_mean_by_hand() -> None:
+    # beta 0.2 of 5 values drops 1 at each end. w[0]: 2, 3, 4 -> 3; w[1]: 0, 1, 2 -> 1
+    assert_allclose(trimmed_mean(STATES, 0.2)["w"], [3.0, 1.0])
+    # beta 0.1: floor(0.5) = 0 dropped, the plain mean: (1+2+3+100+4)/5 = 22
+    assert trimmed_mean(STATES, 0.1)["w"][0] == pytest.approx(22.0)
+    assert math.floor(0.4 * 5) == 2  # beta 0.4 drops 2 each end, the median is left
+    assert_allclose(trimmed_mean(STATES, 0.4)["w"], [3.0, 1.0])
+
+
+def test_the_default_is_the_weighted_mean_bit_for_bit() -> None:
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert_array_equal(
+        RobustAggregation()(STATES, weights)["w"], weighted_mean(STATES, weights)["w"]
+    )
+
+
+def test_clipping_then_median_tames_a_scaled_update() -> None:
+    ref = _s(0.0, 0.0)
+    honest = [_s(1.0, 0.0), _s(0.0, 1.0), _s(0.6, 0.8)]
+    attack = _s(1000.0, 0.0)  # a scaled update: clipped to norm 1 -> (1, 0)
+    out = RobustAggregation("mean", clip_norm=1.0)([*honest, attack], None, [ref] * 4)
+    assert_allclose(out["w"], [(1 + 0 + 0.6 + 1) / 4, (0 + 1 + 0.8 + 0) / 4], rtol=1e-6)
+    with pytest.raises(ValueError, match="started from"):
+        RobustAggregation(clip_norm=1.0)(honest)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rule": "max"}, "rule"),
+        ({"trim_fraction": 0.5}, "trim_fraction"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RobustAggregation(**kwargs)
