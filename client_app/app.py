@@ -13,11 +13,14 @@ from types import ModuleType
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client_app.faults import fault_mod
 from client_app.node import client_id_of, config_for
+from client_app.privacy import privacy_mod
 from fedspecialists import methods
 from fedspecialists.protocol.identity import IdentityReply
 
-app = ClientApp()
+# Faults on purpose outermost (an attacker skips DP), then local DP; both off by default.
+app = ClientApp(mods=[fault_mod, privacy_mod])
 
 
 def _handlers(context: Context) -> ModuleType:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
@@ -71,7 +71,13 @@ from fedspecialists.peer.exchange import (
     PeerTransport,
 )
 from fedspecialists.peer.grpc_endpoint import GrpcPeerTransport
-from fedspecialists.protocol.fedmoe_da import GATE, EvaluateReply, Instruction, TrainReply
+from fedspecialists.protocol.fedmoe_da import (
+    GATE,
+    SHARED,
+    EvaluateReply,
+    Instruction,
+    TrainReply,
+)
 from fedspecialists.protocol.records import check_adapter, record_to_state, state_to_record
 from strategies.fedmoe_da import mix_experts, renormalise, routed_means
 
@@ -526,3 +532,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         np.add.at(counts, (np.repeat(data.d_test, selected.shape[1]), selected.ravel()), 1)
         reply.routing = counts.ravel().tolist()
     return Message(content=reply.to_record(), reply_to=msg)
+
+
+def update_pairs(
+    instruction: RecordDict, reply: RecordDict
+) -> list[tuple[str, ArrayRecord | None]]:
+    """The trained shared parts of ``reply`` and the aggregate they started from (what a mod
+    clips, noises or attacks); none for a method that shares nothing."""
+    if SHARED not in reply.array_records:
+        return []
+    return [(SHARED, Instruction.from_record(instruction).shared)]

@@ -14,7 +14,7 @@ from functools import lru_cache
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
 from client_app.fltac_training import (
@@ -43,7 +43,13 @@ from fedspecialists.models.lora import (
     get_adapter_model,
     suite_kind,
 )
-from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
+from fedspecialists.protocol.fltac import (
+    LOCAL,
+    EvaluateReply,
+    Instruction,
+    TrainReply,
+    slot_name,
+)
 from fedspecialists.protocol.records import (
     ADAPTER_PREFIX,
     record_to_state,
@@ -248,3 +254,17 @@ def evaluate(msg: Message, context: Context) -> Message:
             reply.total[task.name] = count
             reply.loss[task.name] = loss
     return Message(content=reply.to_record(), reply_to=msg)
+
+
+def update_pairs(
+    instruction: RecordDict, reply: RecordDict
+) -> list[tuple[str, ArrayRecord | None]]:
+    """Each trained adapter of ``reply`` (its record name) and the global it started from
+    (``None``: the client's own, local-only): what a mod clips, noises or attacks."""
+    message = Instruction.from_record(instruction)
+    answer = TrainReply.from_record(reply)
+    sources = answer.slot_sources or message.sources(len(answer.adapters))
+    return [
+        (f"{ADAPTER_PREFIX}{slot_name(i)}", message.globals.get(source))
+        for i, source in enumerate(sources)
+    ]

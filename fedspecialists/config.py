@@ -7,6 +7,7 @@ unknown key or a wrong type is refused with the key named, then checks value ran
 
 from __future__ import annotations
 
+import math
 import shlex
 import warnings
 from collections.abc import Mapping
@@ -281,6 +282,10 @@ class PrivacySettings:
     sensitivity: float = MISSING
     epsilon: float = MISSING
     delta: float = MISSING
+
+    def noise_std(self) -> float:
+        """The std of the Gaussian noise: ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon``."""
+        return self.sensitivity * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
 
 
 @dataclass

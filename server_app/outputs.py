@@ -99,6 +99,23 @@ def resumed_run(cfg: ExperimentConfig) -> tuple[Path, Checkpoint]:
     return run_dir, checkpoint
 
 
+def privacy_summary(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """What local DP did to every trained update (``None`` without it)."""
+    dp = cfg.privacy
+    if not dp.local_dp:
+        return None
+    std = dp.noise_std()
+    return {
+        "mechanism": "flwr LocalDpMod, per trained update",
+        "clipping_norm": dp.clipping_norm,
+        "sensitivity": dp.sensitivity,
+        "epsilon": dp.epsilon,
+        "delta": dp.delta,
+        "noise_std": std,
+        "noise_multiplier": std / dp.clipping_norm,
+    }
+
+
 class RunRecorder:
     """Writes a run's files as the rounds go by.
 
@@ -226,6 +243,7 @@ class RunRecorder:
             "clustering_agreement_per_round": [r.get("clustering_agreement") for r in self.rounds],
             "seconds_per_round": (sum(round_times) / len(round_times)) if round_times else None,
             "wall_time_s": last.get("wall_time_s"),
+            "privacy": privacy_summary(self.cfg),
             **extra,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

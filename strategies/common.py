@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -17,7 +18,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
-from fedspecialists.protocol.records import content_nbytes
+from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
 
 T = TypeVar("T")
@@ -149,6 +150,21 @@ def log_failed_reply(reply: Message, phase: str) -> None:
     )
 
 
+def injected_faults(replies: Iterable[Message]) -> dict[str, int]:
+    """Faults injected on purpose (``client_app.faults``) among ``replies``, by kind: named by
+    the error of a reply that failed, or by the ``fault`` record of one that came (metrics
+    only: nothing is decided on them). Hangs never reply: they show as ``replies_missing``."""
+    kinds: Counter[str] = Counter()
+    for reply in replies:
+        if reply.has_error():
+            found = re.search(r"injected fault: (\w+)", reply.error.reason or "")
+            if found:
+                kinds[found.group(1)] += 1
+        elif FAULT_RECORD in reply.content.config_records:
+            kinds[str(reply.content.config_records[FAULT_RECORD].get("kind", "?"))] += 1
+    return dict(sorted(kinds.items()))
+
+
 def log_rejected_reply(node_id: int, phase: str, reason: str) -> None:
     log(WARNING, "%s reply from node %s rejected, not aggregated: %s", phase, node_id, reason)
 
@@ -215,6 +231,7 @@ class RoundBookkeeping:
         self.history = []
         self.record = {}
         self.client_ids = {}
+        self._sampled = 0  # nodes sampled for this round's training
         self._t_start = self._t_round = time.time()
 
     def describe(self) -> dict[str, Any]:
@@ -307,9 +324,11 @@ class RoundBookkeeping:
         """Open the round (if the round loop has not) and return the nodes sampled for it."""
         if self.record.get("round") != server_round:
             self.open_round(server_round)
-        return sample_round_nodes(
+        nodes = sample_round_nodes(
             list(grid.get_node_ids()), self.fraction_train, self.seed + server_round, self.client_of
         )
+        self._sampled = len(nodes)
+        return nodes
 
     def screen_replies(
         self, phase: str, replies: Iterable[Message], parse: ReplyParser[T]
@@ -321,7 +340,9 @@ class RoundBookkeeping:
         """
         accepted: list[tuple[int, T]] = []
         failed = rejected = 0
-        for reply in self.ledger.count_replies(phase, replies):
+        reasons: list[str] = []
+        received = self.ledger.count_replies(phase, replies)
+        for reply in received:
             if reply.has_error():
                 log_failed_reply(reply, phase)
                 failed += 1
@@ -331,12 +352,24 @@ class RoundBookkeeping:
             if reason is not None:
                 log_rejected_reply(node, phase, reason)
                 rejected += 1
+                reasons.append(reason)
                 continue
             accepted.append((node, parsed))
         accepted.sort(key=lambda item: self.client_of(item[0]))
         self.record.update(
-            {"replies_ok": len(accepted), "replies_failed": failed, "replies_rejected": rejected}
+            {
+                "replies_ok": len(accepted),
+                "replies_failed": failed,
+                "replies_rejected": rejected,
+            }
         )
+        if phase == "train":  # sampled nodes whose reply never came (timed out, or gone)
+            self.record["replies_missing"] = max(0, self._sampled - len(received))
+        if reasons:
+            self.record["rejected_reasons"] = reasons
+        injected = injected_faults(received)
+        if injected:
+            self.record["faults_injected"] = injected
         return accepted
 
     def too_few_replies(self, server_round: int, valid: int, usable: bool = True) -> bool:

@@ -300,3 +300,46 @@ def test_fedmoe_da_text_variant_completes(superlink: LocalSuperLink, tmp_path: P
     assert summary["domains"] == ["bbc_topic", "tweet_sentiment", "movie_sentiment"]
     assert summary["parameters"]["backbone"] == 32 * 16 + 16  # projection of the 32-d features
     assert summary["total_peer_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("faults", "counted"),
+    [
+        ("faults.kind=crash", "replies_failed"),
+        ("faults.kind=hang federation.reply_timeout_s=30", "replies_missing"),
+        ("faults.kind=nan", "replies_rejected"),
+    ],
+)
+def test_a_faulty_client_per_round_does_not_stop_the_run(
+    superlink: LocalSuperLink, tmp_path: Path, faults: str, counted: str
+) -> None:
+    """One of three clients really crashes, hangs past the timeout or sends NaN, every round.
+
+    A hung ClientApp holds a simulation worker for as long as it sleeps: the backend gets one
+    worker per SuperNode (``init-args-num-cpus``), as a deployment has one process per site.
+    """
+    outcome = run_app(
+        superlink,
+        overrides=f"{TINY} output.root={tmp_path} output.name=faulty {faults} faults.fraction=0.34",
+        num_supernodes=3,
+        timeout_s=900,
+        federation_config="client-resources-num-cpus=1 init-args-num-cpus=3",
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    run = tmp_path / "faulty"
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    kind = faults.split()[0].split("=")[1]
+    for record in rounds:
+        assert record[counted] == 1 and record["replies_ok"] == 2 and record["aggregated"]
+        if kind != "hang":  # a hung client never replies: it is counted as missing only
+            assert record["faults_injected"] == {kind: 1}
+        assert sum(record["test_examples"].values()) > 0  # every client still evaluated
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_local_dp_run_names_its_noise(superlink: LocalSuperLink, tmp_path: Path) -> None:
+    run = _run(superlink, tmp_path, "dp", "privacy.local_dp=true privacy.epsilon=50")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy"]["clipping_norm"] == 1.0
+    assert summary["privacy"]["noise_std"] == pytest.approx((2 * np.log(1.25 / 1e-5)) ** 0.5 / 50)

@@ -8,18 +8,16 @@ run that was never interrupted, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app, submit_run
+from fedspecialists.run.local import local_superlink, run_app, submit_run
 from fedspecialists.run.status import STALE_AFTER_S, read_status
 
 pytestmark = pytest.mark.e2e
@@ -58,15 +56,6 @@ def _uninterrupted(home: Path, overrides: str) -> None:
     assert outcome.status == "finished:completed", outcome.log[-4000:]
 
 
-def _crash(link: LocalSuperLink) -> None:
-    """SIGKILL the SuperLink and every process under it (ServerApp, ClientApps): a crash."""
-    tree = psutil.Process(link.process.pid).children(recursive=True)
-    for process in [psutil.Process(link.process.pid), *tree]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    link.process.wait(timeout=30)
-
-
 def _kill_in_round_3(home: Path, overrides: str, run: Path) -> None:
     """Submit the run and crash it once round 2 is checkpointed (round 3 has begun)."""
     index = run / "checkpoint" / "checkpoint.json"
@@ -77,7 +66,7 @@ def _kill_in_round_3(home: Path, overrides: str, run: Path) -> None:
             assert time.time() < deadline, "round 2 never completed"
             assert link.alive()
             time.sleep(0.1)
-        _crash(link)
+        link.crash()  # SIGKILL of the SuperLink's process groups: ServerApp, ClientApps
     assert json.loads(index.read_text())["round"] == 2, "killed too late: round 3 completed"
 
 

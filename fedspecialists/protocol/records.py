@@ -14,6 +14,7 @@ ADAPTER_PREFIX = "adapter."
 FINGERPRINT_RECORD = "fingerprints"
 # FL-TAC's source check: a ConfigRecord whose "slot-sources" names the global each slot used.
 SOURCES_RECORD = "sources"
+FAULT_RECORD = "fault"  # config "fault": kind -- a fault injected on purpose (metrics only)
 
 
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:

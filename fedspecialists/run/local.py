@@ -50,14 +50,22 @@ class LocalSuperLink:
         """
         stop_process_trees([self.process])
 
+    def crash(self) -> None:
+        """SIGKILL the SuperLink and everything it started, at once: a crash, nothing written."""
+        stop_process_trees([self.process], term_wait=0.0, first_signal=signal.SIGKILL)
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
 
 def stop_process_trees(
-    processes: list[subprocess.Popen[bytes]], term_wait: float = 20.0, kill_wait: float = 10.0
+    processes: list[subprocess.Popen[bytes]],
+    term_wait: float = 20.0,
+    kill_wait: float = 10.0,
+    first_signal: signal.Signals = signal.SIGTERM,
 ) -> None:
-    """Stop ``processes`` and every descendant's process group: SIGTERM, then SIGKILL.
+    """Stop ``processes`` and every descendant's process group: SIGTERM (``first_signal``),
+    then SIGKILL.
 
     Returns only once no process of those groups is left (zombies aside), or after both waits.
     Waiting on the groups, not only on ``processes``, matters: a simulation keeps shutting down
@@ -69,7 +77,7 @@ def stop_process_trees(
             for group in (process.pid, *_descendant_groups(process.pid)):
                 if group not in groups:
                     groups.append(group)
-    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+    for sig, wait in ((first_signal, term_wait), (signal.SIGKILL, kill_wait)):
         for group in groups:
             try:
                 os.killpg(group, sig)

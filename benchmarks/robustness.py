@@ -1,0 +1,285 @@
+"""Runs that survive: kill-and-resume, faults, finite attacks with the robust options, local DP.
+
+Every run is a real ``flwr run`` of the app with its default settings (10 SuperNodes) plus the
+overrides named in the tables; tables come from the runs' files.
+
+Usage::
+
+    python benchmarks/robustness.py resume  --out runs/robustness --seeds 0
+    python benchmarks/robustness.py faults  --out runs/robustness --seeds 0
+    python benchmarks/robustness.py attacks --out runs/robustness --seeds 0
+    python benchmarks/robustness.py dp      --out runs/robustness --seeds 0
+    python benchmarks/robustness.py faults  --out runs/robustness --table-only
+
+``resume`` runs each method's default uninterrupted, then again, SIGKILLs the SuperLink and
+everything under it at a seeded random moment of round 2 or 3, resumes the run from its folder
+on a fresh SuperLink (``resume=<folder>``), and compares the two runs' metrics and tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from compare_runs import differences, tensors_equal
+from runner import fmt, run_all
+
+from fedspecialists.run.local import local_superlink, run_app, submit_run
+
+METHODS = {"fltac": "", "fedmoe_da": "method=fedmoe_da"}
+# A healthy default round takes ~45 s (FL-TAC) or ~8 s (FedMoE-DA) here: time out at 90 s
+# (FL-TAC) or 30 s (FedMoE-DA), so that a hung client costs a round little more than that.
+TIMEOUT = {"fltac": "federation.reply_timeout_s=90", "fedmoe_da": "federation.reply_timeout_s=30"}
+
+
+def _summary(run: Path) -> dict[str, Any]:
+    return dict(json.loads((run / "summary.json").read_text()))
+
+
+def _rounds(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _accuracy(run: Path) -> float:
+    summary = _summary(run)
+    value = summary.get("personalised_accuracy", summary["mean_accuracy"])
+    return float(value)
+
+
+# -- kill and resume ------------------------------------------------------------------------------
+def kill_and_resume(out: Path, method: str, seed: int) -> dict[str, Any]:
+    """Uninterrupted run, then a run crashed in round 2 or 3 and resumed; how they compare."""
+    base = f"{METHODS[method]} seed={seed}".strip()
+    whole, cut = f"{method}-whole-s{seed}", f"{method}-cut-s{seed}"
+    run_all(out, {whole: base})
+    rng = random.Random(seed)
+    after = rng.choice([1, 2])  # the crash lands in round after + 1
+    per_round = _summary(out / whole)["seconds_per_round"]
+    delay = rng.uniform(0.0, 0.8) * per_round
+    index = out / cut / "checkpoint" / "checkpoint.json"
+    if not (out / cut / "summary.json").exists():
+        with local_superlink(out / "flwr-home-cut") as link:
+            submit_run(link, f"{base} output.root={out} output.name={cut}", num_supernodes=10)
+            while not (index.exists() and json.loads(index.read_text())["round"] >= after):
+                time.sleep(0.2)
+            time.sleep(delay)
+            link.crash()
+        killed_after = json.loads(index.read_text())["round"]
+        with local_superlink(out / "flwr-home-resume") as link:
+            overrides = f"{base} output.root={out} output.name={cut} resume={out / cut}"
+            outcome = run_app(link, overrides, num_supernodes=10)
+        (out / f"{cut}.log").write_text(outcome.log)
+        (out / f"{cut}.kill.json").write_text(
+            json.dumps({"killed_after_round": killed_after, "seconds_into_next": delay})
+        )
+    kill = json.loads((out / f"{cut}.kill.json").read_text())
+    compared = unequal = 0
+    where: list[str] = []
+    for a, b in zip(_rounds(out / whole), _rounds(out / cut), strict=True):
+        n, w = differences(a, b)
+        compared, unequal = compared + n, unequal + len(w)
+        where += [x for x in w if x not in where]
+    return {
+        "method": method,
+        "seed": seed,
+        **kill,
+        "values_compared": compared,
+        "values_unequal": unequal,
+        "unequal_keys": where,
+        "tensors_equal": tensors_equal(out / whole, out / cut),
+        "personal_equal": _personal_equal(out / whole, out / cut),
+        "accuracy": (_accuracy(out / whole), _accuracy(out / cut)),
+    }
+
+
+def _personal_equal(a: Path, b: Path) -> bool | None:
+    """FedMoE-DA: each client's personal experts, by client folder (the run keys differ)."""
+    from safetensors.numpy import load_file
+
+    mine = {p.parent.parent.name: p for p in a.glob("nodes/node-*/run-*/personal.safetensors")}
+    theirs = {p.parent.parent.name: p for p in b.glob("nodes/node-*/run-*/personal.safetensors")}
+    if not mine:
+        return None
+    if mine.keys() != theirs.keys():
+        return False
+    import numpy as np
+
+    for name, path in mine.items():
+        x, y = load_file(str(path)), load_file(str(theirs[name]))
+        if x.keys() != y.keys() or not all(np.array_equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
+def resume_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | seed | killed in round | s into it | metric values equal | tensors equal "
+        "| personal experts equal | final accuracy (whole, resumed) | values that differ |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['killed_after_round'] + 1} | "
+            f"{r['seconds_into_next']:.1f} | {r['values_compared'] - r['values_unequal']} of "
+            f"{r['values_compared']} | {r['tensors_equal']} | {r['personal_equal']} | "
+            f"{r['accuracy'][0]:.4f}, {r['accuracy'][1]:.4f} | "
+            f"{', '.join(r['unequal_keys']) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
+# -- faults -------------------------------------------------------------------------------------
+def fault_jobs(seeds: list[int], method: str) -> dict[str, str]:
+    """Clean runs at each participation, and crashes and hangs of 10, 30 and 50% of clients."""
+    base = METHODS[method]
+    jobs = {}
+    for seed in seeds:
+        common = f"{base} seed={seed} {TIMEOUT[method]}".strip()
+        jobs[f"{method}-clean-s{seed}"] = common
+        for pct in (10, 30, 50):
+            f = pct / 100
+            jobs[f"{method}-part{100 - pct}-s{seed}"] = (
+                f"{common} federation.fraction_train={1 - f}"
+            )
+            for kind in ("crash", "hang"):
+                jobs[f"{method}-{kind}{pct}-s{seed}"] = (
+                    f"{common} faults.kind={kind} faults.fraction={f} faults.seed={seed}"
+                )
+    return jobs
+
+
+FAULT_HEAD = (
+    "| run | rounds completed (aggregated) | replies failed / missing per round | accuracy "
+    "| clean run, same participation | difference |"
+)
+
+
+def fault_row(out: Path, run: Path, kind: str, pct: int) -> str:
+    """One faulty run against the clean run of its seed whose participation is the same."""
+    seed = run.name.rsplit("-s", 1)[1]
+    clean = out / f"{run.name.split('-')[0]}-part{100 - pct}-s{seed}"
+    rounds = _rounds(run)
+    aggregated = sum(bool(r.get("aggregated")) for r in rounds)
+    failed = fmt([r["replies_failed"] for r in rounds], digits=1)
+    missing = fmt([r.get("replies_missing", 0) for r in rounds], digits=1)
+    acc = _accuracy(run)
+    ref = _accuracy(clean) if (clean / "summary.json").exists() else None
+    ref_text = "n/a" if ref is None else f"{ref:.3f}"
+    diff = "n/a" if ref is None else f"{acc - ref:+.3f}"
+    return (
+        f"| {kind} {pct}% (seed {seed}) | {len(rounds)} ({aggregated}) | {failed} / {missing} "
+        f"| {acc:.3f} | {ref_text} | {diff} |"
+    )
+
+
+def fault_table(out: Path, method: str) -> str:
+    lines = [FAULT_HEAD, "|---|---|---|---|---|---|"]
+    for kind in ("crash", "hang"):
+        for pct in (10, 30, 50):
+            for path in sorted(out.glob(f"{method}-{kind}{pct}-s*/summary.json")):
+                lines.append(fault_row(out, path.parent, kind, pct))
+    for path in sorted(out.glob(f"{method}-clean-s*/summary.json")):
+        acc = _accuracy(path.parent)
+        lines.append(f"| clean, every client ({path.parent.name}) | | | {acc:.3f} | | |")
+    return "\n".join(lines)
+
+
+# -- attacks ------------------------------------------------------------------------------------
+ATTACKS = ("sign_flip", "scale", "other_task")
+RULES = {
+    "mean": "robust.rule=mean",
+    "median": "robust.rule=median",
+    "trimmed": "robust.rule=trimmed_mean robust.trim_fraction=0.2",
+}
+
+
+def attack_jobs(seeds: list[int]) -> dict[str, str]:
+    """FL-TAC, 20% of clients attacking each round, under each aggregation rule; and the rules
+    on clean runs (what they cost when nobody attacks)."""
+    jobs = {}
+    for seed in seeds:
+        for rule, setting in RULES.items():
+            jobs[f"fltac-clean-{rule}-s{seed}"] = f"seed={seed} {setting}"
+            for attack in ATTACKS:
+                jobs[f"fltac-{attack}-{rule}-s{seed}"] = (
+                    f"seed={seed} {setting} faults.kind={attack} faults.fraction=0.2 "
+                    f"faults.seed={seed}"
+                )
+    return jobs
+
+
+def attack_table(out: Path) -> str:
+    head = ["attack (20% of clients)", *(f"{r}" for r in RULES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for attack in ("clean", *ATTACKS):
+        cells = []
+        for rule in RULES:
+            accs = [
+                _accuracy(p.parent)
+                for p in sorted(out.glob(f"fltac-{attack}-{rule}-s*/summary.json"))
+            ]
+            cells.append(fmt(accs) + (f" ({len(accs)} seed)" if len(accs) == 1 else ""))
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- local DP -----------------------------------------------------------------------------------
+DP = {
+    "none": "",
+    "eps50": "privacy.local_dp=true privacy.epsilon=50",
+    "eps10": "privacy.local_dp=true privacy.epsilon=10",
+}
+
+
+def dp_jobs(seeds: list[int]) -> dict[str, str]:
+    return {
+        f"fltac-dp-{name}-s{seed}": f"seed={seed} {s}".strip()
+        for seed in seeds
+        for name, s in DP.items()
+    }
+
+
+def dp_table(out: Path) -> str:
+    lines = ["| local DP (clip 1.0, delta 1e-5) | noise std | mean accuracy |", "|---|---|---|"]
+    for name in DP:
+        runs = sorted(out.glob(f"fltac-dp-{name}-s*/summary.json"))
+        privacy = _summary(runs[0].parent)["privacy"] if runs else None
+        std = f"{privacy['noise_std']:.4f}" if privacy else "0"
+        lines.append(f"| {name} | {std} | {fmt([_accuracy(p.parent) for p in runs])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["resume", "faults", "attacks", "dp"])
+    parser.add_argument("--out", type=Path, default=Path("runs/robustness"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--method", choices=list(METHODS), default="fltac", help="faults only")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None, help="run only jobs named so")
+    args = parser.parse_args()
+    out = args.out / args.what
+    if args.what == "resume":
+        results = [kill_and_resume(out, m, s) for s in args.seeds for m in METHODS]
+        (out / "resume.json").write_text(json.dumps(results, indent=2))
+        print(resume_table(results))
+        return
+    jobs, table = {
+        "faults": (fault_jobs(args.seeds, args.method), lambda: fault_table(out, args.method)),
+        "attacks": (attack_jobs(args.seeds), lambda: attack_table(out)),
+        "dp": (dp_jobs(args.seeds), lambda: dp_table(out)),
+    }[args.what]
+    if args.only:
+        jobs = {name: o for name, o in jobs.items() if name in args.only}
+    if not args.table_only:
+        # One simulation worker per SuperNode: a hung ClientApp holds its worker while it sleeps.
+        run_all(out, jobs, federation_config="client-resources-num-cpus=1 init-args-num-cpus=10")
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Faults injected on purpose, their counting, and local DP through Flower's LocalDpMod."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from conftest import FakeGrid
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from numpy.testing import assert_allclose, assert_array_equal
+from test_moe_strategy import GATES
+from test_moe_strategy import _reply as _moe_reply
+from test_moe_strategy import _round as _moe_round
+from test_moe_strategy import _strategy as _moe_strategy
+from test_strategy import V0, A, W, _adapter, _reply, _round
+
+from client_app.faults import HUGE, faulty_clients, poisoned
+from client_app.privacy import local_dp
+from fedspecialists.config import load_config
+from fedspecialists.protocol.records import FAULT_RECORD, record_to_numpy, state_to_record
+from strategies.common import injected_faults
+from strategies.fltac import TaskAdapterClustering
+
+INVALID = ("nan", "inf", "shape", "huge_norm")
+
+
+def test_faulty_clients_are_a_fixed_share_drawn_anew_each_round() -> None:
+    rounds = [faulty_clients(0, r, 10, 0.3) for r in range(1, 7)]
+    assert all(len(chosen) == 3 and chosen <= set(range(10)) for chosen in rounds)
+    assert len({frozenset(c) for c in rounds}) > 1  # not the same three every round
+    assert faulty_clients(0, 2, 10, 0.3) == rounds[1]  # the same draw on every client
+    assert faulty_clients(0, 1, 10, 0.0) == set()
+    assert faulty_clients(0, 1, 3, 1.0) == {0, 1, 2}
+    assert len(faulty_clients(0, 1, 10, 0.25)) == 2  # round(2.5) = 2 (half to even)
+
+
+def test_each_poison_by_hand() -> None:
+    ref = {"w": np.array([[1.0, 1.0], [1.0, 1.0]], np.float32)}
+    x = {"w": np.array([[2.0, 3.0], [1.0, 0.0]], np.float32)}  # update (1, 2, 0, -1)
+    assert np.isnan(poisoned(x, ref, "nan", 10)["w"][0, 0])
+    assert np.isposinf(poisoned(x, ref, "inf", 10)["w"][0, 0])
+    assert poisoned(x, ref, "shape", 10)["w"].shape == (1, 2)
+    assert_array_equal(poisoned(x, ref, "sign_flip", 10)["w"], [[0.0, -1.0], [1.0, 2.0]])
+    assert_array_equal(poisoned(x, ref, "scale", 10)["w"], [[11.0, 21.0], [1.0, -9.0]])
+    assert_array_equal(
+        poisoned(x, ref, "huge_norm", 10)["w"], ref["w"] + HUGE * (x["w"] - ref["w"])
+    )
+    assert_array_equal(x["w"], [[2.0, 3.0], [1.0, 0.0]])  # the input is left as it was
+
+
+def test_injected_faults_are_counted_by_kind() -> None:
+    sent = Message(_empty(), dst_node_id=1, message_type="train")
+    crashed = Message(
+        Error(code=1, reason="RuntimeError('injected fault: crash (round 2)')"), reply_to=sent
+    )
+    other = Message(Error(code=1, reason="out of memory"), reply_to=sent)
+    poisoned_reply = Message(_empty(), reply_to=sent)
+    poisoned_reply.content.config_records[FAULT_RECORD] = ConfigRecord({"kind": "sign_flip"})
+    honest = Message(_empty(), reply_to=sent)
+    assert injected_faults([crashed, other, poisoned_reply, honest]) == {"crash": 1, "sign_flip": 1}
+
+
+def _empty() -> RecordDict:
+    return RecordDict()
+
+
+@pytest.mark.parametrize("kind", INVALID)
+def test_an_invalid_update_is_rejected_with_its_reason_and_never_aggregated(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FL-TAC: the cluster mean is that of the valid replies alone, to the last bit."""
+    strategy = TaskAdapterClustering(V0, num_clusters=1, seed=0)
+    bad = poisoned(_adapter(5, 0), V0, kind, 10.0)
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(1, 0)]),
+            _reply(messages[2], [_adapter(3, 0)]),
+            _reply(messages[3], [bad]),
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, FakeGrid([1, 2, 3]), replies)
+    (gid,) = strategy.final_adapters()
+    assert_array_equal(strategy.globals[gid][A], np.array([[2.0, 0.0]], np.float32))  # (1+3)/2
+    assert_array_equal(strategy.globals[gid][W], np.array([[2.0, 0.0], [0.0, 0.0]], np.float32))
+    assert strategy.record["replies_rejected"] == 1
+    (reason,) = strategy.record["rejected_reasons"]
+    assert any(reason in r.getMessage() and "node 3" in r.getMessage() for r in caplog.records)
+    expected = {"nan": "non-finite", "inf": "non-finite", "shape": "shape", "huge_norm": "max_abs"}
+    assert expected[kind] in reason
+
+
+@pytest.mark.parametrize("kind", INVALID)
+def test_an_invalid_backbone_is_rejected_and_never_aggregated(kind: str) -> None:
+    """FedMoE-DA: the backbone is the FedAvg of the two valid replies alone."""
+    strategy = _moe_strategy()
+
+    def make(node: int, msg: Message) -> Message:
+        reply = _moe_reply(msg, float(node), GATES[node], examples=10 * node)
+        if node == 3:
+            shared = record_to_numpy(reply.content.array_records["shared"])
+            reply.content.array_records["shared"] = state_to_record(
+                poisoned(shared, None, kind, 10.0)
+            )
+        return reply
+
+    _moe_round(strategy, 1, make)
+    # (1 * 10 + 2 * 20) / 30
+    assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), 50 / 30), rtol=1e-6)
+    assert strategy.record["replies_rejected"] == 1
+    assert strategy.pool.proxies.keys() == {1, 2}  # nothing of node 3 entered the pool
+
+
+def test_local_dp_clips_with_flowers_mod_by_hand() -> None:
+    from flwr.clientapp.mod import LocalDpMod
+
+    reference = state_to_record({"w": np.zeros((2,), np.float32)})
+    trained = state_to_record({"w": np.array([3.0, 4.0], np.float32)})  # update norm 5
+    no_noise = LocalDpMod(clipping_norm=1.0, sensitivity=0.0, epsilon=1.0, delta=1e-5)
+    out = record_to_numpy(local_dp(no_noise, reference, trained))
+    assert_allclose(out["w"], [0.6, 0.8], rtol=1e-6)  # clipped to norm 1, no noise
+    noisy = LocalDpMod(clipping_norm=1.0, sensitivity=1.0, epsilon=1.0, delta=1e-5)
+    np.random.seed(0)
+    start = state_to_record({"w": np.zeros((20_000,), np.float32)})
+    step = state_to_record({"w": np.full((20_000,), 1e-3, np.float32)})  # norm 0.14 < 1
+    std = math.sqrt(2 * math.log(1.25 / 1e-5))  # 4.84
+    values = record_to_numpy(local_dp(noisy, start, step))["w"]
+    assert values.std() == pytest.approx(std, rel=0.03) and values.mean() == pytest.approx(
+        0, abs=0.1
+    )
+    # A zero update (a slot without examples): Flower's clip would divide by 0; noise only.
+    values = record_to_numpy(local_dp(noisy, start, start))["w"]
+    assert values.std() == pytest.approx(std, rel=0.03)
+
+
+def test_the_noise_std_is_named_by_hand() -> None:
+    cfg = load_config("privacy.local_dp=true privacy.sensitivity=0.5 privacy.epsilon=2")
+    assert cfg.privacy.noise_std() == pytest.approx(0.5 * math.sqrt(2 * math.log(1.25e5)) / 2)
