@@ -148,7 +148,13 @@ def _load_sources(
     sources = instruction.sources(len(slots))
     for slot, source in zip(slots, sources, strict=True):
         if source == LOCAL:
-            record = context.state.array_records[f"{ADAPTER_PREFIX}{slot.name}"]
+            key = f"{ADAPTER_PREFIX}{slot.name}"
+            if key not in context.state.array_records:  # context.state dies with the process
+                raise RuntimeError(
+                    f"slot {slot.name}: no locally kept adapter (a local-only run cannot be "
+                    "resumed after its nodes restarted: their context.state is gone)"
+                )
+            record = context.state.array_records[key]
         else:
             record = instruction.global_adapter(source)
         adapters.load(slot.name, record_to_state(record))
