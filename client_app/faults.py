@@ -17,7 +17,8 @@ Each training round, ``round(faults.fraction * federation.num_clients)`` clients
 Which records are the trained updates, and what each started from, the method's client
 handlers say (``update_pairs(instruction, reply)``). A faulty reply names its fault in a
 ``fault`` config record, for the metrics only (like ``report_true_tasks``); the server never
-uses it to decide anything. Evaluation messages are never touched.
+uses it to decide anything. Evaluation messages are left alone, unless ``faults.evaluate`` lets
+``crash`` and ``hang`` strike them too (the same clients as that round's training).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     cfg = config_for(str(context.run_config.get("overrides", "")))
     faults = cfg.faults
     training = msg.metadata.message_type == MessageType.TRAIN
-    if faults.kind == "none" or faults.fraction <= 0 or not training:
+    evaluating = msg.metadata.message_type == MessageType.EVALUATE
+    strikes = training or (evaluating and faults.evaluate and faults.kind in ("crash", "hang"))
+    if faults.kind == "none" or faults.fraction <= 0 or not strikes:
         return call_next(msg, context)
     server_round = int(number(instruction_config(msg.content), "server-round"))
     chosen = faulty_clients(faults.seed, server_round, cfg.federation.num_clients, faults.fraction)

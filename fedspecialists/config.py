@@ -199,6 +199,7 @@ class FedMoEDASettings:
     mix_every: int = MISSING  # experts are mixed every this many rounds (from round 2)
     proxy: str = MISSING  # gate | gate_update | routed_mean: what the server compares (Eq. 8)
     mix_within_client: bool = MISSING  # an expert may be matched with its own client's experts
+    pool_max_age: int = MISSING  # rounds a silent client keeps its experts in the pool
 
 
 @dataclass
@@ -269,6 +270,7 @@ class FaultSettings:
     fraction: float = MISSING
     scale: float = MISSING  # factor of the scale attack (and of huge_norm: 1e6)
     seed: int = MISSING
+    evaluate: bool = MISSING  # crash and hang strike evaluation messages too
 
 
 @dataclass
@@ -571,8 +573,11 @@ def _check_robustness(cfg: ExperimentConfig) -> None:
     _check(faults.scale > 0, "faults.scale", "must be > 0")
     if faults.kind == "other_task":
         _check(isinstance(cfg, AdapterRunConfig), "faults.kind", "other_task is FL-TAC's only")
-    for key in ("clipping_norm", "epsilon", "delta"):
+    for key in ("clipping_norm", "epsilon"):
         _check(getattr(dp, key) > 0, f"privacy.{key}", "must be > 0")
+    # The Gaussian mechanism's std has ln(1.25 / delta): delta >= 1.25 makes it NaN (a math
+    # domain error in noise_std), and a delta of 1 or more is no privacy guarantee at all.
+    _check(0.0 < dp.delta < 1.0, "privacy.delta", "must be in (0, 1)")
     _check(dp.sensitivity >= 0, "privacy.sensitivity", "must be >= 0")
 
 
@@ -628,6 +633,7 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     _check(fm.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
     _check(0.0 <= fm.self_weight <= 1.0, "fedmoe_da.self_weight", "must be in [0, 1]")
     _check(fm.mix_every >= 1, "fedmoe_da.mix_every", "must be >= 1")
+    _check(fm.pool_max_age >= 1, "fedmoe_da.pool_max_age", "must be >= 1")
     _check(fm.proxy in PROXIES, "fedmoe_da.proxy", f"must be one of {', '.join(PROXIES)}")
     _check(peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
     _check(peer.timeout_s > 0, "peer.timeout_s", "must be > 0")

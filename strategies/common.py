@@ -276,10 +276,13 @@ class RoundBookkeeping:
     def identify_nodes(self, server_round: int, grid: Any, timeout: float) -> None:
         """Ask the nodes not met yet for their client id (one small query message each).
 
-        A node that does not answer is asked again next round; one that claims a client id
-        another node already holds keeps its node id (logged): ids must stay unique.
+        A node that does not answer is asked again next round. One that claims a client id held
+        by a node no longer connected takes it over (a restarted SuperNode is the same client);
+        one that claims a client id a connected node holds keeps its node id (logged): ids must
+        stay unique.
         """
-        nodes = [n for n in sorted(grid.get_node_ids()) if n not in self.client_ids]
+        live = set(grid.get_node_ids())
+        nodes = [n for n in sorted(live) if n not in self.client_ids]
         if not nodes:
             return
         query = [
@@ -290,7 +293,6 @@ class RoundBookkeeping:
             )
             for node in nodes
         ]
-        taken = set(self.client_ids.values())
         for reply in self.ledger.count_replies(
             "identify",
             grid.send_and_receive(self.ledger.count_messages("identify", query), timeout=timeout),
@@ -303,16 +305,19 @@ class RoundBookkeeping:
             except ProtocolError as exc:
                 log(WARNING, "node %s did not say which client it is: %s", node, exc)
                 continue
-            if client in taken:
-                log(
-                    WARNING,
-                    "node %s claims client id %s, already taken: keyed by node id",
-                    node,
-                    client,
-                )
-                client = node
-            self.client_ids[node] = client
-            taken.add(client)
+            self.client_ids[node] = self._claim(node, client, live)
+
+    def _claim(self, node: int, client: int, live: set[int]) -> int:
+        """The client id ``node`` is keyed by when it says it is ``client``."""
+        holder = next((n for n, c in self.client_ids.items() if c == client and n != node), None)
+        if holder is None:
+            return client
+        if holder not in live:
+            log(INFO, "node %s is client %s again (node %s has left)", node, client, holder)
+            del self.client_ids[holder]
+            return client
+        log(WARNING, "node %s claims client id %s, already taken: keyed by node id", node, client)
+        return node
 
     def open_round(self, server_round: int) -> None:
         """Start the round's clock, traffic count and record (the round loop calls it first)."""

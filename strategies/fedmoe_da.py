@@ -299,6 +299,26 @@ def sync_plans(
     return plans
 
 
+def stale_clients(last_heard: Mapping[int, int], server_round: int, max_age: int) -> list[int]:
+    """Clients whose last accepted reply is more than ``max_age`` rounds before ``server_round``.
+
+    Parameters
+    ----------
+    last_heard : Mapping[int, int]
+        Client id -> round of its last accepted training reply.
+    server_round : int
+        The round being closed.
+    max_age : int
+        Rounds a client may stay silent and keep its place in the pool.
+
+    Returns
+    -------
+    list[int]
+        The clients to drop, sorted.
+    """
+    return sorted(c for c, heard in last_heard.items() if server_round - heard > max_age)
+
+
 # --------------------------------------------------------------------------------------------
 # Flower strategy
 # --------------------------------------------------------------------------------------------
@@ -361,6 +381,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         Folder under which simulation nodes keep their expert stores (sent to the nodes).
     grant_ttl_s : float
         Lifetime of the per-round fetch grants.
+    pool_max_age : int
+        A client whose last accepted reply is more than this many rounds old leaves the pool
+        (its proxies, hashes and address), so a node that stopped replying drops out of every
+        sync plan; its next accepted reply brings it back.
     seed, fraction_train, min_replies, max_abs_value, on_round_end
         As in ``TaskAdapterClustering``.
     """
@@ -381,6 +405,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         mix_within_client: bool = True,
         peer_root: str | None = None,
         grant_ttl_s: float = 900.0,
+        pool_max_age: int = 5,
         seed: int = 0,
         fraction_train: float = 1.0,
         min_replies: int = 1,
@@ -399,6 +424,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
         if mix_every < 1:
             raise ValueError(f"mix_every must be >= 1, not {mix_every}")
+        if pool_max_age < 1:
+            raise ValueError(f"pool_max_age must be >= 1, not {pool_max_age}")
         self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
         self.template = dict(self.shared)
@@ -413,7 +440,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.mix_within_client = mix_within_client
         self.peer_root = peer_root
         self.grant_ttl_s = grant_ttl_s
+        self.pool_max_age = pool_max_age
         self.pool = ExpertPool({}, {}, {})
+        self.last_heard: dict[int, int] = {}  # client -> round of its last accepted reply
         self.dominant_domain: dict[int, int] = {}  # client -> its domain; metrics only
         self.matrix: np.ndarray | None = None
         self.matrix_ids: list[str] = []
@@ -443,6 +472,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             mix_within_client=cfg.fedmoe_da.mix_within_client,
             peer_root=peer_root,
             grant_ttl_s=cfg.peer.grant_ttl_s,
+            pool_max_age=cfg.fedmoe_da.pool_max_age,
             seed=cfg.seed,
             fraction_train=cfg.federation.fraction_train,
             min_replies=cfg.federation.min_replies,
@@ -465,6 +495,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             "self_weight": self.self_weight,
             "mix_every": self.mix_every,
             "mix_within_client": self.mix_within_client,
+            "pool_max_age": self.pool_max_age,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
             "robust": self.robust,
@@ -524,6 +555,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             "hashes": {str(c): h for c, h in self.pool.hashes.items()},
             "addresses": {str(c): a for c, a in self.pool.addresses.items()},
             "dominant_domain": {str(c): d for c, d in self.dominant_domain.items()},
+            "last_heard": {str(c): r for c, r in self.last_heard.items()},
             "matrix_ids": self.matrix_ids,
             "peer_bytes_total": self.peer_bytes_total,
             # The same key after a resume: owners already trust it (checkpoint folder is 0700).
@@ -542,6 +574,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.matrix = arrays.get("matrix")
         self.matrix_ids = list(state["matrix_ids"])
         self.dominant_domain = {int(c): int(d) for c, d in state["dominant_domain"].items()}
+        self.last_heard = {int(c): int(r) for c, r in state["last_heard"].items()}
         self.peer_bytes_total = int(state["peer_bytes_total"])
         self.grants = GrantIssuer.from_private_hex(str(state["grant_key"]))
         self.run_key = state["run_key"]
@@ -623,6 +656,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             self.pool.proxies[client] = proxies
             self.pool.hashes[client] = meta.hashes
             self.pool.addresses[client] = str(meta.address)
+            self.last_heard[client] = server_round
+        self._drop_stale_clients(server_round)
         ids, owners, proxies = self.pool.order()
         if (
             self.matrix is None
@@ -648,6 +683,15 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 if np.isfinite(share):  # NaN when no expert takes from a peer (s = 1)
                     self.record["same_domain_peer_share"] = {"share": share, "chance": chance}
         self.record["aggregation_recomputed"] = "aggregation" in self.record
+
+    def _drop_stale_clients(self, server_round: int) -> None:
+        """Remove from the pool every client last heard from more than ``pool_max_age`` rounds
+        ago; records the pool's size and who left it this round."""
+        stale = stale_clients(self.last_heard, server_round, self.pool_max_age)
+        for client in stale:
+            for part in (self.pool.proxies, self.pool.hashes, self.pool.addresses, self.last_heard):
+                part.pop(client, None)
+        self.record["pool"] = {"clients": len(self.pool.proxies), "dropped": stale}
 
     def _parse_train_reply(self, content: RecordDict) -> tuple[str | None, Parsed]:
         """Validate one reply; return (reason it is rejected, or None; (shared, the reply))."""

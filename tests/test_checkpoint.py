@@ -151,6 +151,15 @@ def test_nodes_are_asked_once_and_a_duplicate_client_id_keeps_its_node_id() -> N
     assert grid.queries == 3  # nobody asked twice
 
 
+def test_a_restarted_node_takes_its_client_id_back_from_the_node_that_left() -> None:
+    strategy = _strategy()
+    strategy.identify_nodes(1, IdentifyingGrid({501: 0, 77: 1}), timeout=5)
+    # Node 77's SuperNode died and came back as node 8000: it is client 1 again.
+    strategy.identify_nodes(2, IdentifyingGrid({501: 0, 8000: 1}), timeout=5)
+    assert strategy.client_ids == {501: 0, 8000: 1}
+    assert strategy.client_of(8000) == 1
+
+
 def test_the_same_clients_are_sampled_whatever_their_node_ids() -> None:
     first = {10: 0, 20: 1, 30: 2, 40: 3, 50: 4}
     second = {999: 0, 5: 1, 123: 2, 7: 3, 60: 4}  # the same clients in another federation

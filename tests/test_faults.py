@@ -19,6 +19,7 @@ from test_strategy import V0, A, W, _adapter, _reply, _round
 from client_app.faults import HUGE, faulty_clients, poisoned
 from client_app.privacy import local_dp
 from fedspecialists.config import load_config
+from fedspecialists.protocol.fedmoe_da import Instruction as FedMoEInstruction
 from fedspecialists.protocol.records import FAULT_RECORD, record_to_numpy, state_to_record
 from strategies.common import injected_faults
 from strategies.fltac import TaskAdapterClustering
@@ -139,3 +140,36 @@ def test_local_dp_clips_with_flowers_mod_by_hand() -> None:
 def test_the_noise_std_is_named_by_hand() -> None:
     cfg = load_config("privacy.local_dp=true privacy.sensitivity=0.5 privacy.epsilon=2")
     assert cfg.privacy.noise_std() == pytest.approx(0.5 * math.sqrt(2 * math.log(1.25e5)) / 2)
+
+
+def test_a_client_that_stops_replying_leaves_the_pool_after_pool_max_age_rounds() -> None:
+    """Node 3 replies in round 1 only: its experts stay in the pool (and in the others' plans)
+    through round 1 + 2 = 3, are gone after round 4, and come back with its next reply."""
+    strategy = _moe_strategy(pool_max_age=2)
+
+    def train(server_round: int, repliers: tuple[int, ...]) -> dict[int, Message]:
+        grid = FakeGrid([1, 2, 3])
+        sent = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_train(server_round, None, ConfigRecord(), grid)  # type: ignore[arg-type]
+        }
+        replies = [_moe_reply(sent[n], 0.0, GATES[n], server_round=server_round) for n in repliers]
+        strategy.aggregate_train(server_round, replies)
+        return sent
+
+    def planned_owners(message: Message) -> set[str]:
+        plans = FedMoEInstruction.from_record(message.content).plans
+        return {src.expert_id.split("/")[0] for sources in plans.values() for src in sources}
+
+    train(1, (1, 2, 3))
+    for server_round in (2, 3):
+        train(server_round, (1, 2))
+        assert strategy.pool.proxies.keys() == {1, 2, 3}
+        assert strategy.record["pool"] == {"clients": 3, "dropped": []}
+    train(4, (1, 2))  # 4 - 1 = 3 rounds silent > 2
+    assert strategy.pool.proxies.keys() == strategy.pool.addresses.keys() == {1, 2}
+    assert strategy.record["pool"] == {"clients": 2, "dropped": [3]}
+    assert strategy.matrix is not None and strategy.matrix.shape == (4, 4)  # 2 clients x K = 2
+    sent = train(5, (1, 2, 3))
+    assert all("3" not in planned_owners(sent[n]) for n in (1, 2))
+    assert strategy.pool.proxies.keys() == {1, 2, 3}  # back with its reply

@@ -18,6 +18,7 @@ from strategies.fedmoe_da import (
     renormalise,
     routed_means,
     same_domain_share,
+    stale_clients,
     sync_plans,
     top_p_mask,
 )
@@ -166,3 +167,11 @@ def test_same_domain_share_by_hand() -> None:
     assert chance == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
     share, chance = same_domain_share(np.eye(4), [1, 1, 2, 3], {1: 0, 2: 0, 3: 1})
     assert np.isnan(share) and np.isnan(chance)
+
+
+def test_stale_clients_by_hand() -> None:
+    heard = {4: 1, 7: 3, 9: 5, 2: 2}  # client -> round of its last accepted reply
+    # Closing round 5 with max_age 2: silent for 4 (client 4), 2 (7), 0 (9), 3 (2) rounds.
+    assert stale_clients(heard, 5, 2) == [2, 4]
+    assert stale_clients(heard, 5, 4) == []  # 4 rounds silent is still allowed
+    assert stale_clients({}, 5, 1) == []
