@@ -7,7 +7,7 @@ Usage::
 
     python benchmarks/robustness.py resume  --out runs/robustness --seeds 0
     python benchmarks/robustness.py faults  --out runs/robustness --seeds 0
-    python benchmarks/robustness.py attacks --out runs/robustness --seeds 0
+    python benchmarks/robustness.py attacks --out runs/robustness --seeds 0 [--method fedmoe_da]
     python benchmarks/robustness.py dp      --out runs/robustness --seeds 0
     python benchmarks/robustness.py faults  --out runs/robustness --table-only
 
@@ -189,7 +189,7 @@ def fault_table(out: Path, method: str) -> str:
 
 
 # -- attacks ------------------------------------------------------------------------------------
-ATTACKS = ("sign_flip", "scale", "other_task")
+ATTACKS = {"fltac": ("sign_flip", "scale", "other_task"), "fedmoe_da": ("sign_flip", "scale")}
 RULES = {
     "mean": "robust.rule=mean",
     "median": "robust.rule=median",
@@ -197,30 +197,31 @@ RULES = {
 }
 
 
-def attack_jobs(seeds: list[int]) -> dict[str, str]:
-    """FL-TAC, 20% of clients attacking each round, under each aggregation rule; and the rules
-    on clean runs (what they cost when nobody attacks)."""
+def attack_jobs(seeds: list[int], method: str) -> dict[str, str]:
+    """20% of clients attacking each round, under each aggregation rule (inside FL-TAC's
+    clusters, or FedMoE-DA's backbone); and the rules on clean runs (their cost when nobody
+    attacks)."""
     jobs = {}
     for seed in seeds:
         for rule, setting in RULES.items():
-            jobs[f"fltac-clean-{rule}-s{seed}"] = f"seed={seed} {setting}"
-            for attack in ATTACKS:
-                jobs[f"fltac-{attack}-{rule}-s{seed}"] = (
-                    f"seed={seed} {setting} faults.kind={attack} faults.fraction=0.2 "
-                    f"faults.seed={seed}"
+            common = f"{METHODS[method]} seed={seed} {setting}".strip()
+            jobs[f"{method}-clean-{rule}-s{seed}"] = common
+            for attack in ATTACKS[method]:
+                jobs[f"{method}-{attack}-{rule}-s{seed}"] = (
+                    f"{common} faults.kind={attack} faults.fraction=0.2 faults.seed={seed}"
                 )
     return jobs
 
 
-def attack_table(out: Path) -> str:
+def attack_table(out: Path, method: str) -> str:
     head = ["attack (20% of clients)", *(f"{r}" for r in RULES)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for attack in ("clean", *ATTACKS):
+    for attack in ("clean", *ATTACKS[method]):
         cells = []
         for rule in RULES:
             accs = [
                 _accuracy(p.parent)
-                for p in sorted(out.glob(f"fltac-{attack}-{rule}-s*/summary.json"))
+                for p in sorted(out.glob(f"{method}-{attack}-{rule}-s*/summary.json"))
             ]
             cells.append(fmt(accs) + (f" ({len(accs)} seed)" if len(accs) == 1 else ""))
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
@@ -258,7 +259,9 @@ def main() -> None:
     parser.add_argument("what", choices=["resume", "faults", "attacks", "dp"])
     parser.add_argument("--out", type=Path, default=Path("runs/robustness"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--method", choices=list(METHODS), default="fltac", help="faults only")
+    parser.add_argument(
+        "--method", choices=list(METHODS), default="fltac", help="faults and attacks"
+    )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--only", nargs="+", default=None, help="run only jobs named so")
     args = parser.parse_args()
@@ -270,7 +273,7 @@ def main() -> None:
         return
     jobs, table = {
         "faults": (fault_jobs(args.seeds, args.method), lambda: fault_table(out, args.method)),
-        "attacks": (attack_jobs(args.seeds), lambda: attack_table(out)),
+        "attacks": (attack_jobs(args.seeds, args.method), lambda: attack_table(out, args.method)),
         "dp": (dp_jobs(args.seeds), lambda: dp_table(out)),
     }[args.what]
     if args.only:

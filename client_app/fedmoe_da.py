@@ -461,7 +461,7 @@ def train(msg: Message, context: Context) -> Message:
     transport = _transport(node, context) if instruction.exchange else None
     sync = {"fetches": 0, "failures": 0}
     if transport is not None:
-        transport.trust(str(instruction.grant_key))
+        transport.trust(str(instruction.grant_key), server_round)
         if instruction.plans:
             sync = sync_experts(node, instruction, transport)
     seed = round_seed(cfg.seed, server_round, node.partition[0])

@@ -136,3 +136,85 @@ def test_changed_only_fetch_refuses_tampering_in_the_cache_and_at_the_peer(
     with pytest.raises(PeerFetchError, match="does not match"):
         requester.fetch(ref, issuer.issue(4, 2, 60), 2)
     assert not cached.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Round of a grant, bytes counted only when verified, digests that are not digests
+# --------------------------------------------------------------------------------------------
+
+
+def test_verify_grant_refuses_a_grant_of_another_round() -> None:
+    issuer = GrantIssuer()
+    grant = issuer.issue(3, node_id=7, ttl_s=60, now=1000.0)
+    claims = verify_grant(grant, issuer.public_key, node_id=7, now=1030.0, expected_round=3)
+    assert claims["round"] == 3
+    for other in (2, 4):  # an earlier and a later round: both named in the refusal
+        with pytest.raises(PeerFetchError, match=rf"issued for round 3\b.*round {other}\b"):
+            verify_grant(grant, issuer.public_key, node_id=7, now=1030.0, expected_round=other)
+
+
+def test_a_grant_replayed_in_a_later_round_is_refused(tmp_path: Path) -> None:
+    owner, requester, issuer = _pair(tmp_path)
+    digest = owner.publish(1, {"0": EXPERT})["0"]
+    ref = ExpertRef("1/0", 1, owner.address, digest)
+    size = (Path(owner.address) / "experts" / f"{digest}.safetensors").stat().st_size
+    requester.fetch(ref, issuer.issue(2, 2, 60), 2)
+    requester.fetch(ref, issuer.issue(3, 2, 60), 2)  # round 3 has begun
+    with pytest.raises(PeerFetchError, match=r"issued for round 2\b.*round 3\b"):
+        requester.fetch(ref, issuer.issue(2, 2, 60), 2)  # round 2's grant, still unexpired
+    assert requester.bytes_fetched == 2 * size
+
+
+def test_the_owner_serves_the_round_of_its_instruction(tmp_path: Path) -> None:
+    owner, requester, issuer = _pair(tmp_path)
+    digest = owner.publish(4, {"0": EXPERT})["0"]
+    ref = ExpertRef("1/0", 1, owner.address, digest)
+    owner.trust(issuer.public_key, server_round=5)  # the owner's round-5 instruction
+    with pytest.raises(PeerFetchError, match=r"issued for round 4\b.*round 5\b"):
+        requester.fetch(ref, issuer.issue(4, 2, 60), 2)
+    requester.fetch(ref, issuer.issue(5, 2, 60), 2)
+    # A late instruction of an earlier round does not move the owner back.
+    owner.trust(issuer.public_key, server_round=4)
+    with pytest.raises(PeerFetchError, match=r"issued for round 4\b.*round 5\b"):
+        requester.fetch(ref, issuer.issue(4, 2, 60), 2)
+    # Refused grants of a later round (expired, another server's) do not move it forward.
+    with pytest.raises(PeerFetchError, match="expired"):
+        requester.fetch(ref, issuer.issue(9, 2, ttl_s=-1), 2)
+    with pytest.raises(PeerFetchError, match="invalid grant"):
+        requester.fetch(ref, GrantIssuer().issue(9, 2, 60), 2)
+    requester.fetch(ref, issuer.issue(5, 2, 60), 2)
+    # A new run (another server key) starts again from its own round 1.
+    second = GrantIssuer()
+    owner.trust(second.public_key, server_round=1)
+    requester.fetch(ref, second.issue(1, 2, 60), 2)
+    with pytest.raises(PeerFetchError, match="invalid grant"):
+        requester.fetch(ref, issuer.issue(5, 2, 60), 2)  # the first run's key: no longer trusted
+
+
+def test_tampered_expert_bytes_are_not_counted(tmp_path: Path) -> None:
+    owner, requester, issuer = _pair(tmp_path)
+    digest = owner.publish(1, {"0": EXPERT})["0"]
+    path = Path(owner.address) / "experts" / f"{digest}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PeerFetchError, match="does not match"):
+        requester.fetch(ExpertRef("1/0", 1, owner.address, digest), issuer.issue(2, 2, 60), 2)
+    assert requester.bytes_fetched == 0
+    other = {"w": np.zeros(3, np.float32)}
+    valid = owner.publish(2, {"0": other})["0"]
+    requester.fetch(ExpertRef("1/0", 1, owner.address, valid), issuer.issue(2, 2, 60), 2)
+    stored = Path(owner.address) / "experts" / f"{valid}.safetensors"
+    # The valid expert's bytes alone: its 3 float32 values (12 bytes) and the safetensors header.
+    assert requester.bytes_fetched == stored.stat().st_size > 12
+
+
+def test_a_path_like_digest_is_refused_by_the_local_store(tmp_path: Path) -> None:
+    owner, requester, issuer = _pair(tmp_path)
+    owner.publish(1, {"0": EXPERT})
+    # A readable file outside the owner's store that a traversal would reach.
+    (tmp_path / "secret.safetensors").write_bytes((tmp_path / "node-1" / "grant_key").read_bytes())
+    for digest in ("../../secret", "abc", "g" * 64, "../" * 21 + "a"):
+        with pytest.raises(PeerFetchError, match="not a SHA-256 digest"):
+            requester.fetch(ExpertRef("1/0", 1, owner.address, digest), issuer.issue(2, 2, 60), 2)
+    assert requester.bytes_fetched == 0

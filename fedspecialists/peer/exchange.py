@@ -12,6 +12,10 @@ our own, behind one small interface (:class:`PeerTransport`):
 Authorisation: every round the server signs (Ed25519) a grant for each node it sends a sync plan
 to, naming the round, the node and an expiry time. Owners verify grants with the server's public
 key, which the server sends them in their own messages. Nodes can verify grants but not mint them.
+An owner's store serves one round, the latest it knows the server has begun: the round of its
+own latest instruction, or of a later grant the server signed (an owner left out of a round, or
+not yet started on it, learns the round from its first fetch). A grant of another round is
+refused, so a grant cannot be replayed in a later round (:func:`authorise`).
 
 :class:`LocalPeerStore` is the simulation transport: each node owns a folder (its *address*);
 peers read it directly, so no expert byte goes through the SuperLink. A network transport for
@@ -29,6 +33,7 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,9 +117,26 @@ class GrantIssuer:
 
 
 def verify_grant(
-    grant: str | None, public_key_hex: str, node_id: int | None = None, now: float | None = None
+    grant: str | None,
+    public_key_hex: str,
+    node_id: int | None = None,
+    now: float | None = None,
+    expected_round: int | None = None,
 ) -> dict[str, float]:
-    """Check a grant's signature and expiry (and, if given, that it was issued to ``node_id``).
+    """Check a grant's signature and expiry (and, if given, its node and its round).
+
+    Parameters
+    ----------
+    grant : str | None
+        The grant the request carries.
+    public_key_hex : str
+        The server's public key (raw, hex).
+    node_id : int | None
+        The requester: the grant must have been issued to it.
+    now : float | None
+        The time to check expiry against (default: now).
+    expected_round : int | None
+        The round the verifying store serves: the grant must have been issued for it.
 
     Returns
     -------
@@ -124,7 +146,7 @@ def verify_grant(
     Raises
     ------
     PeerFetchError
-        No grant, a bad signature, an expired grant or a grant of another node.
+        No grant, a bad signature, an expired grant, or a grant of another node or round.
     """
     if not grant:
         raise PeerFetchError("no authorisation: the request carries no server grant")
@@ -139,7 +161,83 @@ def verify_grant(
         raise PeerFetchError(f"authorisation refused: grant expired (round {claims['round']})")
     if node_id is not None and int(claims["node"]) != node_id:
         raise PeerFetchError(f"authorisation refused: grant issued to node {claims['node']}")
+    if expected_round is not None and int(claims["round"]) != expected_round:
+        raise PeerFetchError(
+            f"authorisation refused: grant issued for round {claims['round']}, "
+            f"this store serves round {expected_round}"
+        )
     return dict(claims)
+
+
+# The owner's side of a fetch: the trusted key and the round served live in the store folder
+# (``grant_key``; ``grant_round`` = {"key", "round"}), written by the owner's ClientApp and read
+# by whoever serves the folder (a gRPC endpoint, or in simulation the requester itself).
+_ROUND_LOCK = threading.Lock()  # read-and-raise of ``grant_round`` by threads of one process
+
+
+def serving_round(store: Path, public_key_hex: str) -> int | None:
+    """The round ``store`` serves for the server with this key (None: none known yet)."""
+    try:
+        mark = json.loads((store / "grant_round").read_text())
+        return int(mark["round"]) if mark["key"] == public_key_hex else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def advance_round(store: Path, public_key_hex: str, server_round: int) -> None:
+    """Have ``store`` serve ``server_round`` unless it already serves a later one of this key."""
+    with _ROUND_LOCK:
+        current = serving_round(store, public_key_hex)
+        if current is None or server_round > current:
+            mark = {"key": public_key_hex, "round": int(server_round)}
+            _atomic_write(store / "grant_round", json.dumps(mark).encode())
+
+
+def authorise(store: Path, grant: str | None, requester: int) -> dict[str, float]:
+    """The owner's check of a fetch from its store: a grant signed by the trusted server key for
+    ``requester`` and for the round the store serves.
+
+    The round served is the latest the store knows the server has begun: that of the owner's
+    latest instruction, or of a later grant that passes every check (only the server can sign
+    one, so it shows that its round has begun). A grant of an earlier round is refused.
+
+    Returns
+    -------
+    dict
+        The grant's payload.
+
+    Raises
+    ------
+    PeerFetchError
+        As :func:`verify_grant`; the caller checks first that ``grant_key`` exists.
+    """
+    key = (store / "grant_key").read_text().strip()
+    serving = serving_round(store, key)
+    expected = _round_to_check(serving, _claimed_round(grant))
+    claims = verify_grant(grant, key, node_id=requester, expected_round=expected)
+    if expected is not None and expected != serving:  # a verified grant of a later round
+        advance_round(store, key, expected)
+    return claims
+
+
+def _round_to_check(serving: int | None, claimed: int | None) -> int | None:
+    """The round a grant must name: the one served, or a later one it claims (then verified)."""
+    if claimed is None or (serving is not None and claimed <= serving):
+        return serving
+    return claimed
+
+
+def _claimed_round(grant: str | None) -> int | None:
+    """The round a grant names, unverified (None when it names none)."""
+    try:
+        return int(json.loads(_unb64(str(grant).split(".")[0]))["round"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def is_sha256_hex(text: str) -> bool:
+    """Whether ``text`` is a SHA-256 digest as stores name files: 64 lowercase hex digits."""
+    return len(text) == 64 and set(text) <= set("0123456789abcdef")
 
 
 def _b64(data: bytes) -> str:
@@ -166,8 +264,9 @@ class PeerTransport(Protocol):
     def bytes_fetched(self) -> int:
         """Expert payload bytes read from peers so far."""
 
-    def trust(self, public_key_hex: str) -> None:
-        """Accept grants signed by this server key from now on (the owner side)."""
+    def trust(self, public_key_hex: str, server_round: int | None = None) -> None:
+        """Accept grants signed by this server key from now on (the owner side), for
+        ``server_round`` (the round of the instruction that brought the key) or later."""
 
     def publish(
         self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
@@ -199,8 +298,10 @@ class LocalPeerStore:
         (Path(self.address) / "experts").mkdir(parents=True, exist_ok=True)
 
     # -- owner side --------------------------------------------------------------------------
-    def trust(self, public_key_hex: str) -> None:
+    def trust(self, public_key_hex: str, server_round: int | None = None) -> None:
         _atomic_write(Path(self.address) / "grant_key", public_key_hex.encode())
+        if server_round is not None:
+            advance_round(Path(self.address), public_key_hex, server_round)
 
     def publish(
         self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
@@ -230,20 +331,22 @@ class LocalPeerStore:
         key_file = owner / "grant_key"
         if not key_file.exists():
             raise PeerFetchError(f"peer {ref.owner} unreachable: no store at {owner}")
-        # The owner's check: a grant signed by the server key the owner trusts.
-        verify_grant(grant, key_file.read_text().strip(), node_id=requester)
+        # The owner's check: a grant signed by the server key the owner trusts, for its round.
+        authorise(owner, grant, requester)
+        if not is_sha256_hex(ref.sha256):
+            raise PeerFetchError(f"expert {ref.expert_id}: not a SHA-256 digest")
         path = owner / "experts" / f"{ref.sha256}.safetensors"
         if not path.exists():
             raise PeerFetchError(f"peer {ref.owner} does not hold expert {ref.expert_id}")
-        size = path.stat().st_size
-        if size > self.max_bytes:
+        data = read_at_most(path, self.max_bytes)
+        if data is None:
             raise PeerFetchError(
-                f"expert {ref.expert_id}: {size} bytes over the {self.max_bytes} limit"
+                f"expert {ref.expert_id}: {path.stat().st_size} bytes over the "
+                f"{self.max_bytes} limit"
             )
-        data = path.read_bytes()
-        self.bytes_fetched += len(data)
         if sha256(data) != ref.sha256:
             raise PeerFetchError(f"expert {ref.expert_id}: content does not match its owner's hash")
+        self.bytes_fetched += len(data)  # only verified bytes count
         try:
             return expert_from_bytes(data)
         except Exception as exc:  # a corrupt payload is the peer's failure, not ours
@@ -273,8 +376,8 @@ class ChangedOnlyFetch:
     def bytes_fetched(self) -> int:
         return self.transport.bytes_fetched
 
-    def trust(self, public_key_hex: str) -> None:
-        self.transport.trust(public_key_hex)
+    def trust(self, public_key_hex: str, server_round: int | None = None) -> None:
+        self.transport.trust(public_key_hex, server_round)
 
     def publish(
         self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
@@ -302,7 +405,15 @@ class ChangedOnlyFetch:
                 old.unlink(missing_ok=True)
 
 
+def read_at_most(path: Path, max_bytes: int) -> bytes | None:
+    """A file's bytes, or None when it holds more than ``max_bytes`` (never more is read)."""
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    return data if len(data) <= max_bytes else None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per process and thread: an endpoint's threads may write the same file at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)

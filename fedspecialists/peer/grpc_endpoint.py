@@ -11,9 +11,10 @@ and fetches peers' experts from their endpoints.
   grpcio (which Flower already depends on) with generic handlers, so no generated code.
 * TLS when the endpoint is given a certificate and key (clients pass the CA's certificate).
 * The endpoint serves an expert only to a request carrying a grant the server signed for that
-  requester and that has not expired (:func:`~fedspecialists.peer.exchange.verify_grant`), and
-  refuses payloads over its size limit; the client enforces its own limit, a timeout, and checks the
-  bytes against the owner's reported hash before anything is used.
+  requester and for the round the site serves, and that has not expired
+  (:func:`~fedspecialists.peer.exchange.authorise`); it refuses a name that is not a SHA-256
+  digest and payloads over its size limit. The client enforces its own limit, a timeout, and
+  checks the bytes against the owner's reported hash before anything is used (or counted).
 
 Run an endpoint: ``fedspecialists-peer --store DIR --port 9300 [--certfile --keyfile]``.
 """
@@ -35,9 +36,11 @@ from fedspecialists.peer.exchange import (
     ExpertRef,
     LocalPeerStore,
     PeerFetchError,
+    authorise,
     expert_from_bytes,
+    is_sha256_hex,
+    read_at_most,
     sha256,
-    verify_grant,
 )
 
 SERVICE = "fedspecialists.peer.exchange.v1.ExpertStore"
@@ -127,19 +130,19 @@ class PeerEndpoint:
                 context, grpc.StatusCode.UNAVAILABLE, "this site has not joined a round yet"
             )
         try:
-            verify_grant(grant, key_file.read_text().strip(), node_id=requester)
+            authorise(self.store, grant, requester)
         except PeerFetchError as exc:
             return self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if not is_sha256_hex(digest):
             return self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "not a SHA-256 digest")
         path = self.store / "experts" / f"{digest}.safetensors"
         if not path.exists():
             return self._refuse(context, grpc.StatusCode.NOT_FOUND, f"no expert {digest[:12]}")
-        if path.stat().st_size > self.max_bytes:
+        data = read_at_most(path, self.max_bytes)
+        if data is None:
             return self._refuse(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"expert over {self.max_bytes} bytes"
             )
-        data = path.read_bytes()
         with self._lock:
             self.served_bytes += len(data)
         return data
@@ -179,8 +182,8 @@ class GrpcPeerTransport:
             else None
         )
 
-    def trust(self, public_key_hex: str) -> None:
-        self.local.trust(public_key_hex)
+    def trust(self, public_key_hex: str, server_round: int | None = None) -> None:
+        self.local.trust(public_key_hex, server_round)
 
     def publish(
         self, server_round: int, experts: Mapping[str, Mapping[str, np.ndarray]]
@@ -208,9 +211,9 @@ class GrpcPeerTransport:
                 f"peer {ref.owner} at {ref.address} refused or unreachable: "
                 f"{getattr(code, 'name', code)}: {details}"
             ) from exc
-        self.bytes_fetched += len(data)
         if sha256(data) != ref.sha256:
             raise PeerFetchError(f"expert {ref.expert_id}: content does not match its owner's hash")
+        self.bytes_fetched += len(data)  # only verified bytes count
         try:
             return expert_from_bytes(data)
         except Exception as exc:
