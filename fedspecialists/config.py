@@ -541,6 +541,8 @@ def _check_task(task: TaskSpec, key: str) -> None:
 def _check_model_and_training(cfg: ExperimentConfig) -> None:
     _check(cfg.model.pooling in ("cls", "mean"), "model.pooling", "must be 'cls' or 'mean'")
     _check(cfg.model.max_length >= 8, "model.max_length", "must be >= 8")
+    size = cfg.model.image_size
+    _check(size is None or size >= 1, "model.image_size", "must be >= 1 or null")
     train = cfg.train
     _check(train.local_epochs > 0, "train.local_epochs", "must be > 0")
     _check(
@@ -586,6 +588,11 @@ def _check_federation(cfg: ExperimentConfig) -> None:
     _check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
     _check(0.0 < fed.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
     _check(fed.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _check(  # more could never reply: no round would ever be aggregated
+        fed.min_replies <= fed.num_clients,
+        "federation.min_replies",
+        f"must be <= federation.num_clients ({fed.num_clients})",
+    )
     _check(fed.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
     _check(fed.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
     _check(part.alpha > 0, "partition.alpha", "must be > 0")
@@ -625,7 +632,7 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     for key in ("pooled_size", "projection_dim", "num_experts", "expert_hidden"):
         _check(getattr(moe, key) >= 1, f"moe.{key}", "must be >= 1")
     _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k", "must be in 1..moe.num_experts")
-    _check(moe.dense_hidden is None or moe.dense_hidden >= 1, "moe.dense_hidden", "must be >= 1")
+    _check(moe.dense_hidden is None or moe.dense_hidden >= 1, "moe.dense_hidden", "must be >= 1 or null")
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
     _check(fm.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")

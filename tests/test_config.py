@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -124,3 +126,216 @@ def test_every_default_comes_from_conf() -> None:
     del base.train["lr"]
     with pytest.raises(ConfigError, match=r"train\.lr"):
         apply_schema(base)
+
+
+# ------------------------------------------------------------------------------------------
+# Every range and cross-field check of fedspecialists/config.py's validate(), each bad value
+# refused naming its key and each boundary value accepted. With the cases above, every check
+# has at least one refused case. Overrides without method= run FL-TAC on offline_text; with
+# method=fedmoe_da, offline_images (num_experts = 4).
+# ------------------------------------------------------------------------------------------
+
+MOE = "method=fedmoe_da"
+
+# (overrides, key named in the error): range checks.
+OUT_OF_RANGE = [
+    ("seed=-1", "seed"),
+    ("resume=", "resume"),  # an empty string names no run folder
+    ("resume=' '", "resume"),
+    ("suite.tasks=[]", "suite.tasks"),
+    ("+suite.tasks.0.kind=video", "suite.tasks[0].kind"),
+    ("+suite.tasks.0.test_fraction=0", "suite.tasks[0].test_fraction"),  # (0, 1): both ends out
+    ("+suite.tasks.0.test_fraction=1", "suite.tasks[0].test_fraction"),
+    ("+suite.tasks.0.keep_classes=[a]", "suite.tasks[0].keep_classes"),  # at least two
+    ("+suite.tasks.0.keep_classes=[a,a]", "suite.tasks[0].keep_classes"),  # distinct
+    ("+suite.tasks.0.image_shape=[1,28]", "suite.tasks[0].image_shape"),  # not [C, H, W]
+    ("+suite.tasks.0.image_shape=[2,28,28]", "suite.tasks[0].image_shape"),  # C not 1 or 3
+    ("+suite.tasks.0.image_shape=[1,0,28]", "suite.tasks[0].image_shape"),  # H < 1
+    ("+suite.tasks.0.image_shape=[3,28,0]", "suite.tasks[0].image_shape"),  # W < 1
+    ("suite.tasks.0.max_train_examples=0", "suite.tasks[0].max_train_examples"),
+    ("suite.tasks.0.max_test_examples=0", "suite.tasks[0].max_test_examples"),
+    ("model.max_length=7", "model.max_length"),
+    ("train.local_epochs=0", "train.local_epochs"),  # > 0: 0 is out
+    ("train.momentum=1", "train.momentum"),  # [0, 1)
+    ("train.momentum=-0.1", "train.momentum"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"),
+    ("train.lr=-0.001", "train.lr"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.num_threads=-1", "train.num_threads"),
+    ("train.device=tpu", "train.device"),
+    ("train.device=gpu:0", "train.device"),
+    ("robust.rule=mode", "robust.rule"),
+    ("robust.trim_fraction=0.5", "robust.trim_fraction"),  # [0, 0.5)
+    ("robust.trim_fraction=-0.1", "robust.trim_fraction"),
+    ("robust.clip_norm=0", "robust.clip_norm"),
+    ("faults.kind=meteor", "faults.kind"),
+    ("faults.fraction=-0.1", "faults.fraction"),  # [0, 1]
+    ("faults.fraction=1.1", "faults.fraction"),
+    ("faults.scale=0", "faults.scale"),
+    ("privacy.clipping_norm=0", "privacy.clipping_norm"),
+    ("privacy.epsilon=0", "privacy.epsilon"),
+    ("privacy.delta=0", "privacy.delta"),  # (0, 1)
+    ("privacy.delta=1", "privacy.delta"),
+    ("privacy.delta=2", "privacy.delta"),  # ln(1.25 / 2) < 0: no noise std at all
+    ("privacy.sensitivity=-1", "privacy.sensitivity"),
+    ("federation.num_clients=0", "federation.num_clients"),
+    ("federation.node_wait_s=-1", "federation.node_wait_s"),
+    ("federation.reply_timeout_s=0", "federation.reply_timeout_s"),
+    ("partition.alpha=-1", "partition.alpha"),
+    ("partition.min_share=1", "partition.min_share"),  # [0, 1)
+    ("partition.min_share=-0.1", "partition.min_share"),
+    ("partition.train_per_client=0", "partition.train_per_client"),  # >= 1 or null
+    ("partition.test_per_client=0", "partition.test_per_client"),
+    ("validation.max_abs_value=-1", "validation.max_abs_value"),
+    ("validation.max_update_norm=0", "validation.max_update_norm"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.dropout=1", "lora.dropout"),  # [0, 1)
+    ("lora.dropout=-0.1", "lora.dropout"),
+    ("fltac.num_clusters=true", "fltac.num_clusters"),  # a bool is not an int here
+    ("fltac.num_clusters=-2", "fltac.num_clusters"),
+    ("fltac.auto_k_min=1", "fltac.auto_k_min"),
+    ("fltac.clustering=dbscan", "fltac.clustering"),
+    ("fltac.feature_tensors=bias", "fltac.feature_tensors"),
+    ("fltac.kmeans_n_init=0", "fltac.kmeans_n_init"),
+    ("fltac.source_check_llr=0", "fltac.source_check_llr"),
+    (f"{MOE} moe.channels=[]", "moe.channels"),
+    (f"{MOE} moe.channels=[4,0]", "moe.channels"),
+    (f"{MOE} moe.pooled_size=0", "moe.pooled_size"),
+    (f"{MOE} moe.projection_dim=0", "moe.projection_dim"),
+    (f"{MOE} moe.expert_hidden=0", "moe.expert_hidden"),
+    (f"{MOE} moe.dense_hidden=0", "moe.dense_hidden"),
+    (f"{MOE} moe.load_balance_coef=-0.1", "moe.load_balance_coef"),
+    (f"{MOE} moe.global_test_per_domain=0", "moe.global_test_per_domain"),
+    (f"{MOE} fedmoe_da.self_weight=-0.1", "fedmoe_da.self_weight"),  # [0, 1]
+    (f"{MOE} fedmoe_da.self_weight=1.1", "fedmoe_da.self_weight"),
+    (f"{MOE} fedmoe_da.mix_every=0", "fedmoe_da.mix_every"),
+    (f"{MOE} fedmoe_da.pool_max_age=0", "fedmoe_da.pool_max_age"),
+    (f"{MOE} fedmoe_da.proxy=expert", "fedmoe_da.proxy"),
+    (f"{MOE} peer.max_bytes=0", "peer.max_bytes"),
+    (f"{MOE} peer.timeout_s=0", "peer.timeout_s"),
+    (f"{MOE} peer.grant_ttl_s=0", "peer.grant_ttl_s"),
+]
+
+# (overrides, key named in the error): checks of one field against another.
+CROSS_FIELD_REFUSED = [
+    ("suite.tasks.1.name=bbc_topic", "suite.tasks"),  # two tasks named bbc_topic
+    ("suite.tasks.0.builtin=null", "suite.tasks[0].builtin"),  # source=builtin needs builtin
+    ("suite.tasks.0.source=hub", "suite.tasks[0].path"),  # source=hub needs path
+    ("suite.tasks.0.source=files", "suite.tasks[0].data_files"),  # needs a train file
+    (f"{MOE} faults.kind=other_task", "faults.kind"),  # FL-TAC's only
+    ("fltac.auto_k_min=5 fltac.auto_k_max=4", "fltac.auto_k_max"),  # max >= min
+    (f"{MOE} moe.top_k=0", "moe.top_k"),  # 1..num_experts
+    (f"{MOE} moe.num_experts=2 moe.top_k=3", "moe.top_k"),
+    (f"{MOE} partition.test_per_client=null", "partition.test_per_client"),  # MoE needs it
+    (f"{MOE} suite.tasks.0.kind=text_classification", "suite.tasks"),  # image and text mixed
+    (f"{MOE} suite=dolly", "suite.tasks"),  # causal LM tasks
+    ("federation.num_clients=3 federation.min_replies=4", "federation.min_replies"),
+    ("model.image_size=0", "model.image_size"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), OUT_OF_RANGE + CROSS_FIELD_REFUSED)
+def test_every_check_refuses_naming_the_key(overrides: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}':")):
+        load_config(overrides)
+
+
+# (overrides, the value's path in the typed config, the value): each at a range's end that is
+# in the range, or the other field's value that a cross-field check allows.
+ACCEPTED = [
+    ("seed=0", "seed", 0),
+    ("num_rounds=1", "num_rounds", 1),
+    ("resume=runs/a", "resume", "runs/a"),
+    ("resume=null", "resume", None),
+    (
+        "+suite.tasks.1.keep_classes=[positive,negative]",
+        "suite.tasks.1.keep_classes",
+        ["positive", "negative"],
+    ),
+    ("+suite.tasks.0.image_shape=[1,1,1]", "suite.tasks.0.image_shape", [1, 1, 1]),
+    ("+suite.tasks.0.image_shape=[3,28,28]", "suite.tasks.0.image_shape", [3, 28, 28]),
+    ("suite.tasks.0.max_train_examples=1", "suite.tasks.0.max_train_examples", 1),
+    ("suite.tasks.0.max_test_examples=null", "suite.tasks.0.max_test_examples", None),
+    ("suite.tasks.0.source=hub +suite.tasks.0.path=/data/bbc", "suite.tasks.0.path", "/data/bbc"),
+    (
+        "suite.tasks.0.source=files +suite.tasks.0.data_files={train:t.csv}",
+        "suite.tasks.0.data_files",
+        {"train": "t.csv"},
+    ),
+    ("model.max_length=8", "model.max_length", 8),
+    ("model.pooling=cls", "model.pooling", "cls"),
+    ("train.local_epochs=0.01", "train.local_epochs", 0.01),
+    ("train.local_steps=1", "train.local_steps", 1),
+    ("train.local_steps=null", "train.local_steps", None),
+    ("train.optimizer=sgd", "train.optimizer", "sgd"),
+    ("train.momentum=0", "train.momentum", 0.0),
+    ("train.batch_size=1", "train.batch_size", 1),
+    ("train.eval_batch_size=1", "train.eval_batch_size", 1),
+    ("train.weight_decay=0", "train.weight_decay", 0.0),
+    ("train.num_threads=0", "train.num_threads", 0),
+    ("train.device=cpu", "train.device", "cpu"),
+    ("train.device=mps", "train.device", "mps"),
+    ("train.device=cuda", "train.device", "cuda"),
+    ("train.device=cuda:1", "train.device", "cuda:1"),
+    ("robust.rule=median", "robust.rule", "median"),
+    ("robust.rule=trimmed_mean robust.trim_fraction=0", "robust.trim_fraction", 0.0),
+    ("robust.trim_fraction=0.49", "robust.trim_fraction", 0.49),
+    ("robust.clip_norm=null", "robust.clip_norm", None),
+    ("faults.kind=crash faults.fraction=0", "faults.fraction", 0.0),
+    ("faults.kind=crash faults.fraction=1", "faults.fraction", 1.0),
+    ("faults.kind=other_task", "faults.kind", "other_task"),  # FL-TAC
+    ("privacy.sensitivity=0", "privacy.sensitivity", 0.0),
+    ("privacy.delta=0.5", "privacy.delta", 0.5),
+    ("federation.num_clients=1", "federation.num_clients", 1),
+    ("federation.fraction_train=1", "federation.fraction_train", 1.0),  # (0, 1]
+    ("federation.min_replies=1", "federation.min_replies", 1),
+    ("federation.num_clients=3 federation.min_replies=3", "federation.min_replies", 3),
+    ("federation.node_wait_s=0", "federation.node_wait_s", 0.0),
+    ("partition.min_share=0", "partition.min_share", 0.0),
+    ("partition.train_per_client=1", "partition.train_per_client", 1),
+    ("partition.train_per_client=null", "partition.train_per_client", None),  # FL-TAC
+    ("validation.max_update_norm=null", "validation.max_update_norm", None),
+    ("lora.rank=1", "lora.rank", 1),
+    ("lora.dropout=0", "lora.dropout", 0.0),
+    ("fltac.num_clusters=1", "fltac.num_clusters", 1),
+    ("fltac.num_clusters=null", "fltac.num_clusters", None),
+    ("fltac.auto_k_min=2", "fltac.auto_k_min", 2),
+    ("fltac.auto_k_min=5 fltac.auto_k_max=5", "fltac.auto_k_max", 5),  # max = min
+    ("fltac.clustering=kmeans", "fltac.clustering", "kmeans"),
+    ("fltac.feature_tensors=all", "fltac.feature_tensors", "all"),
+    ("fltac.kmeans_n_init=1", "fltac.kmeans_n_init", 1),
+    (f"{MOE} moe.channels=[1]", "moe.channels", [1]),
+    (f"{MOE} moe.pooled_size=1", "moe.pooled_size", 1),
+    (f"{MOE} moe.top_k=1", "moe.top_k", 1),
+    (f"{MOE} moe.top_k=4", "moe.top_k", 4),  # = num_experts
+    (f"{MOE} moe.num_experts=1 moe.top_k=1", "moe.num_experts", 1),
+    (f"{MOE} moe.dense_hidden=1", "moe.dense_hidden", 1),
+    (f"{MOE} moe.dense_hidden=null", "moe.dense_hidden", None),
+    (f"{MOE} moe.load_balance_coef=0", "moe.load_balance_coef", 0.0),
+    (f"{MOE} moe.global_test_per_domain=1", "moe.global_test_per_domain", 1),
+    (f"{MOE} fedmoe_da.num_peers=0", "fedmoe_da.num_peers", 0),
+    (f"{MOE} fedmoe_da.interval=1", "fedmoe_da.interval", 1),
+    (f"{MOE} fedmoe_da.self_weight=0", "fedmoe_da.self_weight", 0.0),
+    (f"{MOE} fedmoe_da.self_weight=1", "fedmoe_da.self_weight", 1.0),
+    (f"{MOE} fedmoe_da.mix_every=1", "fedmoe_da.mix_every", 1),
+    (f"{MOE} fedmoe_da.pool_max_age=1", "fedmoe_da.pool_max_age", 1),
+    (f"{MOE} fedmoe_da.proxy=routed_mean", "fedmoe_da.proxy", "routed_mean"),
+    (f"{MOE} peer.max_bytes=1", "peer.max_bytes", 1),
+    (f"{MOE} partition.train_per_client=1", "partition.train_per_client", 1),
+    (f"{MOE} partition.test_per_client=1", "partition.test_per_client", 1),
+    (f"{MOE} suite=offline_text", "suite.name", "offline_text"),  # all text: allowed
+]
+
+
+def _at(cfg: object, path: str) -> object:
+    """The value at a dotted path of the typed config (a number indexes a list)."""
+    value = cfg
+    for part in path.split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)  # type: ignore[index]
+    return value
+
+
+@pytest.mark.parametrize(("overrides", "path", "value"), ACCEPTED)
+def test_boundary_values_are_accepted(overrides: str, path: str, value: object) -> None:
+    assert _at(load_config(overrides), path) == value

@@ -207,26 +207,58 @@ def test_partition_is_exact_disjoint_cover(suite: list[TaskData]) -> None:
             assert sorted(uids) == sorted(getattr(task, split)["uid"])
 
 
-def test_partition_follows_shares(suite: list[TaskData]) -> None:
-    seed, alpha, min_share = 7, 0.5, 0.05
-    parts = partition_suite(suite, 8, alpha, min_share, seed)
-    # partition_suite draws the shares first from default_rng(seed): redraw them the same way.
-    shares = dirichlet_shares(len(suite), 8, alpha, min_share, np.random.default_rng(seed))
-    for t, task in enumerate(suite):
-        expected = split_counts(len(task.train), shares[t])
-        for c in range(8):
-            held = [ct for ct in parts[c] if ct.task_index == t]
-            if shares[t, c] == 0 or expected[c] == 0:
-                assert held == [], "a client with a zero share holds the task"
-            else:
-                assert len(held) == 1 and len(held[0].train) == expected[c]
-    assert any(ct.task_index == 2 and len(ct.test) == 0 for client in parts for ct in client)
+# Shares for the suite fixture over 4 clients, in 256ths so that n * share is exact in binary.
+FIXED_SHARES = (
+    np.array(
+        [
+            [128, 64, 64, 0],  # t0
+            [100, 0, 155, 1],  # t1
+            [2, 254, 0, 0],  # t2
+        ]
+    )
+    / 256
+)
+
+
+def test_partition_follows_shares(suite: list[TaskData], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Dirichlet draw is replaced by fixed shares; the counts are then worked out by hand
+    # (largest remainder: floors first, the items left one each to the largest fractional parts).
+    calls: list[tuple[int, int, float, float]] = []
+
+    def fixed(
+        num_tasks: int, num_clients: int, alpha: float, min_share: float, rng: object
+    ) -> np.ndarray:
+        calls.append((num_tasks, num_clients, alpha, min_share))
+        return FIXED_SHARES.copy()
+
+    monkeypatch.setattr(data, "dirichlet_shares", fixed)
+    parts = partition_suite(suite, 4, 0.5, 0.05, seed=7)
+    assert calls == [(3, 4, 0.5, 0.05)]
+    # t0, 300 train / 100 test, shares 1/2, 1/4, 1/4, 0: exact -> (150, 75, 75, 0) and
+    #   (50, 25, 25, 0); client 3 has a zero share and does not hold t0.
+    # t1, 57 train, shares 100, 0, 155, 1 (/256): 22.27, 0, 34.51, 0.22 -> floors 22, 0, 34, 0
+    #   (56), 1 left -> largest fraction .51 (client 2) -> (22, 0, 35, 0). Client 3's share is
+    #   positive but rounds to no training example, so it does not hold t1 and its test share
+    #   goes to the holders: 19 test over 100 : 155 -> 7.45, 11.55 -> floors 7, 11 (18), 1 left
+    #   -> .55 (client 2) -> (7, 0, 12, 0).
+    # t2, 500 train / 3 test, shares 2, 254, 0, 0 (/256): 3.91, 496.09 -> floors 3, 496 (499),
+    #   1 left -> .91 (client 0) -> (4, 496, 0, 0); test 3 * (2, 254) / 256 = 0.02, 2.98 ->
+    #   floors 0, 2, 1 left -> .98 (client 1) -> (0, 3): client 0 holds t2 with no test data.
+    expected = {  # client -> [(task, train, test)]
+        0: [(0, 150, 50), (1, 22, 7), (2, 4, 0)],
+        1: [(0, 75, 25), (2, 496, 3)],
+        2: [(0, 75, 25), (1, 35, 12)],
+        3: [],
+    }
+    got = {
+        c: [(ct.task_index, len(ct.train), len(ct.test)) for ct in client]
+        for c, client in enumerate(parts)
+    }
+    assert got == expected
     for client in parts:
         for ct in client:
             assert isinstance(ct, ClientTask)
-            assert len(ct.train) >= 1
             assert ct.name == suite[ct.task_index].name and ct.num_labels == 2
-        assert [ct.task_index for ct in client] == sorted(ct.task_index for ct in client)
 
 
 def test_partition_reproducible_and_client_tasks_matches(suite: list[TaskData]) -> None:

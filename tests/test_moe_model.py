@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 from numpy.testing import assert_allclose
@@ -97,8 +96,30 @@ def test_dense_model_has_a_similar_size_and_text_backbone() -> None:
     assert text(torch.rand(5, 24)).logits.shape == (5, 3)
 
 
-def test_top_k_out_of_range_is_refused() -> None:
-    bad = dataclasses.replace(MOE, top_k=4)
-    with pytest.raises(ValueError, match="top_k"):
+@pytest.mark.parametrize("top_k", [0, 4])  # K = 3: the range is 1..3
+def test_top_k_out_of_range_is_refused(top_k: int) -> None:
+    bad = dataclasses.replace(MOE, top_k=top_k)
+    with pytest.raises(ValueError, match=f"top_k must be in 1..3, not {top_k}"):
         build_model((1, 12, 12), 4, bad, dense=False, seed=0)
-    assert np.isfinite(1.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_at_the_ends_of_its_range_is_accepted(top_k: int) -> None:
+    model = build_model((1, 12, 12), 4, dataclasses.replace(MOE, top_k=top_k), dense=False, seed=0)
+    assert isinstance(model, MoEClassifier)
+    x = torch.rand(5, 1, 12, 12)
+    out = model(x)
+    assert out.selected.shape == (5, top_k)
+    h = model.backbone(x)
+    each = torch.stack([expert(h) for expert in model.experts], dim=1)  # (B, K, C)
+    if top_k == 1:
+        # Top-1: each row's argmax expert, renormalised to weight 1, alone makes the output.
+        best = out.router_probs.argmax(-1)
+        assert torch.equal(out.selected[:, 0], best)
+        assert torch.allclose(out.logits, each[torch.arange(5), best], atol=1e-6)
+    else:
+        # Top-3 of K = 3: every expert once per row, weighted by the full softmax (sum 1).
+        chosen = torch.zeros_like(out.router_probs).scatter(1, out.selected, 1.0)
+        assert torch.equal(chosen, torch.ones(5, 3))
+        mixed = (out.router_probs.unsqueeze(-1) * each).sum(1)
+        assert torch.allclose(out.logits, mixed, atol=1e-6)

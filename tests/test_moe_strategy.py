@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,12 +16,7 @@ from fedspecialists.peer.exchange import verify_grant
 from fedspecialists.protocol.fedmoe_da import Instruction, TrainReply
 from fedspecialists.protocol.records import record_to_numpy, state_to_record
 from strategies.baselines import FedAvgMoE, LocalMoE
-from strategies.fedmoe_da import (
-    DomainAwareMoEAggregation,
-    aggregation_matrix,
-    correlation_matrix,
-    same_domain_share,
-)
+from strategies.fedmoe_da import DomainAwareMoEAggregation, same_domain_share
 
 BACKBONE = {"backbone.w": np.zeros((2, 2), np.float32)}
 K = 2
@@ -60,6 +56,44 @@ GATES = {
     3: np.array([[0.0, 1.0], [1.0, 0.0]]),
 }
 
+# The matrix A these gates give with P = 1, tau = 0.5, worked out by hand (Eq. 8-10 as
+# strategies/fedmoe_da.py reads them; docs/methods.md).
+#
+# Pool order (clients sorted, then experts): 1/0, 1/1, 2/0, 2/1, 3/0, 3/1, with proxies
+#   e0 = (1, 0), e1 = (0, 1), e2 = (1, 0.1), e3 = (0, 1), e4 = (0, 1), e5 = (1, 0).
+# Eq. 8, r_ij = cos(pi_i, pi_j). |e2| = sqrt(1.01), so with C = 1/sqrt(1.01) ~ 0.99504 and
+# S = 0.1/sqrt(1.01) ~ 0.09950: cos((1,0), e2) = C, cos((0,1), e2) = S, cos((1,0), (0,1)) = 0.
+#        e0  e1  e2  e3  e4  e5
+#   e0 [ 1,  0,  C,  0,  0,  1 ]
+#   e1 [ 0,  1,  S,  1,  1,  0 ]
+#   e2 [ C,  S,  1,  S,  S,  C ]
+#   e3 [ 0,  1,  S,  1,  1,  0 ]     (= row e1)
+#   e4 [ 0,  1,  S,  1,  1,  0 ]     (= row e1)
+#   e5 [ 1,  0,  C,  0,  0,  1 ]     (= row e0)
+# Eq. 9, P = 1: row i keeps every entry >= the row's (P+1)-th = 2nd largest value, the diagonal
+# included in that ranking, ties all kept:
+#   e0, e5: sorted 1, 1, C, ... -> threshold 1 -> keep e0 and e5 (2/0's C < 1 is NOT kept).
+#   e1, e3, e4: sorted 1, 1, 1, S, ... -> threshold 1 -> keep e1, e3, e4 (a three-way tie).
+#   e2: sorted 1, C, C, S, ... -> threshold C -> keep e0, e2, e5 (C twice: a tie).
+# Eq. 10, a_ij = exp(r_ij / tau) / sum over kept l of exp(r_il / tau), tau = 0.5:
+#   e0, e5: exp(2) each -> 1/2, 1/2.  e1, e3, e4: exp(2) each -> 1/3 each.
+#   e2: itself exp(2 * 1) = exp(2), e0 and e5 exp(2C) each; D = exp(2) + 2 exp(2C):
+#       a_22 = exp(2) / D ~ 0.335543, a_20 = a_25 = exp(2C) / D ~ 0.332229.
+_C = 1 / math.sqrt(1.01)
+_D = math.exp(2.0) + 2 * math.exp(2 * _C)
+_SELF, _PEER = math.exp(2.0) / _D, math.exp(2 * _C) / _D
+H, T = 1 / 2, 1 / 3
+EXPECTED_A = np.array(
+    [
+        [H, 0, 0, 0, 0, H],
+        [0, T, 0, T, T, 0],
+        [_PEER, 0, _SELF, 0, 0, _PEER],
+        [0, T, 0, T, T, 0],
+        [0, T, 0, T, T, 0],
+        [H, 0, 0, 0, 0, H],
+    ]
+)
+
 
 def _round(
     strategy: DomainAwareMoEAggregation,
@@ -97,20 +131,20 @@ def test_backbone_is_fedavg_weighted_by_examples() -> None:
 def test_aggregation_matrix_and_per_node_sync_plans() -> None:
     strategy = _strategy(peer_root="/stores")
     _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
-    proxies = np.concatenate([GATES[1], GATES[2], GATES[3]])
-    expected = aggregation_matrix(correlation_matrix(proxies), 1, 0.5)
     assert strategy.matrix is not None
-    assert_allclose(strategy.matrix, expected)
+    # The proxies travel as float32 (0.1 -> 0.10000000149): agreement to ~1e-9, not 1e-16.
+    assert_allclose(strategy.matrix, EXPECTED_A, rtol=1e-8, atol=1e-12)
+    assert_allclose(EXPECTED_A[2], [0.332229, 0, 0.335543, 0, 0, 0.332229], atol=1e-6)
     assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1", "3/0", "3/1"]
 
     messages = _round(strategy, 2, lambda n, m: _reply(m, 0.0, GATES[n], server_round=2))
     instruction = Instruction.from_record(messages[1].content)
     sources = instruction.plans[0]
     ids = [s.expert_id for s in sources]
-    # Row of expert 1/0: itself plus its most related expert (2/0, cos ~ .995) and 3/1 (cos 1).
-    row = expected[0]
-    assert ids == [strategy.matrix_ids[j] for j in np.flatnonzero(row > 0)]
-    assert_allclose([s.weight for s in sources], row[row > 0])
+    # Row of expert 1/0 (e0): P = 1 keeps itself and 3/1 (cos 1, the row's 2nd largest value);
+    # 2/0 (cos C ~ .995) falls below that threshold. Weights exp(2) / (2 exp(2)) = 1/2 each.
+    assert ids == ["1/0", "3/1"]
+    assert_allclose([s.weight for s in sources], [0.5, 0.5], rtol=1e-12)
     assert [s.sha256 for s in sources] == [
         _hash(int(i.split("/")[0]), int(i.split("/")[1]), 1) for i in ids
     ]
@@ -207,15 +241,66 @@ def test_mix_every_two_rounds_sends_plans_in_rounds_2_and_4_only() -> None:
 def test_self_weight_and_no_siblings_shape_the_matrix() -> None:
     strategy = _strategy(self_weight=0.5, mix_within_client=False)
     _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
-    proxies = np.concatenate([GATES[1], GATES[2], GATES[3]])
-    owners = [1, 1, 2, 2, 3, 3]
-    base = aggregation_matrix(correlation_matrix(proxies), 1, 0.5, owners=owners)
-    assert_allclose(strategy.matrix, 0.5 * np.eye(6) + 0.5 * base)  # type: ignore[arg-type]
+    # Siblings out: each row's entry for its own client's other expert becomes -inf before the
+    # ranking. No row above kept a sibling (e0 keeps e0, e5; e1 keeps e1, e3, e4; e2 keeps e0,
+    # e2, e5; e3 keeps e1, e3, e4: its sibling e2 has only S; e4 keeps e1, e3, e4; e5 keeps e0,
+    # e5), so A is EXPECTED_A again, and s = 0.5 gives A' = 0.5 I + 0.5 A:
     matrix = strategy.matrix
     assert matrix is not None
+    expected = np.array(
+        [
+            [3 / 4, 0, 0, 0, 0, 1 / 4],
+            [0, 2 / 3, 0, 1 / 6, 1 / 6, 0],
+            [_PEER / 2, 0, 1 / 2 + _SELF / 2, 0, 0, _PEER / 2],
+            [0, 1 / 6, 0, 2 / 3, 1 / 6, 0],
+            [0, 1 / 6, 0, 1 / 6, 2 / 3, 0],
+            [1 / 4, 0, 0, 0, 0, 3 / 4],
+        ]
+    )
+    assert_allclose(matrix, expected, rtol=1e-8, atol=1e-12)  # float32 proxies, as above
     for i, j in ((0, 1), (1, 0), (2, 3), (3, 2), (4, 5), (5, 4)):
         assert matrix[i, j] == 0.0  # never its own client's other expert
     assert np.all(np.diag(matrix) >= 0.5)
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_no_siblings_changes_the_rows_where_a_sibling_ranks_high(within: bool) -> None:
+    # Client 1's two experts are the same vector, so each is the other's best match.
+    twins = {
+        1: np.array([[1.0, 0.0], [1.0, 0.0]]),
+        2: np.array([[0.0, 1.0], [0.0, 1.0]]),
+        3: np.array([[1.0, 0.0], [0.0, 1.0]]),
+    }
+    strategy = _strategy(mix_within_client=within)
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, twins[n]))
+    # e0 = e1 = e4 = (1, 0) and e2 = e3 = e5 = (0, 1): every r_ij is 1 or 0. P = 1 keeps the
+    # entries equal to the row's 2nd largest, i.e. every r = 1 entry, each with the same
+    # exp(1 / 0.5) weight. Siblings allowed: rows of (1, 0) experts keep {e0, e1, e4} and
+    # rows of (0, 1) experts keep {e2, e3, e5}: 1/3 each. Siblings out (-inf first): e0 and e1
+    # keep themselves and e4 (1/2 each), e2 and e3 themselves and e5; e4 (client 3) still
+    # keeps e0, e1 (1/3 each), e5 still keeps e2, e3.
+    t, h = 1 / 3, 1 / 2
+    expected = (
+        [
+            [t, t, 0, 0, t, 0],
+            [t, t, 0, 0, t, 0],
+            [0, 0, t, t, 0, t],
+            [0, 0, t, t, 0, t],
+            [t, t, 0, 0, t, 0],
+            [0, 0, t, t, 0, t],
+        ]
+        if within
+        else [
+            [h, 0, 0, 0, h, 0],
+            [0, h, 0, 0, h, 0],
+            [0, 0, h, 0, 0, h],
+            [0, 0, 0, h, 0, h],
+            [t, t, 0, 0, t, 0],
+            [0, 0, t, t, 0, t],
+        ]
+    )
+    assert strategy.matrix is not None
+    assert_allclose(strategy.matrix, np.array(expected), rtol=1e-12, atol=1e-12)
 
 
 def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedspecialists.protocol import fltac
 from fedspecialists.protocol.fedmoe_da import (
@@ -193,3 +193,20 @@ def test_fltac_evaluate_reply_round_trips() -> None:
     content = reply.to_record()
     assert content.metric_records["metrics"]["num-examples"] == 6
     assert fltac.EvaluateReply.from_record(content) == reply
+
+
+@pytest.mark.parametrize(("shape", "expected"), [((1, 2), 190), ((64,), 437)])
+def test_content_nbytes_by_hand(shape: tuple[int, ...], expected: int) -> None:
+    """The traffic counts' unit, field by field (protobuf: a 1-byte tag, then a varint length
+    of 1 byte below 128, else 2). ``Array.data`` is ``np.save``'s output: a 128-byte .npy v1
+    header + 4 bytes per float32.
+
+    (1, 2): data 128 + 8 = 136 -> 1 + 2 + 136 = 139; dtype "float32" 1 + 1 + 7 = 9; shape
+    packed [1, 2] 1 + 1 + 2 = 4; stype "numpy.ndarray" 1 + 1 + 13 = 15 -> Array 167;
+    ArrayRecord item: key "w" 3 + value 1 + 2 + 167 = 173; ArrayRecord 1 + 2 + 173 = 176;
+    RecordDict item: key "arrays" 8 + 1 + 2 + 176 = 187; RecordDict 1 + 2 + 187 = 190.
+    (64,): data 128 + 256 = 384 -> 387; shape [64] 3 -> Array 9 + 3 + 15 + 387 = 414; item
+    3 + 417 = 420; ArrayRecord 423; RecordDict item 8 + 426 = 434; total 437.
+    """
+    record = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(shape, np.float32))})})
+    assert content_nbytes(record) == expected
