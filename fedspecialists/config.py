@@ -632,7 +632,11 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     for key in ("pooled_size", "projection_dim", "num_experts", "expert_hidden"):
         _check(getattr(moe, key) >= 1, f"moe.{key}", "must be >= 1")
     _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k", "must be in 1..moe.num_experts")
-    _check(moe.dense_hidden is None or moe.dense_hidden >= 1, "moe.dense_hidden", "must be >= 1 or null")
+    _check(
+        moe.dense_hidden is None or moe.dense_hidden >= 1,
+        "moe.dense_hidden",
+        "must be >= 1 or null",
+    )
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
     _check(fm.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")

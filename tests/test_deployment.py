@@ -134,3 +134,45 @@ def test_own_files_and_an_unreachable_peer(federation: LocalFederation, tmp_path
     assert rounds[0]["train_examples_per_domain"] == files
     assert rounds[-1]["personalised_accuracy"]["mean"] is not None
     assert rounds[-1]["global_accuracy"]["mean"] is None  # no site holds a global test set
+
+
+def test_a_supernode_killed_mid_round_and_restarted(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """Site 1's SuperNode (with every ClientApp under it) is SIGKILLed while round 2 trains and
+    started again: the run completes, the dead node's messages are counted as failed or
+    missing and never stop a round, and the new node is met again as client 1."""
+    import signal
+
+    from fedspecialists.run.local import start_run, stop_process_trees, wait_for_run
+
+    overrides = (
+        "model=tiny_bert suite=tiny_text num_rounds=4 federation.num_clients=3 "
+        "federation.node_wait_s=120 federation.reply_timeout_s=60 train.local_steps=40 "
+        f"output.root={tmp_path} output.name=node-dies"
+    )
+    run_id = start_run(federation.env, overrides, "fedspecialists-local")
+    checkpoint = tmp_path / "node-dies" / "checkpoint" / "checkpoint.json"
+    deadline = time.time() + 600
+    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
+        assert time.time() < deadline, "round 1 never finished"
+        time.sleep(0.2)
+    site = federation.sites[1]
+    assert site.supernode is not None
+    stop_process_trees([site.supernode], term_wait=0, first_signal=signal.SIGKILL)
+    data_dir = federation.home / "data" / "site1"
+    site.supernode = federation.start_supernode(site, 3, extra_config=f'data-dir="{data_dir}"')
+    superlink = federation.processes[0]
+    outcome = wait_for_run(
+        federation.env, run_id, lambda: superlink.poll() is None, "fedspecialists-local", 1200
+    )
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    run = tmp_path / "node-dies"
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["aggregated"] for r in rounds)
+    assert rounds[0]["replies_ok"] == 3
+    lost = [r["replies_failed"] + r.get("replies_missing", 0) for r in rounds[1:]]
+    assert lost[0] >= 1  # the killed node's round-2 training never arrived
+    # The restarted SuperNode answered as client 1: the last round's three clients are 0, 1, 2.
+    assert rounds[-1]["replies_ok"] == 3, rounds[-1]
+    assert "is client 1 again" in outcome.log
