@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fedspecialists.config import ConfigError
 from fedspecialists.run.report import find_runs, mean_std, report
+from fedspecialists.run.status import read_status
 from fedspecialists.run.sweep import expand, validate_jobs
 
 
@@ -156,3 +160,52 @@ def test_sweep_runs_every_job_and_survives_a_failing_one(tmp_path: Path) -> None
     # The sweep's SuperLink (its database lives in the sweep folder) stopped with the sweep.
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [p for p in processes.splitlines() if "flower-superlink" in p and str(sweep) in p]
+
+
+@pytest.mark.e2e
+def test_a_sweep_cut_short_goes_on_with_resume(tmp_path: Path) -> None:
+    """A two-job sweep stopped (SIGTERM, as Ctrl-C) once job 1 checkpointed round 1; the same
+    command plus ``resume=<sweep dir>`` skips job 0 (completed) and resumes job 1 after its
+    checkpointed round, in the first sweep's folder."""
+    args = [
+        "fedspecialists-sweep",
+        "--multirun",
+        "model=tiny_bert",
+        "suite=tiny_text",
+        "num_rounds=3",
+        "federation.num_clients=3",
+        "seed=0,1",
+        f"output.root={tmp_path}",
+    ]
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        try:
+            index = tmp_path / "sweeps"
+            deadline = time.time() + 900
+            while not [
+                p
+                for p in index.glob("*/1/run/checkpoint/checkpoint.json")
+                if json.loads(p.read_text())["round"] >= 1
+            ]:
+                assert time.time() < deadline and first.poll() is None, "job 1 never got going"
+                time.sleep(0.1)
+            first.send_signal(signal.SIGTERM)  # the sweep stops its SuperLink by PID on the way out
+            first.wait(timeout=120)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    (sweep,) = (tmp_path / "sweeps").iterdir()
+    assert read_status(sweep / "1" / "run")["status"] != "completed"
+    job0 = (sweep / "0" / "run" / "summary.json").read_bytes()
+    time.sleep(1.1)  # Hydra names sweep folders by the second
+    done = subprocess.run([*args, f"resume={sweep}"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sweep / "0" / "run" / "summary.json").read_bytes() == job0  # skipped, not rerun
+    (second,) = [p for p in (tmp_path / "sweeps").iterdir() if p != sweep]
+    assert not (second / "0" / "job.json").exists()
+    job1 = json.loads((second / "1" / "job.json").read_text())
+    assert job1["status"] == "finished:completed" and job1["resumed"], job1
+    status = json.loads((sweep / "1" / "run" / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed_after_round"] >= 1
+    rounds = (sweep / "1" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rounds] == [1, 2, 3]

@@ -120,6 +120,26 @@ class LocalFederation:
             command += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
         return self._spawn(command, self.home / (log_name or f"supernode{site.index}.log"))
 
+    def restart_supernode(
+        self, site: Site, num_sites: int, extra_config: str = "", within_s: float = 300
+    ) -> subprocess.Popen[bytes]:
+        """Start ``site``'s SuperNode again after it died, until the SuperLink takes it.
+
+        Flower's SuperLink refuses to activate a registered public key while the node that held
+        it still counts as online (until it misses two heartbeats), and the refused SuperNode
+        exits (code 305) instead of retrying: so start it again every few seconds.
+        """
+        deadline = time.time() + within_s
+        while True:
+            process = self.start_supernode(site, num_sites, extra_config=extra_config)
+            try:
+                process.wait(timeout=15)  # refused within seconds, or it stays up
+            except subprocess.TimeoutExpired:
+                return process
+            if time.time() > deadline:
+                raise RuntimeError(f"site {site.index}'s SuperNode was refused for {within_s}s")
+            time.sleep(5)
+
     def start_peer(self, site: Site) -> subprocess.Popen[bytes]:
         c = self.credentials
         return self._spawn(
