@@ -7,6 +7,7 @@ groups).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -141,14 +142,17 @@ def test_a_supernode_killed_mid_round_and_restarted(
 ) -> None:
     """Site 1's SuperNode (with every ClientApp under it) is SIGKILLed while round 2 trains and
     started again: the run completes, the dead node's messages are counted as failed or
-    missing and never stop a round, and the new node is met again as client 1."""
+    missing and never stop a round, and the restarted node (its key registered: Flower gives it
+    its old node id) trains again as client 1. One client in three sends a sign-flipped update
+    each round (faults by config, in a deployment)."""
     import signal
 
     from fedspecialists.run.local import start_run, stop_process_trees, wait_for_run
 
     overrides = (
         "model=tiny_bert suite=tiny_text num_rounds=4 federation.num_clients=3 "
-        "federation.node_wait_s=120 federation.reply_timeout_s=60 train.local_steps=40 "
+        "federation.node_wait_s=120 federation.reply_timeout_s=300 train.local_steps=10 "
+        "faults.kind=sign_flip faults.fraction=0.34 "  # faults by config work in a deployment
         f"output.root={tmp_path} output.name=node-dies"
     )
     run_id = start_run(federation.env, overrides, "fedspecialists-local")
@@ -161,7 +165,7 @@ def test_a_supernode_killed_mid_round_and_restarted(
     assert site.supernode is not None
     stop_process_trees([site.supernode], term_wait=0, first_signal=signal.SIGKILL)
     data_dir = federation.home / "data" / "site1"
-    site.supernode = federation.start_supernode(site, 3, extra_config=f'data-dir="{data_dir}"')
+    site.supernode = federation.restart_supernode(site, 3, extra_config=f'data-dir="{data_dir}"')
     superlink = federation.processes[0]
     outcome = wait_for_run(
         federation.env, run_id, lambda: superlink.poll() is None, "fedspecialists-local", 1200
@@ -170,9 +174,46 @@ def test_a_supernode_killed_mid_round_and_restarted(
     run = tmp_path / "node-dies"
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["aggregated"] for r in rounds)
-    assert rounds[0]["replies_ok"] == 3
+    assert rounds[0]["replies_ok"] == 3 and rounds[0]["faults_injected"] == {"sign_flip": 1}
     lost = [r["replies_failed"] + r.get("replies_missing", 0) for r in rounds[1:]]
     assert lost[0] >= 1  # the killed node's round-2 training never arrived
-    # The restarted SuperNode answered as client 1: the last round's three clients are 0, 1, 2.
+    # The restarted SuperNode trained again: the last round has all three clients.
     assert rounds[-1]["replies_ok"] == 3, rounds[-1]
-    assert "is client 1 again" in outcome.log
+
+
+def test_a_killed_serverapp_is_resumed_on_the_same_federation(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """The ServerApp process alone is SIGKILLed once round 1 is checkpointed; the SuperLink and
+    SuperNodes stay up. ``resume=<run folder>`` on the same federation goes on after round 1
+    and ends with every round; the SuperNodes are met again by their client ids."""
+    from fedspecialists.run.local import start_run
+
+    overrides = (
+        "model=tiny_bert suite=tiny_text num_rounds=3 federation.num_clients=3 "
+        f"federation.node_wait_s=120 output.root={tmp_path} output.name=app-dies"
+    )
+    run = tmp_path / "app-dies"
+    start_run(federation.env, overrides, "fedspecialists-local")
+    checkpoint = run / "checkpoint" / "checkpoint.json"
+    deadline = time.time() + 600
+    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
+        assert time.time() < deadline, "round 1 never finished"
+        time.sleep(0.2)
+    superlink = psutil.Process(federation.processes[0].pid)
+    (app,) = [
+        p for p in superlink.children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())
+    ]
+    app.kill()  # not our child: wait for it by polling
+    gone = time.time() + 30
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while app.is_running() and app.status() != psutil.STATUS_ZOMBIE:
+            assert time.time() < gone, "the ServerApp outlived SIGKILL"
+            time.sleep(0.1)
+    outcome = federation.run(f"{overrides} resume={run}")
+    assert outcome.status == "finished:completed", outcome.log[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed_after_round"] >= 1
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["aggregated"] and r["replies_ok"] == 3 for r in rounds)
