@@ -80,6 +80,7 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fltac_sites_train_on_their_own_files(federation: LocalFederation, tmp_path: Path) -> None:
     """A suite of files reads each site's data-dir: nothing partitioned, no data on the server."""
     fltac = federation.run(
@@ -112,6 +113,7 @@ def test_unregistered_and_insecure_supernodes_are_refused(federation: LocalFeder
     assert len(federation.wait_for_nodes(3)) == 3  # the three registered nodes only
 
 
+@pytest.mark.slow
 def test_own_files_and_an_unreachable_peer(federation: LocalFederation, tmp_path: Path) -> None:
     """FedMoE-DA on the sites' own image files, with site 2's peer endpoint down: each site
     trains on exactly the rows of its files, and the others renormalise over what arrived."""
@@ -137,69 +139,62 @@ def test_own_files_and_an_unreachable_peer(federation: LocalFederation, tmp_path
     assert rounds[-1]["global_accuracy"]["mean"] is None  # no site holds a global test set
 
 
-def test_a_supernode_killed_mid_round_and_restarted(
+@pytest.mark.slow
+def test_a_supernode_then_the_serverapp_die_and_the_run_goes_on(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    """Site 1's SuperNode (with every ClientApp under it) is SIGKILLed while round 2 trains and
-    started again: the run completes, the dead node's messages are counted as failed or
-    missing and never stop a round, and the restarted node (its key registered: Flower gives it
-    its old node id) trains again as client 1. One client in three sends a sign-flipped update
+    """One run, two failures. Site 1's SuperNode (with every ClientApp under it) is SIGKILLed
+    while round 2 trains and restarted: the dead node's reply is counted as lost and never stops
+    the round, and the restarted node (its key registered: Flower gives it its old node id)
+    trains again as client 1. Then the ServerApp process alone is SIGKILLed once round 2 is
+    checkpointed; ``resume=<run folder>`` on the same federation (SuperLink and SuperNodes
+    still up) ends the run with every round. One client in three sends a sign-flipped update
     each round (faults by config, in a deployment)."""
     import signal
 
-    from fedspecialists.run.local import start_run, stop_process_trees, wait_for_run
+    from fedspecialists.run.local import start_run, stop_process_trees
 
     overrides = (
         "model=tiny_bert suite=tiny_text num_rounds=4 federation.num_clients=3 "
         "federation.node_wait_s=120 federation.reply_timeout_s=300 train.local_steps=10 "
         "faults.kind=sign_flip faults.fraction=0.34 "  # faults by config work in a deployment
-        f"output.root={tmp_path} output.name=node-dies"
+        f"output.root={tmp_path} output.name=dies"
     )
-    run_id = start_run(federation.env, overrides, "fedspecialists-local")
-    checkpoint = tmp_path / "node-dies" / "checkpoint" / "checkpoint.json"
-    deadline = time.time() + 600
-    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
-        assert time.time() < deadline, "round 1 never finished"
-        time.sleep(0.2)
+    run = tmp_path / "dies"
+    start_run(federation.env, overrides, "fedspecialists-local")
+    _wait_for_checkpoint(run, 1)
     site = federation.sites[1]
     assert site.supernode is not None
     stop_process_trees([site.supernode], term_wait=0, first_signal=signal.SIGKILL)
     data_dir = federation.home / "data" / "site1"
     site.supernode = federation.restart_supernode(site, 3, extra_config=f'data-dir="{data_dir}"')
-    superlink = federation.processes[0]
-    outcome = wait_for_run(
-        federation.env, run_id, lambda: superlink.poll() is None, "fedspecialists-local", 1200
-    )
+    _wait_for_checkpoint(run, 2)
+    _kill_the_serverapp(federation)
+    outcome = federation.run(f"{overrides} resume={run}")
     assert outcome.status == "finished:completed", outcome.log[-3000:]
-    run = tmp_path / "node-dies"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed_after_round"] >= 2
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["aggregated"] for r in rounds)
     assert rounds[0]["replies_ok"] == 3 and rounds[0]["faults_injected"] == {"sign_flip": 1}
-    lost = [r["replies_failed"] + r.get("replies_missing", 0) for r in rounds[1:]]
-    assert lost[0] >= 1  # the killed node's round-2 training never arrived
+    # Round 2's third reply was lost with the dead node, or the restarted node (same node id)
+    # picked up the message waiting for it and answered: never both, never neither.
+    second = rounds[1]
+    assert second["replies_ok"] + second["replies_failed"] + second["replies_missing"] == 3
     # The restarted SuperNode trained again: the last round has all three clients.
     assert rounds[-1]["replies_ok"] == 3, rounds[-1]
 
 
-def test_a_killed_serverapp_is_resumed_on_the_same_federation(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    """The ServerApp process alone is SIGKILLed once round 1 is checkpointed; the SuperLink and
-    SuperNodes stay up. ``resume=<run folder>`` on the same federation goes on after round 1
-    and ends with every round; the SuperNodes are met again by their client ids."""
-    from fedspecialists.run.local import start_run
-
-    overrides = (
-        "model=tiny_bert suite=tiny_text num_rounds=3 federation.num_clients=3 "
-        f"federation.node_wait_s=120 output.root={tmp_path} output.name=app-dies"
-    )
-    run = tmp_path / "app-dies"
-    start_run(federation.env, overrides, "fedspecialists-local")
+def _wait_for_checkpoint(run: Path, server_round: int) -> None:
     checkpoint = run / "checkpoint" / "checkpoint.json"
     deadline = time.time() + 600
-    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= 1):
-        assert time.time() < deadline, "round 1 never finished"
+    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= server_round):
+        assert time.time() < deadline, f"round {server_round} never finished"
         time.sleep(0.2)
+
+
+def _kill_the_serverapp(federation: LocalFederation) -> None:
+    """SIGKILL the ``flwr-serverapp`` process under the SuperLink, and only it."""
     superlink = psutil.Process(federation.processes[0].pid)
     (app,) = [
         p for p in superlink.children(recursive=True) if "flwr-serverapp" in " ".join(p.cmdline())
@@ -210,10 +205,3 @@ def test_a_killed_serverapp_is_resumed_on_the_same_federation(
         while app.is_running() and app.status() != psutil.STATUS_ZOMBIE:
             assert time.time() < gone, "the ServerApp outlived SIGKILL"
             time.sleep(0.1)
-    outcome = federation.run(f"{overrides} resume={run}")
-    assert outcome.status == "finished:completed", outcome.log[-3000:]
-    status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "completed" and status["resumed_after_round"] >= 1
-    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert all(r["aggregated"] and r["replies_ok"] == 3 for r in rounds)

@@ -351,7 +351,11 @@ def test_fedmoe_da_text_variant_completes(superlink: LocalSuperLink, tmp_path: P
     ("faults", "counted"),
     [
         ("faults.kind=crash", "replies_failed"),
-        ("faults.kind=hang federation.reply_timeout_s=30", "replies_missing"),
+        pytest.param(
+            "faults.kind=hang federation.reply_timeout_s=30",
+            "replies_missing",
+            marks=pytest.mark.slow,
+        ),
         ("faults.kind=nan", "replies_rejected"),
     ],
 )

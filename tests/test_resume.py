@@ -136,6 +136,7 @@ def test_fltac_killed_in_round_3_and_resumed_ends_as_an_uninterrupted_run(
         _same_tensors(whole / name, cut / name)
 
 
+@pytest.mark.slow
 def test_fedmoe_da_killed_in_round_3_and_resumed_ends_as_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:

@@ -163,6 +163,7 @@ def test_sweep_runs_every_job_and_survives_a_failing_one(tmp_path: Path) -> None
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_sweep_cut_short_goes_on_with_resume(tmp_path: Path) -> None:
     """A two-job sweep stopped (SIGTERM, as Ctrl-C) once job 1 checkpointed round 1; the same
     command plus ``resume=<sweep dir>`` skips job 0 (completed) and resumes job 1 after its

@@ -298,6 +298,9 @@ def read_status(
     return str(runs[0].get("status", "unknown")), runs[0]
 
 
+POLL_MAX_S = 8.0  # the longest pause between two status polls of a running run
+
+
 def wait_for_run(
     env: dict[str, str],
     run_id: int,
@@ -313,13 +316,16 @@ def wait_for_run(
     deadline = time.time() + timeout_s
     status: str = "unknown"
     details: dict[str, object] = {}
+    pause = 1.0
     while time.time() < deadline:
         if not alive():
             raise RuntimeError(f"the SuperLink stopped while run {run_id} was {status}")
         status, details = read_status(env, run_id, connection)
         if status.startswith("finished"):
             break
-        time.sleep(2)
+        # Each `flwr ls` is a new process (~0.8 CPU-s here): poll less often as the run goes on.
+        time.sleep(pause)
+        pause = min(POLL_MAX_S, pause * 1.5)
     if not alive():
         return RunOutcome(run_id=run_id, status=status, details=details, log="")
     conn = [connection] if connection else []
