@@ -54,18 +54,19 @@ def _accuracy(run: Path) -> float:
 def kill_and_resume(out: Path, method: str, seed: int) -> dict[str, Any]:
     """Uninterrupted run, then a run crashed in round 2 or 3 and resumed; how they compare."""
     base = f"{METHODS[method]} seed={seed}".strip()
-    whole, cut = f"{method}-whole-s{seed}", f"{method}-cut-s{seed}"
+    # Names of one length: FedMoE-DA's messages carry the run folder's path (peer stores).
+    whole, cut = f"{method}-whole-s{seed}", f"{method}-split-s{seed}"
     run_all(out, {whole: base})
     rng = random.Random(seed)
     after = rng.choice([1, 2])  # the crash lands in round after + 1
-    per_round = _summary(out / whole)["seconds_per_round"]
-    delay = rng.uniform(0.0, 0.8) * per_round
+    share = rng.uniform(0.0, 0.8)  # of that round's expected time (the round before's)
     index = out / cut / "checkpoint" / "checkpoint.json"
     if not (out / cut / "summary.json").exists():
         with local_superlink(out / "flwr-home-cut") as link:
             submit_run(link, f"{base} output.root={out} output.name={cut}", num_supernodes=10)
             while not (index.exists() and json.loads(index.read_text())["round"] >= after):
                 time.sleep(0.2)
+            delay = share * _rounds(out / cut)[-1]["round_time_s"]
             time.sleep(delay)
             link.crash()
         killed_after = json.loads(index.read_text())["round"]
