@@ -69,12 +69,11 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
     # Round 2: every site fetched its peers' experts from their gRPC endpoints, none refused.
     assert rounds[1]["peer_fetches"] > 0 and rounds[1]["peer_failures"] == 0
     assert summary["total_peer_bytes"] > 0
-    # The experts went peer to peer: the SuperLink carried far less than under FedAvg-MoE.
-    fedavg = federation.run(f"method=fedavg_moe {MOE} output.root={tmp_path} output.name=fedavg")
-    assert fedavg.status == "finished:completed", fedavg.log[-3000:]
-    server = summary["total_server_bytes"]
-    assert isinstance(server, int)
-    assert server < 0.2 * _summary(tmp_path, "fedavg")["total_server_bytes"]  # type: ignore[operator]
+    # The experts went peer to peer: the SuperLink carried less than a fifth of what FedAvg-MoE
+    # sends for the experts alone (float32, down and up, to each of 3 clients in each of 2 rounds).
+    experts = summary["parameters"]["experts"]
+    assert isinstance(experts, int) and experts > 0
+    assert summary["total_server_bytes"] < 0.2 * (4 * experts * 2 * 3 * 2)
     # Each site kept its personal experts in its own store, one folder per run.
     for site in federation.sites:
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
