@@ -28,6 +28,7 @@ from typing import Any
 from compare_runs import differences, tensors_equal
 from runner import fmt, run_all
 
+from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.local import local_superlink, run_app, submit_run
 
 METHODS = {"fltac": "", "fedmoe_da": "method=fedmoe_da"}
@@ -60,16 +61,15 @@ def kill_and_resume(out: Path, method: str, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     after = rng.choice([1, 2])  # the crash lands in round after + 1
     share = rng.uniform(0.0, 0.8)  # of that round's expected time (the round before's)
-    index = out / cut / "checkpoint" / "checkpoint.json"
     if not (out / cut / "summary.json").exists():
         with local_superlink(out / "flwr-home-cut") as link:
             submit_run(link, f"{base} output.root={out} output.name={cut}", num_supernodes=10)
-            while not (index.exists() and json.loads(index.read_text())["round"] >= after):
+            while checkpointed_round(out / cut) < after:
                 time.sleep(0.2)
             delay = share * _rounds(out / cut)[-1]["round_time_s"]
             time.sleep(delay)
             link.crash()
-        killed_after = json.loads(index.read_text())["round"]
+        killed_after = checkpointed_round(out / cut)
         with local_superlink(out / "flwr-home-resume") as link:
             overrides = f"{base} output.root={out} output.name={cut} resume={out / cut}"
             outcome = run_app(link, overrides, num_supernodes=10)

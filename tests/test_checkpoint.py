@@ -19,6 +19,7 @@ from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.run.checkpoint import (
     Checkpoint,
     CheckpointError,
+    checkpointed_round,
     load_checkpoint,
     save_checkpoint,
 )
@@ -33,8 +34,10 @@ def _checkpoint(k: int) -> Checkpoint:
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    assert checkpointed_round(tmp_path) == 0  # nothing committed yet
     save_checkpoint(tmp_path, _checkpoint(1))
     save_checkpoint(tmp_path, _checkpoint(2))
+    assert checkpointed_round(tmp_path) == 2
     back = load_checkpoint(tmp_path)
     assert back.round == 2
     assert back.state == {"round": 2, "nested": {"1": [0.1, 1e-300]}}  # floats exact in JSON

@@ -21,6 +21,7 @@ from fedspecialists.data.domains import IMAGE_DOMAINS
 from fedspecialists.data.site_files import export_sites
 from fedspecialists.deploy.certs import make_node_key
 from fedspecialists.deploy.federation import LocalFederation, local_federation
+from fedspecialists.run.checkpoint import checkpointed_round
 
 pytestmark = pytest.mark.e2e
 
@@ -185,9 +186,8 @@ def test_a_supernode_then_the_serverapp_die_and_the_run_goes_on(
 
 
 def _wait_for_checkpoint(run: Path, server_round: int) -> None:
-    checkpoint = run / "checkpoint" / "checkpoint.json"
     deadline = time.time() + 600
-    while not (checkpoint.exists() and json.loads(checkpoint.read_text())["round"] >= server_round):
+    while checkpointed_round(run) < server_round:
         assert time.time() < deadline, f"round {server_round} never finished"
         time.sleep(0.2)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.local import local_superlink, run_app, submit_run
 from fedspecialists.run.status import STALE_AFTER_S, read_status
 
@@ -58,16 +59,15 @@ def _uninterrupted(home: Path, overrides: str) -> None:
 
 def _kill_in_round_3(home: Path, overrides: str, run: Path) -> None:
     """Submit the run and crash it once round 2 is checkpointed (round 3 has begun)."""
-    index = run / "checkpoint" / "checkpoint.json"
     with local_superlink(home) as link:
         submit_run(link, overrides, num_supernodes=3)
         deadline = time.time() + 600
-        while not (index.exists() and json.loads(index.read_text())["round"] >= 2):
+        while checkpointed_round(run) < 2:
             assert time.time() < deadline, "round 2 never completed"
             assert link.alive()
             time.sleep(0.1)
         link.crash()  # SIGKILL of the SuperLink's process groups: ServerApp, ClientApps
-    assert json.loads(index.read_text())["round"] == 2, "killed too late: round 3 completed"
+    assert checkpointed_round(run) == 2, "killed too late: round 3 completed"
 
 
 def _resume_equals_uninterrupted(

@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedspecialists.config import ConfigError
+from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.report import find_runs, mean_std, report
 from fedspecialists.run.status import read_status
 from fedspecialists.run.sweep import expand, validate_jobs
@@ -183,11 +184,7 @@ def test_a_sweep_cut_short_goes_on_with_resume(tmp_path: Path) -> None:
         try:
             index = tmp_path / "sweeps"
             deadline = time.time() + 900
-            while not [
-                p
-                for p in index.glob("*/1/run/checkpoint/checkpoint.json")
-                if json.loads(p.read_text())["round"] >= 1
-            ]:
+            while not [p for p in index.glob("*/1/run") if checkpointed_round(p) >= 1]:
                 assert time.time() < deadline and first.poll() is None, "job 1 never got going"
                 time.sleep(0.1)
             first.send_signal(signal.SIGTERM)  # the sweep stops its SuperLink by PID on the way out

@@ -60,6 +60,14 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return folder / INDEX
 
 
+def checkpointed_round(run_dir: Path) -> int:
+    """The last round ``run_dir`` committed a checkpoint of; 0 if none (cheap: the index only)."""
+    index_path = Path(run_dir) / FOLDER / INDEX
+    if not index_path.exists():
+        return 0
+    return int(json.loads(index_path.read_text())["round"])
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """The last committed checkpoint of ``run_dir`` (:class:`CheckpointError` if none or bad)."""
     index_path = Path(run_dir) / FOLDER / INDEX

@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fedspecialists.config import CONF_DIR, ConfigError, apply_schema, load_config
+from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app
 from fedspecialists.run.status import read_status
 
@@ -101,7 +102,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     if read_status(run_dir)["status"] == "completed" and multirun:
         logger.log(INFO, "job %s already completed: %s", result["job"], run_dir)
         return {**result, "status": "finished:completed", "run_id": None, "skipped": True}
-    resume = [f"resume={run_dir}"] if (run_dir / "checkpoint" / "checkpoint.json").exists() else []
+    resume = [f"resume={run_dir}"] if checkpointed_round(run_dir) else []
     overrides = shlex.join(
         [*task, f"output.root={run_dir.parent}", f"output.name={run_dir.name}", *resume]
     )
