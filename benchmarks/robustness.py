@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from fedspecialists.run.local import local_superlink, run_app, submit_run
 METHODS = {"fltac": "", "fedmoe_da": "method=fedmoe_da"}
 # A healthy default round takes ~45 s (FL-TAC) or ~8 s (FedMoE-DA) here: time out at 90 s
 # (FL-TAC) or 30 s (FedMoE-DA), so that a hung client costs a round little more than that.
+NUM_CLIENTS = 10  # the default federation's size, on which the faulty share is drawn
 TIMEOUT = {"fltac": "federation.reply_timeout_s=90", "fedmoe_da": "federation.reply_timeout_s=30"}
 
 
@@ -255,6 +258,30 @@ def dp_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def run_jobs(out: Path, jobs: dict[str, str], parallel: int) -> None:
+    """Run ``jobs``, ``parallel`` ClientApps training at once; hang runs on a SuperLink of their
+    own (``flwr-home-hang``), so that a second copy of this script can run them beside the rest.
+
+    A hung ClientApp holds its simulation worker while it sleeps: a hang run gets one worker more
+    per hung client, so that the healthy ones still train ``parallel`` at a time (one worker per
+    SuperNode made 10 ClientApps train at once on 2 cores, and rounds 4x slower).
+    """
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    train = f" train.num_threads={threads}" if parallel > 1 else ""
+    placed = {name: o + train for name, o in jobs.items()}
+    hung = {name: o for name, o in placed.items() if "faults.kind=hang" in o}
+    federation = f"client-resources-num-cpus={threads}" if parallel > 1 else ""
+    run_all(out, {n: o for n, o in placed.items() if n not in hung}, federation_config=federation)
+    by_count: dict[int, dict[str, str]] = {}
+    for name, o in hung.items():
+        fraction = float(re.search(r"faults\.fraction=([0-9.]+)", o).group(1))  # type: ignore[union-attr]
+        by_count.setdefault(round(fraction * NUM_CLIENTS), {})[name] = o
+    for count, group in by_count.items():
+        workers = parallel + count
+        federation = f"client-resources-num-cpus={threads} init-args-num-cpus={workers * threads}"
+        run_all(out, group, federation_config=federation, home="flwr-home-hang")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["resume", "faults", "attacks", "dp"])
@@ -265,6 +292,12 @@ def main() -> None:
     )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--only", nargs="+", default=None, help="run only jobs named so")
+    parser.add_argument(
+        "--parallel-clients",
+        type=int,
+        default=1,
+        help="ClientApps trained at once, each on cores/N threads (same seeds, same budget)",
+    )
     args = parser.parse_args()
     out = args.out / args.what
     if args.what == "resume":
@@ -283,11 +316,7 @@ def main() -> None:
     if args.only:
         jobs = {name: o for name, o in jobs.items() if name in args.only}
     if not args.table_only:
-        hung = {name: o for name, o in jobs.items() if "faults.kind=hang" in o}
-        run_all(out, {name: o for name, o in jobs.items() if name not in hung})
-        # One simulation worker per SuperNode where a hung ClientApp holds its worker while it
-        # sleeps; elsewhere Flower's default (10 workers on 2 cores made rounds 4x slower).
-        run_all(out, hung, federation_config="client-resources-num-cpus=1 init-args-num-cpus=10")
+        run_jobs(out, jobs, args.parallel_clients)
     print(table())
 
 

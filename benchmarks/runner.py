@@ -12,12 +12,17 @@ from fedspecialists.run.local import local_superlink, run_app
 
 
 def run_all(
-    out: Path, jobs: dict[str, str], num_supernodes: int = 10, federation_config: str = ""
+    out: Path,
+    jobs: dict[str, str],
+    num_supernodes: int = 10,
+    federation_config: str = "",
+    home: str = "flwr-home",
 ) -> None:
     """``flwr run`` each job (run-folder name -> Hydra overrides) not done yet, in order.
 
-    One simulation SuperLink serves them all and is stopped, by PID, at the end. Each job's
-    log goes to ``<out>/<name>.log``; a folder holding ``summary.json`` counts as done.
+    One simulation SuperLink (its ``FLWR_HOME`` is ``<out>/<home>``, so that two of these can
+    share ``out``) serves them all and is stopped, by PID, at the end. Each job's log goes to
+    ``<out>/<name>.log``; a folder holding ``summary.json`` counts as done.
     """
     out.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the SuperLink below is stopped by PID on the way out.
@@ -27,7 +32,7 @@ def run_all(
         print(f"{name}: done already", flush=True)
     if not todo:
         return
-    with local_superlink(out / "flwr-home") as link:
+    with local_superlink(out / home) as link:
         for name, overrides in todo.items():
             started = time.time()
             outcome = run_app(

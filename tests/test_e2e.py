@@ -1,7 +1,8 @@
 """End-to-end Flower simulations: a real SuperLink, real ClientApps, real (small) data.
 
 The SuperLink is started and stopped by PID here; each run's outcome is read from the SuperLink
-(``flwr ls``) and from the files the ServerApp writes, never from ``flwr run``'s exit code.
+(its Control API, what ``flwr ls`` reports) and from the files the ServerApp writes, never from
+``flwr run``'s exit code.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """End-to-end runs that must fail, and say why: every client failing, a federation too small.
 
 Real Flower simulations on a SuperLink started and stopped by PID; each outcome is read from the
-SuperLink (``flwr ls``) and from the run folder's ``status.json``, never from ``flwr run``'s exit
-code.
+SuperLink (its Control API, what ``flwr ls`` reports) and from the run folder's ``status.json``,
+never from ``flwr run``'s exit code.
 """
 
 from __future__ import annotations
@@ -76,3 +76,16 @@ def test_too_few_supernodes_fail_within_node_wait_s_naming_the_setting(
     assert "federation.num_clients=3 but only 2 SuperNode(s) connected" in str(status["error"])
     metrics = tmp_path / "too-few" / "metrics.jsonl"
     assert not metrics.exists() or metrics.read_text() == ""  # no round was started
+
+
+def test_the_status_of_a_run_nobody_can_answer_for_is_unknown(superlink: LocalSuperLink) -> None:
+    """The in-process Control API poll never raises: a run the SuperLink does not know, or a
+    SuperLink that does not answer, reads ``unknown`` (and polling goes on)."""
+    from fedspecialists.run.control import LOCAL_PORT_ENV
+    from fedspecialists.run.local import free_port, read_status
+
+    status, details = read_status(superlink.env, 987654321)
+    assert status == "unknown" and "error" in details
+    nobody = {**superlink.env, LOCAL_PORT_ENV: str(free_port())}
+    status, details = read_status(nobody, 1)
+    assert status == "unknown" and "ConnectError" in str(details["error"])

@@ -8,7 +8,6 @@ and SuperNodes are Flower's own executables; the ClientApps and ServerApp are th
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import socket
@@ -21,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
+from fedspecialists.run.control import control_client, online_nodes
 from fedspecialists.run.local import (
     OFFLINE_ENV,
+    POLL_S,
     RunOutcome,
     flwr_cli,
     free_port,
@@ -162,21 +163,15 @@ class LocalFederation:
         )
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> list[dict[str, object]]:
-        """Until ``count`` SuperNodes are online (``flwr supernode list``)."""
+        """Until ``count`` SuperNodes are online (as ``flwr supernode list`` would list them)."""
         deadline = time.time() + timeout_s
         nodes: list[dict[str, object]] = []
-        while time.time() < deadline:
-            out = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
-            try:
-                payload = json.loads(out.stdout[out.stdout.index("{") :])
-                nodes = [
-                    n for n in payload.get("nodes", []) if str(n.get("status", "")) == "online"
-                ]
-            except ValueError:
-                nodes = []
-            if len(nodes) >= count:
-                return nodes
-            time.sleep(1)
+        with control_client(self.env, CONNECTION) as client:
+            while time.time() < deadline:
+                nodes = online_nodes(client)
+                if len(nodes) >= count:
+                    return nodes
+                time.sleep(POLL_S)
         raise RuntimeError(f"only {len(nodes)} of {count} SuperNodes online after {timeout_s}s")
 
     # -- runs ----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``flwr run .`` starts a background SuperLink that outlives the command and exits 0 even when the
 run failed. Scripts and tests here instead start the SuperLink themselves (so they know its PID and
-stop it), submit the run, and read its real outcome with ``flwr ls --run-id``.
+stop it), submit the run, and read its real outcome from the SuperLink's Control API (what
+``flwr ls --run-id`` reports, asked in-process: :mod:`fedspecialists.run.control`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedspecialists.run.control import control_client
+from fedspecialists.run.control import run_status as control_run_status
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -278,27 +282,13 @@ def start_run(
 def read_status(
     env: dict[str, str], run_id: int, connection: str | None = None
 ) -> tuple[str, dict[str, object]]:
-    """The run's status as the SuperLink reports it (``flwr ls``), e.g. ``finished:completed``."""
-    out = flwr_cli(
-        env,
-        "ls",
-        *([connection] if connection else []),
-        "--run-id",
-        str(run_id),
-        "--format",
-        "json",
-        timeout=60,
-    )
-    payload = _json_payload(out.stdout)
-    if payload is None:
-        return "unknown", {"stdout": out.stdout, "stderr": out.stderr}
-    runs = payload.get("runs", [])
-    if not runs:
-        return "unknown", payload
-    return str(runs[0].get("status", "unknown")), runs[0]
+    """The run's status as the SuperLink reports it (as ``flwr ls`` words it), e.g.
+    ``finished:completed``; ``unknown`` while the SuperLink cannot be asked."""
+    with control_client(env, connection) as client:
+        return control_run_status(client, run_id)
 
 
-POLL_MAX_S = 8.0  # the longest pause between two status polls of a running run
+POLL_S = 0.5  # between two status polls: each is one in-process HTTP request (milliseconds)
 
 
 def wait_for_run(
@@ -310,22 +300,19 @@ def wait_for_run(
 ) -> RunOutcome:
     """Poll the run until it finishes (or ``timeout_s``), then fetch its log.
 
-    ``alive`` says whether the SuperLink still runs: ``flwr ls`` against a dead local SuperLink
-    would start one of its own on those ports, outliving us, so polling stops first.
+    ``alive`` says whether the SuperLink still runs: polling stops first when it does not.
     """
     deadline = time.time() + timeout_s
     status: str = "unknown"
     details: dict[str, object] = {}
-    pause = 1.0
-    while time.time() < deadline:
-        if not alive():
-            raise RuntimeError(f"the SuperLink stopped while run {run_id} was {status}")
-        status, details = read_status(env, run_id, connection)
-        if status.startswith("finished"):
-            break
-        # Each `flwr ls` is a new process (~0.8 CPU-s here): poll less often as the run goes on.
-        time.sleep(pause)
-        pause = min(POLL_MAX_S, pause * 1.5)
+    with control_client(env, connection) as client:
+        while time.time() < deadline:
+            if not alive():
+                raise RuntimeError(f"the SuperLink stopped while run {run_id} was {status}")
+            status, details = control_run_status(client, run_id)
+            if status.startswith("finished"):
+                break
+            time.sleep(POLL_S)
     if not alive():
         return RunOutcome(run_id=run_id, status=status, details=details, log="")
     conn = [connection] if connection else []
@@ -369,6 +356,5 @@ def run_app(
 def run_status(link: LocalSuperLink, run_id: int) -> tuple[str, dict[str, object]]:
     """The run's status on ``link``, e.g. ``finished:completed`` (refused once it has stopped)."""
     if not link.alive():
-        # `flwr ls` would start a SuperLink of its own on these ports, outliving us.
         raise RuntimeError(f"the SuperLink (PID {link.process.pid}) is no longer running")
     return read_status(link.env, run_id)
