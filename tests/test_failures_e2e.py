@@ -89,3 +89,13 @@ def test_the_status_of_a_run_nobody_can_answer_for_is_unknown(superlink: LocalSu
     nobody = {**superlink.env, LOCAL_PORT_ENV: str(free_port())}
     status, details = read_status(nobody, 1)
     assert status == "unknown" and "ConnectError" in str(details["error"])
+
+
+def test_waiting_for_a_run_stops_when_its_superlink_has_vanished() -> None:
+    """No poll reaches a SuperLink that is gone: the wait ends at once, saying so."""
+    from fedspecialists.run.control import LOCAL_PORT_ENV
+    from fedspecialists.run.local import free_port, wait_for_run
+
+    env = {"FLWR_HOME": "/nonexistent", LOCAL_PORT_ENV: str(free_port())}
+    with pytest.raises(RuntimeError, match="the SuperLink stopped while run 7 was unknown"):
+        wait_for_run(env, 7, alive=lambda: False, timeout_s=5)
