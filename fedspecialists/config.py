@@ -224,6 +224,7 @@ class FederationConfig:
     min_replies: int = MISSING
     node_wait_s: float = MISSING
     reply_timeout_s: float = MISSING
+    evaluate_every: int = MISSING
 
 
 @dataclass
@@ -595,6 +596,7 @@ def _check_federation(cfg: ExperimentConfig) -> None:
     )
     _check(fed.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
     _check(fed.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
+    _check(fed.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
     _check(part.alpha > 0, "partition.alpha", "must be > 0")
     _check(0.0 <= part.min_share < 1.0, "partition.min_share", "must be in [0, 1)")
     _check(part.domain_alpha > 0, "partition.domain_alpha", "must be > 0")

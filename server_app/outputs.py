@@ -262,17 +262,21 @@ class RunRecorder:
         rounds = [r["round"] for r in self.rounds]
         tasks = sorted({t for r in self.rounds for t in r.get("accuracy", {})})
         method = self.cfg.method.name
-        if rounds and tasks:
+        evaluated = [
+            r for r in self.rounds if r.get("evaluated", True)
+        ]  # federation.evaluate_every
+        if evaluated and tasks:
             fig, ax = plt.subplots(figsize=(6, 4))
+            at = [r["round"] for r in evaluated]
             for task in tasks:
                 ax.plot(
-                    rounds,
-                    [r.get("accuracy", {}).get(task, np.nan) for r in self.rounds],
+                    at,
+                    [r.get("accuracy", {}).get(task, np.nan) for r in evaluated],
                     "o-",
                     label=task,
                 )
-            means = [r.get("mean_accuracy") or np.nan for r in self.rounds]
-            ax.plot(rounds, means, "k--", label="mean")
+            means = [r.get("mean_accuracy") or np.nan for r in evaluated]
+            ax.plot(at, means, "k--", label="mean")
             ax.set(xlabel="round", ylabel="test accuracy", title=f"{method}: accuracy per task")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)

@@ -48,6 +48,8 @@ class RoundStrategy(Protocol):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None: ...
 
+    def close_round(self, results: dict[str, Any]) -> dict[str, Any]: ...
+
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
 
     def restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None: ...
@@ -67,6 +69,12 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
                 f'"num-supernodes={expected}" (or set federation.num_clients to match).'
             )
         time.sleep(1.0)
+
+
+def evaluates(server_round: int, every: int, num_rounds: int) -> bool:
+    """Whether round ``server_round`` ends with an evaluation: every ``every``-th round, and
+    the last one (the run's final metrics are always measured)."""
+    return server_round % every == 0 or server_round == num_rounds
 
 
 def run_rounds(
@@ -89,6 +97,10 @@ def run_rounds(
         empty = (ArrayRecord(), ConfigRecord())
         train = strategy.configure_train(server_round, *empty, grid)
         strategy.aggregate_train(server_round, grid.send_and_receive(train, timeout=timeout))
-        evaluate = strategy.configure_evaluate(server_round, *empty, grid)
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluate, timeout=timeout))
+        if evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
+            evaluate = strategy.configure_evaluate(server_round, *empty, grid)
+            replies = grid.send_and_receive(evaluate, timeout=timeout)
+            strategy.aggregate_evaluate(server_round, replies)
+        else:  # no message at all: the round's record says so
+            strategy.close_round({"evaluated": False})
         recorder.save_checkpoint(server_round, *strategy.checkpoint())

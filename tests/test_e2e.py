@@ -107,6 +107,26 @@ def test_fltac_two_rounds_write_every_output(superlink: LocalSuperLink, tmp_path
     assert len(embeddings) == 2
 
 
+def test_evaluate_every_n_rounds_sends_no_evaluation_in_between(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    """``federation.evaluate_every=2`` over 3 rounds: round 1 sends no evaluate message and says
+    so; round 2 (the 2nd) and round 3 (the last) are evaluated over every test example."""
+    run = _run(superlink, tmp_path, "every2", "num_rounds=3 federation.evaluate_every=2")
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["evaluated"] is False
+    assert "accuracy" not in rounds[0] and "mean_accuracy" not in rounds[0]
+    assert "evaluate_down" not in rounds[0]["bytes"] and rounds[0]["bytes"]["train_up"] > 0
+    for record in rounds[1:]:
+        assert "evaluated" not in record
+        _tiny_accuracy_is_over_every_test_example(record)
+        assert record["bytes"]["evaluate_down"] > 0 and record["bytes"]["evaluate_up"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mean_accuracy"] == rounds[2]["mean_accuracy"]
+    assert (run / "plots" / "accuracy_per_task.png").stat().st_size > 1000
+
+
 def test_fltac_finds_tasks_that_share_a_label_count(
     superlink: LocalSuperLink, tmp_path: Path
 ) -> None:

@@ -632,3 +632,12 @@ def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
 
     # Assert: head W flattened: cumulative (3, 0, 0, 4) / 5; update (0, 0, 0, 4) / 4.
     assert_allclose(features, [[0.6, 0.0, 0.0, 0.8, 0.0, 0.0, 0.0, 1.0]])
+
+
+def test_evaluated_rounds_are_every_nth_and_the_last() -> None:
+    from server_app.rounds import evaluates
+
+    assert [r for r in range(1, 8) if evaluates(r, 3, 7)] == [3, 6, 7]
+    assert [r for r in range(1, 7) if evaluates(r, 3, 6)] == [3, 6]
+    assert [r for r in range(1, 4) if evaluates(r, 1, 3)] == [1, 2, 3]
+    assert [r for r in range(1, 3) if evaluates(r, 5, 2)] == [2]

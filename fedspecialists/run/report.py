@@ -290,7 +290,8 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
             continue
         x = np.mean([c[:n] for c in curves], axis=0)
         y = np.array([a[:n] for a in accs], dtype=float)
-        ax.plot(x, np.nanmean(y, axis=0), "o-", ms=3, label=f"{method} {setting}")
+        seen = ~np.all(np.isnan(y), axis=0)  # rounds without evaluation (evaluate_every) left out
+        ax.plot(x[seen], np.nanmean(y[:, seen], axis=0), "o-", ms=3, label=f"{method} {setting}")
     ax.set_xscale("log")
     ax.set(
         xlabel="cumulative MB (train, up+down)",
