@@ -16,11 +16,13 @@ from flwr.clientapp import ClientApp
 from client_app.faults import fault_mod
 from client_app.node import client_id_of, config_for
 from client_app.privacy import privacy_mod
+from client_app.warm import warm_site_mod
 from fedspecialists import methods
 from fedspecialists.protocol.identity import IdentityReply
 
-# Faults on purpose outermost (an attacker skips DP), then local DP; both off by default.
-app = ClientApp(mods=[fault_mod, privacy_mod])
+# A warm site's forwarder outermost (the site runs the rest), then faults on purpose (an
+# attacker skips DP), then local DP; all three off by default.
+app = ClientApp(mods=[warm_site_mod, fault_mod, privacy_mod])
 
 
 def _handlers(context: Context) -> ModuleType:

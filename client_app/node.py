@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Context
 
 from fedspecialists.config import ExperimentConfig, Schema, as_schema, load_config
+
+if TYPE_CHECKING:  # torch is imported where it is used: a forwarding ClientApp never needs it
+    import torch
 
 
 @lru_cache(maxsize=4)
@@ -26,6 +29,8 @@ def config_as(overrides: str, schema: type[Schema]) -> Schema:
 def run_config(context: Context, schema: type[Schema]) -> tuple[str, Schema]:
     """The run's Hydra overrides and its config; sets torch's thread count for this process."""
     overrides = str(context.run_config.get("overrides", ""))
+    import torch
+
     cfg = config_as(overrides, schema)
     torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
     return overrides, cfg
@@ -74,6 +79,8 @@ def data_dir_of(context: Context, cfg: ExperimentConfig) -> str | None:
 
 def device_of(context: Context, cfg: ExperimentConfig) -> torch.device:
     """The node config's ``device`` if set, else ``train.device``."""
+    import torch
+
     setting = str(context.node_config.get("device") or cfg.train.device)
     if setting == "auto":  # the first CUDA GPU torch sees, else the CPU
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

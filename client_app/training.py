@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedspecialists.config import TrainSettings
+
+if TYPE_CHECKING:  # imported where used (round_seed serves mods that never load torch)
+    import torch
 
 
 def make_optimizer(
     params: Iterable[torch.nn.Parameter], train: TrainSettings
 ) -> torch.optim.Optimizer:
     """``train.optimizer`` (``adamw`` or ``sgd``) over ``params`` with the run's lr and decay."""
+    import torch
+
     if train.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay

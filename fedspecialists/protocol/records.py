@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
+
+if TYPE_CHECKING:  # imported where used: a ClientApp that only forwards never loads torch
+    import torch
 
 ADAPTER_PREFIX = "adapter."
 # FL-TAC's input fingerprints: one ArrayRecord, one (H,) array per slot ("slot<i>").
@@ -31,6 +34,8 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """The arrays of ``record`` as torch tensors (for ``set_peft_model_state_dict``)."""
+    import torch
+
     return {
         key: torch.from_numpy(np.array(value)) for key, value in record_to_numpy(record).items()
     }
@@ -97,6 +102,6 @@ def check_adapter(
 
 
 def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach"):  # a torch tensor (possibly on a GPU)
         return value.detach().cpu().numpy()
     return np.asarray(value)
