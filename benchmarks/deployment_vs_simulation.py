@@ -2,8 +2,9 @@
 
 Both on this machine: simulation = a local simulation SuperLink with N simulated SuperNodes;
 deployment = a TLS SuperLink with SuperNode authentication, N SuperNode processes and their gRPC
-peer endpoints (``fedspecialists.deploy.federation``). The table reads the runs'
-``metrics.jsonl`` and ``summary.json``.
+peer endpoints (``fedspecialists.deploy.federation``), without and with a warm site per
+SuperNode (``--warm-sites off on``). The table reads the runs' ``metrics.jsonl`` and
+``summary.json``.
 
 Usage::
 
@@ -45,6 +46,13 @@ def main() -> None:
         metavar="NAME=OVERRIDES",
         help="an experiment to time in both engines (repeatable)",
     )
+    parser.add_argument(
+        "--warm-sites",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="deployments to time: without (off) and with (on) a warm site per SuperNode",
+    )
     args = parser.parse_args()
     experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))
     out = args.out.resolve()
@@ -60,14 +68,17 @@ def main() -> None:
             )
             outcomes[name, "simulation"] = outcome
             print(name, "simulation:", outcome.status, flush=True)
-    with local_federation(out / "deployment-home", num_sites=args.nodes) as fed:
-        fed.wait_for_nodes(args.nodes)
-        for name, overrides in experiments.items():
-            outcome = fed.run(
-                f"{overrides} {common} federation.node_wait_s=120 output.name={name}-deployment"
-            )
-            outcomes[name, "deployment"] = outcome
-            print(name, "deployment:", outcome.status, flush=True)
+    for warm in args.warm_sites:
+        engine = "deployment-warm" if warm == "on" else "deployment"
+        home = out / f"{engine}-home"
+        with local_federation(home, num_sites=args.nodes, warm_sites=warm == "on") as fed:
+            fed.wait_for_nodes(args.nodes)
+            for name, overrides in experiments.items():
+                outcome = fed.run(
+                    f"{overrides} {common} federation.node_wait_s=120 output.name={name}-{engine}"
+                )
+                outcomes[name, engine] = outcome
+                print(name, f"{engine}:", outcome.status, flush=True)
     lines = [
         "| experiment | engine | status | round 1 (s) | later rounds (s) | run (s) | rounds |",
         "|---|---|---|---|---|---|---|",

@@ -28,13 +28,20 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=Path("local-federation"))
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--data-root", type=Path, help="sites' own files: DIR/site0, DIR/site1 ...")
+    parser.add_argument(
+        "--warm-sites",
+        action="store_true",
+        help="a warm site (fedspecialists-site) per SuperNode: its ClientApps forward to it",
+    )
     args = parser.parse_args()
     data_dirs = [args.data_root / f"site{i}" for i in range(args.nodes)] if args.data_root else None
     suite = " suite=site_images" if data_dirs else ""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with local_federation(args.home, num_sites=args.nodes, data_dirs=data_dirs) as fed:
+    with local_federation(
+        args.home, num_sites=args.nodes, data_dirs=data_dirs, warm_sites=args.warm_sites
+    ) as fed:
         fed.wait_for_nodes(args.nodes)
         print(
             f"SuperLink (TLS, node auth) on {fed.control_address}; {args.nodes} SuperNodes online"
@@ -42,6 +49,7 @@ def main() -> None:
         for site in fed.sites:
             print(
                 f"  site {site.index}: store {site.store}, peer endpoint 127.0.0.1:{site.peer_port}"
+                + (f", warm site {site.warm_socket}" if site.warm is not None else "")
             )
         print(f"credentials in {fed.credentials}; logs in {fed.home}")
         print(

@@ -22,6 +22,7 @@ from fedspecialists.data.site_files import export_sites
 from fedspecialists.deploy.certs import make_node_key
 from fedspecialists.deploy.federation import LocalFederation, local_federation
 from fedspecialists.run.checkpoint import checkpointed_round
+from fedspecialists.run.local import stop_process_trees
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +45,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     export_sites(f"method=fedmoe_da {SITE_DATA}", "site_images", root / "data", 3)
     export_sites(f"suite=offline_text {SITE_DATA}", "site_text", root / "data", 3)
     data_dirs = [root / "data" / f"site{i}" for i in range(3)]
-    with local_federation(root, num_sites=3, data_dirs=data_dirs) as fed:
+    with local_federation(root, num_sites=3, data_dirs=data_dirs, warm_sites=True) as fed:
         fed.wait_for_nodes(3)
         yield fed
     pids = [p.pid for p in fed.processes]
@@ -58,10 +59,27 @@ def _summary(out: Path, name: str) -> dict[str, Any]:
     return summary
 
 
+def _served(fed: LocalFederation, run_id: int) -> list[int]:
+    """How many messages of ``run_id`` each site's warm site ran (its log's lines)."""
+    return [
+        (fed.home / f"warm{site.index}.log").read_text().count(f" of run {run_id} in ")
+        for site in fed.sites
+    ]
+
+
 def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_path: Path) -> None:
+    """Both methods over TLS, their ClientApps forwarding to the sites' warm processes; then,
+    site 0's warm site stopped, its ClientApps do the work themselves (the cold path)."""
     fltac = federation.run(f"{FLTAC} output.root={tmp_path} output.name=fltac")
     assert fltac.status == "finished:completed", fltac.log[-3000:]
     assert json.loads((tmp_path / "fltac" / "status.json").read_text())["status"] == "completed"
+    # Per site and round: an identity query (round 1 only), a train and an evaluate message.
+    assert _served(federation, fltac.run_id) == [1 + 2 * 2] * 3
+
+    cold = federation.sites[0]
+    assert cold.warm is not None
+    stop_process_trees([cold.warm])
+    assert not cold.warm_socket.exists()  # removed on SIGTERM: the forwarder goes cold at once
 
     moe = federation.run(f"method=fedmoe_da {MOE} output.root={tmp_path} output.name=moe")
     assert moe.status == "finished:completed", moe.log[-3000:]
@@ -78,6 +96,7 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
     # Each site kept its personal experts in its own store, one folder per run.
     for site in federation.sites:
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
+    assert _served(federation, moe.run_id) == [0, 1 + 2 * 2, 1 + 2 * 2]
 
 
 @pytest.mark.slow

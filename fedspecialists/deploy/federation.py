@@ -31,6 +31,7 @@ from fedspecialists.run.local import (
     stop_process_trees,
     wait_for_run,
 )
+from fedspecialists.site.warm import healthy
 
 CONNECTION = "fedspecialists-local"
 
@@ -46,6 +47,15 @@ class Site:
     peer_port: int
     supernode: subprocess.Popen[bytes] | None = None
     peer: subprocess.Popen[bytes] | None = None
+    warm: subprocess.Popen[bytes] | None = None  # its warm site (fedspecialists-site), if any
+
+    @property
+    def warm_socket(self) -> Path:
+        return self.store.parent / "warm" / "site.sock"
+
+    @property
+    def warm_secret(self) -> Path:
+        return self.store.parent / "warm.secret"
 
 
 @dataclass
@@ -101,6 +111,9 @@ class LocalFederation:
             f'peer-store="{site.store}" peer-address="127.0.0.1:{site.peer_port}" '
             f'peer-root-certificates="{self.credentials / "ca.crt"}" {extra_config}'
         ).strip()
+        if site.warm is not None:  # its ClientApps forward to the warm site
+            node_config += f' warm-site="{site.warm_socket}" warm-site-secret="{site.warm_secret}"'
+
         command = [
             "flower-supernode",
             "--superlink",
@@ -162,6 +175,18 @@ class LocalFederation:
             self.home / f"peer{site.index}.log",
         )
 
+    def start_warm_site(self, site: Site, timeout_s: float = 60) -> subprocess.Popen[bytes]:
+        """Start ``site``'s warm site and wait until it answers its health check."""
+        command = [sys.executable, "-m", "fedspecialists.site.warm"]
+        command += ["--socket", str(site.warm_socket), "--secret-file", str(site.warm_secret)]
+        site.warm = self._spawn(command, self.home / f"warm{site.index}.log")
+        deadline = time.time() + timeout_s
+        while not healthy(site.warm_socket, site.warm_secret, timeout=5):
+            if site.warm.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"site {site.index}'s warm site did not start; see its log")
+            time.sleep(0.2)
+        return site.warm
+
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> list[dict[str, object]]:
         """Until ``count`` SuperNodes are online (as ``flwr supernode list`` would list them)."""
         deadline = time.time() + timeout_s
@@ -195,12 +220,14 @@ def local_federation(
     register: bool = True,
     start_nodes: bool = True,
     data_dirs: Sequence[Path] | None = None,
+    warm_sites: bool = False,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
     Each site gets an EC key pair (registered with the SuperLink when ``register``), a SuperNode
     whose node config names its partition (or its own files: ``data_dirs[i]`` as ``data-dir``),
-    its store and its peer endpoint, and that endpoint (gRPC over TLS). Everything is stopped,
+    its store and its peer endpoint, and that endpoint (gRPC over TLS); with ``warm_sites``, a
+    warm site per site too (its SuperNode's ClientApps forward to it). Everything is stopped,
     by PID, on exit.
     """
     if data_dirs is not None and len(data_dirs) != num_sites:
@@ -228,7 +255,7 @@ def local_federation(
         for i in range(num_sites):
             make_server_cert(creds, f"peer{i}", ["127.0.0.1", "localhost"], ca, ca_key)
             data_dir = Path(data_dirs[i]) if data_dirs else None
-            _add_site(fed, i, num_sites, register, start_nodes, data_dir)
+            _add_site(fed, i, num_sites, register, start_nodes, data_dir, warm_sites)
         yield fed
     finally:
         fed.stop()
@@ -272,8 +299,10 @@ def _add_site(
     register: bool,
     start_node: bool,
     data_dir: Path | None,
+    warm: bool = False,
 ) -> None:
-    """Site ``i``: its node key (registered if ``register``), peer endpoint and SuperNode."""
+    """Site ``i``: its node key (registered if ``register``), peer endpoint, warm site (if
+    ``warm``) and SuperNode."""
     key, pub = make_node_key(fed.credentials, f"supernode{i}")
     site = Site(i, key, pub, fed.home / f"site{i}" / "store", free_port())
     site.store.mkdir(parents=True, exist_ok=True)
@@ -283,6 +312,8 @@ def _add_site(
         if done.returncode != 0:
             raise RuntimeError(f"registering {pub} failed:\n{done.stdout}\n{done.stderr}")
     site.peer = fed.start_peer(site)
+    if warm:
+        fed.start_warm_site(site)
     if start_node:
         own = f'data-dir="{data_dir.resolve()}"' if data_dir is not None else ""
         site.supernode = fed.start_supernode(site, num_sites, extra_config=own)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NONCE_BYTES = 32
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes on Linux, the terminating NUL included
 MAX_FRAME_BYTES = 1 << 30  # a message (adapters, experts) is far smaller; a bound all the same
 _LENGTH = struct.Struct(">I")
 _OK = b"ok"
@@ -106,6 +107,8 @@ def unpack(data: bytes) -> list[bytes]:
 # -- the site's side ------------------------------------------------------------------------------
 def listen(path: Path) -> socket.socket:
     """A listening socket at ``path``, in a folder only this user can enter."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (AF_UNIX)")
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     path.unlink(missing_ok=True)  # a socket left by a site that died
