@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from fedspecialists.data.domains import IMAGE_DOMAINS
 from fedspecialists.data.site_files import export_sites
 from fedspecialists.deploy.certs import make_node_key
 from fedspecialists.deploy.federation import LocalFederation, local_federation
+from fedspecialists.deploy.hosts import Host, NamespacesUnavailableError, network_namespaces
 from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.local import stop_process_trees
 
@@ -39,15 +42,26 @@ MOE = (
 SITE_DATA = "partition.train_per_client=60 partition.test_per_client=30"
 
 
+NAMESPACES: dict[str, str] = {}  # why the federation runs on loopback, if it does
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     root = tmp_path_factory.mktemp("deploy")
     export_sites(f"method=fedmoe_da {SITE_DATA}", "site_images", root / "data", 3)
     export_sites(f"suite=offline_text {SITE_DATA}", "site_text", root / "data", 3)
     data_dirs = [root / "data" / f"site{i}" for i in range(3)]
-    with local_federation(root, num_sites=3, data_dirs=data_dirs, warm_sites=True) as fed:
-        fed.wait_for_nodes(3)
-        yield fed
+    with contextlib.ExitStack() as stack:
+        try:  # the SuperLink and each site on a host (network namespace) of its own
+            hosts: list[Host] | None = stack.enter_context(network_namespaces(4))
+        except NamespacesUnavailableError as exc:
+            hosts = None
+            NAMESPACES["unavailable"] = str(exc)
+        with local_federation(
+            root, num_sites=3, data_dirs=data_dirs, warm_sites=True, hosts=hosts
+        ) as fed:
+            fed.wait_for_nodes(3)
+            yield fed
     pids = [p.pid for p in fed.processes]
     time.sleep(1)
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
@@ -57,6 +71,24 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 def _summary(out: Path, name: str) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((out / name / "summary.json").read_text())
     return summary
+
+
+def test_the_superlink_and_each_site_are_hosts_of_their_own(federation: LocalFederation) -> None:
+    """Four network namespaces, four addresses; no site reaches the SuperLink on its loopback
+    (so the federation's traffic really crosses a network). Skipped where namespaces cannot be
+    made: the other tests then run on loopback."""
+    if "unavailable" in NAMESPACES:
+        pytest.skip(f"on loopback: {NAMESPACES['unavailable']}")
+    link_address, port = federation.control_address.rsplit(":", 1)
+    addresses = [link_address, *(site.host.address for site in federation.sites)]
+    assert len(set(addresses)) == 4 and "127.0.0.1" not in addresses
+    probe = "import socket, sys; sys.exit(socket.create_connection(sys.argv[1:3]) and 0)"
+    for target, reachable in ((link_address, True), ("127.0.0.1", False)):
+        done = subprocess.run(
+            federation.sites[0].host.command([sys.executable, "-c", probe, target, port]),
+            timeout=30,
+        )
+        assert (done.returncode == 0) is reachable, (target, done.returncode)
 
 
 def _served(fed: LocalFederation, run_id: int) -> list[int]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
+from fedspecialists.deploy.hosts import LOOPBACK, Host
 from fedspecialists.run.control import control_client, online_nodes
 from fedspecialists.run.local import (
     OFFLINE_ENV,
@@ -45,6 +46,7 @@ class Site:
     node_pub: Path
     store: Path
     peer_port: int
+    host: Host = LOOPBACK  # where its SuperNode, peer endpoint and warm site run
     supernode: subprocess.Popen[bytes] | None = None
     peer: subprocess.Popen[bytes] | None = None
     warm: subprocess.Popen[bytes] | None = None  # its warm site (fedspecialists-site), if any
@@ -72,10 +74,12 @@ class LocalFederation:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     # -- processes -----------------------------------------------------------------------------
-    def _spawn(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, command: list[str], log: Path, host: Host = LOOPBACK
+    ) -> subprocess.Popen[bytes]:
         handle = log.open("ab")
         process = subprocess.Popen(
-            command,
+            host.command(command),  # `ip netns exec` execs in place: the PID is the process's
             env=self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -108,7 +112,7 @@ class LocalFederation:
         """
         node_config = (
             f"partition-id={site.index} num-partitions={num_sites} "
-            f'peer-store="{site.store}" peer-address="127.0.0.1:{site.peer_port}" '
+            f'peer-store="{site.store}" peer-address="{site.host.address}:{site.peer_port}" '
             f'peer-root-certificates="{self.credentials / "ca.crt"}" {extra_config}'
         ).strip()
         if site.warm is not None:  # its ClientApps forward to the warm site
@@ -132,7 +136,8 @@ class LocalFederation:
             command += ["--insecure"]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
-        return self._spawn(command, self.home / (log_name or f"supernode{site.index}.log"))
+        log = self.home / (log_name or f"supernode{site.index}.log")
+        return self._spawn(command, log, site.host)
 
     def restart_supernode(
         self, site: Site, num_sites: int, extra_config: str = "", within_s: float = 300
@@ -164,7 +169,7 @@ class LocalFederation:
                 "--store",
                 str(site.store),
                 "--host",
-                "127.0.0.1",
+                site.host.address,
                 "--port",
                 str(site.peer_port),
                 "--certfile",
@@ -173,13 +178,14 @@ class LocalFederation:
                 str(c / f"peer{site.index}.key"),
             ],
             self.home / f"peer{site.index}.log",
+            site.host,
         )
 
     def start_warm_site(self, site: Site, timeout_s: float = 60) -> subprocess.Popen[bytes]:
         """Start ``site``'s warm site and wait until it answers its health check."""
         command = [sys.executable, "-m", "fedspecialists.site.warm"]
         command += ["--socket", str(site.warm_socket), "--secret-file", str(site.warm_secret)]
-        site.warm = self._spawn(command, self.home / f"warm{site.index}.log")
+        site.warm = self._spawn(command, self.home / f"warm{site.index}.log", site.host)
         deadline = time.time() + timeout_s
         while not healthy(site.warm_socket, site.warm_secret, timeout=5):
             if site.warm.poll() is not None or time.time() > deadline:
@@ -221,29 +227,35 @@ def local_federation(
     start_nodes: bool = True,
     data_dirs: Sequence[Path] | None = None,
     warm_sites: bool = False,
+    hosts: Sequence[Host] | None = None,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
     Each site gets an EC key pair (registered with the SuperLink when ``register``), a SuperNode
     whose node config names its partition (or its own files: ``data_dirs[i]`` as ``data-dir``),
     its store and its peer endpoint, and that endpoint (gRPC over TLS); with ``warm_sites``, a
-    warm site per site too (its SuperNode's ClientApps forward to it). Everything is stopped,
-    by PID, on exit.
+    warm site per site too (its SuperNode's ClientApps forward to it). ``hosts`` (default: all
+    on loopback) places the SuperLink on ``hosts[0]`` and site ``i`` on ``hosts[i + 1]``, each
+    with certificates for its address (see :func:`fedspecialists.deploy.hosts.network_namespaces`).
+    Everything is stopped, by PID, on exit.
     """
+    hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_sites + 1)
+    if len(hosts) != num_sites + 1:
+        raise ValueError(f"{len(hosts)} hosts for a SuperLink and {num_sites} sites")
     if data_dirs is not None and len(data_dirs) != num_sites:
         raise ValueError(f"{len(data_dirs)} data dirs for {num_sites} sites")
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     creds = home / "credentials"
     ca, ca_key = make_ca(creds)
-    make_server_cert(creds, "server", ["127.0.0.1", "localhost"], ca, ca_key)
+    make_server_cert(creds, "server", _names(hosts[0]), ca, ca_key)
     # Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port.
     port = free_port()
-    fleet = control = f"127.0.0.1:{port}"
+    fleet = control = f"{hosts[0].address}:{port}"
     env = _flwr_env(home / "flwr-home", control, ca)
     log = (home / "superlink.log").open("ab")
     superlink = subprocess.Popen(
-        _superlink_command(home, creds, ca, port),
+        hosts[0].command(_superlink_command(home, creds, ca, hosts[0].address, port)),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -253,9 +265,9 @@ def local_federation(
     try:
         _wait_port(control, superlink, home / "superlink.log")
         for i in range(num_sites):
-            make_server_cert(creds, f"peer{i}", ["127.0.0.1", "localhost"], ca, ca_key)
+            make_server_cert(creds, f"peer{i}", _names(hosts[i + 1]), ca, ca_key)
             data_dir = Path(data_dirs[i]) if data_dirs else None
-            _add_site(fed, i, num_sites, register, start_nodes, data_dir, warm_sites)
+            _add_site(fed, i, num_sites, register, start_nodes, data_dir, warm_sites, hosts[i + 1])
         yield fed
     finally:
         fed.stop()
@@ -271,7 +283,12 @@ def _flwr_env(flwr_home: Path, control: str, ca: Path) -> dict[str, str]:
     return {**os.environ, "FLWR_HOME": str(flwr_home), **OFFLINE_ENV}
 
 
-def _superlink_command(home: Path, creds: Path, ca: Path, port: int) -> list[str]:
+def _names(host: Host) -> list[str]:
+    """What a host's certificate is issued for: its address (and loopback's names)."""
+    return list(dict.fromkeys([host.address, "127.0.0.1", "localhost"]))
+
+
+def _superlink_command(home: Path, creds: Path, ca: Path, address: str, port: int) -> list[str]:
     return [
         "flower-superlink",
         "--ssl-ca-certfile",
@@ -282,7 +299,7 @@ def _superlink_command(home: Path, creds: Path, ca: Path, port: int) -> list[str
         str(creds / "server.key"),
         "--enable-supernode-auth",
         "--host",
-        "127.0.0.1",
+        address,
         "--port",
         str(port),
         "--isolation",
@@ -300,11 +317,12 @@ def _add_site(
     start_node: bool,
     data_dir: Path | None,
     warm: bool = False,
+    host: Host = LOOPBACK,
 ) -> None:
     """Site ``i``: its node key (registered if ``register``), peer endpoint, warm site (if
     ``warm``) and SuperNode."""
     key, pub = make_node_key(fed.credentials, f"supernode{i}")
-    site = Site(i, key, pub, fed.home / f"site{i}" / "store", free_port())
+    site = Site(i, key, pub, fed.home / f"site{i}" / "store", free_port(), host)
     site.store.mkdir(parents=True, exist_ok=True)
     fed.sites.append(site)
     if register:
