@@ -9,7 +9,7 @@ baseline's adapters).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from logging import INFO
 
@@ -79,13 +79,14 @@ class Setup:
 
     def fingerprint(self, slot: Slot) -> np.ndarray:
         """The slot's input fingerprint ``(H,)``, computed once per process (inputs are fixed)."""
-        key = (self.overrides, *self.partition, slot.name)
-        if key not in _FINGERPRINTS:
+        fingerprints = _run_cache(self.overrides).fingerprints
+        key = (*self.partition, slot.name)
+        if key not in fingerprints:
             enc = self.training_data(slot)
-            _FINGERPRINTS[key] = input_fingerprint(
+            fingerprints[key] = input_fingerprint(
                 self.adapters, enc, self.cfg.train.eval_batch_size, self.cfg.model.head_module
             )
-        return _FINGERPRINTS[key]
+        return fingerprints[key]
 
 
 @dataclass
@@ -102,16 +103,26 @@ def _preprocessor(overrides: str) -> object:
     return build_preprocessor(cfg.model, suite_kind(cfg))
 
 
-_ENCODED: dict[tuple[str, int, int, str, str], Encoded] = {}
-_FINGERPRINTS: dict[tuple[str, int, int, str], np.ndarray] = {}
+@dataclass
+class RunCache:
+    """What a process keeps of one run between messages: encoded examples and fingerprints."""
+
+    encoded: dict[tuple[int, int, str, str], Encoded] = field(default_factory=dict)
+    fingerprints: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=4)  # a warm site serves run after run: keep the last few, not all
+def _run_cache(overrides: str) -> RunCache:
+    return RunCache()
 
 
 def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
-    key = (overrides, *partition, task.name, split)
-    if key not in _ENCODED:
+    encoded = _run_cache(overrides).encoded
+    key = (*partition, task.name, split)
+    if key not in encoded:
         cfg = config_as(overrides, AdapterRunConfig)
-        _ENCODED[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
-    return _ENCODED[key]
+        encoded[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
+    return encoded[key]
 
 
 def _setup(msg: Message, context: Context) -> Setup:
