@@ -71,6 +71,29 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
+REPLY_POLL_S = 0.2  # between two pulls of a phase's replies
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Send ``messages`` and collect their replies until all are in or ``timeout`` (seconds).
+
+    What ``grid.send_and_receive`` does, but a deployment's grid sleeps 3 s between two pulls
+    (Flower 1.42), a wait added to every phase of every round whatever the clients took; here
+    the replies are pulled every :data:`REPLY_POLL_S`.
+    """
+    waiting = set(grid.push_messages(messages))
+    deadline = time.time() + timeout
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if not waiting or time.time() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
+
+
 def evaluates(server_round: int, every: int, num_rounds: int) -> bool:
     """Whether round ``server_round`` ends with an evaluation: every ``every``-th round, and
     the last one (the run's final metrics are always measured)."""
@@ -96,11 +119,10 @@ def run_rounds(
         strategy.identify_nodes(server_round, grid, timeout)
         empty = (ArrayRecord(), ConfigRecord())
         train = strategy.configure_train(server_round, *empty, grid)
-        strategy.aggregate_train(server_round, grid.send_and_receive(train, timeout=timeout))
+        strategy.aggregate_train(server_round, exchange(grid, train, timeout))
         if evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
             evaluate = strategy.configure_evaluate(server_round, *empty, grid)
-            replies = grid.send_and_receive(evaluate, timeout=timeout)
-            strategy.aggregate_evaluate(server_round, replies)
+            strategy.aggregate_evaluate(server_round, exchange(grid, evaluate, timeout))
         else:  # no message at all: the round's record says so
             strategy.close_round({"evaluated": False})
         recorder.save_checkpoint(server_round, *strategy.checkpoint())
