@@ -94,6 +94,15 @@ def test_the_channel_answers_its_secret_holder_and_refuses_a_wrong_secret(tmp_pa
     assert results == [None, "wrong secret"]
 
 
+def test_the_socket_goes_only_into_a_folder_of_its_owners(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    with pytest.raises(PermissionError, match="chmod 700"):
+        listen(shared / "sock")
+    assert shared.stat().st_mode & 0o777 == 0o755  # left as it was
+
+
 def test_a_peer_of_another_user_is_refused() -> None:
     """The kernel's peer credentials: a peer whose user id is not the site's is refused even
     with the right secret (the test plays a site expecting another user)."""

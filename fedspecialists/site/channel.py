@@ -109,8 +109,12 @@ def listen(path: Path) -> socket.socket:
     """A listening socket at ``path``, in a folder only this user can enter."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (AF_UNIX)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+    elif folder.stat().st_mode & 0o077:  # never loosen or tighten a folder someone else uses
+        raise PermissionError(f"{folder} must be its owner's only (chmod 700) to hold the socket")
     path.unlink(missing_ok=True)  # a socket left by a site that died
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
