@@ -11,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
-from fedspecialists.site.channel import call, read_secret
+from fedspecialists.site.channel import ChannelRefusedError, call, read_secret
 from fedspecialists.site.warm import SECRET_KEY, SOCKET_KEY, decode_response, encode_request
 
 
@@ -31,6 +31,8 @@ def warm_site_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         log(INFO, "no warm site at %s (%s): the work is done here", path, type(exc).__name__)
         return call_next(msg, context)
+    except ChannelRefusedError as exc:  # a wrong secret or user: a setup error, said as such
+        raise RuntimeError(f"the warm site at {path} refused this ClientApp: {exc}") from exc
     except ConnectionError as exc:
         raise RuntimeError(f"the warm site at {path} failed mid-message: {exc}") from exc
     reply, state = decode_response(response)

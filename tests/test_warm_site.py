@@ -240,6 +240,18 @@ def test_a_site_killed_mid_message_fails_that_message_and_applies_nothing(
     assert not reply.has_error()
 
 
+def test_a_clientapp_with_the_wrong_secret_is_told_so(tmp_path: Path) -> None:
+    path = tmp_path / "site" / "sock"
+    thread, results = _site_thread(path, os.urandom(32), 1)
+    write_secret(tmp_path / "other.secret")
+    context = _context({SOCKET_KEY: str(path), SECRET_KEY: str(tmp_path / "other.secret")})
+    query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    with pytest.raises(RuntimeError, match="refused this ClientApp: refused: wrong secret"):
+        app(query, context)
+    thread.join(10)
+    assert results == ["wrong secret"]
+
+
 def test_the_sites_errors_and_malformed_responses_are_raised_here() -> None:
     with pytest.raises(RuntimeError, match="on the warm site: ValueError: bad"):
         decode_response(encode_error("ValueError: bad"))
