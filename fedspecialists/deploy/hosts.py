@@ -55,7 +55,8 @@ def network_namespaces(count: int) -> Iterator[list[Host]]:
     if count > 250:
         raise ValueError("at most 250 hosts on one bridge")
     tag = f"fs{os.getpid() % 100000}"
-    subnet = f"10.{random.randint(64, 127)}.{random.randint(0, 255)}"
+    # 198.18.0.0/15 is reserved for benchmarking (RFC 2544): no real network it could shadow.
+    subnet = f"198.{random.randint(18, 19)}.{random.randint(0, 255)}"
     bridge, made = f"{tag}b", []
     try:
         _ip("link", "add", bridge, "type", "bridge")
