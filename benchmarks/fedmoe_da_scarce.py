@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
-from runner import fmt, run_all
+from runner import fmt, parallel_clients, run_all
 
 EXPERIMENT = "+experiment=fedmoe_da_scarce"
 NUM_CLIENTS = 30
@@ -314,11 +313,7 @@ def main() -> None:
         if args.part in ("curve", "both"):
             jobs |= curve_jobs(args.methods, args.sizes, args.seeds)
         jobs = {name: f"{o} {args.extra}".strip() for name, o in jobs.items()}
-        federation = ""
-        if args.parallel_clients > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.parallel_clients)
-            federation = f"client-resources-num-cpus={threads}"
-            jobs = {name: f"{o} train.num_threads={threads}" for name, o in jobs.items()}
+        jobs, federation, _ = parallel_clients(jobs, args.parallel_clients)
         run_all(out, jobs, num_supernodes=NUM_CLIENTS, federation_config=federation)
     text = report(out, args.methods, args.sizes, args.variants)
     (out / "tables.md").write_text(text + "\n")

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from runner import fmt, run_all
+from runner import fmt, parallel_clients, run_all
 
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
@@ -219,12 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.table_only:
         jobs = jobs_for(args.suites, args.methods, args.seeds)
-        federation = ""
-        if args.parallel_clients > 1:
-            cores = os.cpu_count() or 1
-            threads = max(1, cores // args.parallel_clients)
-            federation = f"client-resources-num-cpus={threads}"
-            jobs = {name: f"{o} train.num_threads={threads}" for name, o in jobs.items()}
+        jobs, federation, _ = parallel_clients(jobs, args.parallel_clients)
         run_all(args.out.resolve(), jobs, federation_config=federation)
     text = report(args.out.resolve(), args.suites, args.methods)
     (args.out / "tables.md").write_text(text + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from compare_runs import differences, tensors_equal
-from runner import fmt, run_all
+from runner import fmt, parallel_clients, run_all
 
 from fedspecialists.run.checkpoint import checkpointed_round
 from fedspecialists.run.local import local_superlink, run_app, submit_run
@@ -266,11 +265,9 @@ def run_jobs(out: Path, jobs: dict[str, str], parallel: int) -> None:
     per hung client, so that the healthy ones still train ``parallel`` at a time (one worker per
     SuperNode made 10 ClientApps train at once on 2 cores, and rounds 4x slower).
     """
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    train = f" train.num_threads={threads}" if parallel > 1 else ""
-    placed = {name: o + train for name, o in jobs.items()}
+    placed, federation, threads = parallel_clients(jobs, parallel)
+    threads = threads or 1  # one worker per hung client below, whatever else runs
     hung = {name: o for name, o in placed.items() if "faults.kind=hang" in o}
-    federation = f"client-resources-num-cpus={threads}" if parallel > 1 else ""
     run_all(out, {n: o for n, o in placed.items() if n not in hung}, federation_config=federation)
     by_count: dict[int, dict[str, str]] = {}
     for name, o in hung.items():

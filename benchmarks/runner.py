@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import sys
@@ -46,6 +47,16 @@ def run_all(
                 flush=True,
             )
             (out / f"{name}.log").write_text(outcome.log)
+
+
+def parallel_clients(jobs: dict[str, str], parallel: int) -> tuple[dict[str, str], str, int]:
+    """``jobs`` set to train ``parallel`` ClientApps at once, each on cores / ``parallel``
+    threads (same seeds and budget): the jobs, the federation config and the threads each."""
+    if parallel <= 1:
+        return jobs, "", 0
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    placed = {name: f"{o} train.num_threads={threads}" for name, o in jobs.items()}
+    return placed, f"client-resources-num-cpus={threads}", threads
 
 
 def fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
