@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from fedspecialists.config import ExperimentConfig
 from server_app.outputs import RunRecorder
+from strategies.common import exchange
 
 
 class RoundStrategy(Protocol):
@@ -69,29 +70,6 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
                 f'"num-supernodes={expected}" (or set federation.num_clients to match).'
             )
         time.sleep(1.0)
-
-
-REPLY_POLL_S = 0.2  # between two pulls of a phase's replies
-
-
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Send ``messages`` and collect their replies until all are in or ``timeout`` (seconds).
-
-    What ``grid.send_and_receive`` does, but a deployment's grid sleeps 3 s between two pulls
-    (Flower 1.42), a wait added to every phase of every round whatever the clients took; here
-    the replies are pulled every :data:`REPLY_POLL_S`.
-    """
-    waiting = set(grid.push_messages(messages))
-    deadline = time.time() + timeout
-    replies: list[Message] = []
-    while waiting:
-        pulled = list(grid.pull_messages(waiting))
-        replies += pulled
-        waiting -= {m.metadata.reply_to_message_id for m in pulled}
-        if not waiting or time.time() >= deadline:
-            break
-        time.sleep(REPLY_POLL_S)
-    return replies
 
 
 def evaluates(server_round: int, every: int, num_rounds: int) -> bool:

@@ -24,6 +24,29 @@ from fedspecialists.protocol.values import ProtocolError
 T = TypeVar("T")
 
 
+REPLY_POLL_S = 0.2  # between two pulls of a phase's replies
+
+
+def exchange(grid: Any, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Send ``messages`` and collect their replies until all are in or ``timeout`` (seconds).
+
+    What ``grid.send_and_receive`` does, but a deployment's grid sleeps 3 s between two pulls
+    (Flower 1.42), a wait added to every phase of every round whatever the clients took; here
+    the replies are pulled every :data:`REPLY_POLL_S`.
+    """
+    waiting = set(grid.push_messages(messages))
+    deadline = time.time() + timeout
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if not waiting or time.time() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
+
+
 @dataclass
 class TrafficLedger:
     """Bytes that really travelled (serialized message contents), per node, phase and direction.
@@ -295,7 +318,7 @@ class RoundBookkeeping:
         ]
         for reply in self.ledger.count_replies(
             "identify",
-            grid.send_and_receive(self.ledger.count_messages("identify", query), timeout=timeout),
+            exchange(grid, self.ledger.count_messages("identify", query), timeout),
         ):
             node = reply.metadata.src_node_id
             try:

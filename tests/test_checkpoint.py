@@ -134,15 +134,18 @@ class IdentifyingGrid(FakeGrid):
         self.clients = clients
         self.queries = 0
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.replies = []
         for message in messages:
             assert message.metadata.message_type == MessageType.QUERY
             assert IdentityQuery.is_query(message.content)
             self.queries += 1
             client = self.clients[message.metadata.dst_node_id]
-            replies.append(Message(IdentityReply(client).to_record(), reply_to=message))
-        return replies
+            self.replies.append(Message(IdentityReply(client).to_record(), reply_to=message))
+        return [r.metadata.reply_to_message_id for r in self.replies]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
 
 
 def test_nodes_are_asked_once_and_a_duplicate_client_id_keeps_its_node_id() -> None:
