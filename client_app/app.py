@@ -14,21 +14,29 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app.faults import fault_mod
+from client_app.fold import fold_evaluation
 from client_app.node import client_id_of, config_for
 from client_app.privacy import privacy_mod
 from client_app.warm import warm_site_mod
 from fedspecialists import methods
 from fedspecialists.protocol.identity import IdentityReply
 
-# A warm site's forwarder outermost (the site runs the rest), then faults on purpose (an
-# attacker skips DP), then local DP; all three off by default.
-app = ClientApp(mods=[warm_site_mod, fault_mod, privacy_mod])
-
 
 def _handlers(context: Context) -> ModuleType:
     # config_for imports the run's method.plugins, so a plugin method is registered here too.
     cfg = config_for(str(context.run_config.get("overrides", "")))
     return methods.get(cfg.method.name).client_handlers()
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    reply: Message = _handlers(context).evaluate(msg, context)
+    return reply
+
+
+# A warm site's forwarder outermost (the site runs the rest); then a folded evaluation, split
+# into the two messages it stands for; then faults on purpose (an attacker skips DP), then local
+# DP. All four do nothing unless the node or the server asks for them.
+app = ClientApp(mods=[warm_site_mod, fold_evaluation(_evaluate), fault_mod, privacy_mod])
 
 
 @app.train()
@@ -41,8 +49,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """One evaluation round of the run's method on this node."""
-    reply: Message = _handlers(context).evaluate(msg, context)
-    return reply
+    return _evaluate(msg, context)
 
 
 @app.query()

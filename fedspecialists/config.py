@@ -225,6 +225,7 @@ class FederationConfig:
     node_wait_s: float = MISSING
     reply_timeout_s: float = MISSING
     evaluate_every: int = MISSING
+    fold_evaluation: bool = MISSING  # round r's evaluation inside round r + 1's training message
 
 
 @dataclass
@@ -302,6 +303,7 @@ class OutputConfig:
 @dataclass
 class DataSettings:
     cache_dir: str = MISSING
+    cache_encoded: bool = MISSING  # FL-TAC: each node's encoded examples kept under cache_dir
 
 
 @dataclass

@@ -14,18 +14,22 @@ from logging import INFO
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedspecialists.config import ExperimentConfig
+from server_app.fold import ask_for_evaluation, evaluation_replies
 from server_app.outputs import RunRecorder
-from strategies.common import exchange
+from strategies.common import TrafficLedger, exchange
 
 
 class RoundStrategy(Protocol):
     """What the loop needs of a strategy: Flower's four round hooks and the shared plumbing
     of :class:`strategies.common.RoundBookkeeping` (round opening, identities, checkpoints)."""
+
+    ledger: TrafficLedger
+    deferred: dict[str, Any] | None
 
     def summary(self) -> None: ...
 
@@ -50,6 +54,10 @@ class RoundStrategy(Protocol):
     ) -> MetricRecord | None: ...
 
     def close_round(self, results: dict[str, Any]) -> dict[str, Any]: ...
+
+    def defer_evaluation(self) -> None: ...
+
+    def close_deferred(self, evaluate: Any) -> None: ...
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
 
@@ -90,17 +98,38 @@ def run_rounds(
         log(INFO, "resuming %s after round %s", recorder.run_dir, recorder.resumed.round)
     wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.node_wait_s)
     strategy.summary()
-    timeout = cfg.federation.reply_timeout_s
     for server_round in range(first, cfg.num_rounds + 1):
         log(INFO, "[ROUND %s/%s]", server_round, cfg.num_rounds)
         strategy.open_round(server_round)
-        strategy.identify_nodes(server_round, grid, timeout)
-        empty = (ArrayRecord(), ConfigRecord())
-        train = strategy.configure_train(server_round, *empty, grid)
-        strategy.aggregate_train(server_round, exchange(grid, train, timeout))
-        if evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
-            evaluate = strategy.configure_evaluate(server_round, *empty, grid)
-            strategy.aggregate_evaluate(server_round, exchange(grid, evaluate, timeout))
-        else:  # no message at all: the round's record says so
-            strategy.close_round({"evaluated": False})
+        strategy.identify_nodes(server_round, grid, cfg.federation.reply_timeout_s)
+        train_round(strategy, grid, server_round, cfg.federation.reply_timeout_s)
+        if not evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
+            strategy.close_round({"evaluated": False})  # no message at all: the record says so
+        elif cfg.federation.fold_evaluation and server_round < cfg.num_rounds:
+            strategy.defer_evaluation()  # the next round's training messages carry it
+        else:
+            evaluate = strategy.configure_evaluate(server_round, *EMPTY, grid)
+            replies = exchange(grid, evaluate, cfg.federation.reply_timeout_s)
+            strategy.aggregate_evaluate(server_round, replies)
         recorder.save_checkpoint(server_round, *strategy.checkpoint())
+
+
+EMPTY = (ArrayRecord(), ConfigRecord())  # the strategies take no arrays or config from the loop
+
+
+def train_round(strategy: RoundStrategy, grid: Grid, server_round: int, timeout: float) -> None:
+    """The round's training; with a deferred evaluation, that one too, in the same messages
+    (nodes not sampled for training get the evaluation message of their own)."""
+    train = list(strategy.configure_train(server_round, *EMPTY, grid))
+    deferred = strategy.deferred
+    if deferred is None:
+        strategy.aggregate_train(server_round, exchange(grid, train, timeout))
+        return
+    evaluated = int(deferred["round"])
+    others = ask_for_evaluation(strategy.ledger, train, evaluated)
+    evaluate = list(strategy.configure_evaluate(evaluated, *EMPTY, others.bind(grid)))
+    replies = exchange(grid, train + evaluate, timeout)
+    evaluations = evaluation_replies(replies)
+    strategy.close_deferred(lambda: strategy.aggregate_evaluate(evaluated, evaluations))
+    trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    strategy.aggregate_train(server_round, trained)

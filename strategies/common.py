@@ -233,6 +233,7 @@ class RoundBookkeeping:
     on_round_end: Callable[[dict[str, Any]], None] | None
     history: list[dict[str, Any]]
     record: dict[str, Any]
+    deferred: dict[str, Any] | None  # a round whose evaluation the next round's training brings
     client_ids: dict[int, int]  # node id -> client id (protocol.identity)
 
     def init_rounds(
@@ -253,6 +254,7 @@ class RoundBookkeeping:
         self.ledger = TrafficLedger()
         self.history = []
         self.record = {}
+        self.deferred = None
         self.client_ids = {}
         self._sampled = 0  # nodes sampled for this round's training
         self._t_start = self._t_round = time.time()
@@ -272,6 +274,7 @@ class RoundBookkeeping:
             "history": self.history,
             "ledger": self.ledger.to_state(),
             "wall_time_s": time.time() - self._t_start,
+            "deferred": self.deferred,
         }
         return arrays, state
 
@@ -279,6 +282,7 @@ class RoundBookkeeping:
         """Go on from :meth:`checkpoint`'s output (a freshly built strategy, same settings)."""
         rounds = state["rounds"]
         self.history = list(rounds["history"])
+        self.deferred = rounds.get("deferred")  # absent from checkpoints before the option
         self.ledger.load_state(rounds["ledger"])
         self._t_start = time.time() - float(rounds["wall_time_s"])
         self.method_restore(arrays, state)
@@ -415,17 +419,31 @@ class RoundBookkeeping:
         self.record["aggregated"] = False
         return True
 
+    def defer_evaluation(self) -> None:
+        """Keep this round's record open for its evaluation, which comes with the next round's
+        training replies (``federation.fold_evaluation``). The round's time and bytes are
+        its own, up to now: its evaluation's bytes count in the round that carries them."""
+        self.record["round_time_s"] = time.time() - self._t_round
+        self.record["bytes"] = self.ledger.round_summary()
+        self.record["evaluated_in_round"] = int(self.record["round"]) + 1
+        self.deferred = self.record
+
+    def close_deferred(self, evaluate: Callable[[], object]) -> None:
+        """Close the deferred round's record by ``evaluate`` (the strategy's
+        ``aggregate_evaluate`` on its replies), then go on with the current round's."""
+        current, self.record, self.deferred = self.record, self.deferred or {}, None
+        try:
+            evaluate()
+        finally:
+            self.record = current
+
     def close_round(self, results: dict[str, Any]) -> dict[str, Any]:
         """Add the evaluation's ``results``, times and bytes to the record; keep and report it."""
         now = time.time()
-        self.record.update(
-            {
-                **results,
-                "round_time_s": now - self._t_round,
-                "wall_time_s": now - self._t_start,
-                "bytes": self.ledger.round_summary(),
-            }
-        )
+        self.record.update({**results, "wall_time_s": now - self._t_start})
+        # A deferred round's time and bytes were set when its training ended.
+        self.record.setdefault("round_time_s", now - self._t_round)
+        self.record.setdefault("bytes", self.ledger.round_summary())
         self.history.append(self.record)
         if self.on_round_end is not None:
             self.on_round_end(self.record)

@@ -29,7 +29,10 @@ from strategies.common import sample_round_nodes
 
 
 def _checkpoint(k: int) -> Checkpoint:
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3) * k, "b": np.ones(2, np.int64)}
+    arrays: dict[str, np.ndarray] = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3) * k,
+        "b": np.ones(2, np.int64),
+    }
     return Checkpoint(k, arrays, {"round": k, "nested": {"1": [0.1, 1e-300]}})
 
 

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, RecordDict
 from safetensors.numpy import load_file
 
+from fedspecialists.protocol.fold import EVALUATE_FIRST
+from fedspecialists.protocol.records import content_nbytes
 from fedspecialists.run.local import LocalSuperLink, local_superlink, run_app
 
 pytestmark = pytest.mark.e2e
@@ -74,8 +77,18 @@ def _run(link: LocalSuperLink, out: Path, name: str, extra: str = "") -> Path:
     return out / name
 
 
-def test_fltac_two_rounds_write_every_output(superlink: LocalSuperLink, tmp_path: Path) -> None:
-    run = _run(superlink, tmp_path, "fltac")
+@pytest.fixture(scope="module")
+def fltac_run(superlink: LocalSuperLink, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FL-TAC's tiny default run (two rounds), shared by the tests that read it."""
+    return _run(superlink, tmp_path_factory.mktemp("fltac"), "fltac")
+
+
+def _rounds(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fltac_two_rounds_write_every_output(fltac_run: Path) -> None:
+    run = fltac_run
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -125,6 +138,48 @@ def test_evaluate_every_n_rounds_sends_no_evaluation_in_between(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mean_accuracy"] == rounds[2]["mean_accuracy"]
     assert (run / "plots" / "accuracy_per_task.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["fltac", "fedmoe_da"])
+def test_a_folded_evaluation_measures_the_same_with_one_message_per_round(
+    superlink: LocalSuperLink, tmp_path: Path, method: str, request: pytest.FixtureRequest
+) -> None:
+    """``federation.fold_evaluation=true``: round 1's evaluation travels in round 2's training
+    messages (round 2, the last, is evaluated by a message of its own). Every accuracy equals
+    the plain run's, and the bytes say where the evaluation went."""
+    extra = "federation.fold_evaluation=true"
+    if method == "fltac":
+        plain, run = (
+            _rounds(request.getfixturevalue("fltac_run")),
+            _run(superlink, tmp_path, "folded", extra),
+        )
+        same = ("accuracy", "test_examples", "train_loss", "clustering_agreement", "group_tasks")
+    else:
+        plain = _rounds(request.getfixturevalue("moe_run"))
+        run = _moe_run(superlink, tmp_path, "fedmoe_da", extra)
+        same = ("global_accuracy", "domain_accuracy", "routing", "train_loss", "peer_fetches")
+    folded = _rounds(run)
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert [r["round"] for r in folded] == [1, 2]
+    for a, b in zip(plain, folded, strict=True):
+        for key in same:
+            assert a.get(key) == b.get(key), key
+    if method == "fedmoe_da":  # per node: keyed by node ids, which each run draws anew
+        for a, b in zip(plain, folded, strict=True):
+            mine, theirs = a["personalised_accuracy"], b["personalised_accuracy"]
+            assert sorted(mine["per_node"].values()) == sorted(theirs["per_node"].values())
+    assert folded[0]["evaluated_in_round"] == 2 and "evaluated_in_round" not in folded[1]
+    first, second = folded[0]["bytes"], folded[1]["bytes"]
+    assert "evaluate_down" not in first and "evaluate_up" not in first  # no message in round 1
+    # Round 2's replies carried round 1's evaluation, byte for byte the plain run's replies.
+    assert (
+        second["evaluate_up"] == plain[0]["bytes"]["evaluate_up"] + plain[1]["bytes"]["evaluate_up"]
+    )
+    if method == "fltac":  # (FedMoE-DA's messages carry the run folder's path: other lengths)
+        assert second["train_up"] == plain[1]["bytes"]["train_up"]
+        assert second["evaluate_down"] == plain[1]["bytes"]["evaluate_down"]
+        marker = content_nbytes(RecordDict({EVALUATE_FIRST: ConfigRecord({"round": 1})}))
+        assert second["train_down"] == plain[1]["bytes"]["train_down"] + 3 * marker
 
 
 def test_fltac_finds_tasks_that_share_a_label_count(
@@ -216,22 +271,24 @@ MOE_TINY = (
 )
 
 
-def _moe_run(link: LocalSuperLink, out: Path, method: str) -> Path:
+def _moe_run(link: LocalSuperLink, out: Path, method: str, extra: str = "") -> Path:
     name = f"moe-{method}"
-    outcome = run_app(
-        link,
-        overrides=f"{MOE_TINY.format(method=method)} output.root={out} output.name={name}",
-        num_supernodes=3,
-        timeout_s=900,
-    )
+    overrides = f"{MOE_TINY.format(method=method)} output.root={out} output.name={name} {extra}"
+    outcome = run_app(link, overrides=overrides, num_supernodes=3, timeout_s=900)
     assert outcome.status == "finished:completed", outcome.log[-4000:]
     return out / name
 
 
+@pytest.fixture(scope="module")
+def moe_run(superlink: LocalSuperLink, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FedMoE-DA's tiny run (two rounds), shared by the tests that read it."""
+    return _moe_run(superlink, tmp_path_factory.mktemp("moe"), "fedmoe_da")
+
+
 def test_fedmoe_da_two_rounds_experts_go_peer_to_peer(
-    superlink: LocalSuperLink, tmp_path: Path
+    superlink: LocalSuperLink, tmp_path: Path, moe_run: Path
 ) -> None:
-    run = _moe_run(superlink, tmp_path, "fedmoe_da")
+    run = moe_run
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
