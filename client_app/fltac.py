@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
+from client_app.fltac_data import NodeExamples, TaskExamples, node_examples
 from client_app.fltac_training import (
     Encoded,
     concat,
-    encode,
     evaluate_adapter,
     example_losses,
     input_fingerprint,
@@ -30,13 +30,6 @@ from client_app.node import config_as, data_dir_of, device_of, partition_of, run
 from client_app.training import round_seed
 from fedspecialists import methods
 from fedspecialists.config import AdapterRunConfig
-from fedspecialists.data.tasks import (
-    ClientTask,
-    client_tasks,
-    declared_num_labels,
-    load_suite,
-    site_tasks,
-)
 from fedspecialists.models.lora import (
     AdapterModel,
     build_preprocessor,
@@ -55,7 +48,6 @@ from fedspecialists.protocol.records import (
     record_to_state,
     state_to_record,
 )
-from strategies.fltac import choose_sources
 
 
 @dataclass
@@ -70,12 +62,9 @@ class Setup:
     sources: list[str]  # the global id (or "local") each slot starts from
     instruction: Instruction  # what the server sent
 
-    def encoded(self, task: ClientTask, split: str) -> Encoded:
-        return _encoded(self.overrides, self.partition, task, split)
-
     def training_data(self, slot: Slot) -> Encoded:
         """Every training example of the slot's tasks."""
-        return concat([self.encoded(t, "train") for t in slot.tasks])
+        return concat([t.train for t in slot.tasks])
 
     def fingerprint(self, slot: Slot) -> np.ndarray:
         """The slot's input fingerprint ``(H,)``, computed once per process (inputs are fixed)."""
@@ -94,7 +83,7 @@ class Slot:
     """One adapter of this client and the tasks it serves (one task, or all for FedIT)."""
 
     name: str
-    tasks: list[ClientTask]
+    tasks: list[TaskExamples]
 
 
 @lru_cache(maxsize=4)
@@ -105,9 +94,10 @@ def _preprocessor(overrides: str) -> object:
 
 @dataclass
 class RunCache:
-    """What a process keeps of one run between messages: encoded examples and fingerprints."""
+    """What a process keeps of one run between messages: each node's encoded examples (also on
+    the site's disk: :mod:`client_app.fltac_data`) and input fingerprints."""
 
-    encoded: dict[tuple[int, int, str, str], Encoded] = field(default_factory=dict)
+    examples: dict[tuple[int, int], NodeExamples] = field(default_factory=dict)
     fingerprints: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict)
 
 
@@ -116,13 +106,15 @@ def _run_cache(overrides: str) -> RunCache:
     return RunCache()
 
 
-def _encoded(overrides: str, partition: tuple[int, int], task: ClientTask, split: str) -> Encoded:
-    encoded = _run_cache(overrides).encoded
-    key = (*partition, task.name, split)
-    if key not in encoded:
-        cfg = config_as(overrides, AdapterRunConfig)
-        encoded[key] = encode(task, split, _preprocessor(overrides), cfg.model.max_length)
-    return encoded[key]
+def _examples(
+    overrides: str, cfg: AdapterRunConfig, partition: tuple[int, int], data_dir: str | None
+) -> NodeExamples:
+    examples = _run_cache(overrides).examples
+    if partition not in examples:
+        examples[partition] = node_examples(
+            cfg, partition, data_dir, lambda: _preprocessor(overrides)
+        )
+    return examples[partition]
 
 
 def _setup(msg: Message, context: Context) -> Setup:
@@ -130,15 +122,8 @@ def _setup(msg: Message, context: Context) -> Setup:
     overrides, cfg = run_config(context, AdapterRunConfig)
     data_dir = data_dir_of(context, cfg)
     partition = partition_of(context, own_files=bool(data_dir))
-    if data_dir:  # a site with its own files: all of them, nothing partitioned
-        mine = site_tasks(cfg.suite.tasks, data_dir, cfg.seed, cfg.data.cache_dir)
-        counts = declared_num_labels(cfg.suite.tasks) or [t.num_labels for t in mine]
-    else:
-        tasks = load_suite(cfg.suite.tasks, cfg.seed, cfg.data.cache_dir)
-        mine = client_tasks(
-            tasks, *partition, cfg.partition.alpha, cfg.partition.min_share, cfg.seed
-        )
-        counts = [t.num_labels for t in tasks]
+    examples = _examples(overrides, cfg, partition, data_dir)
+    mine, counts = examples.tasks, examples.suite_label_counts
     if methods.get(cfg.method.name).adapters == "shared":
         slots = [Slot("slot0", list(mine))] if mine else []
     else:
@@ -193,6 +178,8 @@ def check_sources(setup: Setup, min_llr: float) -> tuple[int, float]:
                 [example_losses(setup.adapters, holder[c], enc, batch_size) for c in candidates], 1
             )
         )
+    from strategies.fltac import choose_sources  # the server's module: only when the check is on
+
     current = [candidates.index(s) for s in setup.sources]
     chosen, llr = choose_sources(losses, current, min_llr)
     changed = [i for i in range(len(chosen)) if chosen[i] != current[i]]
@@ -262,10 +249,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     for slot in setup.slots:
         for task in slot.tasks:
             correct, count, loss = evaluate_adapter(
-                setup.adapters,
-                slot.name,
-                setup.encoded(task, "test"),
-                setup.cfg.train.eval_batch_size,
+                setup.adapters, slot.name, task.test, setup.cfg.train.eval_batch_size
             )
             reply.correct[task.name] = correct
             reply.total[task.name] = count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from client_app.training import local_batch_size, make_optimizer, steps_per_round
 from fedspecialists.config import TrainSettings
-from fedspecialists.data.tasks import ClientTask
 from fedspecialists.models.lora import AdapterModel
+
+if TYPE_CHECKING:  # the data-loading stack is imported only where examples are built
+    from fedspecialists.data.tasks import ClientTask
 
 IGNORE_INDEX = -100
 

@@ -231,7 +231,7 @@ def conform_images(x: np.ndarray, shape: Sequence[int] | None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _files_fingerprint(spec: TaskSpec) -> list[Any]:
+def files_fingerprint(spec: TaskSpec) -> list[Any]:
     """Size and modification time of a ``files`` task's data files, for the npz cache keys."""
     out: list[Any] = []
     for role, name in sorted(spec.data_files.items()):
@@ -273,7 +273,7 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
     cache = Path(cache_dir).expanduser()
     key = hashlib.sha256(
         json.dumps(
-            [asdict(ts), seed, 2, _files_fingerprint(ts)], sort_keys=True, default=str
+            [asdict(ts), seed, 2, files_fingerprint(ts)], sort_keys=True, default=str
         ).encode()
     ).hexdigest()[:16]
     path = cache / "domains" / f"{ts.name}-{key}.npz"
@@ -383,7 +383,7 @@ def _text_domain_path(ts: TaskSpec, seed: int, cache: Path, model_cfg: Any) -> P
                 seed,
                 str(model_cfg.name_or_path),
                 model_cfg.max_length,
-                _files_fingerprint(ts),
+                files_fingerprint(ts),
             ],
             default=str,
         ).encode()
