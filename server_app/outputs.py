@@ -379,10 +379,9 @@ class RunRecorder:
             written.append(_save(fig, out / "server_vs_peer_bytes.png"))
         if self.aggregations:
             last = self.aggregations[-1]
-            matrix = np.asarray(last["matrix"])
+            matrix, ids = _plotted_matrix(last)
             fig, ax = plt.subplots(figsize=(6.4, 5.6))
             image = ax.imshow(matrix, cmap="viridis", vmin=0)
-            ids = last["expert_ids"]
             owners = [i.split("/")[0] for i in ids]
             starts = [j for j in range(len(ids)) if j == 0 or owners[j] != owners[j - 1]]
             for j in starts[1:]:
@@ -393,7 +392,8 @@ class RunRecorder:
             ax.set(
                 xlabel="source expert j (by client)",
                 ylabel="expert i (by client)",
-                title=f"aggregation matrix A, round {last['round']} (Eq. 10)",
+                title=f"aggregation matrix A, round {last['round']} (Eq. 10)"
+                + ("" if len(ids) == len(last["expert_ids"]) else f", first {len(ids)} experts"),
             )
             fig.colorbar(image, ax=ax, shrink=0.8, label="a_ij")
             written.append(_save(fig, out / "aggregation_matrix.png"))
@@ -494,3 +494,21 @@ def _human(nbytes: float) -> str:
             return f"{nbytes:.1f}{unit}" if unit != "B" else f"{int(nbytes)}B"
         nbytes /= 1000
     return f"{nbytes:.1f}GB"
+
+
+def _plotted_matrix(aggregation: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """A as a dense array for the plot, with its expert ids: in full where the record has it,
+    else the first ``DENSE_RECORD_LIMIT`` experts' block, from the kept entries."""
+    from scipy import sparse
+
+    from strategies.fedmoe_da import DENSE_RECORD_LIMIT
+
+    ids = list(aggregation["expert_ids"])
+    if "matrix" in aggregation:
+        return np.asarray(aggregation["matrix"]), ids
+    kept = aggregation["matrix_sparse"]
+    a = sparse.csr_matrix(
+        (kept["data"], kept["indices"], kept["indptr"]), shape=(len(ids), len(ids))
+    )
+    n = min(len(ids), DENSE_RECORD_LIMIT)
+    return a[:n, :n].toarray(), ids[:n]

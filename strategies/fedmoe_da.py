@@ -35,6 +35,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from scipy import sparse
 
 from fedspecialists.config import MoERunConfig
 from fedspecialists.peer.exchange import GrantIssuer
@@ -164,6 +165,93 @@ def keep_self(matrix: np.ndarray, self_weight: float) -> np.ndarray:
     return self_weight * np.eye(matrix.shape[0]) + (1.0 - self_weight) * matrix
 
 
+ROW_BLOCK = 1024  # rows of R computed at once by the sparse path: memory ROW_BLOCK x M
+
+
+def sparse_aggregation_matrix(
+    proxies: np.ndarray,
+    p: int,
+    tau: float,
+    self_weight: float,
+    owners: Sequence[int] | None = None,
+    block: int = ROW_BLOCK,
+) -> sparse.csr_matrix:
+    """Eq. 8-10 and :func:`keep_self` in one pass, as a sparse matrix.
+
+    The same A as ``keep_self(aggregation_matrix(correlation_matrix(proxies), p, tau, owners),
+    self_weight)`` (tested against it), computed ``block`` rows of R at a time and keeping only
+    each row's entries: the P most related experts (ties included) and itself. Memory
+    ``block * M`` plus the kept entries, never ``M * M``: what lets the server mix thousands of
+    client-experts.
+
+    Parameters
+    ----------
+    proxies : np.ndarray
+        ``(M, d)`` gate vectors, one row per client-expert.
+    p, tau, owners
+        As in :func:`aggregation_matrix`.
+    self_weight : float
+        As in :func:`keep_self`.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(M, M)``, rows summing to 1.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, not {tau}")
+    if p < 0:
+        raise ValueError(f"P must be >= 0, not {p}")
+    if not 0.0 <= self_weight <= 1.0:
+        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+    x = np.asarray(proxies, dtype=np.float64)
+    m = x.shape[0]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    who = None if owners is None else np.asarray(owners)
+    rows, cols, vals = [], [], []
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        i, j, w = _sparse_rows(unit, start, stop, p, tau, who)
+        rows.append(i)
+        cols.append(j)
+        vals.append(w * (1.0 - self_weight) + (i == j) * self_weight)
+    matrix = sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, m)
+    )
+    matrix.eliminate_zeros()  # weight 0 (self_weight = 1): nothing to fetch
+    matrix.sort_indices()
+    return matrix
+
+
+def _sparse_rows(
+    unit: np.ndarray, start: int, stop: int, p: int, tau: float, who: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of A (before keep_self) as (row, column, weight) triples."""
+    m = unit.shape[0]
+    r = np.clip(unit[start:stop] @ unit.T, -1.0, 1.0)  # (B, M) of Eq. 8
+    local = np.arange(stop - start)
+    diagonal = np.arange(start, stop)
+    if p == 0:
+        keep = np.zeros_like(r, dtype=bool)
+    else:
+        if who is not None:  # siblings are never mixed (the diagonal stays)
+            siblings = who[start:stop, None] == who[None, :]
+            siblings[local, diagonal] = False
+            r = np.where(siblings, -np.inf, r)
+        kth = min(p, m - 1)
+        threshold = -np.partition(-r, kth, axis=1)[:, kth]  # (P+1)-th largest of each row
+        keep = (r >= threshold[:, None]) & np.isfinite(r)
+    keep[local, diagonal] = True  # an expert always keeps itself
+    b, j = np.nonzero(keep)
+    logits = r[b, j] / tau
+    row_max = np.full(stop - start, -np.inf)
+    np.maximum.at(row_max, b, logits)
+    weights = np.exp(logits - row_max[b])
+    weights /= np.bincount(b, weights=weights, minlength=stop - start)[b]
+    return b + start, j, weights
+
+
 def same_domain_share(
     matrix: np.ndarray, owners: Sequence[int], dominant: Mapping[int, int]
 ) -> tuple[float, float]:
@@ -188,18 +276,30 @@ def same_domain_share(
     tuple[float, float]
         ``(share, chance)``, each in [0, 1]; NaN when no expert takes weight from other clients.
     """
-    a = np.asarray(matrix, dtype=np.float64)
+    a = sparse.coo_matrix(matrix)  # A's kept entries (a dense A is read as well)
+    i, j, w = a.row, a.col, a.data.astype(np.float64)
     own = np.asarray(owners)
     dom = np.asarray([dominant[o] for o in owners])
-    other = own[:, None] != own[None, :]
-    same = other & (dom[:, None] == dom[None, :])
-    peer_weight = (a * other).sum(axis=1)
+    other = own[i] != own[j]
+    same = other & (dom[i] == dom[j])
+    m = len(own)
+    peer_weight = np.bincount(i, weights=w * other, minlength=m)
     rows = peer_weight > 0
     if not rows.any():
         return float("nan"), float("nan")
-    share = (a * same).sum(axis=1)[rows] / peer_weight[rows]
-    chance = same.sum(axis=1)[rows] / other.sum(axis=1)[rows]
+    same_weight = np.bincount(i, weights=w * same, minlength=m)
+    # Counts over every column: all of a client's experts share its dominant domain.
+    n_own = _counts_of(own)
+    same_count = _counts_of(dom) - n_own
+    share = same_weight[rows] / peer_weight[rows]
+    chance = same_count[rows] / (m - n_own[rows])
     return float(share.mean()), float(chance.mean())
+
+
+def _counts_of(values: np.ndarray) -> np.ndarray:
+    """For each entry, how many entries equal it."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return np.asarray(counts[inverse])
 
 
 def mix_round(server_round: int, every: int) -> bool:
@@ -265,17 +365,18 @@ def recompute_round(server_round: int, interval: int) -> bool:
 
 
 def sync_plans(
-    matrix: np.ndarray,
+    matrix: np.ndarray | sparse.csr_matrix,
     expert_ids: Sequence[str],
     owners: Sequence[int],
     hashes: Mapping[str, str],
+    client: int | None = None,
 ) -> dict[int, dict[str, list[tuple[str, float, str]]]]:
     """Each client's sync plan: for each of its experts, the experts to mix, with weights and the
     content hash every owner reported (checked by the fetching client).
 
     Parameters
     ----------
-    matrix : np.ndarray
+    matrix : np.ndarray | scipy.sparse.csr_matrix
         ``(M, M)`` aggregation matrix A.
     expert_ids : Sequence[str]
         Pool order, e.g. ``"<node>/<k>"``.
@@ -283,20 +384,61 @@ def sync_plans(
         Owner node of each pooled expert.
     hashes : Mapping[str, str]
         Expert id -> content hash reported by its owner.
+    client : int | None
+        Only this client's plan (its rows of A); ``None``: every client's.
 
     Returns
     -------
     dict[int, dict[str, list[tuple[str, float, str]]]]
         node -> its expert id -> ``[(source expert id, weight, hash), ...]`` (zero weights dropped).
     """
+    a = sparse.csr_matrix(matrix)
+    a.sort_indices()  # sources in pool order
     plans: dict[int, dict[str, list[tuple[str, float, str]]]] = {}
     for i, (expert, owner) in enumerate(zip(expert_ids, owners, strict=True)):
+        if client is not None and int(owner) != client:
+            continue
+        lo, hi = a.indptr[i], a.indptr[i + 1]
         row = [
-            (expert_ids[j], float(matrix[i, j]), hashes[expert_ids[j]])
-            for j in np.flatnonzero(matrix[i] > 0).tolist()
+            (expert_ids[j], float(w), hashes[expert_ids[j]])
+            for j, w in zip(a.indices[lo:hi].tolist(), a.data[lo:hi].tolist(), strict=True)
+            if w > 0
         ]
         plans.setdefault(int(owner), {})[expert] = row
     return plans
+
+
+DENSE_RECORD_LIMIT = 512  # up to this many experts, aggregation.jsonl holds A and R in full
+
+
+def aggregation_record(
+    ids: Sequence[str], proxies: np.ndarray, matrix: sparse.csr_matrix
+) -> dict[str, Any]:
+    """What ``aggregation.jsonl`` keeps of one recompute: A's kept entries (CSR, always) and,
+    for a pool of at most :data:`DENSE_RECORD_LIMIT` experts, A and R as full lists (R is
+    ``M x M``: at thousands of experts it alone would be hundreds of megabytes per line)."""
+    record: dict[str, Any] = {
+        "expert_ids": list(ids),
+        "matrix_sparse": {
+            "indptr": matrix.indptr.tolist(),
+            "indices": matrix.indices.tolist(),
+            "data": np.round(matrix.data, 5).tolist(),
+        },
+    }
+    if len(ids) <= DENSE_RECORD_LIMIT:
+        record["matrix"] = np.round(matrix.toarray(), 5).tolist()
+        record["correlation"] = np.round(correlation_matrix(proxies), 5).tolist()
+    return record
+
+
+def _restored_matrix(arrays: Mapping[str, np.ndarray], m: int) -> sparse.csr_matrix | None:
+    """A from a checkpoint: CSR parts, or the dense ``matrix`` older checkpoints hold."""
+    if "matrix/indptr" in arrays:
+        parts = (arrays["matrix/data"], arrays["matrix/indices"], arrays["matrix/indptr"])
+        return sparse.csr_matrix(parts, shape=(m, m))
+    if "matrix" in arrays:
+        return sparse.csr_matrix(arrays["matrix"])
+    return None
 
 
 def stale_clients(last_heard: Mapping[int, int], server_round: int, max_age: int) -> list[int]:
@@ -444,7 +586,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         self.pool = ExpertPool({}, {}, {})
         self.last_heard: dict[int, int] = {}  # client -> round of its last accepted reply
         self.dominant_domain: dict[int, int] = {}  # client -> its domain; metrics only
-        self.matrix: np.ndarray | None = None
+        self.matrix: sparse.csr_matrix | None = None  # A, its kept entries
         self.matrix_ids: list[str] = []
         self.grants = GrantIssuer()
         self.peer_bytes_total = 0
@@ -534,7 +676,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         if ids != self.matrix_ids:
             return {}
         flat = {f"{n}/{k}": h for n, hs in self.pool.hashes.items() for k, h in enumerate(hs)}
-        return sync_plans(self.matrix, ids, owners, flat).get(client, {})
+        return sync_plans(self.matrix, ids, owners, flat, client=client).get(client, {})
 
     def _message(self, node: int, server_round: int, phase: str) -> Message:
         return Message(
@@ -549,8 +691,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         A (``matrix``), and as JSON the hashes, addresses, plans' ids and the grant key."""
         arrays = {f"shared/{k}": v for k, v in self.shared.items()}
         arrays.update({f"proxies/{c}": p for c, p in self.pool.proxies.items()})
-        if self.matrix is not None:
-            arrays["matrix"] = self.matrix
+        if self.matrix is not None:  # A's kept entries, CSR
+            arrays["matrix/indptr"] = self.matrix.indptr
+            arrays["matrix/indices"] = self.matrix.indices
+            arrays["matrix/data"] = self.matrix.data
         state = {
             "hashes": {str(c): h for c, h in self.pool.hashes.items()},
             "addresses": {str(c): a for c, a in self.pool.addresses.items()},
@@ -571,7 +715,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             {int(c): list(h) for c, h in state["hashes"].items()},
             {int(c): str(a) for c, a in state["addresses"].items()},
         )
-        self.matrix = arrays.get("matrix")
+        self.matrix = _restored_matrix(arrays, len(state["matrix_ids"]))
         self.matrix_ids = list(state["matrix_ids"])
         self.dominant_domain = {int(c): int(d) for c, d in state["dominant_domain"].items()}
         self.last_heard = {int(c): int(r) for c, r in state["last_heard"].items()}
@@ -664,20 +808,15 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             or ids != self.matrix_ids
             or recompute_round(server_round, self.interval)
         ):
-            correlation = correlation_matrix(proxies)
-            matrix = aggregation_matrix(
-                correlation,
+            self.matrix = sparse_aggregation_matrix(
+                proxies,
                 self.num_peers,
                 self.tau,
+                self.self_weight,
                 owners=None if self.mix_within_client else owners,
             )
-            self.matrix = keep_self(matrix, self.self_weight)
             self.matrix_ids = ids
-            self.record["aggregation"] = {
-                "expert_ids": ids,
-                "matrix": np.round(self.matrix, 5).tolist(),
-                "correlation": np.round(correlation, 5).tolist(),
-            }
+            self.record["aggregation"] = aggregation_record(ids, proxies, self.matrix)
             if all(o in self.dominant_domain for o in owners):  # diagnostic only
                 share, chance = same_domain_share(self.matrix, owners, self.dominant_domain)
                 if np.isfinite(share):  # NaN when no expert takes from a peer (s = 1)

@@ -42,6 +42,8 @@ offline benchmark (see docs/results.md):
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,34 +252,85 @@ def constrained_kmeans_labels(
     return best_labels
 
 
+def squared_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """``(M, k)`` squared Euclidean distances of ``features`` ``(M, D)`` to ``centroids``
+    ``(k, D)``, as ``|x|^2 - 2 x.c + |c|^2``: memory ``M * k``, never ``M * k * D``."""
+    sq = (features**2).sum(1)[:, None] - 2.0 * features @ centroids.T + (centroids**2).sum(1)
+    return np.maximum(sq, 0.0)  # rounding can dip a zero distance below 0
+
+
+MAX_PERMUTATION_CELLS = 20_000_000  # owners x permutations x rows scored at once
+
+
 def constrained_assignment(
     features: np.ndarray, centroids: np.ndarray, groups: Sequence[np.ndarray]
 ) -> np.ndarray:
     """The assignment step of :func:`constrained_kmeans_labels`.
 
     ``features`` ``(M, D)``, ``centroids`` ``(k, D)``; ``groups`` are the row indices of each
-    owner. An owner's rows go to distinct clusters at least total squared distance (Hungarian);
-    an owner with more rows than clusters, each to its nearest centroid. Returns ``(M,)`` labels.
+    owner. An owner's rows go to distinct clusters at least total squared distance; an owner
+    with more rows than clusters, each to its nearest centroid. Returns ``(M,)`` labels.
+
+    Owners with the same number of rows r are solved together: every injective map of r rows
+    to k clusters (``k! / (k - r)!`` of them, few for the handful of tasks a client holds) is
+    scored for all those owners at once, in chunks of at most
+    :data:`MAX_PERMUTATION_CELLS`; where there are too many maps, each owner gets its own
+    Hungarian assignment (scipy).
     """
     k = centroids.shape[0]
-    cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (M, k)
+    cost = squared_distances(features, centroids)  # (M, k)
     labels = np.empty(features.shape[0], dtype=np.int64)
+    by_size: dict[int, list[np.ndarray]] = defaultdict(list)
     for rows in groups:
-        if len(rows) > k:
-            labels[rows] = cost[rows].argmin(1)
-        else:
-            r, c = linear_sum_assignment(cost[rows])
-            labels[rows[r]] = c
+        by_size[len(rows)].append(np.asarray(rows))
+    for r, members in by_size.items():
+        rows = np.stack(members)  # (G, r)
+        if r > k:
+            labels[rows] = cost[rows].argmin(-1)
+            continue
+        maps = _injective_maps(k, r)
+        if maps is None:
+            for owner_rows in rows:
+                i, c = linear_sum_assignment(cost[owner_rows])
+                labels[owner_rows[i]] = c
+            continue
+        chunk = max(1, MAX_PERMUTATION_CELLS // (len(maps) * r))
+        for start in range(0, len(rows), chunk):
+            block = rows[start : start + chunk]  # (g, r)
+            totals = cost[block][:, np.arange(r), maps].sum(-1)  # (g, maps)
+            labels[block] = maps[totals.argmin(1)]
     return labels
 
 
+def _injective_maps(k: int, r: int, limit: int = 50_000) -> np.ndarray | None:
+    """Every way to send r rows to distinct clusters of k, ``(k! / (k - r)!, r)``; ``None``
+    when there are more than ``limit``."""
+    count = math.perm(k, r)
+    if count > limit:
+        return None
+    return np.asarray(list(itertools.permutations(range(k), r)), dtype=np.int64).reshape(count, r)
+
+
+SILHOUETTE_SAMPLE = 2000  # silhouette is O(M^2): above this many adapters, a seeded sample
+
+
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
-    """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score."""
-    upper = min(k_max, features.shape[0] - 1)
+    """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score
+    (over a seeded sample of :data:`SILHOUETTE_SAMPLE` adapters when there are more)."""
+    m = features.shape[0]
+    upper = min(k_max, m - 1)
     if upper < k_min:
-        return max(1, min(k_min, features.shape[0]))
+        return max(1, min(k_min, m))
+    sample = SILHOUETTE_SAMPLE if m > SILHOUETTE_SAMPLE else None
     scores = {
-        k: float(silhouette_score(features, kmeans_labels(features, k, seed, n_init)))
+        k: float(
+            silhouette_score(
+                features,
+                kmeans_labels(features, k, seed, n_init),
+                sample_size=sample,
+                random_state=seed,
+            )
+        )
         for k in range(k_min, upper + 1)
     }
     return max(scores, key=lambda k: (scores[k], -k))

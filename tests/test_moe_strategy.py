@@ -133,7 +133,7 @@ def test_aggregation_matrix_and_per_node_sync_plans() -> None:
     _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
     assert strategy.matrix is not None
     # The proxies travel as float32 (0.1 -> 0.10000000149): agreement to ~1e-9, not 1e-16.
-    assert_allclose(strategy.matrix, EXPECTED_A, rtol=1e-8, atol=1e-12)
+    assert_allclose(strategy.matrix.toarray(), EXPECTED_A, rtol=1e-8, atol=1e-12)
     assert_allclose(EXPECTED_A[2], [0.332229, 0, 0.335543, 0, 0, 0.332229], atol=1e-6)
     assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1", "3/0", "3/1"]
 
@@ -169,14 +169,14 @@ def test_no_expert_tensor_goes_through_the_server() -> None:
 def test_matrix_reused_between_recomputes_when_interval_is_two() -> None:
     strategy = _strategy(interval=2)
     _round(strategy, 1, lambda n, m: _reply(m, 0.0, GATES[n]))
-    first = strategy.matrix.copy()  # type: ignore[union-attr]
+    first = strategy.matrix.toarray()  # type: ignore[union-attr]
     swapped = {n: g[::-1] for n, g in GATES.items()}
     swapped[1] = np.array([[0.0, 1.0], [0.3, 0.7]])
     _round(strategy, 2, lambda n, m: _reply(m, 0.0, swapped[n], server_round=2))
-    assert_allclose(strategy.matrix, first)  # type: ignore[arg-type]  # round 2: reused (I = 2)
+    assert_allclose(strategy.matrix.toarray(), first)  # type: ignore[union-attr]  # round 2: reused (I = 2)
     assert strategy.record["aggregation_recomputed"] is False
     _round(strategy, 3, lambda n, m: _reply(m, 0.0, swapped[n], server_round=3))
-    assert not np.allclose(strategy.matrix, first)  # type: ignore[arg-type]  # round 3: recomputed
+    assert not np.allclose(strategy.matrix.toarray(), first)  # type: ignore[union-attr]  # round 3: recomputed
     # Plans use the latest hashes even while A is reused.
     assert strategy.pool.hashes[1] == [_hash(1, k, 3) for k in range(K)]
 
@@ -245,8 +245,8 @@ def test_self_weight_and_no_siblings_shape_the_matrix() -> None:
     # ranking. No row above kept a sibling (e0 keeps e0, e5; e1 keeps e1, e3, e4; e2 keeps e0,
     # e2, e5; e3 keeps e1, e3, e4: its sibling e2 has only S; e4 keeps e1, e3, e4; e5 keeps e0,
     # e5), so A is EXPECTED_A again, and s = 0.5 gives A' = 0.5 I + 0.5 A:
-    matrix = strategy.matrix
-    assert matrix is not None
+    assert strategy.matrix is not None
+    matrix = strategy.matrix.toarray()
     expected = np.array(
         [
             [3 / 4, 0, 0, 0, 0, 1 / 4],
@@ -300,7 +300,7 @@ def test_no_siblings_changes_the_rows_where_a_sibling_ranks_high(within: bool) -
         ]
     )
     assert strategy.matrix is not None
-    assert_allclose(strategy.matrix, np.array(expected), rtol=1e-12, atol=1e-12)
+    assert_allclose(strategy.matrix.toarray(), np.array(expected), rtol=1e-12, atol=1e-12)
 
 
 def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> None:
