@@ -163,6 +163,8 @@ class FLTACConfig:
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING
+    projection_dim: int = MISSING  # K-means on a random projection of the features (0 = never)
+    projection_min_adapters: int = MISSING  # ... when a round pools more adapters than this
 
 
 @dataclass
@@ -627,6 +629,8 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
         value = getattr(fltac, key)
         _check(value in allowed, f"fltac.{key}", f"must be one of {', '.join(allowed)}")
     _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
+    _check(fltac.projection_dim >= 0, "fltac.projection_dim", "must be >= 0 (0 = never)")
+    _check(fltac.projection_min_adapters >= 0, "fltac.projection_min_adapters", "must be >= 0")
     _check(fltac.source_check_llr > 0, "fltac.source_check_llr", "must be > 0")
 
 

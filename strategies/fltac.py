@@ -186,6 +186,15 @@ def fingerprint_features(fingerprints: np.ndarray) -> np.ndarray:
     return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 1e-12)
 
 
+def random_projection(features: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """``features`` ``(M, D)`` times a seeded Gaussian matrix ``(D, dims)`` with entries of
+    variance ``1 / dims``: squared distances are kept in expectation (Johnson-Lindenstrauss),
+    and K-means then costs ``dims`` instead of ``D`` per distance. The same seed gives the same
+    matrix in every round, so clusters stay comparable."""
+    matrix = np.random.default_rng(seed).normal(0.0, 1.0 / np.sqrt(dims), (features.shape[1], dims))
+    return np.asarray(features @ matrix)
+
+
 def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M."""
     k = max(1, min(k, features.shape[0]))
@@ -311,26 +320,22 @@ def _injective_maps(k: int, r: int, limit: int = 50_000) -> np.ndarray | None:
     return np.asarray(list(itertools.permutations(range(k), r)), dtype=np.int64).reshape(count, r)
 
 
-SILHOUETTE_SAMPLE = 2000  # silhouette is O(M^2): above this many adapters, a seeded sample
+SILHOUETTE_SAMPLE = 2000  # above this many adapters, auto K looks at a seeded sample
 
 
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
     """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score
-    (over a seeded sample of :data:`SILHOUETTE_SAMPLE` adapters when there are more)."""
+    of K-means (on a seeded sample of :data:`SILHOUETTE_SAMPLE` adapters when there are more:
+    both are O(M) per K at best, silhouette O(M^2))."""
     m = features.shape[0]
+    if m > SILHOUETTE_SAMPLE:  # K is read off a seeded sample; the caller clusters them all
+        rows = np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False)
+        features, m = features[np.sort(rows)], SILHOUETTE_SAMPLE
     upper = min(k_max, m - 1)
     if upper < k_min:
         return max(1, min(k_min, m))
-    sample = SILHOUETTE_SAMPLE if m > SILHOUETTE_SAMPLE else None
     scores = {
-        k: float(
-            silhouette_score(
-                features,
-                kmeans_labels(features, k, seed, n_init),
-                sample_size=sample,
-                random_state=seed,
-            )
-        )
+        k: float(silhouette_score(features, kmeans_labels(features, k, seed, n_init)))
         for k in range(k_min, upper + 1)
     }
     return max(scores, key=lambda k: (scores[k], -k))
@@ -704,6 +709,10 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         training inputs under the frozen base model) and cluster on it together with the
         adapter features (see :func:`fingerprint_features`). A reply without valid
         fingerprints is rejected. ``False`` is the paper: the server sees adapters only.
+    projection_dim, projection_min_adapters : int, default 0 and 1000
+        With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
+        the features randomly projected to ``projection_dim`` columns
+        (:func:`random_projection`), where they have more; 0 never projects.
     head_module : str, default "classifier"
         Name of the classification head inside the adapter.
     seed : int, default 0
@@ -737,6 +746,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         normalize: bool = True,
         weighting: str = "uniform",
         input_fingerprint: bool = False,
+        projection_dim: int = 0,
+        projection_min_adapters: int = 1000,
         source_check_llr: float | None = None,
         split_by_label_count: bool = False,
         head_module: str = "classifier",
@@ -766,6 +777,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.normalize = normalize
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
+        self.projection_dim = projection_dim
+        self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
         self.split_by_label_count = split_by_label_count
         try:
@@ -804,6 +817,8 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             "kmeans_n_init": fltac.kmeans_n_init,
             "clustering": fltac.clustering,
             "input_fingerprint": fltac.input_fingerprint,
+            "projection_dim": fltac.projection_dim,
+            "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
             "split_by_label_count": fltac.split_by_label_count,
         }
@@ -1165,9 +1180,21 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             blocks.append(adapter_features(arrays, self.feature_keys, references, self.normalize))
         features = np.hstack(blocks)
         fingerprints = [e.fingerprint for e in pool]
-        if not self.input_fingerprint or any(f is None for f in fingerprints):
+        if self.input_fingerprint and all(f is not None for f in fingerprints):
+            fingerprint_block = fingerprint_features(np.stack(fingerprints))  # type: ignore[arg-type]
+            features = np.hstack([features, fingerprint_block])
+        return self._projected(features)
+
+    def _projected(self, features: np.ndarray) -> np.ndarray:
+        """``features``, randomly projected to ``projection_dim`` columns when the pool holds
+        more than ``projection_min_adapters`` rows of more columns than that (recorded)."""
+        m, d = features.shape
+        if not self.projection_dim or m <= self.projection_min_adapters:
             return features
-        return np.hstack([features, fingerprint_features(np.stack(fingerprints))])  # type: ignore[arg-type]
+        if d <= self.projection_dim:
+            return features
+        self.record["feature_projection"] = {"from": int(d), "to": int(self.projection_dim)}
+        return random_projection(features, self.projection_dim, self.seed)
 
     def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
         features = self.clustering_features(pool)

@@ -25,8 +25,11 @@ from strategies.fedmoe_da import (
     sync_plans,
 )
 from strategies.fltac import (
+    PoolEntry,
+    TaskAdapterClustering,
     constrained_assignment,
     constrained_kmeans_labels,
+    random_projection,
     squared_distances,
 )
 
@@ -187,3 +190,44 @@ def test_a_checkpoint_restores_a_from_its_kept_entries_or_an_older_dense_one() -
     older = {"matrix": a.toarray()}
     assert_allclose(_restored_matrix(older, 5).toarray(), a.toarray())  # type: ignore[union-attr]
     assert _restored_matrix({}, 5) is None
+
+
+def test_a_random_projection_keeps_distances_and_is_the_same_every_round() -> None:
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(50, 3000))
+    projected = random_projection(features, 256, seed=7)
+    assert projected.shape == (50, 256)
+    assert np.array_equal(projected, random_projection(features, 256, seed=7))
+    before = ((features[:, None] - features[None]) ** 2).sum(-1)[np.triu_indices(50, 1)]
+    after = ((projected[:, None] - projected[None]) ** 2).sum(-1)[np.triu_indices(50, 1)]
+    ratio = after / before
+    # Each pair's ratio has mean 1 and std sqrt(2 / 256) = 0.088 over matrices; the 1,225 pairs
+    # share one matrix, so their mean moves with it by a few percent (here 1.032).
+    assert abs(ratio.mean() - 1) < 0.05 and ratio.std() < 0.12
+
+
+def _pool(m: int) -> tuple[dict[str, np.ndarray], list[PoolEntry]]:
+    rng = np.random.default_rng(m)
+    template = {"classifier.weight": np.zeros((2, 300), np.float32)}
+    pool = [
+        PoolEntry(i // 2, i % 2, {"classifier.weight": rng.normal(size=(2, 300))}, 1, "v0", None)
+        for i in range(m)
+    ]
+    return template, pool
+
+
+@pytest.mark.parametrize(
+    ("m", "dim", "above", "width"),
+    [(30, 64, 20, 64), (30, 64, 30, 600), (30, 0, 0, 600), (30, 900, 0, 600)],
+)
+def test_features_are_projected_only_for_large_pools_of_wide_features(
+    m: int, dim: int, above: int, width: int
+) -> None:
+    template, pool = _pool(m)
+    strategy = TaskAdapterClustering(
+        template, num_clusters=2, projection_dim=dim, projection_min_adapters=above
+    )
+    strategy.open_round(1)
+    features = strategy.clustering_features(pool)
+    assert features.shape == (m, width)
+    assert ("feature_projection" in strategy.record) == (width == dim)
