@@ -191,7 +191,7 @@ class RunRecorder:
         log(
             INFO,
             "[round %s/%s] mean acc %s | %s | loss %s | ARI %s | up %s down %s (train, cumulative) "
-            "| %.1fs",
+            "| %.1fs | %s",
             record["round"],
             self.cfg.num_rounds,
             f"{mean:.3f}" if mean is not None else "n/a",
@@ -201,6 +201,7 @@ class RunRecorder:
             _human(cum.get("train_up", 0)),
             _human(cum.get("train_down", 0)),
             record.get("round_time_s", 0.0),
+            self.time_left(record),
         )
 
     def _log_moe_round(self, record: dict[str, Any]) -> None:
@@ -210,7 +211,7 @@ class RunRecorder:
         log(
             INFO,
             "[round %s/%s] personalised acc %s +- %s | global acc %s | loss %s | server %s, "
-            "peers %s (train, cumulative) | peer failures %s | %.1fs",
+            "peers %s (train, cumulative) | peer failures %s | %.1fs | %s",
             record["round"],
             self.cfg.num_rounds,
             _fmt(personal.get("mean")),
@@ -221,6 +222,15 @@ class RunRecorder:
             _human(record.get("peer_bytes", {}).get("cumulative", 0)),
             record.get("peer_failures", 0),
             record.get("round_time_s", 0.0),
+            self.time_left(record),
+        )
+
+    def time_left(self, record: dict[str, Any]) -> str:
+        """The run's estimated time left after ``record``'s round: the mean round time of the
+        rounds so far times the rounds to go."""
+        return time_left_text(
+            [float(r.get("round_time_s", 0.0)) for r in self.rounds],
+            self.cfg.num_rounds - int(record["round"]),
         )
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +484,20 @@ def save_adapters(
         )
     )
     return paths
+
+
+def time_left_text(times: list[float], to_go: int) -> str:
+    """``"about 4 min left"`` from the times so far and the steps to go (``"done"`` at 0)."""
+    if to_go <= 0:
+        return "done"
+    if not times:
+        return "time left unknown"
+    seconds = sum(times) / len(times) * to_go
+    if seconds < 90:
+        return f"about {seconds:.0f} s left"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min left"
+    return f"about {seconds / 3600:.1f} h left"
 
 
 def _fmt(value: float | None) -> str:

@@ -231,3 +231,13 @@ def test_features_are_projected_only_for_large_pools_of_wide_features(
     features = strategy.clustering_features(pool)
     assert features.shape == (m, width)
     assert ("feature_projection" in strategy.record) == (width == dim)
+
+
+def test_time_left_by_hand() -> None:
+    from server_app.outputs import time_left_text
+
+    assert time_left_text([10.0, 20.0], 3) == "about 45 s left"  # mean 15 s x 3
+    assert time_left_text([60.0, 120.0], 4) == "about 6 min left"  # 90 s x 4 = 360 s
+    assert time_left_text([3600.0], 2) == "about 2.0 h left"
+    assert time_left_text([5.0], 0) == "done"
+    assert time_left_text([], 2) == "time left unknown"

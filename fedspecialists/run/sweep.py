@@ -30,6 +30,7 @@ import json
 import shlex
 import signal
 import sys
+import time
 from logging import ERROR, INFO, getLogger
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from fedspecialists.run.status import read_status
 
 logger = getLogger("fedspecialists.run.sweep")
 _LINK: dict[str, Any] = {}
+# Jobs in this sweep (set once they are validated) and the seconds each finished one took.
+_PROGRESS: dict[str, Any] = {"total": None, "done": 0, "times": []}
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -85,6 +88,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Run one job (called by ``hydra.main``): ``flwr run`` the app, read its real status."""
     from hydra.core.hydra_config import HydraConfig
 
+    started = time.time()
     hydra = HydraConfig.get()
     job_dir = Path(hydra.runtime.output_dir)
     checked = apply_schema(cfg)
@@ -101,6 +105,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     }
     if read_status(run_dir)["status"] == "completed" and multirun:
         logger.log(INFO, "job %s already completed: %s", result["job"], run_dir)
+        _log_progress(None)
         return {**result, "status": "finished:completed", "run_id": None, "skipped": True}
     resume = [f"resume={run_dir}"] if checkpointed_round(run_dir) else []
     overrides = shlex.join(
@@ -122,7 +127,30 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         logger.log(INFO, "job %s completed: %s", result["job"], run_dir)
     else:
         logger.log(ERROR, "job %s FAILED (%s); log in %s", result["job"], status, job_dir)
+    _log_progress(time.time() - started)
     return result
+
+
+def _log_progress(seconds: float | None) -> None:
+    """``sweep: 3 of 8 jobs done, 5 left, about 20 min left`` after each job (``seconds``:
+    how long it ran; ``None``: skipped, done before, which does not count in the estimate)."""
+    from server_app.outputs import time_left_text
+
+    _PROGRESS["done"] += 1
+    if seconds is not None:
+        _PROGRESS["times"].append(seconds)
+    total = _PROGRESS["total"]
+    if total is None:
+        return
+    left = max(0, int(total) - _PROGRESS["done"])
+    logger.log(
+        INFO,
+        "sweep: %s of %s jobs done, %s left, %s",
+        _PROGRESS["done"],
+        total,
+        left,
+        time_left_text(_PROGRESS["times"], left),
+    )
 
 
 def resumed_job_folder(folder: Path, job: int | None) -> Path:
@@ -153,6 +181,7 @@ def main() -> None:
         raise SystemExit(2) from exc
     if jobs is not None:
         print(f"fedspecialists-sweep: {jobs} job(s) validated", file=sys.stderr)
+        _PROGRESS["total"] = jobs
     # SIGTERM (and SIGINT, which a background shell job ignores) end the sweep through
     # SystemExit, so the atexit hook stops the SuperLink and its simulation by PID.
     signal.signal(signal.SIGTERM, _exit_on_signal)
