@@ -300,6 +300,7 @@ class OutputConfig:
     name: str | None = MISSING
     plots: bool = MISSING
     save_adapters: bool = MISSING
+    tensorboard: bool = MISSING  # TensorBoard event files in <run folder>/tensorboard/
 
 
 @dataclass

@@ -42,6 +42,7 @@ from fedspecialists.config import (
 )
 from fedspecialists.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedspecialists.run.status import StatusFile, atomic_write
+from server_app.tracking import TensorBoardTracker
 
 
 def run_setting(cfg: ExperimentConfig) -> str:
@@ -141,6 +142,11 @@ class RunRecorder:
         for name, lines in kept.items():
             atomic_write(run_dir / name, "".join(json.dumps(x) + "\n" for x in lines).encode())
         details = {} if resumed is None else {"resumed_after_round": resumed.round}
+        self.tracker = (
+            TensorBoardTracker(run_dir / "tensorboard", to_yaml(cfg))
+            if cfg.output.tensorboard
+            else None
+        )
         self.set_status("running", **details)
 
     def _kept_lines(self, name: str) -> list[dict[str, Any]]:
@@ -153,6 +159,8 @@ class RunRecorder:
 
     def set_status(self, status: str, **details: Any) -> None:
         self.status.set(status, **details)
+        if status != "running" and self.tracker is not None:
+            self.tracker.close()
 
     def save_checkpoint(
         self, server_round: int, arrays: dict[str, np.ndarray], state: dict[str, Any]
@@ -175,6 +183,8 @@ class RunRecorder:
                 f.write(json.dumps(entry) + "\n")
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_round(record)
         if embedding is not None:
             entry = {"round": record["round"], **embedding}
             self.embeddings.append(entry)
@@ -224,6 +234,10 @@ class RunRecorder:
             record.get("round_time_s", 0.0),
             self.time_left(record),
         )
+
+    def _track_plots(self, paths: list[Path]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_plots(paths, step=int(self.rounds[-1]["round"]) if self.rounds else 0)
 
     def time_left(self, record: dict[str, Any]) -> str:
         """The run's estimated time left after ``record``'s round: the mean round time of the
@@ -341,6 +355,7 @@ class RunRecorder:
             )
             fig.tight_layout(rect=(0, 0.06, 1, 0.95))
             written.append(_save(fig, out / "adapter_embeddings.png"))
+        self._track_plots(written)
         return written
 
     def write_moe_plots(self, domains: list[str], num_experts: int) -> list[Path]:
@@ -435,6 +450,7 @@ class RunRecorder:
             fig.colorbar(image, ax=ax, shrink=0.8)
             fig.tight_layout()
             written.append(_save(fig, out / "routing_by_domain.png"))
+        self._track_plots(written)
         return written
 
 

@@ -313,6 +313,7 @@ ACCEPTED = [
     ("fltac.projection_min_adapters=0", "fltac.projection_min_adapters", 0),
     ("federation.fold_evaluation=true", "federation.fold_evaluation", True),
     ("data.cache_encoded=false", "data.cache_encoded", False),
+    ("output.tensorboard=true", "output.tensorboard", True),
     (f"{MOE} moe.channels=[1]", "moe.channels", [1]),
     (f"{MOE} moe.pooled_size=1", "moe.pooled_size", 1),
     (f"{MOE} moe.top_k=1", "moe.top_k", 1),

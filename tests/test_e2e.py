@@ -125,7 +125,12 @@ def test_evaluate_every_n_rounds_sends_no_evaluation_in_between(
 ) -> None:
     """``federation.evaluate_every=2`` over 3 rounds: round 1 sends no evaluate message and says
     so; round 2 (the 2nd) and round 3 (the last) are evaluated over every test example."""
-    run = _run(superlink, tmp_path, "every2", "num_rounds=3 federation.evaluate_every=2")
+    run = _run(
+        superlink,
+        tmp_path,
+        "every2",
+        "num_rounds=3 federation.evaluate_every=2 output.tensorboard=true",
+    )
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["evaluated"] is False
@@ -138,6 +143,19 @@ def test_evaluate_every_n_rounds_sends_no_evaluation_in_between(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mean_accuracy"] == rounds[2]["mean_accuracy"]
     assert (run / "plots" / "accuracy_per_task.png").stat().st_size > 1000
+    # output.tensorboard=true: the same numbers as TensorBoard scalars, the config, the plots.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    accuracy = events.Scalars("mean_accuracy")
+    assert [e.step for e in accuracy] == [2, 3]  # round 1 was not evaluated
+    assert [e.value for e in accuracy] == pytest.approx([r["mean_accuracy"] for r in rounds[1:]])
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3]
+    assert "bytes/cumulative/train_up" in tags["scalars"]
+    assert not any("per_node" in t for t in tags["scalars"])
+    assert "config/text_summary" in tags["tensors"]
+    assert "plots/accuracy_per_task" in tags["images"]
 
 
 @pytest.mark.parametrize("method", ["fltac", "fedmoe_da"])

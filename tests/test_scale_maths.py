@@ -241,3 +241,28 @@ def test_time_left_by_hand() -> None:
     assert time_left_text([3600.0], 2) == "about 2.0 h left"
     assert time_left_text([5.0], 0) == "done"
     assert time_left_text([], 2) == "time left unknown"
+
+
+def test_a_round_record_becomes_scalars_by_hand() -> None:
+    from server_app.tracking import round_scalars
+
+    record = {
+        "round": 3,
+        "mean_accuracy": 0.5,
+        "accuracy": {"a": 0.25, "b": 0.75},
+        "evaluated": True,  # a bool: not a scalar
+        "groups": {"g0": 2},
+        "bytes": {"train_up": 10, "per_node": {"7": {"train_up": 10}}, "cumulative": {"x": 4}},
+        "group_tasks": {"g0": {"a": 2}},
+        "rejected_reasons": ["nan"],  # a list: left out
+        "train_loss": float("nan"),  # not finite: left out
+    }
+    assert round_scalars(record) == {
+        "mean_accuracy": 0.5,
+        "accuracy/a": 0.25,
+        "accuracy/b": 0.75,
+        "groups/g0": 2.0,
+        "bytes/train_up": 10.0,
+        "bytes/cumulative/x": 4.0,
+        "group_tasks/g0/a": 2.0,
+    }
