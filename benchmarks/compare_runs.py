@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-SKIPPED = re.compile(r"time|per_node|node")  # keys whose values differ by construction
+SKIPPED = re.compile(r"time|aggregate_s|per_node|node")  # keys whose values differ by construction
 
 
 def differences(a: Any, b: Any, path: str = "") -> tuple[int, list[str]]:

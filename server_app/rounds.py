@@ -30,6 +30,7 @@ class RoundStrategy(Protocol):
 
     ledger: TrafficLedger
     deferred: dict[str, Any] | None
+    record: dict[str, Any]
 
     def summary(self) -> None: ...
 
@@ -123,7 +124,7 @@ def train_round(strategy: RoundStrategy, grid: Grid, server_round: int, timeout:
     train = list(strategy.configure_train(server_round, *EMPTY, grid))
     deferred = strategy.deferred
     if deferred is None:
-        strategy.aggregate_train(server_round, exchange(grid, train, timeout))
+        aggregate_timed(strategy, server_round, exchange(grid, train, timeout))
         return
     evaluated = int(deferred["round"])
     others = ask_for_evaluation(strategy.ledger, train, evaluated)
@@ -132,4 +133,12 @@ def train_round(strategy: RoundStrategy, grid: Grid, server_round: int, timeout:
     evaluations = evaluation_replies(replies)
     strategy.close_deferred(lambda: strategy.aggregate_evaluate(evaluated, evaluations))
     trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
-    strategy.aggregate_train(server_round, trained)
+    aggregate_timed(strategy, server_round, trained)
+
+
+def aggregate_timed(strategy: RoundStrategy, server_round: int, replies: list[Message]) -> None:
+    """The strategy's aggregation of the round's training replies; its time in the record
+    (``aggregate_s``: the server's own maths, no waiting)."""
+    started = time.perf_counter()
+    strategy.aggregate_train(server_round, replies)
+    strategy.record["aggregate_s"] = time.perf_counter() - started
