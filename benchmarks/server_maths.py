@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 
 import strategies.fltac as fltac
@@ -65,16 +64,8 @@ def before_assignment(
     features: np.ndarray, centroids: np.ndarray, groups: list[np.ndarray]
 ) -> np.ndarray:
     """The assignment step before this release: an ``(M, k, D)`` cost, one Hungarian per owner."""
-    k = centroids.shape[0]
     cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
-    labels = np.empty(features.shape[0], dtype=np.int64)
-    for rows in groups:
-        if len(rows) > k:
-            labels[rows] = cost[rows].argmin(1)
-        else:
-            r, c = linear_sum_assignment(cost[rows])
-            labels[rows[r]] = c
-    return labels
+    return fltac.hungarian_assignment(cost, groups)
 
 
 def defaults() -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -299,15 +299,29 @@ def constrained_assignment(
             continue
         maps = _injective_maps(k, r)
         if maps is None:
-            for owner_rows in rows:
-                i, c = linear_sum_assignment(cost[owner_rows])
-                labels[owner_rows[i]] = c
+            owners = list(rows)
+            labels[rows.ravel()] = hungarian_assignment(cost, owners)[rows.ravel()]
             continue
         chunk = max(1, MAX_PERMUTATION_CELLS // (len(maps) * r))
         for start in range(0, len(rows), chunk):
             block = rows[start : start + chunk]  # (g, r)
             totals = cost[block][:, np.arange(r), maps].sum(-1)  # (g, maps)
             labels[block] = maps[totals.argmin(1)]
+    return labels
+
+
+def hungarian_assignment(cost: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """The assignment step by definition, one owner at a time: an owner's rows go to distinct
+    clusters at least total ``cost`` ``(M, k)`` (scipy's Hungarian), or each to its cheapest
+    when it has more rows than clusters. Rows in no group are labelled -1."""
+    k = cost.shape[1]
+    labels = np.full(cost.shape[0], -1, dtype=np.int64)
+    for rows in groups:
+        if len(rows) > k:
+            labels[rows] = cost[rows].argmin(1)
+        else:
+            i, c = linear_sum_assignment(cost[rows])
+            labels[rows[i]] = c
     return labels
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
-from scipy.optimize import linear_sum_assignment
 
 from strategies.fedmoe_da import (
     DENSE_RECORD_LIMIT,
@@ -29,6 +28,7 @@ from strategies.fltac import (
     TaskAdapterClustering,
     constrained_assignment,
     constrained_kmeans_labels,
+    hungarian_assignment,
     random_projection,
     squared_distances,
 )
@@ -37,18 +37,10 @@ from strategies.fltac import (
 def reference_assignment(
     features: np.ndarray, centroids: np.ndarray, groups: list[np.ndarray]
 ) -> np.ndarray:
-    """The definition: each owner's rows to distinct clusters by a Hungarian assignment of
-    squared distances (nearest centroid when it has more rows than clusters)."""
-    k = centroids.shape[0]
+    """The definition: squared distances summed over an (M, k, D) array, then each owner's
+    rows to distinct clusters by a Hungarian assignment (nearest when it has more rows)."""
     cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
-    labels = np.empty(features.shape[0], dtype=np.int64)
-    for rows in groups:
-        if len(rows) > k:
-            labels[rows] = cost[rows].argmin(1)
-        else:
-            r, c = linear_sum_assignment(cost[rows])
-            labels[rows[r]] = c
-    return labels
+    return hungarian_assignment(cost, groups)
 
 
 @pytest.mark.parametrize(("owners", "k", "d"), [(200, 4, 16), (60, 6, 8), (40, 3, 5), (9, 9, 4)])
