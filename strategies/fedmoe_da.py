@@ -165,6 +165,16 @@ def keep_self(matrix: np.ndarray, self_weight: float) -> np.ndarray:
     return self_weight * np.eye(matrix.shape[0]) + (1.0 - self_weight) * matrix
 
 
+def check_mixing(p: int, tau: float, self_weight: float) -> None:
+    """Refuse mixing settings no A can be built with (``ValueError`` naming the setting)."""
+    if p < 0:
+        raise ValueError(f"P (num_peers) must be >= 0, not {p}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, not {tau}")
+    if not 0.0 <= self_weight <= 1.0:
+        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+
+
 ROW_BLOCK = 1024  # rows of R computed at once by the sparse path: memory ROW_BLOCK x M
 
 
@@ -198,12 +208,7 @@ def sparse_aggregation_matrix(
     scipy.sparse.csr_matrix
         ``(M, M)``, rows summing to 1.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, not {tau}")
-    if p < 0:
-        raise ValueError(f"P must be >= 0, not {p}")
-    if not 0.0 <= self_weight <= 1.0:
-        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+    check_mixing(p, tau, self_weight)
     x = np.asarray(proxies, dtype=np.float64)
     m = x.shape[0]
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -556,14 +561,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.robust = robust or RobustAggregation()  # the backbone's; the plain mean by default
-        if num_peers < 0:
-            raise ValueError(f"P (num_peers) must be >= 0, not {num_peers}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, not {tau}")
+        check_mixing(num_peers, tau, self_weight)
         if interval < 1:
             raise ValueError(f"the interval I must be >= 1, not {interval}")
-        if not 0.0 <= self_weight <= 1.0:
-            raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
         if mix_every < 1:
             raise ValueError(f"mix_every must be >= 1, not {mix_every}")
         if pool_max_age < 1:
