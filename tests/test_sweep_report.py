@@ -158,9 +158,10 @@ def test_sweep_runs_every_job_and_survives_a_failing_one(tmp_path: Path) -> None
     found = report([sweep], sweep / "report")
     text = (sweep / "report" / "report.md").read_text()
     assert found["runs"] == 1 and "| 3 |" in text
-    # Progress after each job, failed or not: done, left and the estimate.
-    assert "sweep: 1 of 2 jobs done, 1 left, about " in done.stderr
-    assert "sweep: 2 of 2 jobs done, 0 left, done" in done.stderr
+    # Progress after each job, failed or not: done, left and the estimate (Hydra's job log).
+    logged = done.stdout + done.stderr
+    assert "sweep: 1 of 2 jobs done, 1 left, about " in logged, logged[-3000:]
+    assert "sweep: 2 of 2 jobs done, 0 left, done" in logged
     # The sweep's SuperLink (its database lives in the sweep folder) stopped with the sweep.
     processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [p for p in processes.splitlines() if "flower-superlink" in p and str(sweep) in p]
