@@ -22,6 +22,7 @@ from fedspecialists.config import ExperimentConfig
 from server_app.fold import ask_for_evaluation, evaluation_replies
 from server_app.outputs import RunRecorder
 from strategies.common import TrafficLedger, exchange
+from strategies.round_record import RoundRecord
 
 
 class RoundStrategy(Protocol):
@@ -29,8 +30,12 @@ class RoundStrategy(Protocol):
     of :class:`strategies.common.RoundBookkeeping` (round opening, identities, checkpoints)."""
 
     ledger: TrafficLedger
-    deferred: dict[str, Any] | None
-    record: dict[str, Any]
+
+    @property
+    def deferred(self) -> RoundRecord | None: ...
+
+    @property
+    def record(self) -> RoundRecord: ...
 
     def summary(self) -> None: ...
 
@@ -54,7 +59,7 @@ class RoundStrategy(Protocol):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None: ...
 
-    def close_round(self, results: dict[str, Any]) -> dict[str, Any]: ...
+    def close_round(self) -> RoundRecord: ...
 
     def defer_evaluation(self) -> None: ...
 
@@ -105,7 +110,8 @@ def run_rounds(
         strategy.identify_nodes(server_round, grid, cfg.federation.reply_timeout_s)
         train_round(strategy, grid, server_round, cfg.federation.reply_timeout_s)
         if not evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
-            strategy.close_round({"evaluated": False})  # no message at all: the record says so
+            strategy.record.evaluated = False  # no message at all: the record says so
+            strategy.close_round()
         elif cfg.federation.fold_evaluation and server_round < cfg.num_rounds:
             strategy.defer_evaluation()  # the next round's training messages carry it
         else:
@@ -126,7 +132,7 @@ def train_round(strategy: RoundStrategy, grid: Grid, server_round: int, timeout:
     if deferred is None:
         aggregate_timed(strategy, server_round, exchange(grid, train, timeout))
         return
-    evaluated = int(deferred["round"])
+    evaluated = deferred.round
     others = ask_for_evaluation(strategy.ledger, train, evaluated)
     evaluate = list(strategy.configure_evaluate(evaluated, *EMPTY, others.bind(grid)))
     replies = exchange(grid, train + evaluate, timeout)
@@ -141,4 +147,4 @@ def aggregate_timed(strategy: RoundStrategy, server_round: int, replies: list[Me
     (``aggregate_s``: the server's own maths, no waiting)."""
     started = time.perf_counter()
     strategy.aggregate_train(server_round, replies)
-    strategy.record["aggregate_s"] = time.perf_counter() - started
+    strategy.record.aggregate_s = time.perf_counter() - started

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
@@ -20,6 +20,7 @@ from flwr.common.logger import log
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
+from strategies.round_record import R
 
 T = TypeVar("T")
 
@@ -215,15 +216,18 @@ def check_round_settings(fraction_train: float, min_replies: int) -> None:
 ReplyParser = Callable[[int, RecordDict], tuple[str | None, T]]
 
 
-class RoundBookkeeping:
+class RoundBookkeeping(Generic[R]):
     """The round plumbing both strategies share.
 
     Settings every strategy takes (seed, node sampling, ``min_replies``, the value bound of
-    replies, the per-round callback), the traffic ledger, this round's record (``record``: one
-    line of ``metrics.jsonl``, filled as the round goes), the history of finished rounds, opening
-    a training round, screening replies and closing a round. A subclass calls
-    :meth:`init_rounds` in its constructor and implements ``describe()``.
+    replies, the per-round callback), the traffic ledger, this round's record (``record``: a
+    typed :class:`strategies.round_record.RoundRecord` of the method's own kind, one line of
+    ``metrics.jsonl``, filled as the round goes), the history of finished rounds, opening a
+    training round, screening replies and closing a round. A subclass calls
+    :meth:`init_rounds` with its record type in its constructor and implements ``describe()``.
     """
+
+    record_type: type[R]
 
     ledger: TrafficLedger
     fraction_train: float
@@ -231,21 +235,26 @@ class RoundBookkeeping:
     max_abs_value: float
     seed: int
     on_round_end: Callable[[dict[str, Any]], None] | None
-    history: list[dict[str, Any]]
-    record: dict[str, Any]
-    deferred: dict[str, Any] | None  # a round whose evaluation the next round's training brings
+    history: list[R]
+    record: R
+    deferred: R | None  # a round whose evaluation the next round's training brings
     client_ids: dict[int, int]  # node id -> client id (protocol.identity)
 
     def init_rounds(
         self,
+        record_type: type[R],
         seed: int,
         fraction_train: float,
         min_replies: int,
         max_abs_value: float,
         on_round_end: Callable[[dict[str, Any]], None] | None,
     ) -> None:
-        """Check and keep the shared settings; start the clocks, ledger and history."""
+        """Check and keep the shared settings; start the clocks, ledger and history.
+
+        ``record_type`` is the method's round record (:class:`RoundRecord` or a subclass).
+        """
         check_round_settings(fraction_train, min_replies)
+        self.record_type = record_type
         self.seed = seed
         self.fraction_train = fraction_train
         self.min_replies = min_replies
@@ -253,7 +262,7 @@ class RoundBookkeeping:
         self.on_round_end = on_round_end
         self.ledger = TrafficLedger()
         self.history = []
-        self.record = {}
+        self.record = record_type(round=0)
         self.deferred = None
         self.client_ids = {}
         self._sampled = 0  # nodes sampled for this round's training
@@ -271,18 +280,19 @@ class RoundBookkeeping:
         """
         arrays, state = self.method_checkpoint()
         state["rounds"] = {
-            "history": self.history,
+            "history": [record.to_json() for record in self.history],
             "ledger": self.ledger.to_state(),
             "wall_time_s": time.time() - self._t_start,
-            "deferred": self.deferred,
+            "deferred": None if self.deferred is None else self.deferred.to_json(),
         }
         return arrays, state
 
     def restore(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
         """Go on from :meth:`checkpoint`'s output (a freshly built strategy, same settings)."""
         rounds = state["rounds"]
-        self.history = list(rounds["history"])
-        self.deferred = rounds.get("deferred")  # absent from checkpoints before the option
+        self.history = [self.record_type.from_json(record) for record in rounds["history"]]
+        deferred = rounds.get("deferred")  # absent from checkpoints before the option
+        self.deferred = None if deferred is None else self.record_type.from_json(deferred)
         self.ledger.load_state(rounds["ledger"])
         self._t_start = time.time() - float(rounds["wall_time_s"])
         self.method_restore(arrays, state)
@@ -350,11 +360,11 @@ class RoundBookkeeping:
         """Start the round's clock, traffic count and record (the round loop calls it first)."""
         self._t_round = time.time()
         self.ledger.start_round()
-        self.record = {"round": server_round}
+        self.record = self.record_type(round=server_round)
 
     def begin_train_round(self, server_round: int, grid: Any) -> list[int]:
         """Open the round (if the round loop has not) and return the nodes sampled for it."""
-        if self.record.get("round") != server_round:
+        if self.record.round != server_round:
             self.open_round(server_round)
         nodes = sample_round_nodes(
             list(grid.get_node_ids()), self.fraction_train, self.seed + server_round, self.client_of
@@ -388,20 +398,16 @@ class RoundBookkeeping:
                 continue
             accepted.append((node, parsed))
         accepted.sort(key=lambda item: self.client_of(item[0]))
-        self.record.update(
-            {
-                "replies_ok": len(accepted),
-                "replies_failed": failed,
-                "replies_rejected": rejected,
-            }
-        )
+        self.record.replies_ok = len(accepted)
+        self.record.replies_failed = failed
+        self.record.replies_rejected = rejected
         if phase == "train":  # sampled nodes whose reply never came (timed out, or gone)
-            self.record["replies_missing"] = max(0, self._sampled - len(received))
+            self.record.replies_missing = max(0, self._sampled - len(received))
         if reasons:
-            self.record["rejected_reasons"] = reasons
+            self.record.rejected_reasons = reasons
         injected = injected_faults(received)
         if injected:
-            self.record["faults_injected"] = injected
+            self.record.faults_injected = injected
         return accepted
 
     def too_few_replies(self, server_round: int, valid: int, usable: bool = True) -> bool:
@@ -416,35 +422,38 @@ class RoundBookkeeping:
             valid,
             self.min_replies,
         )
-        self.record["aggregated"] = False
+        self.record.aggregated = False
         return True
 
     def defer_evaluation(self) -> None:
         """Keep this round's record open for its evaluation, which comes with the next round's
         training replies (``federation.fold_evaluation``). The round's time and bytes are
         its own, up to now: its evaluation's bytes count in the round that carries them."""
-        self.record["round_time_s"] = time.time() - self._t_round
-        self.record["bytes"] = self.ledger.round_summary()
-        self.record["evaluated_in_round"] = int(self.record["round"]) + 1
+        self.record.round_time_s = time.time() - self._t_round
+        self.record.bytes = self.ledger.round_summary()
+        self.record.evaluated_in_round = self.record.round + 1
         self.deferred = self.record
 
     def close_deferred(self, evaluate: Callable[[], object]) -> None:
         """Close the deferred round's record by ``evaluate`` (the strategy's
         ``aggregate_evaluate`` on its replies), then go on with the current round's."""
-        current, self.record, self.deferred = self.record, self.deferred or {}, None
+        deferred = self.deferred if self.deferred is not None else self.record_type(round=0)
+        current, self.record, self.deferred = self.record, deferred, None
         try:
             evaluate()
         finally:
             self.record = current
 
-    def close_round(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Add the evaluation's ``results``, times and bytes to the record; keep and report it."""
+    def close_round(self) -> R:
+        """Add times and bytes to the record (its evaluation's fields set); keep and report it."""
         now = time.time()
-        self.record.update({**results, "wall_time_s": now - self._t_start})
+        self.record.wall_time_s = now - self._t_start
         # A deferred round's time and bytes were set when its training ended.
-        self.record.setdefault("round_time_s", now - self._t_round)
-        self.record.setdefault("bytes", self.ledger.round_summary())
+        if self.record.round_time_s is None:
+            self.record.round_time_s = now - self._t_round
+        if self.record.bytes is None:
+            self.record.bytes = self.ledger.round_summary()
         self.history.append(self.record)
         if self.on_round_end is not None:
-            self.on_round_end(self.record)
+            self.on_round_end(self.record.to_json())
         return self.record

@@ -54,6 +54,7 @@ from strategies.common import (
     weighted_mean,
 )
 from strategies.robust import RobustAggregation
+from strategies.round_record import RoundRecord
 
 # An accepted training reply: (node id, its checked shared parameters, the reply).
 Accepted = tuple[int, dict[str, np.ndarray], TrainReply]
@@ -493,7 +494,55 @@ class ExpertPool:
         return ids, owners, np.asarray(rows, dtype=np.float64)
 
 
-class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
+@dataclass
+class FedMoEDARoundRecord(RoundRecord):
+    """FedMoE-DA's round: the shared entries, peer traffic, the matrix A and the evaluation.
+
+    Attributes
+    ----------
+    peer_bytes : dict[str, int] | None
+        Bytes the clients fetched from peers: ``round`` and ``cumulative``.
+    peer_fetches, peer_failures, peer_reused : int | None
+        Peer experts fetched, fetches that failed, and experts a client already held.
+    train_examples_per_domain : list[int] | None
+        Training examples of the accepted replies, per domain.
+    accuracy_after_training : dict[str, float | None] | None
+        Each client's model as its local training left it, on its own test split: mean, std.
+    aggregation : dict[str, Any] | None
+        A when it was recomputed (:func:`aggregation_record`).
+    aggregation_recomputed : bool | None
+        Whether A was recomputed this round.
+    same_domain_peer_share : dict[str, float] | None
+        Share of A's peer weight between clients of one dominant domain, and its chance level.
+    pool : dict[str, Any] | None
+        Clients in the expert pool, and those that left it this round.
+    personalised_accuracy : dict[str, Any] | None
+        Each client's own model on its own test split: mean, std, per node.
+    global_accuracy : dict[str, float | None] | None
+        Each client's model on the shared global test set: mean, std.
+    domain_accuracy : list[float] | None
+        Personalised accuracy per domain, over all clients.
+    routing : list[float] | None
+        Flattened ``(domains x K)`` counts of the gate's top expert.
+    """
+
+    peer_bytes: dict[str, int] | None = None
+    peer_fetches: int | None = None
+    peer_failures: int | None = None
+    peer_reused: int | None = None
+    train_examples_per_domain: list[int] | None = None
+    accuracy_after_training: dict[str, float | None] | None = None
+    aggregation: dict[str, Any] | None = None
+    aggregation_recomputed: bool | None = None
+    same_domain_peer_share: dict[str, float] | None = None
+    pool: dict[str, Any] | None = None
+    personalised_accuracy: dict[str, Any] | None = None
+    global_accuracy: dict[str, float | None] | None = None
+    domain_accuracy: list[float] | None = None
+    routing: list[float] | None = None
+
+
+class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy):
     """FedMoE-DA's server: FedAvg of the shared parts, aggregation matrix A, per-node sync plans.
 
     Each node gets its own message: ``shared`` (the FedAvg'd parameters of ``shared_parts``) and a
@@ -568,7 +617,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
             raise ValueError(f"mix_every must be >= 1, not {mix_every}")
         if pool_max_age < 1:
             raise ValueError(f"pool_max_age must be >= 1, not {pool_max_age}")
-        self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
+        self.init_rounds(
+            FedMoEDARoundRecord, seed, fraction_train, min_replies, max_abs_value, on_round_end
+        )
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
         self.template = dict(self.shared)
         self.shared_parts = list(shared_parts)
@@ -750,15 +801,11 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
     def _record_peer_traffic(self, accepted: list[Accepted]) -> None:
         peer_bytes = sum(m.peer_bytes for _, _, m in accepted)
         self.peer_bytes_total += peer_bytes
-        self.record.update(
-            {
-                "peer_bytes": {"round": peer_bytes, "cumulative": self.peer_bytes_total},
-                "peer_fetches": sum(m.peer_fetches for _, _, m in accepted),
-                "peer_failures": sum(m.peer_failures for _, _, m in accepted),
-                # peer experts a client already held (same hash): not fetched again
-                "peer_reused": sum(m.peer_reused for _, _, m in accepted),
-            }
-        )
+        self.record.peer_bytes = {"round": peer_bytes, "cumulative": self.peer_bytes_total}
+        self.record.peer_fetches = sum(m.peer_fetches for _, _, m in accepted)
+        self.record.peer_failures = sum(m.peer_failures for _, _, m in accepted)
+        # peer experts a client already held (same hash): not fetched again
+        self.record.peer_reused = sum(m.peer_reused for _, _, m in accepted)
 
     def _aggregate_shared(self, accepted: list[Accepted]) -> float:
         """FedAvg of the shared parts (weighted by examples); records loss and local accuracy."""
@@ -776,18 +823,14 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         ]
         counts = [m.domain_examples for _, _, m in accepted if m.domain_examples is not None]
         if counts and len({len(c) for c in counts}) == 1:
-            self.record["train_examples_per_domain"] = np.sum(counts, axis=0).astype(int).tolist()
-        self.record.update(
-            {
-                "train_loss": train_loss,
-                "aggregated": True,
-                # Each client's model as its local training left it (own backbone), own test split.
-                "accuracy_after_training": {
-                    "mean": float(np.mean(after)) if after else None,
-                    "std": float(np.std(after)) if after else None,
-                },
-            }
-        )
+            self.record.train_examples_per_domain = np.sum(counts, axis=0).astype(int).tolist()
+        self.record.train_loss = train_loss
+        self.record.aggregated = True
+        # Each client's model as its local training left it (own backbone), own test split.
+        self.record.accuracy_after_training = {
+            "mean": float(np.mean(after)) if after else None,
+            "std": float(np.std(after)) if after else None,
+        }
         return train_loss
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
@@ -816,12 +859,12 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 owners=None if self.mix_within_client else owners,
             )
             self.matrix_ids = ids
-            self.record["aggregation"] = aggregation_record(ids, proxies, self.matrix)
+            self.record.aggregation = aggregation_record(ids, proxies, self.matrix)
             if all(o in self.dominant_domain for o in owners):  # diagnostic only
                 share, chance = same_domain_share(self.matrix, owners, self.dominant_domain)
                 if np.isfinite(share):  # NaN when no expert takes from a peer (s = 1)
-                    self.record["same_domain_peer_share"] = {"share": share, "chance": chance}
-        self.record["aggregation_recomputed"] = "aggregation" in self.record
+                    self.record.same_domain_peer_share = {"share": share, "chance": chance}
+        self.record.aggregation_recomputed = self.record.aggregation is not None
 
     def _drop_stale_clients(self, server_round: int) -> None:
         """Remove from the pool every client last heard from more than ``pool_max_age`` rounds
@@ -830,7 +873,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
         for client in stale:
             for part in (self.pool.proxies, self.pool.hashes, self.pool.addresses, self.last_heard):
                 part.pop(client, None)
-        self.record["pool"] = {"clients": len(self.pool.proxies), "dropped": stale}
+        self.record.pool = {"clients": len(self.pool.proxies), "dropped": stale}
 
     def _parse_train_reply(self, content: RecordDict) -> tuple[str | None, Parsed]:
         """Validate one reply; return (reason it is rejected, or None; (shared, the reply))."""
@@ -898,7 +941,8 @@ class DomainAwareMoEAggregation(RoundBookkeeping, Strategy):
                 sums.add(reply.metadata.src_node_id, EvaluateReply.from_record(reply.content))
             except ProtocolError as exc:
                 log_rejected_reply(reply.metadata.src_node_id, "evaluate", str(exc))
-        self.close_round(sums.results())
+        sums.fill(self.record)
+        self.close_round()
         out: dict[str, float] = {}
         if sums.personal:
             out["personalised-accuracy"] = float(np.mean(list(sums.personal.values())))
@@ -929,27 +973,24 @@ class EvaluationSums:
             r = np.asarray(m.routing, dtype=np.float64)
             self.routing = r if self.routing is None else self.routing + r
 
-    def results(self) -> dict[str, Any]:
-        """The round record's evaluation fields."""
+    def fill(self, record: FedMoEDARoundRecord) -> None:
+        """Set the round record's evaluation fields."""
         pvals, gvals = list(self.personal.values()), list(self.global_acc.values())
-        results: dict[str, Any] = {
-            "personalised_accuracy": {
-                "mean": float(np.mean(pvals)) if pvals else None,
-                "std": float(np.std(pvals)) if pvals else None,
-                "per_node": self.personal,
-            },
-            "global_accuracy": {
-                "mean": float(np.mean(gvals)) if gvals else None,
-                "std": float(np.std(gvals)) if gvals else None,
-            },
-            "mean_accuracy": float(np.mean(pvals)) if pvals else None,
+        record.personalised_accuracy = {
+            "mean": float(np.mean(pvals)) if pvals else None,
+            "std": float(np.std(pvals)) if pvals else None,
+            "per_node": self.personal,
         }
+        record.global_accuracy = {
+            "mean": float(np.mean(gvals)) if gvals else None,
+            "std": float(np.std(gvals)) if gvals else None,
+        }
+        record.mean_accuracy = float(np.mean(pvals)) if pvals else None
         if self.domain_total is not None and self.domain_correct is not None:
             total = self.domain_total
             accuracy = np.divide(
                 self.domain_correct, total, out=np.zeros_like(total), where=total > 0
             )
-            results["domain_accuracy"] = accuracy.round(5).tolist()
+            record.domain_accuracy = accuracy.round(5).tolist()
         if self.routing is not None:
-            results["routing"] = self.routing.tolist()  # flattened (domains x K) counts
-        return results
+            record.routing = self.routing.tolist()  # flattened (domains x K) counts

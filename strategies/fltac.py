@@ -76,6 +76,7 @@ from strategies.common import (
     planar_embedding,
 )
 from strategies.robust import RobustAggregation
+from strategies.round_record import RoundRecord
 
 FEATURE_SOURCES = ("cumulative", "update", "weights", "cumulative+update")
 
@@ -620,6 +621,46 @@ def _distance(a: Adapter, b: Adapter) -> float:
 # Flower glue
 # --------------------------------------------------------------------------------------------
 @dataclass
+class FLTACRoundRecord(RoundRecord):
+    """FL-TAC's round: the shared entries and what the clustering and evaluation found.
+
+    Attributes
+    ----------
+    num_adapters : int | None
+        Task adapters clustered this round.
+    groups : dict[str, int] | None
+        Adapters per global adapter id.
+    clusters_per_label_count : dict[str, int] | None
+        K of each label-count group (``fltac.split_by_label_count``).
+    source_swaps : int | None
+        Adapters a client's source check started from another of its globals.
+    clustering_agreement : float | None
+        ARI between the groups and the true tasks (``report_true_tasks``; metrics only).
+    group_tasks : dict[str, dict[str, int]] | None
+        True tasks in each group (metrics only).
+    embedding : dict[str, list[Any]] | None
+        2-D embedding of the adapters' features with their task, group and node (plots).
+    feature_projection : dict[str, int] | None
+        Feature width before and after the random projection, when it applied.
+    accuracy : dict[str, float] | None
+        Test accuracy per task.
+    test_examples : dict[str, int] | None
+        Test examples per task.
+    """
+
+    num_adapters: int | None = None
+    groups: dict[str, int] | None = None
+    clusters_per_label_count: dict[str, int] | None = None
+    source_swaps: int | None = None
+    clustering_agreement: float | None = None
+    group_tasks: dict[str, dict[str, int]] | None = None
+    embedding: dict[str, list[Any]] | None = None
+    feature_projection: dict[str, int] | None = None
+    accuracy: dict[str, float] | None = None
+    test_examples: dict[str, int] | None = None
+
+
+@dataclass
 class PoolEntry:
     """One uploaded adapter: who sent it, for which slot, and what that slot had received."""
 
@@ -684,7 +725,7 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
     }
 
 
-class TaskAdapterClustering(RoundBookkeeping, Strategy):
+class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
     """FL-TAC's server (Flower Message API): cluster all task adapters, average per cluster.
 
     Every node gets its own message carrying exactly the global adapters its task slots need
@@ -776,7 +817,9 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
     ) -> None:
         check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
         self.robust = robust or RobustAggregation()  # the plain mean unless configured
-        self.init_rounds(seed, fraction_train, min_replies, max_abs_value, on_round_end)
+        self.init_rounds(
+            FLTACRoundRecord, seed, fraction_train, min_replies, max_abs_value, on_round_end
+        )
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
         # first valid reply's, e.g. a causal LM whose adapter carries no head).
@@ -898,7 +941,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
         self.label_count_bounds.update(
             label_count_bounds(counts.tolist(), owners, self.label_count_bounds)
         )
-        self.record["clusters_per_label_count"] = {str(c): k for c, k in per_group.items()}
+        self.record.clusters_per_label_count = {str(c): k for c, k in per_group.items()}
         return counts, per_group
 
     def cluster_count(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> int:
@@ -1008,13 +1051,13 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             if losses
             else None
         )
-        self.record["train_loss"] = train_loss
-        self.record["aggregated"] = True
+        self.record.train_loss = train_loss
+        self.record.aggregated = True
         metrics: dict[str, int | float | list[int] | list[float]] = {"num-adapters": len(pool)}
         if train_loss is not None:
             metrics["train-loss"] = float(train_loss)
-        if self.record.get("clustering_agreement") is not None:
-            metrics["clustering-agreement"] = float(self.record["clustering_agreement"])
+        if self.record.clustering_agreement is not None:
+            metrics["clustering-agreement"] = float(self.record.clustering_agreement)
         return None, MetricRecord(metrics)
 
     def configure_evaluate(
@@ -1052,12 +1095,10 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
                 total[task] += value
         accuracy = {task: correct[task] / total[task] for task in sorted(total) if total[task] > 0}
         mean = float(np.mean(list(accuracy.values()))) if accuracy else None
-        results = {
-            "accuracy": accuracy,
-            "mean_accuracy": mean,
-            "test_examples": {task: int(total[task]) for task in sorted(total)},
-        }
-        self.close_round(results)
+        self.record.accuracy = accuracy
+        self.record.mean_accuracy = mean
+        self.record.test_examples = {task: int(total[task]) for task in sorted(total)}
+        self.close_round()
         out: dict[str, int | float | list[int] | list[float]] = {
             f"accuracy.{task}": acc for task, acc in accuracy.items()
         }
@@ -1207,7 +1248,7 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             return features
         if d <= self.projection_dim:
             return features
-        self.record["feature_projection"] = {"from": int(d), "to": int(self.projection_dim)}
+        self.record.feature_projection = {"from": int(d), "to": int(self.projection_dim)}
         return random_projection(features, self.projection_dim, self.seed)
 
     def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
@@ -1225,42 +1266,46 @@ class TaskAdapterClustering(RoundBookkeeping, Strategy):
             new_slots[entry.node_id][entry.slot] = gid
         for node, slots in new_slots.items():  # by client id: it outlives node ids
             self.node_slots[self.client_of(node)] = [slots[i] for i in range(len(slots))]
-        truth = [e.true_task for e in pool]
-        has_truth = all(t is not None for t in truth)
-        record: dict[str, Any] = {
-            "num_adapters": len(pool),
-            "groups": dict(sorted(Counter(groups).items())),
-        }
-        if self.source_check_llr is not None:
-            record["source_swaps"] = sum(e.moved for e in pool)
-        if has_truth:
-            if ids is not None and self.reports_clustering:
-                record["clustering_agreement"] = clustering_agreement(truth, index)  # type: ignore[arg-type]
-            for gid in labels:
-                members = [t for t, g in zip(truth, groups, strict=True) if g == gid]
-                self.majority_task[gid] = str(Counter(members).most_common(1)[0][0])
-            record["group_tasks"] = {
-                gid: dict(Counter(t for t, g in zip(truth, groups, strict=True) if g == gid))
-                for gid in sorted(set(groups))
-            }
+        self._record_groups(pool, groups, index, clustered=ids is not None)
         coords = planar_embedding(features, seed=self.seed)
-        record["embedding"] = {
+        self.record.embedding = {
             "x": coords[:, 0].round(5).tolist(),
             "y": coords[:, 1].round(5).tolist(),
-            "task": [t if t is not None else "?" for t in truth],
+            "task": [e.true_task if e.true_task is not None else "?" for e in pool],
             "group": groups,
             "node": [e.node_id for e in pool],
         }
-        self.record.update(record)
-        ari = record.get("clustering_agreement")
+        ari = self.record.clustering_agreement
         log(
             INFO,
             "round %s: %s adapters -> groups %s%s",
             server_round,
             len(pool),
-            record["groups"],
+            self.record.groups,
             f", clustering agreement (ARI) {ari:.3f}" if ari is not None else "",
         )
+
+    def _record_groups(
+        self, pool: list[PoolEntry], groups: list[str], index: list[int], clustered: bool
+    ) -> None:
+        """The round record's groups and, when clients report their true tasks (metrics only),
+        each group's tasks, its majority task and the clustering agreement."""
+        self.record.num_adapters = len(pool)
+        self.record.groups = dict(sorted(Counter(groups).items()))
+        if self.source_check_llr is not None:
+            self.record.source_swaps = sum(e.moved for e in pool)
+        truth = [e.true_task for e in pool]
+        if not all(t is not None for t in truth):
+            return
+        if clustered and self.reports_clustering:
+            self.record.clustering_agreement = clustering_agreement(truth, index)  # type: ignore[arg-type]
+        for gid in sorted(set(groups)):
+            members = [str(t) for t, g in zip(truth, groups, strict=True) if g == gid]
+            self.majority_task[gid] = Counter(members).most_common(1)[0][0]
+        self.record.group_tasks = {
+            gid: dict(Counter(str(t) for t, g in zip(truth, groups, strict=True) if g == gid))
+            for gid in sorted(set(groups))
+        }
 
     def final_adapters(self) -> dict[str, dict[str, np.ndarray]]:
         """The global adapters after training (id -> tensors); empty for local only."""

@@ -87,8 +87,8 @@ def test_an_invalid_update_is_rejected_with_its_reason_and_never_aggregated(
     (gid,) = strategy.final_adapters()
     assert_array_equal(strategy.globals[gid][A], np.array([[2.0, 0.0]], np.float32))  # (1+3)/2
     assert_array_equal(strategy.globals[gid][W], np.array([[2.0, 0.0], [0.0, 0.0]], np.float32))
-    assert strategy.record["replies_rejected"] == 1
-    (reason,) = strategy.record["rejected_reasons"]
+    assert strategy.record.replies_rejected == 1
+    (reason,) = strategy.record.rejected_reasons
     assert any(reason in r.getMessage() and "node 3" in r.getMessage() for r in caplog.records)
     expected = {"nan": "non-finite", "inf": "non-finite", "shape": "shape", "huge_norm": "max_abs"}
     assert expected[kind] in reason
@@ -111,7 +111,7 @@ def test_an_invalid_backbone_is_rejected_and_never_aggregated(kind: str) -> None
     _moe_round(strategy, 1, make)
     # (1 * 10 + 2 * 20) / 30
     assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), 50 / 30), rtol=1e-6)
-    assert strategy.record["replies_rejected"] == 1
+    assert strategy.record.replies_rejected == 1
     assert strategy.pool.proxies.keys() == {1, 2}  # nothing of node 3 entered the pool
 
 
@@ -165,10 +165,10 @@ def test_a_client_that_stops_replying_leaves_the_pool_after_pool_max_age_rounds(
     for server_round in (2, 3):
         train(server_round, (1, 2))
         assert strategy.pool.proxies.keys() == {1, 2, 3}
-        assert strategy.record["pool"] == {"clients": 3, "dropped": []}
+        assert strategy.record.pool == {"clients": 3, "dropped": []}
     train(4, (1, 2))  # 4 - 1 = 3 rounds silent > 2
     assert strategy.pool.proxies.keys() == strategy.pool.addresses.keys() == {1, 2}
-    assert strategy.record["pool"] == {"clients": 2, "dropped": [3]}
+    assert strategy.record.pool == {"clients": 2, "dropped": [3]}
     assert strategy.matrix is not None and strategy.matrix.shape == (4, 4)  # 2 clients x K = 2
     sent = train(5, (1, 2, 3))
     assert all("3" not in planned_owners(sent[n]) for n in (1, 2))

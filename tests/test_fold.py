@@ -35,6 +35,7 @@ from fedspecialists.protocol.fold import (
 from fedspecialists.protocol.records import content_nbytes, record_to_numpy, state_to_record
 from server_app.fold import FAILED_EVALUATION, ask_for_evaluation, evaluation_replies
 from strategies.common import RoundBookkeeping, TrafficLedger
+from strategies.round_record import RoundRecord
 
 
 def _train_message(server_round: int, node: int = 1) -> Message:
@@ -216,9 +217,9 @@ def test_fltac_folded_reply_equals_the_two_messages_it_replaces() -> None:
 
 
 # -- the deferred round record --------------------------------------------------------------------
-class Bookkeeping(RoundBookkeeping):
+class Bookkeeping(RoundBookkeeping[RoundRecord]):
     def __init__(self) -> None:
-        self.init_rounds(0, 1.0, 1, 1e4, None)
+        self.init_rounds(RoundRecord, 0, 1.0, 1, 1e4, None)
 
     def method_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {}, {}
@@ -237,16 +238,22 @@ def test_a_deferred_round_keeps_its_own_time_and_bytes_and_closes_first() -> Non
     rounds.open_round(2)
     rounds.ledger.count("train", "up", 3, 40)
     rounds.ledger.count("evaluate", "up", 3, 7)  # round 1's evaluation, carried by round 2
-    rounds.close_deferred(lambda: rounds.close_round({"mean_accuracy": 0.5}))
-    assert rounds.deferred is None and rounds.record == {"round": 2}
+
+    def evaluate() -> None:
+        rounds.record.mean_accuracy = 0.5
+        rounds.close_round()
+
+    rounds.close_deferred(evaluate)
+    assert rounds.deferred is None and rounds.record == RoundRecord(round=2)
     first = rounds.history[0]
-    assert first["round"] == 1 and first["mean_accuracy"] == 0.5
-    assert first["bytes"]["train_up"] == 100 and "evaluate_up" not in first["bytes"]
-    assert first["round_time_s"] == deferred["round_time_s"]
-    rounds.close_round({"mean_accuracy": 0.75})
-    second = rounds.history[1]
-    assert second["bytes"]["train_up"] == 40 and second["bytes"]["evaluate_up"] == 7
-    assert second["bytes"]["cumulative"]["train_up"] == 140
+    assert first.round == 1 and first.mean_accuracy == 0.5 and first.bytes is not None
+    assert first.bytes["train_up"] == 100 and "evaluate_up" not in first.bytes
+    assert first.round_time_s == deferred["round_time_s"]
+    rounds.record.mean_accuracy = 0.75
+    second = rounds.close_round()
+    assert second is rounds.history[1] and second.bytes is not None
+    assert second.bytes["train_up"] == 40 and second.bytes["evaluate_up"] == 7
+    assert second.bytes["cumulative"]["train_up"] == 140
 
 
 def test_a_checkpoint_taken_while_an_evaluation_is_deferred_restores_it() -> None:
@@ -256,4 +263,4 @@ def test_a_checkpoint_taken_while_an_evaluation_is_deferred_restores_it() -> Non
     arrays, state = rounds.checkpoint()
     again = Bookkeeping()
     again.restore(arrays, state)
-    assert again.deferred is not None and again.deferred["round"] == 1
+    assert again.deferred is not None and again.deferred.round == 1

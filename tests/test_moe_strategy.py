@@ -163,7 +163,7 @@ def test_no_expert_tensor_goes_through_the_server() -> None:
         arrays = {k: record_to_numpy(v) for k, v in message.content.array_records.items()}
         assert list(arrays) == ["shared"]
         assert list(arrays["shared"]) == ["backbone.w"]
-    assert strategy.record["peer_bytes"] == {"round": 300, "cumulative": 600}
+    assert strategy.record.peer_bytes == {"round": 300, "cumulative": 600}
 
 
 def test_matrix_reused_between_recomputes_when_interval_is_two() -> None:
@@ -174,7 +174,7 @@ def test_matrix_reused_between_recomputes_when_interval_is_two() -> None:
     swapped[1] = np.array([[0.0, 1.0], [0.3, 0.7]])
     _round(strategy, 2, lambda n, m: _reply(m, 0.0, swapped[n], server_round=2))
     assert_allclose(strategy.matrix.toarray(), first)  # type: ignore[union-attr]  # round 2: reused (I = 2)
-    assert strategy.record["aggregation_recomputed"] is False
+    assert strategy.record.aggregation_recomputed is False
     _round(strategy, 3, lambda n, m: _reply(m, 0.0, swapped[n], server_round=3))
     assert not np.allclose(strategy.matrix.toarray(), first)  # type: ignore[union-attr]  # round 3: recomputed
     # Plans use the latest hashes even while A is reused.
@@ -193,9 +193,9 @@ def test_bad_replies_are_rejected_and_failures_skipped(caplog: pytest.LogCapture
 
     with caplog.at_level(logging.WARNING):
         _round(strategy, 1, make)
-    assert strategy.record["replies_rejected"] == 2
-    assert strategy.record["replies_failed"] == 1
-    assert strategy.record["aggregated"] is False
+    assert strategy.record.replies_rejected == 2
+    assert strategy.record.replies_failed == 1
+    assert strategy.record.aggregated is False
     assert (
         "non-finite" in caplog.text and "SHA-256" in caplog.text and "client crashed" in caplog.text
     )
@@ -206,7 +206,7 @@ def test_bad_replies_are_rejected_and_failures_skipped(caplog: pytest.LogCapture
 def test_wrong_proxy_shape_is_rejected() -> None:
     strategy = _strategy()
     _round(strategy, 1, lambda n, m: _reply(m, 1.0, GATES[n] if n != 3 else np.ones((3, 2))))
-    assert strategy.record["replies_rejected"] == 1
+    assert strategy.record.replies_rejected == 1
     assert strategy.matrix_ids == ["1/0", "1/1", "2/0", "2/1"]
 
 
@@ -315,6 +315,6 @@ def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> 
     _round(strategy, 1, reply)
     assert strategy.matrix is not None
     share, chance = same_domain_share(strategy.matrix, [1, 1, 2, 2, 3, 3], {1: 0, 2: 0, 3: 1})
-    recorded = strategy.record["same_domain_peer_share"]
+    recorded = strategy.record.same_domain_peer_share
     assert recorded == {"share": share, "chance": chance}
     assert chance == pytest.approx((4 * 0.5 + 2 * 0.0) / 6)  # every expert takes from a peer

@@ -84,7 +84,7 @@ def test_clusters_are_averaged_and_each_node_gets_exactly_its_adapters() -> None
 
     # Execute
     _round(strategy, 1, grid, replies)
-    agreement = strategy.record["clustering_agreement"]
+    agreement = strategy.record.clustering_agreement
     second = _by_node(list(strategy.configure_train(2, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
 
     # Assert: x cluster = mean of (1,0) and (3,0) = (2,0); y cluster = (0,2).
@@ -127,7 +127,7 @@ def test_cluster_ids_stay_stable_across_rounds() -> None:
     for server_round in (2, 3, 4):
         _round(strategy, server_round, grid, replies)
         assert strategy.node_slots == first
-        assert strategy.record["clustering_agreement"] == pytest.approx(1.0)
+        assert strategy.record.clustering_agreement == pytest.approx(1.0)
     # After 4 rounds the x adapter has moved 4 steps along x, the y adapter along y.
     x_id, y_id = first[1]
     assert_allclose(strategy.globals[x_id][A], [[4.0, 0.0]])
@@ -182,7 +182,7 @@ def test_bad_replies_are_rejected_and_never_aggregated(
     # Only nodes 1 and 2 entered: mean of 1 and 3 (node 3's good slot was dropped with its reply).
     assert_allclose(strategy.globals[gid][A], [[2.0, 0.0]])
     assert 3 not in strategy.node_slots
-    assert strategy.record["replies_rejected"] == 1
+    assert strategy.record.replies_rejected == 1
 
 
 def test_failed_client_does_not_stop_the_round(caplog: pytest.LogCaptureFixture) -> None:
@@ -199,7 +199,7 @@ def test_failed_client_does_not_stop_the_round(caplog: pytest.LogCaptureFixture)
         _round(strategy, 1, grid, replies)
     assert any("ClientApp raised" in r.getMessage() for r in caplog.records)
     assert_allclose(next(iter(strategy.final_adapters().values()))[A], [[4.0, 0.0]])
-    assert strategy.record["replies_failed"] == 1
+    assert strategy.record.replies_failed == 1
 
 
 def test_too_few_replies_skip_aggregation() -> None:
@@ -207,7 +207,7 @@ def test_too_few_replies_skip_aggregation() -> None:
     strategy = TaskAdapterClustering(V0, num_clusters=1, min_replies=2)
     _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(4, 0)])])
     assert strategy.final_adapters() == {}
-    assert strategy.record["aggregated"] is False
+    assert strategy.record.aggregated is False
 
 
 def test_malformed_metrics_are_rejected() -> None:
@@ -220,7 +220,7 @@ def test_malformed_metrics_are_rejected() -> None:
         return [reply]
 
     _round(strategy, 1, grid, replies)
-    assert strategy.record["replies_rejected"] == 1
+    assert strategy.record.replies_rejected == 1
     assert strategy.final_adapters() == {}
 
 
@@ -349,7 +349,7 @@ def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "no 'fingerprints' record" in text and "expected (2,)" in text
     assert "non-finite" in text
-    assert strategy.record["replies_rejected"] == 3
+    assert strategy.record.replies_rejected == 3
     (gid,) = strategy.final_adapters()
     assert_allclose(strategy.globals[gid][A], [[1.0, 0.0]])  # node 1 alone
 
@@ -488,7 +488,7 @@ def _recovering_run(
     agreement, slots = [], []
     for server_round in range(1, rounds + 1):
         _round(strategy, server_round, grid, replies)
-        agreement.append(strategy.record["clustering_agreement"])
+        agreement.append(strategy.record.clustering_agreement)
         slots.append({n: list(s) for n, s in strategy.node_slots.items()})
     return agreement, slots
 
@@ -560,9 +560,9 @@ def test_the_source_check_is_asked_for_and_its_choices_are_checked(
 
     with caplog.at_level(logging.WARNING):
         _round(strategy, 2, grid, replies)
-    assert strategy.record["replies_rejected"] == 1  # node 2 named a global it was not sent
+    assert strategy.record.replies_rejected == 1  # node 2 named a global it was not sent
     assert "not a choice among the globals" in " ".join(r.getMessage() for r in caplog.records)
-    assert strategy.record["source_swaps"] == 2
+    assert strategy.record.source_swaps == 2
 
 
 def test_a_sources_record_is_rejected_when_the_check_is_off(
@@ -577,7 +577,7 @@ def test_a_sources_record_is_rejected_when_the_check_is_off(
 
     with caplog.at_level(logging.WARNING):
         _round(strategy, 1, grid, replies)
-    assert strategy.record["replies_rejected"] == 1
+    assert strategy.record.replies_rejected == 1
     assert "the source check is off" in " ".join(r.getMessage() for r in caplog.records)
 
 
