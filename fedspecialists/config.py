@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shlex
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +48,56 @@ FLTAC_CHOICES = {
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range (the key is named)."""
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (is the value allowed?, what is allowed)
+
+
+def _one_of(allowed: Sequence[str]) -> Rule:
+    return (lambda value: value in allowed), f"must be one of {', '.join(allowed)}"
+
+
+def _is_num_clusters(value: Any) -> bool:
+    if value is None or value == "auto":
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# The range of every setting a strategy also takes as a constructor argument, in one place: the
+# config's validation checks it naming the key, and so do the strategies' constructors and maths
+# (usable without a config) through check_setting.
+SETTING_RULES: dict[str, Rule] = {
+    "federation.fraction_train": ((lambda v: 0.0 < v <= 1.0), "must be in (0, 1]"),
+    "federation.min_replies": ((lambda v: v >= 1), "must be >= 1"),
+    "robust.rule": _one_of(ROBUST_RULES),
+    "robust.trim_fraction": ((lambda v: 0.0 <= v < 0.5), "must be in [0, 0.5)"),
+    "robust.clip_norm": ((lambda v: v is None or v > 0), "must be > 0 or null"),
+    "fltac.num_clusters": (
+        _is_num_clusters,
+        "must be null (= number of tasks), 'auto' or >= 1",
+    ),
+    **{f"fltac.{key}": _one_of(allowed) for key, allowed in FLTAC_CHOICES.items()},
+    "fltac.source_check_llr": ((lambda v: v > 0), "must be > 0"),
+    "fedmoe_da.num_peers": ((lambda v: v >= 0), "P must be >= 0"),
+    "fedmoe_da.tau": ((lambda v: v > 0), "tau must be > 0"),
+    "fedmoe_da.self_weight": ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]"),
+    "fedmoe_da.interval": ((lambda v: v >= 1), "I must be >= 1"),
+    "fedmoe_da.mix_every": ((lambda v: v >= 1), "must be >= 1"),
+    "fedmoe_da.pool_max_age": ((lambda v: v >= 1), "must be >= 1"),
+}
+
+
+def check_setting(key: str, value: Any) -> None:
+    """Refuse ``value`` outside the range of setting ``key`` (:data:`SETTING_RULES`).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the allowed range and the value.
+    """
+    allowed, rule = SETTING_RULES[key]
+    if not allowed(value):
+        raise ConfigError(f"config key '{key}': {rule}, not {value!r}")
 
 
 @dataclass
@@ -572,10 +622,8 @@ def _check_model_and_training(cfg: ExperimentConfig) -> None:
 
 def _check_robustness(cfg: ExperimentConfig) -> None:
     robust, faults, dp = cfg.robust, cfg.faults, cfg.privacy
-    _check(robust.rule in ROBUST_RULES, "robust.rule", f"must be one of {ROBUST_RULES}")
-    _check(0.0 <= robust.trim_fraction < 0.5, "robust.trim_fraction", "must be in [0, 0.5)")
-    clip = robust.clip_norm
-    _check(clip is None or clip > 0, "robust.clip_norm", "must be > 0 or null")
+    for key in ("rule", "trim_fraction", "clip_norm"):
+        check_setting(f"robust.{key}", getattr(robust, key))
     _check(faults.kind in FAULT_KINDS, "faults.kind", f"must be one of {FAULT_KINDS}")
     _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]")
     _check(faults.scale > 0, "faults.scale", "must be > 0")
@@ -592,8 +640,8 @@ def _check_robustness(cfg: ExperimentConfig) -> None:
 def _check_federation(cfg: ExperimentConfig) -> None:
     fed, part = cfg.federation, cfg.partition
     _check(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
-    _check(0.0 < fed.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
-    _check(fed.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    check_setting("federation.fraction_train", fed.fraction_train)
+    check_setting("federation.min_replies", fed.min_replies)
     _check(  # more could never reply: no round would ever be aggregated
         fed.min_replies <= fed.num_clients,
         "federation.min_replies",
@@ -618,21 +666,13 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
     _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     fltac = cfg.fltac
-    k = fltac.num_clusters
-    _check(
-        k is None or k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
-        "fltac.num_clusters",
-        "must be null (= number of tasks), 'auto' or an int >= 1",
-    )
+    for key in ("num_clusters", *FLTAC_CHOICES, "source_check_llr"):
+        check_setting(f"fltac.{key}", getattr(fltac, key))
     _check(fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
     _check(fltac.auto_k_max >= fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min")
-    for key, allowed in FLTAC_CHOICES.items():
-        value = getattr(fltac, key)
-        _check(value in allowed, f"fltac.{key}", f"must be one of {', '.join(allowed)}")
     _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
     _check(fltac.projection_dim >= 0, "fltac.projection_dim", "must be >= 0 (0 = never)")
     _check(fltac.projection_min_adapters >= 0, "fltac.projection_min_adapters", "must be >= 0")
-    _check(fltac.source_check_llr > 0, "fltac.source_check_llr", "must be > 0")
 
 
 def _check_moe_sections(cfg: MoERunConfig) -> None:
@@ -648,12 +688,8 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     )
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
-    _check(fm.num_peers >= 0, "fedmoe_da.num_peers", "P must be >= 0")
-    _check(fm.tau > 0, "fedmoe_da.tau", "tau must be > 0")
-    _check(fm.interval >= 1, "fedmoe_da.interval", "I must be >= 1")
-    _check(0.0 <= fm.self_weight <= 1.0, "fedmoe_da.self_weight", "must be in [0, 1]")
-    _check(fm.mix_every >= 1, "fedmoe_da.mix_every", "must be >= 1")
-    _check(fm.pool_max_age >= 1, "fedmoe_da.pool_max_age", "must be >= 1")
+    for key in ("num_peers", "tau", "interval", "self_weight", "mix_every", "pool_max_age"):
+        check_setting(f"fedmoe_da.{key}", getattr(fm, key))
     _check(fm.proxy in PROXIES, "fedmoe_da.proxy", f"must be one of {', '.join(PROXIES)}")
     _check(peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
     _check(peer.timeout_s > 0, "peer.timeout_s", "must be > 0")

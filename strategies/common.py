@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedspecialists.config import check_setting
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
@@ -205,11 +206,9 @@ def planar_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def check_round_settings(fraction_train: float, min_replies: int) -> None:
-    """Refuse round settings no strategy can run with (``ValueError`` naming the argument)."""
-    if not 0.0 < fraction_train <= 1.0:
-        raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
-    if min_replies < 1:
-        raise ValueError(f"min_replies must be >= 1, not {min_replies}")
+    """Refuse round settings no strategy can run with (``ConfigError`` naming the setting)."""
+    check_setting("federation.fraction_train", fraction_train)
+    check_setting("federation.min_replies", min_replies)
 
 
 # A parser of one reply's content: (reason it is rejected, or None; what the method keeps of it).

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from scipy import sparse
 
-from fedspecialists.config import MoERunConfig
+from fedspecialists.config import MoERunConfig, check_setting
 from fedspecialists.peer.exchange import GrantIssuer
 from fedspecialists.protocol.fedmoe_da import (
     EvaluateReply,
@@ -103,8 +103,7 @@ def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = N
     np.ndarray
         ``(M, M)`` 0/1 float mask.
     """
-    if p < 0:
-        raise ValueError(f"P must be >= 0, not {p}")
+    check_setting("fedmoe_da.num_peers", p)
     m = correlation.shape[0]
     if p == 0:
         return np.eye(m)
@@ -139,8 +138,7 @@ def aggregation_matrix(
     np.ndarray
         ``(M, M)``; row i holds expert i's mixing weights, summing to 1.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, not {tau}")
+    check_setting("fedmoe_da.tau", tau)
     mask = top_p_mask(correlation, p, owners)
     logits = np.where(mask > 0, correlation / tau, -np.inf)
     logits = logits - logits.max(axis=1, keepdims=True)  # stable softmax over kept entries
@@ -161,19 +159,15 @@ def keep_self(matrix: np.ndarray, self_weight: float) -> np.ndarray:
     self_weight : float
         s in [0, 1].
     """
-    if not 0.0 <= self_weight <= 1.0:
-        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+    check_setting("fedmoe_da.self_weight", self_weight)
     return self_weight * np.eye(matrix.shape[0]) + (1.0 - self_weight) * matrix
 
 
 def check_mixing(p: int, tau: float, self_weight: float) -> None:
-    """Refuse mixing settings no A can be built with (``ValueError`` naming the setting)."""
-    if p < 0:
-        raise ValueError(f"P (num_peers) must be >= 0, not {p}")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, not {tau}")
-    if not 0.0 <= self_weight <= 1.0:
-        raise ValueError(f"self_weight must be in [0, 1], not {self_weight}")
+    """Refuse mixing settings no A can be built with (``ConfigError`` naming the setting)."""
+    check_setting("fedmoe_da.num_peers", p)
+    check_setting("fedmoe_da.tau", tau)
+    check_setting("fedmoe_da.self_weight", self_weight)
 
 
 ROW_BLOCK = 1024  # rows of R computed at once by the sparse path: memory ROW_BLOCK x M
@@ -313,8 +307,7 @@ def mix_round(server_round: int, every: int) -> bool:
 
     Round 1 has no plan (A needs the first proxies), so the first mix is in round 2.
     """
-    if every < 1:
-        raise ValueError(f"mix_every must be >= 1, not {every}")
+    check_setting("fedmoe_da.mix_every", every)
     return server_round >= 2 and (server_round - 2) % every == 0
 
 
@@ -365,8 +358,7 @@ def renormalise(weights: Sequence[float], arrived: Sequence[bool]) -> np.ndarray
 
 def recompute_round(server_round: int, interval: int) -> bool:
     """A is recomputed every ``interval`` rounds: in rounds 1, 1 + I, 1 + 2I, ..."""
-    if interval < 1:
-        raise ValueError(f"the recompute interval I must be >= 1, not {interval}")
+    check_setting("fedmoe_da.interval", interval)
     return (server_round - 1) % interval == 0
 
 
@@ -611,12 +603,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
     ) -> None:
         self.robust = robust or RobustAggregation()  # the backbone's; the plain mean by default
         check_mixing(num_peers, tau, self_weight)
-        if interval < 1:
-            raise ValueError(f"the interval I must be >= 1, not {interval}")
-        if mix_every < 1:
-            raise ValueError(f"mix_every must be >= 1, not {mix_every}")
-        if pool_max_age < 1:
-            raise ValueError(f"pool_max_age must be >= 1, not {pool_max_age}")
+        check_setting("fedmoe_da.interval", interval)
+        check_setting("fedmoe_da.mix_every", mix_every)
+        check_setting("fedmoe_da.pool_max_age", pool_max_age)
         self.init_rounds(
             FedMoEDARoundRecord, seed, fraction_train, min_replies, max_abs_value, on_round_end
         )

@@ -59,7 +59,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from fedspecialists.config import AdapterRunConfig, num_clusters
+from fedspecialists.config import AdapterRunConfig, ConfigError, check_setting, num_clusters
 from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
@@ -77,8 +77,6 @@ from strategies.common import (
 )
 from strategies.robust import RobustAggregation
 from strategies.round_record import RoundRecord
-
-FEATURE_SOURCES = ("cumulative", "update", "weights", "cumulative+update")
 
 Adapter = Mapping[str, np.ndarray]
 
@@ -109,7 +107,7 @@ def select_feature_keys(
     elif which == "head":
         selected = [k for k, head in zip(keys, is_head, strict=True) if head]
     else:
-        raise ValueError(f"feature_tensors must be all, lora or head, not {which!r}")
+        check_setting("fltac.feature_tensors", which)
     if not selected:
         raise ValueError(f"no adapter tensors match feature_tensors={which!r}")
     return sorted(selected)
@@ -692,19 +690,16 @@ def check_settings(
     clustering: str,
     source_check_llr: float | None,
 ) -> None:
-    """Refuse settings the strategy cannot run with (``ValueError`` naming the argument)."""
-    if num_clusters != "auto" and (
-        not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
-    ):
-        raise ValueError(f"num_clusters must be an int >= 1 or 'auto', not {num_clusters!r}")
-    if feature_source not in FEATURE_SOURCES:
-        raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, not {feature_source!r}")
-    if weighting not in ("uniform", "samples"):
-        raise ValueError(f"weighting must be 'uniform' or 'samples', not {weighting!r}")
-    if clustering not in ("kmeans", "constrained_kmeans"):
-        raise ValueError(f"clustering must be kmeans or constrained_kmeans, not {clustering!r}")
-    if source_check_llr is not None and not source_check_llr > 0:
-        raise ValueError(f"source_check_llr must be > 0 or None, not {source_check_llr}")
+    """Refuse settings the strategy cannot run with (``ConfigError``, a ``ValueError``, naming
+    the setting): the config's own ranges (:func:`fedspecialists.config.check_setting`)."""
+    if num_clusters is None:  # the config's null is resolved to the number of tasks before
+        raise ConfigError("num_clusters: pass the number of tasks or 'auto', not None")
+    check_setting("fltac.num_clusters", num_clusters)
+    check_setting("fltac.feature_source", feature_source)
+    check_setting("fltac.weighting", weighting)
+    check_setting("fltac.clustering", clustering)
+    if source_check_llr is not None:  # None: no source check
+        check_setting("fltac.source_check_llr", source_check_llr)
 
 
 def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:

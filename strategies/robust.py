@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedspecialists.config import ROBUST_RULES as RULES
+from fedspecialists.config import check_setting
 from strategies.common import weighted_mean
 
 State = Mapping[str, np.ndarray]
@@ -91,12 +91,8 @@ class RobustAggregation:
     clip_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"robust aggregation rule must be one of {RULES}, not {self.rule!r}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), not {self.trim_fraction}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"clip_norm must be > 0, not {self.clip_norm}")
+        for key in ("rule", "trim_fraction", "clip_norm"):
+            check_setting(f"robust.{key}", getattr(self, key))
 
     def __call__(
         self,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -348,3 +351,57 @@ def _at(cfg: object, path: str) -> object:
 @pytest.mark.parametrize(("overrides", "path", "value"), ACCEPTED)
 def test_boundary_values_are_accepted(overrides: str, path: str, value: object) -> None:
     assert _at(load_config(overrides), path) == value
+
+
+def _moe_strategy(**kwargs: Any) -> object:
+    from strategies.fedmoe_da import DomainAwareMoEAggregation
+
+    return DomainAwareMoEAggregation({}, [], 4, **kwargs)
+
+
+def _fltac_strategy(**kwargs: Any) -> object:
+    from strategies.fltac import TaskAdapterClustering
+
+    return TaskAdapterClustering({"w": np.zeros(2)}, **kwargs)
+
+
+def _robust(**kwargs: Any) -> object:
+    from strategies.robust import RobustAggregation
+
+    return RobustAggregation(**kwargs)
+
+
+# (config override, the same value given to a constructor): both refuse it the same way, because
+# both check it with the one rule of its key (check_setting).
+ONE_RULE = [
+    ("method=fedmoe_da fedmoe_da.num_peers=-1", _moe_strategy, {"num_peers": -1}),
+    ("method=fedmoe_da fedmoe_da.tau=0", _moe_strategy, {"tau": 0.0}),
+    ("method=fedmoe_da fedmoe_da.self_weight=1.5", _moe_strategy, {"self_weight": 1.5}),
+    ("method=fedmoe_da fedmoe_da.interval=0", _moe_strategy, {"interval": 0}),
+    ("method=fedmoe_da fedmoe_da.mix_every=0", _moe_strategy, {"mix_every": 0}),
+    ("method=fedmoe_da fedmoe_da.pool_max_age=0", _moe_strategy, {"pool_max_age": 0}),
+    ("federation.fraction_train=1.5", _fltac_strategy, {"fraction_train": 1.5}),
+    ("federation.min_replies=0", _fltac_strategy, {"min_replies": 0}),
+    ("fltac.num_clusters=0", _fltac_strategy, {"num_clusters": 0}),
+    ("fltac.weighting=median", _fltac_strategy, {"weighting": "median"}),
+    ("fltac.clustering=dbscan", _fltac_strategy, {"clustering": "dbscan"}),
+    ("fltac.feature_source=gradients", _fltac_strategy, {"feature_source": "gradients"}),
+    ("fltac.source_check_llr=0", _fltac_strategy, {"source_check_llr": 0.0}),
+    ("robust.rule=max", _robust, {"rule": "max"}),
+    ("robust.trim_fraction=0.5", _robust, {"trim_fraction": 0.5}),
+    ("robust.clip_norm=0", _robust, {"clip_norm": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("override", "build", "kwargs"), ONE_RULE)
+def test_the_config_and_the_constructor_refuse_a_value_with_the_same_rule(
+    override: str, build: Callable[..., object], kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigError) as from_config:
+        load_config(override)
+    with pytest.raises(ConfigError) as from_constructor:
+        build(**kwargs)
+    message = str(from_constructor.value)
+    assert message.startswith(f"config key '{override.split()[-1].split('=')[0]}': ")
+    # The same rule text; the value as each side holds it (the config's 0 may be the caller's 0.0).
+    assert str(from_config.value).rsplit(", not ", 1)[0] == message.rsplit(", not ", 1)[0]
