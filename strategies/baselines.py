@@ -31,6 +31,19 @@ from strategies.fltac import PoolEntry, TaskAdapterClustering, round_kwargs
 
 GLOBAL_ID = "global"
 
+# FL-TAC's own task evidence, which a baseline that does not cluster never asks for: no input
+# fingerprints, no source check on the clients, no split by label count.
+NO_TASK_EVIDENCE: dict[str, Any] = {
+    "input_fingerprint": False,
+    "source_check_llr": None,
+    "split_by_label_count": False,
+}
+
+
+def without_task_evidence(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with :data:`NO_TASK_EVIDENCE` wherever the caller did not say otherwise."""
+    return {**NO_TASK_EVIDENCE, **kwargs}
+
 
 class FedIT(TaskAdapterClustering):
     """FedAvg over one shared adapter: every upload joins the single group ``global``."""
@@ -40,7 +53,7 @@ class FedIT(TaskAdapterClustering):
 
     def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
         kwargs.setdefault("weighting", "samples")  # FedAvg weights by local example counts
-        super().__init__(initial_adapter, num_clusters=1, **kwargs)
+        super().__init__(initial_adapter, num_clusters=1, **without_task_evidence(kwargs))
 
     @classmethod
     def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
@@ -57,14 +70,15 @@ class OracleClustering(TaskAdapterClustering):
 
     method = "oracle"
 
+    def __init__(
+        self, initial_adapter: Mapping[str, np.ndarray], num_clusters: int | str, **kwargs: Any
+    ) -> None:
+        super().__init__(initial_adapter, num_clusters, **without_task_evidence(kwargs))
+
     @classmethod
     def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
-        # Groups come from the truth: FL-TAC's task evidence (fingerprints, source check,
-        # label-count split) is not asked for.
-        kwargs = super().config_kwargs(cfg)
-        for key in ("input_fingerprint", "source_check_llr", "split_by_label_count"):
-            del kwargs[key]
-        return kwargs
+        # Groups come from the truth: FL-TAC's task evidence is not asked for.
+        return {**super().config_kwargs(cfg), **NO_TASK_EVIDENCE}
 
     def assign_groups(
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
@@ -85,7 +99,8 @@ class LocalOnly(TaskAdapterClustering):
 
     def __init__(self, initial_adapter: Mapping[str, np.ndarray], **kwargs: Any) -> None:
         kwargs["keep_local"] = True
-        super().__init__(initial_adapter, **kwargs)
+        kwargs.setdefault("num_clusters", 1)  # never clusters
+        super().__init__(initial_adapter, **without_task_evidence(kwargs))
 
     @classmethod
     def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:

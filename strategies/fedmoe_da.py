@@ -589,7 +589,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         tau: float = 1.0,
         interval: int = 1,
         self_weight: float = 0.0,
-        mix_every: int = 1,
+        mix_every: int = 3,
         mix_within_client: bool = True,
         peer_root: str | None = None,
         grant_ttl_s: float = 900.0,
@@ -645,25 +645,33 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         return cls(
             initial_shared,
             shared_parts,
-            num_experts=cfg.moe.num_experts,
-            num_peers=cfg.fedmoe_da.num_peers,
-            tau=cfg.fedmoe_da.tau,
-            interval=cfg.fedmoe_da.interval,
-            self_weight=cfg.fedmoe_da.self_weight,
-            mix_every=cfg.fedmoe_da.mix_every,
-            mix_within_client=cfg.fedmoe_da.mix_within_client,
             peer_root=peer_root,
-            grant_ttl_s=cfg.peer.grant_ttl_s,
-            pool_max_age=cfg.fedmoe_da.pool_max_age,
-            seed=cfg.seed,
-            fraction_train=cfg.federation.fraction_train,
-            min_replies=cfg.federation.min_replies,
-            max_abs_value=cfg.validation.max_abs_value,
-            robust=RobustAggregation(
+            on_round_end=on_round_end,
+            **cls.config_kwargs(cfg),
+        )
+
+    @classmethod
+    def config_kwargs(cls, cfg: MoERunConfig) -> dict[str, Any]:
+        """The constructor's keyword arguments this method takes from ``cfg``."""
+        fm = cfg.fedmoe_da
+        return {
+            "num_experts": cfg.moe.num_experts,
+            "num_peers": fm.num_peers,
+            "tau": fm.tau,
+            "interval": fm.interval,
+            "self_weight": fm.self_weight,
+            "mix_every": fm.mix_every,
+            "mix_within_client": fm.mix_within_client,
+            "grant_ttl_s": cfg.peer.grant_ttl_s,
+            "pool_max_age": fm.pool_max_age,
+            "seed": cfg.seed,
+            "fraction_train": cfg.federation.fraction_train,
+            "min_replies": cfg.federation.min_replies,
+            "max_abs_value": cfg.validation.max_abs_value,
+            "robust": RobustAggregation(
                 cfg.robust.rule, cfg.robust.trim_fraction, cfg.robust.clip_norm
             ),
-            on_round_end=on_round_end,
-        )
+        }
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -362,13 +362,16 @@ def _moe_strategy(**kwargs: Any) -> object:
 def _fltac_strategy(**kwargs: Any) -> object:
     from strategies.fltac import TaskAdapterClustering
 
-    return TaskAdapterClustering({"w": np.zeros(2)}, **kwargs)
+    return TaskAdapterClustering({"w": np.zeros(2)}, kwargs.pop("num_clusters", 2), **kwargs)
 
 
 def _robust(**kwargs: Any) -> object:
     from strategies.robust import RobustAggregation
 
     return RobustAggregation(**kwargs)
+
+
+MOE_STRATEGY = "strategies.fedmoe_da:DomainAwareMoEAggregation"
 
 
 # (config override, the same value given to a constructor): both refuse it the same way, because
@@ -405,3 +408,31 @@ def test_the_config_and_the_constructor_refuse_a_value_with_the_same_rule(
     assert message.startswith(f"config key '{override.split()[-1].split('=')[0]}': ")
     # The same rule text; the value as each side holds it (the config's 0 may be the caller's 0.0).
     assert str(from_config.value).rsplit(", not ", 1)[0] == message.rsplit(", not ", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "strategy"),
+    [("", "strategies.fltac:TaskAdapterClustering"), ("method=fedmoe_da", MOE_STRATEGY)],
+)
+def test_a_strategy_built_without_a_config_has_the_defaults_of_conf(
+    overrides: str, strategy: str
+) -> None:
+    """conf/ is the one source of defaults: a constructor's keyword defaults repeat it, and
+    this test keeps them equal (a parameter without a default, e.g. K, has none to repeat)."""
+    import importlib
+    import inspect
+
+    module, name = strategy.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    from_conf = cls.config_kwargs(load_config(overrides))
+    defaults = {
+        key: p.default
+        for key, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty and key in from_conf and key != "robust"
+    }
+    assert len(defaults) >= 10
+    assert defaults == {key: from_conf[key] for key in defaults}
+    if "robust" in from_conf:  # the constructor's None is RobustAggregation()'s defaults
+        from strategies.robust import RobustAggregation
+
+        assert from_conf["robust"] == RobustAggregation()

@@ -14,7 +14,7 @@ from test_moe_strategy import GATES
 from test_moe_strategy import _reply as _moe_reply
 from test_moe_strategy import _round as _moe_round
 from test_moe_strategy import _strategy as _moe_strategy
-from test_strategy import V0, A, W, _adapter, _reply, _round
+from test_strategy import V0, A, W, _adapter, _reply, _round, paper_fltac
 
 from client_app.faults import HUGE, faulty_clients, poisoned
 from client_app.privacy import local_dp
@@ -22,7 +22,6 @@ from fedspecialists.config import load_config
 from fedspecialists.protocol.fedmoe_da import Instruction as FedMoEInstruction
 from fedspecialists.protocol.records import FAULT_RECORD, record_to_numpy, state_to_record
 from strategies.common import injected_faults
-from strategies.fltac import TaskAdapterClustering
 
 INVALID = ("nan", "inf", "shape", "huge_norm")
 
@@ -72,7 +71,7 @@ def test_an_invalid_update_is_rejected_with_its_reason_and_never_aggregated(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """FL-TAC: the cluster mean is that of the valid replies alone, to the last bit."""
-    strategy = TaskAdapterClustering(V0, num_clusters=1, seed=0)
+    strategy = paper_fltac(num_clusters=1, seed=0)
     bad = poisoned(_adapter(5, 0), V0, kind, 10.0)
 
     def replies(messages: dict[int, Message]) -> list[Message]:

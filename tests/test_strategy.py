@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,12 +17,18 @@ from fedspecialists.protocol.records import (
     record_to_numpy,
     state_to_record,
 )
-from strategies.baselines import FedIT, LocalOnly, OracleClustering
+from strategies.baselines import NO_TASK_EVIDENCE, FedIT, LocalOnly, OracleClustering
 from strategies.fltac import PoolEntry, TaskAdapterClustering, choose_sources
 
 A = "base_model.model.layer.lora_A.weight"
 W = "base_model.model.classifier.weight"
 V0 = {A: np.zeros((1, 2), np.float32), W: np.zeros((2, 2), np.float32)}
+
+
+def paper_fltac(**kwargs: Any) -> TaskAdapterClustering:
+    """FL-TAC as the paper has it (none of our task evidence: no fingerprints, no source
+    check, no split by label count), with ``kwargs`` on top, over the adapter V0."""
+    return TaskAdapterClustering(V0, **{**NO_TASK_EVIDENCE, **kwargs})
 
 
 def _adapter(x: float, y: float) -> dict[str, np.ndarray]:
@@ -62,7 +69,7 @@ def _round(strategy: TaskAdapterClustering, server_round: int, grid: FakeGrid, m
 
 
 def test_round_one_broadcasts_v0_to_every_node() -> None:
-    strategy = TaskAdapterClustering(V0, num_clusters=2)
+    strategy = paper_fltac(num_clusters=2)
     messages = _by_node(list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2]))))  # type: ignore[arg-type]
     assert sorted(messages) == [1, 2]
     for msg in messages.values():
@@ -74,7 +81,7 @@ def test_round_one_broadcasts_v0_to_every_node() -> None:
 def test_clusters_are_averaged_and_each_node_gets_exactly_its_adapters() -> None:
     # Prepare: node 1 holds tasks (x, y), node 2 holds (y, x).
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+    strategy = paper_fltac(num_clusters=2, seed=0)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
@@ -106,7 +113,7 @@ def test_clusters_are_averaged_and_each_node_gets_exactly_its_adapters() -> None
 def test_cluster_ids_stay_stable_across_rounds() -> None:
     # Each slot trains like a real client: what it received plus a step along its task.
     grid = FakeGrid([1, 2, 3])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0)
+    strategy = paper_fltac(num_clusters=2, seed=0)
     tasks = {1: ["x", "y"], 2: ["y", "x"], 3: ["x"]}
     step = {"x": _adapter(1, 0), "y": _adapter(0, 1)}
 
@@ -136,7 +143,7 @@ def test_cluster_ids_stay_stable_across_rounds() -> None:
 
 def test_a_node_whose_slots_share_a_cluster_receives_it_once() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, seed=0, clustering="kmeans")
+    strategy = paper_fltac(num_clusters=2, seed=0, clustering="kmeans")
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
@@ -166,7 +173,7 @@ def test_bad_replies_are_rejected_and_never_aggregated(
     bad: dict[str, np.ndarray], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     grid = FakeGrid([1, 2, 3])
-    strategy = TaskAdapterClustering(V0, num_clusters=1, seed=0)
+    strategy = paper_fltac(num_clusters=1, seed=0)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
@@ -187,7 +194,7 @@ def test_bad_replies_are_rejected_and_never_aggregated(
 
 def test_failed_client_does_not_stop_the_round(caplog: pytest.LogCaptureFixture) -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=1)
+    strategy = paper_fltac(num_clusters=1)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
@@ -204,7 +211,7 @@ def test_failed_client_does_not_stop_the_round(caplog: pytest.LogCaptureFixture)
 
 def test_too_few_replies_skip_aggregation() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=1, min_replies=2)
+    strategy = paper_fltac(num_clusters=1, min_replies=2)
     _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(4, 0)])])
     assert strategy.final_adapters() == {}
     assert strategy.record.aggregated is False
@@ -212,7 +219,7 @@ def test_too_few_replies_skip_aggregation() -> None:
 
 def test_malformed_metrics_are_rejected() -> None:
     grid = FakeGrid([1])
-    strategy = TaskAdapterClustering(V0, num_clusters=1)
+    strategy = paper_fltac(num_clusters=1)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         reply = _reply(messages[1], [_adapter(1, 0)])
@@ -226,7 +233,7 @@ def test_malformed_metrics_are_rejected() -> None:
 
 def test_update_norm_bound() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=1, max_update_norm=2.0)
+    strategy = paper_fltac(num_clusters=1, max_update_norm=2.0)
     # |update| of _adapter(1, 0) from v0 = sqrt(1 + 1) = 1.41 (accepted); of (3, 0) = 4.24.
     _round(
         strategy,
@@ -293,7 +300,7 @@ def test_local_only_sends_no_adapters_after_round_one() -> None:
 
 def test_traffic_ledger_counts_serialized_sizes() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters=1)
+    strategy = paper_fltac(num_clusters=1)
     messages = _by_node(list(strategy.configure_train(1, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
     replies = [_reply(messages[n], [_adapter(1, 0)]) for n in (1, 2)]
     strategy.aggregate_train(1, replies)
@@ -331,7 +338,7 @@ def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     grid = FakeGrid([1, 2, 3, 4])
-    strategy = TaskAdapterClustering(V0, num_clusters=1, input_fingerprint=True)
+    strategy = paper_fltac(num_clusters=1, input_fingerprint=True)
     fp = np.array([1.0, 2.0])
 
     def replies(messages: dict[int, Message]) -> list[Message]:
@@ -356,7 +363,7 @@ def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
 
 def test_auto_k_is_the_most_tasks_one_node_has_shown() -> None:
     grid = FakeGrid([1, 2])
-    strategy = TaskAdapterClustering(V0, num_clusters="auto", auto_k_range=(2, 8))
+    strategy = paper_fltac(num_clusters="auto", auto_k_range=(2, 8))
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         three = [_adapter(1, 0), _adapter(0, 1), _adapter(1, 1)]
@@ -544,7 +551,7 @@ def test_the_source_check_is_asked_for_and_its_choices_are_checked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     grid = FakeGrid([1, 2, 3])
-    strategy = TaskAdapterClustering(V0, num_clusters=2, source_check_llr=4.6)
+    strategy = paper_fltac(num_clusters=2, source_check_llr=4.6)
     both = [_adapter(1, 0), _adapter(0, 1)]
     _round(strategy, 1, grid, lambda m: [_reply(m[n], both) for n in (1, 2, 3)])
     plan = strategy.node_slots[1]
@@ -569,7 +576,7 @@ def test_a_sources_record_is_rejected_when_the_check_is_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     grid = FakeGrid([1])
-    strategy = TaskAdapterClustering(V0, num_clusters=1)
+    strategy = paper_fltac(num_clusters=1)
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         assert Instruction.from_record(messages[1].content).check_sources == 0.0
@@ -588,7 +595,7 @@ def test_the_grouping_does_not_depend_on_reply_order_or_node_ids() -> None:
                _adapter(0.7, 0.7), _adapter(0.9, 0.2)]  # fmt: skip
 
     def means(nodes: list[int], arrival: list[int]) -> list[list[float]]:
-        strategy = TaskAdapterClustering(V0, num_clusters=2, kmeans_n_init=1)
+        strategy = paper_fltac(num_clusters=2, kmeans_n_init=1)
         by_node = dict(zip(nodes, uploads, strict=True))
         _round(
             strategy,
@@ -607,7 +614,7 @@ def test_adapters_of_different_label_counts_never_share_a_cluster() -> None:
     adapters = {1: _adapter(1, 0), 2: _adapter(1, 0.01), 3: _adapter(0, 1), 4: _adapter(1, 0)}
 
     def run(split: bool) -> dict[int, list[str]]:
-        strategy = TaskAdapterClustering(V0, num_clusters=2, split_by_label_count=split)
+        strategy = paper_fltac(num_clusters=2, split_by_label_count=split)
         _round(
             strategy, 1, FakeGrid([1, 2, 3, 4]), lambda m: [_reply(m[n], [adapters[n]]) for n in m]
         )
@@ -622,7 +629,7 @@ def test_adapters_of_different_label_counts_never_share_a_cluster() -> None:
 def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
     # Prepare: one round done, so a slot's previous global is known.
     grid = FakeGrid([1])
-    strategy = TaskAdapterClustering(V0, num_clusters=1, feature_source="cumulative+update")
+    strategy = paper_fltac(num_clusters=1, feature_source="cumulative+update")
     _round(strategy, 1, grid, lambda m: [_reply(m[1], [_adapter(3, 0)])])
     (gid,) = strategy.final_adapters()  # the global is (3, 0) on W's diagonal
     pool = [PoolEntry(1, 0, _adapter(3, 4), 1, gid, None)]

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedspecialists.config import AdapterRunConfig
 from fedspecialists.methods import Method, register
+from strategies.baselines import NO_TASK_EVIDENCE
 from strategies.fltac import PoolEntry, TaskAdapterClustering, round_kwargs
 
 
@@ -26,7 +27,8 @@ class FedAvgAllAdapters(TaskAdapterClustering):
 
     @classmethod
     def config_kwargs(cls, cfg: AdapterRunConfig) -> dict[str, Any]:
-        return {**round_kwargs(cfg), "num_clusters": 1, "weighting": "samples"}
+        # One group whatever the evidence: FL-TAC's task evidence is not asked for.
+        return {**round_kwargs(cfg), **NO_TASK_EVIDENCE, "num_clusters": 1, "weighting": "samples"}
 
     def assign_groups(
         self, server_round: int, pool: Sequence[PoolEntry], features: np.ndarray
