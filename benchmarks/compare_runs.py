@@ -1,7 +1,8 @@
 """Compare two run folders round by round: are their metrics the same, and where do they part?
 
 Times and per-node entries are left out (node ids are drawn anew by every federation); every
-other value of ``metrics.jsonl`` is compared exactly, and the saved adapters (FL-TAC) or shared
+other value of ``metrics.jsonl`` is compared exactly (a key absent from one line and null in the
+other counts as equal), and the saved adapters (FL-TAC) or shared
 model (MoE methods) tensor by tensor.
 
 Usage::
@@ -30,7 +31,8 @@ def differences(a: Any, b: Any, path: str = "") -> tuple[int, list[str]]:
         for key in sorted(set(a) | set(b)):
             if SKIPPED.search(key) or key.isdigit():
                 continue
-            n, w = differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{path}.{key}")
+            # An absent key and a null count as one: typed round records leave out unset keys.
+            n, w = differences(a.get(key), b.get(key), f"{path}.{key}")
             compared, where = compared + n, where + w
         return compared, where
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
