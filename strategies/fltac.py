@@ -57,7 +57,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.metrics import adjusted_rand_score, pairwise_distances, silhouette_score
 
 from fedspecialists.config import AdapterRunConfig, ConfigError, check_setting, num_clusters
 from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
@@ -347,8 +347,13 @@ def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: in
     upper = min(k_max, m - 1)
     if upper < k_min:
         return max(1, min(k_min, m))
+    distances = pairwise_distances(features)  # (m, m), once for every K: silhouette's main cost
     scores = {
-        k: float(silhouette_score(features, kmeans_labels(features, k, seed, n_init)))
+        k: float(
+            silhouette_score(
+                distances, kmeans_labels(features, k, seed, n_init), metric="precomputed"
+            )
+        )
         for k in range(k_min, upper + 1)
     }
     return max(scores, key=lambda k: (scores[k], -k))

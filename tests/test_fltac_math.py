@@ -120,6 +120,17 @@ def test_choose_k_finds_three_blobs() -> None:
     assert choose_k(features, 2, 6, seed=0) == 3
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_choose_k_scores_each_k_by_its_silhouette_on_features(seed: int) -> None:
+    """The distances computed once give every K the silhouette score sklearn computes from the
+    features themselves: the K chosen is the same as scoring each K from scratch."""
+    from sklearn.metrics import silhouette_score
+
+    features = np.random.default_rng(seed).standard_normal((60, 5))
+    scores = {k: silhouette_score(features, kmeans_labels(features, k, seed)) for k in range(2, 7)}
+    assert choose_k(features, 2, 6, seed=seed) == max(scores, key=lambda k: (scores[k], -k))
+
+
 def test_match_cluster_ids_follows_majority_of_members() -> None:
     # Members 0,1,2 held g0 and g0,g1; members 3,4 held g1. New labels are swapped: 1 for the
     # g0 majority, 0 for the g1 majority.
