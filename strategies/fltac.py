@@ -333,17 +333,20 @@ def _injective_maps(k: int, r: int, limit: int = 50_000) -> np.ndarray | None:
     return np.asarray(list(itertools.permutations(range(k), r)), dtype=np.int64).reshape(count, r)
 
 
-SILHOUETTE_SAMPLE = 2000  # above this many adapters, auto K looks at a seeded sample
+SILHOUETTE_SAMPLE = 1000  # above this many adapters, auto K looks at a seeded sample
+SAMPLE_N_INIT = 3  # K-means restarts per K on that sample (the final clustering keeps n_init)
 
 
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
     """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score
-    of K-means (on a seeded sample of :data:`SILHOUETTE_SAMPLE` adapters when there are more:
-    both are O(M) per K at best, silhouette O(M^2))."""
+    of K-means. Above :data:`SILHOUETTE_SAMPLE` adapters it is read off a seeded sample of that
+    many, with at most :data:`SAMPLE_N_INIT` restarts per K: K-means restarts for every K were
+    what made this slow at thousands of adapters, and silhouette is O(M^2)."""
     m = features.shape[0]
     if m > SILHOUETTE_SAMPLE:  # K is read off a seeded sample; the caller clusters them all
         rows = np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False)
         features, m = features[np.sort(rows)], SILHOUETTE_SAMPLE
+        n_init = min(n_init, SAMPLE_N_INIT)
     upper = min(k_max, m - 1)
     if upper < k_min:
         return max(1, min(k_min, m))

@@ -120,6 +120,22 @@ def test_choose_k_finds_three_blobs() -> None:
     assert choose_k(features, 2, 6, seed=0) == 3
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_choose_k_on_a_sample_finds_the_clusters_of_thousands_of_adapters(k: int) -> None:
+    """Above SILHOUETTE_SAMPLE adapters, K is read off a sample with fewer restarts: on
+    well-separated clusters of unequal sizes it still finds their number."""
+    from strategies.fltac import SILHOUETTE_SAMPLE
+
+    rng = np.random.default_rng(k)
+    centres = 10.0 * rng.standard_normal((k, 16))
+    sizes = rng.integers(300, 900, size=k)
+    features = np.concatenate(
+        [c + rng.standard_normal((n, 16)) for c, n in zip(centres, sizes, strict=True)]
+    )
+    assert len(features) > SILHOUETTE_SAMPLE
+    assert choose_k(features, 2, 8, seed=0) == k
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_choose_k_scores_each_k_by_its_silhouette_on_features(seed: int) -> None:
     """The distances computed once give every K the silhouette score sklearn computes from the
