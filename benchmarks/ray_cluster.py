@@ -37,7 +37,7 @@ RUNS = {  # small versions of both methods (the e2e tests' sizes)
 def start_node(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``ray start ... --block`` in a new session: its whole tree is one process group."""
     return subprocess.Popen(
-        ["ray", "start", "--block", "--include-dashboard=false", *args],
+        ["ray", "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -75,7 +75,8 @@ def run(out: Path, cpus_per_node: int) -> dict[str, Any]:
     port = free_port()
     address = f"127.0.0.1:{port}"
     head = start_node(
-        ["--head", f"--port={port}", f"--num-cpus={cpus_per_node}"], out / "ray-head.log"
+        ["--head", "--include-dashboard=false", f"--port={port}", f"--num-cpus={cpus_per_node}"],
+        out / "ray-head.log",
     )
     nodes: list[subprocess.Popen[bytes]] = [head]
     result: dict[str, Any] = {"ray_address": address, "cpus_per_node": cpus_per_node}
