@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,6 +71,15 @@ def actors_per_node(address: str) -> dict[str, int]:
     return dict(Counter(str(a.node_id) for a in actors if "ClientAppActor" in (a.class_name or "")))
 
 
+def forget_cluster(address: str) -> None:
+    """Remove Ray's note of the cluster it last started (``ray stop`` does; a killed head does
+    not): a later ``ray.init()`` without an address, as in every Flower simulation, would try
+    to join the dead cluster and hang."""
+    note = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if note.exists() and note.read_text().strip().endswith(address.rsplit(":", 1)[1]):
+        note.unlink()
+
+
 def run(out: Path, cpus_per_node: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -108,6 +118,7 @@ def run(out: Path, cpus_per_node: int) -> dict[str, Any]:
     finally:
         # Each node's tree and every process group below it (Ray's workers start their own).
         stop_process_trees(nodes)
+        forget_cluster(address)
     (out / "ray_cluster.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
