@@ -64,11 +64,21 @@ def wait_for_nodes(address: str, count: int, timeout_s: float = 120) -> list[dic
 
 
 def actors_per_node(address: str) -> dict[str, int]:
-    """ClientApp actors (alive or dead) counted by the Ray node that ran them."""
-    from ray.util.state import list_actors
+    """ClientApp actors (alive or dead) counted by the Ray node that ran them, read from the
+    cluster's GCS (Ray's state API would need the dashboard, which a plain ``ray`` lacks)."""
+    import ray
+    from ray._private.state import actors
 
-    actors = list_actors(address=address, limit=10_000, detail=True, raise_on_missing_output=False)
-    return dict(Counter(str(a.node_id) for a in actors if "ClientAppActor" in (a.class_name or "")))
+    ray.init(address=address, logging_level=logging.ERROR)
+    try:
+        table = actors()
+    finally:
+        ray.shutdown()
+    return dict(
+        Counter(
+            a["Address"]["NodeID"] for a in table.values() if "ClientAppActor" in a["ActorClassName"]
+        )
+    )
 
 
 def forget_cluster(address: str) -> None:
