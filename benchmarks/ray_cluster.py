@@ -74,11 +74,8 @@ def actors_per_node(address: str) -> dict[str, int]:
         table = actors()
     finally:
         ray.shutdown()
-    return dict(
-        Counter(
-            a["Address"]["NodeID"] for a in table.values() if "ClientAppActor" in a["ActorClassName"]
-        )
-    )
+    nodes = [a["Address"]["NodeID"] for a in table.values() if "ClientApp" in a["ActorClassName"]]
+    return dict(Counter(nodes))
 
 
 def forget_cluster(address: str) -> None:
