@@ -100,6 +100,12 @@ def check_setting(key: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}': {rule}, not {value!r}")
 
 
+def check_section(section: str, values: object, keys: Sequence[str]) -> None:
+    """:func:`check_setting` for each of ``keys``, read as attributes of ``values``."""
+    for key in keys:
+        check_setting(f"{section}.{key}", getattr(values, key))
+
+
 @dataclass
 class TaskSpec:
     """One task of a suite: where its data comes from and how to read it.
@@ -622,8 +628,7 @@ def _check_model_and_training(cfg: ExperimentConfig) -> None:
 
 def _check_robustness(cfg: ExperimentConfig) -> None:
     robust, faults, dp = cfg.robust, cfg.faults, cfg.privacy
-    for key in ("rule", "trim_fraction", "clip_norm"):
-        check_setting(f"robust.{key}", getattr(robust, key))
+    check_section("robust", robust, ("rule", "trim_fraction", "clip_norm"))
     _check(faults.kind in FAULT_KINDS, "faults.kind", f"must be one of {FAULT_KINDS}")
     _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]")
     _check(faults.scale > 0, "faults.scale", "must be > 0")
@@ -666,8 +671,7 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
     _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     fltac = cfg.fltac
-    for key in ("num_clusters", *FLTAC_CHOICES, "source_check_llr"):
-        check_setting(f"fltac.{key}", getattr(fltac, key))
+    check_section("fltac", fltac, ("num_clusters", *FLTAC_CHOICES, "source_check_llr"))
     _check(fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
     _check(fltac.auto_k_max >= fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min")
     _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
@@ -688,8 +692,8 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     )
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
-    for key in ("num_peers", "tau", "interval", "self_weight", "mix_every", "pool_max_age"):
-        check_setting(f"fedmoe_da.{key}", getattr(fm, key))
+    mixing = ("num_peers", "tau", "interval", "self_weight", "mix_every", "pool_max_age")
+    check_section("fedmoe_da", fm, mixing)
     _check(fm.proxy in PROXIES, "fedmoe_da.proxy", f"must be one of {', '.join(PROXIES)}")
     _check(peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")
     _check(peer.timeout_s > 0, "peer.timeout_s", "must be > 0")

@@ -1302,13 +1302,11 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             return
         if clustered and self.reports_clustering:
             self.record.clustering_agreement = clustering_agreement(truth, index)  # type: ignore[arg-type]
+        self.record.group_tasks = {}
         for gid in sorted(set(groups)):
-            members = [str(t) for t, g in zip(truth, groups, strict=True) if g == gid]
-            self.majority_task[gid] = Counter(members).most_common(1)[0][0]
-        self.record.group_tasks = {
-            gid: dict(Counter(str(t) for t, g in zip(truth, groups, strict=True) if g == gid))
-            for gid in sorted(set(groups))
-        }
+            tasks = Counter(str(t) for t, g in zip(truth, groups, strict=True) if g == gid)
+            self.majority_task[gid] = tasks.most_common(1)[0][0]
+            self.record.group_tasks[gid] = dict(tasks)
 
     def final_adapters(self) -> dict[str, dict[str, np.ndarray]]:
         """The global adapters after training (id -> tensors); empty for local only."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedspecialists.config import check_setting
+from fedspecialists.config import check_section
 from strategies.common import weighted_mean
 
 State = Mapping[str, np.ndarray]
@@ -91,8 +91,7 @@ class RobustAggregation:
     clip_norm: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("rule", "trim_fraction", "clip_norm"):
-            check_setting(f"robust.{key}", getattr(self, key))
+        check_section("robust", self, ("rule", "trim_fraction", "clip_norm"))
 
     def __call__(
         self,
