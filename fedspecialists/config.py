@@ -134,6 +134,10 @@ class TaskSpec:
     # Keep only the examples of these classes (label ids in this order): cuts a smaller task out
     # of a larger source, e.g. tweets positive vs negative out of three-way tweet sentiment.
     keep_classes: list[str] | None = None
+    # Mixture-of-experts domains only: class i of the source becomes label label_map[i] (a
+    # permutation). Two domains on one source with different maps disagree on what the same
+    # input means (concept shift), which one shared model cannot fit for both.
+    label_map: list[int] | None = None
     image_column: str = "image"
     # (C, H, W) for the mixture-of-experts models: images are converted to C channels (1 grey,
     # 3 RGB) and resized to H x W. Needed where sites bring their own images, so every site feeds
@@ -560,6 +564,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_robustness(cfg)
     if isinstance(cfg, AdapterRunConfig):
         _check_adapter_sections(cfg)
+        for i, task in enumerate(cfg.suite.tasks):
+            _check(
+                task.label_map is None,
+                f"suite.tasks[{i}].label_map",
+                "only the mixture-of-experts methods read it (an adapter task has its own head)",
+            )
     if isinstance(cfg, MoERunConfig):
         _check_moe_sections(cfg)
 
@@ -598,6 +608,13 @@ def _check_task(task: TaskSpec, key: str) -> None:
     for limit in ("max_train_examples", "max_test_examples"):
         value = getattr(task, limit)
         _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
+    if task.label_map is not None:
+        label_map = [int(v) for v in task.label_map]
+        _check(
+            sorted(label_map) == list(range(len(label_map))) and len(label_map) >= 2,
+            f"{key}.label_map",
+            "must be a permutation of 0 .. C - 1 (C >= 2, the domain's classes)",
+        )
 
 
 def _check_model_and_training(cfg: ExperimentConfig) -> None:

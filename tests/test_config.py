@@ -38,6 +38,8 @@ from fedspecialists.config import (
         "method=fedmoe_da suite=offline_text",
         "method=fedmoe_da suite=cifar10",
         "+experiment=rank_sweep",
+        "+experiment=fedmoe_da_scarce",
+        "+experiment=fedmoe_da_conflict",
     ],
 )
 def test_shipped_configs_compose(overrides: str) -> None:
@@ -157,6 +159,9 @@ OUT_OF_RANGE = [
     ("+suite.tasks.0.image_shape=[3,28,0]", "suite.tasks[0].image_shape"),  # W < 1
     ("suite.tasks.0.max_train_examples=0", "suite.tasks[0].max_train_examples"),
     ("suite.tasks.0.max_test_examples=0", "suite.tasks[0].max_test_examples"),
+    (f"{MOE} +suite.tasks.0.label_map=[0,0]", "suite.tasks[0].label_map"),  # not a permutation
+    (f"{MOE} +suite.tasks.0.label_map=[1,2]", "suite.tasks[0].label_map"),  # not 0 .. C - 1
+    (f"{MOE} +suite.tasks.0.label_map=[0]", "suite.tasks[0].label_map"),  # C >= 2
     ("model.max_length=7", "model.max_length"),
     ("train.local_epochs=0", "train.local_epochs"),  # > 0: 0 is out
     ("train.momentum=1", "train.momentum"),  # [0, 1)
@@ -238,6 +243,7 @@ CROSS_FIELD_REFUSED = [
     (f"{MOE} suite=dolly", "suite.tasks"),  # causal LM tasks
     ("federation.num_clients=3 federation.min_replies=4", "federation.min_replies"),
     ("model.image_size=0", "model.image_size"),
+    ("+suite.tasks.0.label_map=[1,0]", "suite.tasks[0].label_map"),  # MoE domains only
 ]
 
 
@@ -260,6 +266,7 @@ ACCEPTED = [
         ["positive", "negative"],
     ),
     ("+suite.tasks.0.image_shape=[1,1,1]", "suite.tasks.0.image_shape", [1, 1, 1]),
+    (f"{MOE} +suite.tasks.0.label_map=[1,0]", "suite.tasks.0.label_map", [1, 0]),
     ("+suite.tasks.0.image_shape=[3,28,28]", "suite.tasks.0.image_shape", [3, 28, 28]),
     ("suite.tasks.0.max_train_examples=1", "suite.tasks.0.max_train_examples", 1),
     ("suite.tasks.0.max_test_examples=null", "suite.tasks.0.max_test_examples", None),

@@ -20,6 +20,7 @@ from fedspecialists.data.domains import (
     load_domains,
     mixture_counts,
     mixture_shares,
+    relabel,
     save_cached,
     site_domains,
 )
@@ -158,6 +159,34 @@ def test_conform_images_by_hand() -> None:
     assert conform_images(red, [1, 1, 1])[0, 0, 0, 0] == pytest.approx(0.299)  # ITU-R 601 luma
     # 2x2 -> 1x1 with an antialiased bilinear filter is the mean of the four pixels.
     assert conform_images(grey, [1, 1, 1])[0, 0, 0, 0] == pytest.approx(0.5)
+
+
+def test_relabel_renames_classes_by_hand() -> None:
+    x = np.zeros((4, 1), dtype=np.float32)
+    domain = DomainData("d", 3, x, np.array([0, 1, 2, 2]), x[:2], np.array([2, 0]))
+    assert relabel(domain, None) is domain
+    moved = relabel(domain, [2, 0, 1])  # class 0 -> 2, 1 -> 0, 2 -> 1
+    assert moved.y_train.tolist() == [2, 0, 1, 1]
+    assert moved.y_test.tolist() == [1, 2]
+    assert moved.x_train is x and moved.num_labels == 3
+    assert domain.y_train.tolist() == [0, 1, 2, 2]  # the original is untouched
+    with pytest.raises(ValueError, match="domain 'd': label_map"):
+        relabel(domain, [1, 0])  # two entries for three classes
+
+
+def test_the_conflict_suite_gives_one_image_two_labels(tmp_path: Path) -> None:
+    from fedspecialists.config import load_config
+    from fedspecialists.data.tasks import default_cache_dir
+
+    (tmp_path / "wheels").symlink_to(default_cache_dir() / "wheels")  # npz files go to tmp
+    cfg = load_config(f"+experiment=fedmoe_da_conflict data.cache_dir={tmp_path}")
+    cfg.suite.tasks = cfg.suite.tasks[:2]  # mnist and mnist_relabelled
+    for t in cfg.suite.tasks:
+        t.max_train_examples, t.max_test_examples = 50, 20
+    plain, renamed = load_domains(cfg)
+    assert np.array_equal(plain.x_train, renamed.x_train)  # the same images ...
+    assert np.array_equal(renamed.y_train, (plain.y_train + 5) % 10)  # ... other labels
+    assert not np.any(renamed.y_test == plain.y_test)
 
 
 def test_images_of_several_sizes_and_modes_are_conformed(tmp_path: Path) -> None:

@@ -303,6 +303,34 @@ def load_domain(spec: Any, seed: int, cache_dir: str | Path) -> DomainData:
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+def relabel(domain: DomainData, label_map: Sequence[int] | None) -> DomainData:
+    """``domain`` with class ``i`` renamed ``label_map[i]`` (concept shift); as is without a map.
+
+    Parameters
+    ----------
+    domain : DomainData
+        Labels ``y_train`` ``(N,)`` and ``y_test`` ``(M,)`` in ``0 .. num_labels - 1``.
+    label_map : Sequence[int] | None
+        ``(num_labels,)`` permutation of ``0 .. num_labels - 1``.
+
+    Raises
+    ------
+    ValueError
+        When the map's length is not the domain's number of classes (names the domain).
+    """
+    if label_map is None:
+        return domain
+    mapping = np.asarray([int(v) for v in label_map], dtype=np.int64)
+    if len(mapping) != domain.num_labels or sorted(mapping.tolist()) != list(range(len(mapping))):
+        raise ValueError(
+            f"domain '{domain.name}': label_map {list(label_map)} must be a permutation of its "
+            f"{domain.num_labels} classes 0 .. {domain.num_labels - 1}"
+        )
+    return dataclasses.replace(
+        domain, y_train=mapping[domain.y_train], y_test=mapping[domain.y_test]
+    )
+
+
 def load_cached(path: Path, name: str) -> DomainData:
     """The domain ``name`` as :func:`save_cached` wrote it to ``path``."""
     with np.load(path) as z:
@@ -446,7 +474,8 @@ def load_domains(cfg: Any) -> list[DomainData]:
         shapes = {d.x_train.shape[1:] for d in domains}
         if len(shapes) != 1:
             raise ValueError(f"domains of one suite need one input shape, got {sorted(shapes)}")
-        _DOMAIN_CACHE[key] = domains
+        tasks = cfg.suite.tasks
+        _DOMAIN_CACHE[key] = [relabel(d, t.label_map) for d, t in zip(domains, tasks, strict=True)]
     return _DOMAIN_CACHE[key]
 
 
@@ -517,7 +546,7 @@ def site_domains(cfg: Any, data_dir: str | Path) -> ClientDomains:
             domain = encode_text_domains([spec], cfg.seed, cfg.data.cache_dir, cfg.model)[0]
         else:
             raise ValueError(f"domain '{spec.name}': a MoE suite has no '{spec.kind}' tasks")
-        held.append((index, domain))
+        held.append((index, relabel(domain, spec.label_map)))
     shapes = sorted({tuple(d.x_train.shape[1:]) for _, d in held})
     if len(shapes) != 1:
         raise ValueError(f"this site's domains have several input shapes {shapes}: set image_shape")
