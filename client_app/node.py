@@ -4,6 +4,7 @@ partition and its device (node config overrides the experiment config)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,30 @@ def run_config(context: Context, schema: type[Schema]) -> tuple[str, Schema]:
     import torch
 
     cfg = config_as(overrides, schema)
-    torch.set_num_threads(int(cfg.train.num_threads or os.cpu_count() or 1))
+    torch.set_num_threads(torch_threads(context.node_config, cfg.train.num_threads))
     return overrides, cfg
+
+
+def torch_threads(node_config: Mapping[str, object], run_threads: int) -> int:
+    """Torch threads for this node's work: the site's own ``num-threads`` (node config), else
+    the run's ``train.num_threads``, else every core (0 means that in both).
+
+    A site knows its cores; the run's setting is the same for every node. Sites sharing one
+    machine (the loopback federation) each take their share, instead of all taking every core.
+
+    Raises
+    ------
+    ValueError
+        When ``num-threads`` is not a whole number >= 0 (names the node config key).
+    """
+    raw = node_config.get("num-threads", 0)
+    try:
+        own = int(str(raw))
+    except ValueError:
+        own = -1
+    if own < 0:
+        raise ValueError(f"node config 'num-threads': must be a whole number >= 0, got {raw!r}")
+    return own or int(run_threads) or os.cpu_count() or 1
 
 
 def partition_of(context: Context, own_files: bool = False) -> tuple[int, int]:

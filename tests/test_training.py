@@ -66,3 +66,18 @@ def test_make_optimizer_follows_the_settings() -> None:
     sgd = make_optimizer(params, replace(BASE, optimizer="sgd", lr=0.1))
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.defaults["momentum"] == pytest.approx(0.9)
+
+
+def test_a_sites_own_num_threads_wins_over_the_runs() -> None:
+    import os
+
+    from client_app.node import torch_threads
+
+    assert torch_threads({"num-threads": 1}, 4) == 1  # the site's share of its machine
+    assert torch_threads({"num-threads": "3"}, 0) == 3  # node config values may be strings
+    assert torch_threads({}, 4) == 4  # no site setting: the run's train.num_threads
+    assert torch_threads({"num-threads": 0}, 2) == 2  # 0 = not set here
+    assert torch_threads({}, 0) == (os.cpu_count() or 1)  # 0 in both: every core
+    for bad in (-1, "two", 1.5):
+        with pytest.raises(ValueError, match="node config 'num-threads'"):
+            torch_threads({"num-threads": bad}, 0)

@@ -115,6 +115,8 @@ class LocalFederation:
             f'peer-store="{site.store}" peer-address="{site.host.address}:{site.peer_port}" '
             f'peer-root-certificates="{self.credentials / "ca.crt"}" {extra_config}'
         ).strip()
+        if "num-threads=" not in extra_config:  # the sites share this machine's cores
+            node_config += f" num-threads={max(1, (os.cpu_count() or 1) // num_sites)}"
         if site.warm is not None:  # its ClientApps forward to the warm site
             node_config += f' warm-site="{site.warm_socket}" warm-site-secret="{site.warm_secret}"'
 
