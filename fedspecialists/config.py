@@ -582,6 +582,11 @@ def _check_suite(suite: SuiteConfig) -> None:
         _check_task(task, f"suite.tasks[{i}]")
 
 
+def is_permutation(values: Sequence[int]) -> bool:
+    """Whether ``values`` holds each of ``0 .. len(values) - 1`` once (a ``label_map``)."""
+    return sorted(int(v) for v in values) == list(range(len(values)))
+
+
 def _check_task(task: TaskSpec, key: str) -> None:
     _check(task.kind in TASK_KINDS, f"{key}.kind", f"must be one of {TASK_KINDS}")
     _check(task.source in TASK_SOURCES, f"{key}.source", f"must be one of {TASK_SOURCES}")
@@ -609,9 +614,8 @@ def _check_task(task: TaskSpec, key: str) -> None:
         value = getattr(task, limit)
         _check(value is None or value >= 1, f"{key}.{limit}", "must be >= 1 or null")
     if task.label_map is not None:
-        label_map = [int(v) for v in task.label_map]
         _check(
-            sorted(label_map) == list(range(len(label_map))) and len(label_map) >= 2,
+            is_permutation(task.label_map) and len(task.label_map) >= 2,
             f"{key}.label_map",
             "must be a permutation of 0 .. C - 1 (C >= 2, the domain's classes)",
         )

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from fedspecialists.config import TaskSpec, as_task_spec
+from fedspecialists.config import TaskSpec, as_task_spec, is_permutation
 from fedspecialists.data.partitioning import split_counts
 
 FASHION_MNIST_DIR = Path(
@@ -321,7 +321,7 @@ def relabel(domain: DomainData, label_map: Sequence[int] | None) -> DomainData:
     if label_map is None:
         return domain
     mapping = np.asarray([int(v) for v in label_map], dtype=np.int64)
-    if len(mapping) != domain.num_labels or sorted(mapping.tolist()) != list(range(len(mapping))):
+    if len(mapping) != domain.num_labels or not is_permutation(mapping.tolist()):
         raise ValueError(
             f"domain '{domain.name}': label_map {list(label_map)} must be a permutation of its "
             f"{domain.num_labels} classes 0 .. {domain.num_labels - 1}"
