@@ -196,11 +196,25 @@ def random_projection(features: np.ndarray, dims: int, seed: int) -> np.ndarray:
 
 def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M."""
+    return fitted_kmeans(features, k, seed, n_init)[0]
+
+
+def fitted_kmeans(
+    features: np.ndarray, k: int, seed: int, n_init: int = 10, init: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """K-means on ``features`` ``(M, D)``: labels ``(M,)`` and centroids ``(k, D)``.
+
+    ``init`` ``(k, D)`` starts Lloyd's iterations there (one run) instead of from ``n_init``
+    k-means++ draws; ``k`` is capped at M."""
     k = max(1, min(k, features.shape[0]))
     if k == 1:
-        return np.zeros(features.shape[0], dtype=np.int64)
-    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    return model.fit_predict(features).astype(np.int64)
+        return np.zeros(features.shape[0], dtype=np.int64), features.mean(0, keepdims=True)
+    if init is not None:
+        model = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
+    else:
+        model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    labels = model.fit_predict(features).astype(np.int64)
+    return labels, np.asarray(model.cluster_centers_)
 
 
 def constrained_kmeans_labels(
@@ -339,27 +353,40 @@ SAMPLE_N_INIT = 3  # K-means restarts per K on that sample (the final clustering
 
 def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10) -> int:
     """Automatic K: the K in ``[k_min, k_max]`` (capped at M-1) with the best silhouette score
-    of K-means. Above :data:`SILHOUETTE_SAMPLE` adapters it is read off a seeded sample of that
-    many, with at most :data:`SAMPLE_N_INIT` restarts per K: K-means restarts for every K were
-    what made this slow at thousands of adapters, and silhouette is O(M^2)."""
+    of K-means (see :func:`auto_kmeans`, which also returns the clustering)."""
+    return auto_kmeans(features, k_min, k_max, seed, n_init)[0]
+
+
+def auto_kmeans(
+    features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10
+) -> tuple[int, np.ndarray]:
+    """Automatic K and the K-means labels ``(M,)`` it chose, for ``features`` ``(M, D)``.
+
+    Each K in ``[k_min, k_max]`` (capped at M-1) is scored by the silhouette of a K-means fit
+    with ``n_init`` restarts; the best K's fit is the clustering, not fitted again. Above
+    :data:`SILHOUETTE_SAMPLE` adapters the scan runs on a seeded sample of that many with at
+    most :data:`SAMPLE_N_INIT` restarts per K (restarts for every K, and silhouette's O(M^2),
+    made this slow at thousands), and all M adapters are then clustered by one K-means started
+    from the sample's centroids for the chosen K."""
     m = features.shape[0]
-    if m > SILHOUETTE_SAMPLE:  # K is read off a seeded sample; the caller clusters them all
+    sample, scan_init = features, n_init
+    if m > SILHOUETTE_SAMPLE:
         rows = np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False)
-        features, m = features[np.sort(rows)], SILHOUETTE_SAMPLE
-        n_init = min(n_init, SAMPLE_N_INIT)
-    upper = min(k_max, m - 1)
+        sample, scan_init = features[np.sort(rows)], min(n_init, SAMPLE_N_INIT)
+    upper = min(k_max, sample.shape[0] - 1)
     if upper < k_min:
-        return max(1, min(k_min, m))
-    distances = pairwise_distances(features)  # (m, m), once for every K: silhouette's main cost
+        k = max(1, min(k_min, m))
+        return k, kmeans_labels(features, k, seed, n_init)
+    distances = pairwise_distances(sample)  # (m, m), once for every K: silhouette's main cost
+    fits = {k: fitted_kmeans(sample, k, seed, scan_init) for k in range(k_min, upper + 1)}
     scores = {
-        k: float(
-            silhouette_score(
-                distances, kmeans_labels(features, k, seed, n_init), metric="precomputed"
-            )
-        )
-        for k in range(k_min, upper + 1)
+        k: float(silhouette_score(distances, labels, metric="precomputed"))
+        for k, (labels, _) in fits.items()
     }
-    return max(scores, key=lambda k: (scores[k], -k))
+    best = max(scores, key=lambda k: (scores[k], -k))
+    if sample is features:
+        return best, fits[best][0]
+    return best, fitted_kmeans(features, best, seed, init=fits[best][1])[0]
 
 
 def tasks_lower_bound(owners: Sequence[int]) -> int:
@@ -906,6 +933,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         owners = np.asarray([e.node_id for e in pool])
         split = self.label_count_split(pool)
         if split is None:
+            if self.num_clusters == "auto" and self.clustering != "constrained_kmeans":
+                low, high = self.auto_k_range  # the scan's best fit is the clustering
+                return auto_kmeans(features, low, high, seed, self.kmeans_n_init)[1].tolist()
             k = self.cluster_count(pool, features, seed)
             return self._kmeans(features, owners, k, seed).tolist()
         counts, per_group = split

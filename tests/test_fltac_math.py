@@ -8,6 +8,7 @@ from numpy.testing import assert_allclose
 
 from strategies.fltac import (
     adapter_features,
+    auto_kmeans,
     choose_k,
     choose_sources,
     clustering_agreement,
@@ -145,6 +146,33 @@ def test_choose_k_scores_each_k_by_its_silhouette_on_features(seed: int) -> None
     features = np.random.default_rng(seed).standard_normal((60, 5))
     scores = {k: silhouette_score(features, kmeans_labels(features, k, seed)) for k in range(2, 7)}
     assert choose_k(features, 2, 6, seed=seed) == max(scores, key=lambda k: (scores[k], -k))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_kmeans_below_the_sample_size_is_the_scan_then_kmeans(seed: int) -> None:
+    """Up to SILHOUETTE_SAMPLE adapters the scan's fit for the chosen K is the clustering: the
+    same labels as choosing K and fitting K-means again with the same seed."""
+    features = np.random.default_rng(seed).standard_normal((80, 4))
+    k, labels = auto_kmeans(features, 2, 6, seed=seed, n_init=10)
+    assert k == choose_k(features, 2, 6, seed=seed)
+    assert labels.tolist() == kmeans_labels(features, k, seed, n_init=10).tolist()
+
+
+def test_auto_kmeans_above_the_sample_size_clusters_every_adapter() -> None:
+    """Above SILHOUETTE_SAMPLE adapters every adapter is labelled (not only the sample) by
+    K-means started from the sample's centroids: on clear clusters, exactly the true ones."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from strategies.fltac import SILHOUETTE_SAMPLE
+
+    rng = np.random.default_rng(4)
+    centres = 10.0 * rng.standard_normal((4, 16))
+    truth = rng.integers(0, 4, size=2500)
+    features = centres[truth] + rng.standard_normal((2500, 16))
+    assert len(features) > SILHOUETTE_SAMPLE
+    k, labels = auto_kmeans(features, 2, 8, seed=0)
+    assert k == 4 and labels.shape == (2500,)
+    assert adjusted_rand_score(truth, labels) == 1.0
 
 
 def test_match_cluster_ids_follows_majority_of_members() -> None:
