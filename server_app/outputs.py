@@ -136,7 +136,9 @@ class RunRecorder:
         kept = {name: self._kept_lines(name) for name in self.FILES}
         self.rounds: list[dict[str, Any]] = kept["metrics.jsonl"]
         self.embeddings: list[dict[str, Any]] = kept["embeddings.jsonl"]
-        self.aggregations: list[dict[str, Any]] = kept["aggregation.jsonl"]
+        # Only the last round's A is plotted; each is hundreds of KB at thousands of experts.
+        aggregations = kept["aggregation.jsonl"]
+        self.last_aggregation: dict[str, Any] | None = aggregations[-1] if aggregations else None
         if resumed is None:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
         for name, lines in kept.items():
@@ -178,7 +180,7 @@ class RunRecorder:
         self.rounds.append(record)
         if aggregation is not None:
             entry = {"round": record["round"], **aggregation}
-            self.aggregations.append(entry)
+            self.last_aggregation = entry
             with (self.run_dir / "aggregation.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
         with (self.run_dir / "metrics.jsonl").open("a") as f:
@@ -402,8 +404,7 @@ class RunRecorder:
             ax.legend()
             ax.grid(alpha=0.3)
             written.append(_save(fig, out / "server_vs_peer_bytes.png"))
-        if self.aggregations:
-            last = self.aggregations[-1]
+        if (last := self.last_aggregation) is not None:
             matrix, ids = _plotted_matrix(last)
             fig, ax = plt.subplots(figsize=(6.4, 5.6))
             image = ax.imshow(matrix, cmap="viridis", vmin=0)

@@ -452,7 +452,8 @@ class RoundBookkeeping(Generic[R]):
             self.record.round_time_s = now - self._t_round
         if self.record.bytes is None:
             self.record.bytes = self.ledger.round_summary()
-        self.history.append(self.record)
         if self.on_round_end is not None:
             self.on_round_end(self.record.to_json())
+        self.record.drop_filed_apart()  # written to its own file; memory stays flat over rounds
+        self.history.append(self.record)
         return self.record

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 R = TypeVar("R", bound="RoundRecord")
 
@@ -71,6 +71,18 @@ class RoundRecord:
     wall_time_s: float | None = None
     bytes: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # Entries the run folder files apart (aggregation.jsonl, embeddings.jsonl): a round's copy
+    # grows with the clients heard from, so the history (memory, checkpoint) does not keep it.
+    FILED_APART: ClassVar[tuple[str, ...]] = ("aggregation", "embedding")
+
+    def drop_filed_apart(self) -> None:
+        """Forget :attr:`FILED_APART`'s entries once they are written (``None``: absent)."""
+        for f in fields(self):
+            if f.name in self.FILED_APART:
+                setattr(self, f.name, None)
+        for name in self.FILED_APART:
+            self.extra.pop(name, None)
 
     def to_json(self) -> dict[str, Any]:
         """The record as one line of ``metrics.jsonl`` (fields left at ``None`` are absent)."""

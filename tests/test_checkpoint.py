@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -203,3 +204,46 @@ def test_a_restored_fedmoe_da_strategy_plans_as_the_original_under_new_node_ids(
         assert a.grant_key == b.grant_key  # the same signing key: owners trust it already
     assert_array_equal(original.shared["backbone.w"], restored.shared["backbone.w"])
     assert original.matrix_ids == restored.matrix_ids == ["0/0", "0/1", "1/0", "1/1", "2/0", "2/1"]
+
+
+def test_what_a_round_files_apart_is_reported_once_and_not_kept_in_the_history() -> None:
+    """A round's A (FedMoE-DA) or embedding (FL-TAC, or a plugin's ``extra``) goes to its own
+    file through the report; the history in memory and the checkpoint keep the rest only."""
+    from strategies.common import RoundBookkeeping
+    from strategies.fedmoe_da import FedMoEDARoundRecord
+
+    class Rounds(RoundBookkeeping[FedMoEDARoundRecord]):
+        def method_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+            return {}, {}
+
+        def method_restore(self, arrays: Any, state: Any) -> None:
+            pass
+
+    reported: list[dict[str, Any]] = []
+    rounds = Rounds()
+    rounds.init_rounds(FedMoEDARoundRecord, 0, 1.0, 1, 1e4, reported.append)
+    for r in (1, 2):
+        rounds.open_round(r)
+        rounds.record.aggregation = {"expert_ids": ["0/0", "1/0"], "matrix": [[1.0, 0.0]] * 2}
+        rounds.record.extra["embedding"] = {"x": [0.0, 1.0]}
+        rounds.record.mean_accuracy = r / 10
+        rounds.close_round()
+    assert [x["aggregation"]["expert_ids"] for x in reported] == [["0/0", "1/0"]] * 2
+    assert all("embedding" in x for x in reported)
+    _, state = rounds.checkpoint()
+    for kept in state["rounds"]["history"]:
+        assert "aggregation" not in kept and "embedding" not in kept
+    assert [x["mean_accuracy"] for x in state["rounds"]["history"]] == [0.1, 0.2]
+
+
+def test_the_recorder_keeps_only_the_last_aggregation_and_files_every_one(tmp_path: Path) -> None:
+    cfg = load_config(f"output.root={tmp_path} output.name=run")
+    (tmp_path / "run").mkdir()
+    recorder = RunRecorder(tmp_path / "run", cfg)
+    for r in (1, 2, 3):
+        recorder.on_round_end({"round": r, "aggregation": {"expert_ids": [f"{r}/0"]}})
+    assert recorder.last_aggregation == {"round": 3, "expert_ids": ["3/0"]}
+    lines = (tmp_path / "run" / "aggregation.jsonl").read_text().splitlines()
+    assert [json.loads(x)["expert_ids"] for x in lines] == [["1/0"], ["2/0"], ["3/0"]]
+    again = RunRecorder(tmp_path / "run", cfg, _checkpoint(2))  # resumed after round 2
+    assert again.last_aggregation == {"round": 2, "expert_ids": ["2/0"]}
