@@ -74,6 +74,15 @@ def test_client_domains_tags_every_example_with_its_domain() -> None:
     assert np.bincount(d).tolist() == [10, 10] and len(x) == len(y) == 20
 
 
+def test_a_client_the_pools_ran_out_before_is_told_why() -> None:
+    """100 + 100 training examples for 12 clients of 30: the first clients take them, and the
+    last, left with none, fails with the setting to change (not with a NaN loss later)."""
+    domains = [_domain("a", 100, 5, 0.0), _domain("b", 100, 5, 1.0)]
+    assert len(client_domains(domains, 1, 12, 0.5, 0.5, 30, 20, seed=0).y_train) == 30
+    with pytest.raises(ValueError, match=r"partition 11 holds no training.*train_per_client=30"):
+        client_domains(domains, 11, 12, 0.5, 0.5, 30, 20, seed=0)
+
+
 def test_sklearn_digits_become_28x28_in_unit_range(tmp_path: Path) -> None:
     spec = {
         "name": "digits",

@@ -710,6 +710,13 @@ def client_domains(
         [d.y_test for d in domains], mixture, test_per_client, seed + 2, disjoint=False
     )[partition_id]
     held = sum(len(i) for i in train)
+    if held == 0:  # nothing to train on: say why, rather than reply with a loss of NaN
+        raise ValueError(
+            f"partition {partition_id} holds no training examples: the suite's (domain, label) "
+            f"pools ran out before it ({num_partitions} clients x partition.train_per_client="
+            f"{train_per_client}); lower partition.train_per_client, or give the suite's domains "
+            "more training examples (max_train_examples)"
+        )
     if held < train_per_client:
         log(
             WARNING,
