@@ -11,6 +11,7 @@ that runs the ServerApp (``flwr-simulation``) and of the largest ClientApp worke
 Usage::
 
     python benchmarks/scale.py --out runs/scale --sizes 10 100 1000 --methods fltac fedmoe_da
+    python benchmarks/scale.py --out runs/scale --table-only
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def run_size(link: Any, method: str, clients: int, out: Path) -> dict[str, Any]:
         "serverapp_mb": sampler.peak("flwr-simulation"),
         "clientapp_mb": sampler.peak("ClientAppActor"),
         "pool_clients": rounds[-1].get("pool", {}).get("clients") if rounds else None,
+        "replies_ok": [r.get("replies_ok") for r in rounds],
         "peaks": sampler.peaks,
     }
     (out / f"{name}.log").write_text(outcome.log)
@@ -94,14 +96,24 @@ def run_size(link: Any, method: str, clients: int, out: Path) -> dict[str, Any]:
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def checkpoint_mb(run: Path) -> float | None:
+    """The size of the server's state on disk after the last round (``checkpoint/``), MB."""
+    files = list((run / "checkpoint").glob("*"))
+    return sum(f.stat().st_size for f in files) / 1e6 if files else None
+
+
+def table(rows: list[dict[str, Any]], out: Path) -> str:
     lines = [
-        "| method | clients | per round | status | s per round (later rounds) | server "
-        "aggregation s (max) | ServerApp peak MB | one ClientApp peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | clients | per round | status | s per round (2 to n-1) | last round, "
+        "evaluating every client, s | server "
+        "aggregation s (max) | ServerApp peak MB | one ClientApp peak MB | server state "
+        "(checkpoint) MB | clients in the pool |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        later = [t for t in r["round_s"][1:] if t is not None] or r["round_s"]
+        state = checkpoint_mb(out / f"{r['method']}-{r['clients']}")
+        # Round 1 builds the models and the data; the last also evaluates every client.
+        later = [t for t in r["round_s"][1:-1] if t is not None]
         agg = [t for t in r["aggregate_s"] if t is not None]
         cells = [
             r["method"],
@@ -109,9 +121,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             str(r["per_round"]),
             r["status"],
             f"{statistics.mean(later):.1f}" if later else "n/a",
+            f"{r['round_s'][-1]:.1f}" if r["round_s"] and r["round_s"][-1] else "n/a",
             f"{max(agg):.2f}" if agg else "n/a",
             f"{r['serverapp_mb']:.0f}" if r["serverapp_mb"] else "n/a",
             f"{r['clientapp_mb']:.0f}" if r["clientapp_mb"] else "n/a",
+            f"{state:.1f}" if state is not None else "n/a",
+            str(r["pool_clients"]) if r["pool_clients"] is not None else "n/a",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -122,8 +137,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--methods", nargs="+", default=["fltac", "fedmoe_da"])
+    parser.add_argument("--table-only", action="store_true", help="the table of --out's runs")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.table_only:
+        print(table(json.loads((out / "scale.json").read_text()), out))
+        return
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with local_superlink(out / "flwr-home") as link:
@@ -131,7 +150,7 @@ def main() -> None:
             for clients in args.sizes:
                 rows.append(run_size(link, method, clients, out))
                 (out / "scale.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows)
+    text = table(rows, out)
     (out / "table.md").write_text(text + "\n")
     print(text)
 
