@@ -171,8 +171,17 @@ def log_failed_reply(reply: Message, phase: str) -> None:
         "%s reply from node %s failed and is skipped: %s",
         phase,
         reply.metadata.src_node_id,
-        reply.error.reason if reply.has_error() else "unknown",
+        failure_reason(reply),
     )
+
+
+FAILURE_REASON_CHARS = 500  # a ClientApp's traceback can be long: its head says what failed
+
+
+def failure_reason(reply: Message) -> str:
+    """What a failed reply says went wrong (Flower's error reason, cut short), for the record."""
+    reason = str(reply.error.reason) if reply.has_error() else "unknown"
+    return reason if len(reason) <= FAILURE_REASON_CHARS else reason[:FAILURE_REASON_CHARS] + "..."
 
 
 def injected_faults(replies: Iterable[Message]) -> dict[str, int]:
@@ -380,13 +389,14 @@ class RoundBookkeeping(Generic[R]):
         (arrival order must not change a float sum); a rejected one never reaches the caller.
         """
         accepted: list[tuple[int, T]] = []
-        failed = rejected = 0
+        rejected = 0
         reasons: list[str] = []
+        failures: list[str] = []
         received = self.ledger.count_replies(phase, replies)
         for reply in received:
             if reply.has_error():
                 log_failed_reply(reply, phase)
-                failed += 1
+                failures.append(failure_reason(reply))
                 continue
             node = reply.metadata.src_node_id
             reason, parsed = parse(node, reply.content)
@@ -398,12 +408,14 @@ class RoundBookkeeping(Generic[R]):
             accepted.append((node, parsed))
         accepted.sort(key=lambda item: self.client_of(item[0]))
         self.record.replies_ok = len(accepted)
-        self.record.replies_failed = failed
+        self.record.replies_failed = len(failures)
         self.record.replies_rejected = rejected
         if phase == "train":  # sampled nodes whose reply never came (timed out, or gone)
             self.record.replies_missing = max(0, self._sampled - len(received))
         if reasons:
             self.record.rejected_reasons = reasons
+        if failures:
+            self.record.failed_reasons = failures
         injected = injected_faults(received)
         if injected:
             self.record.faults_injected = injected

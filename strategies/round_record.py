@@ -32,6 +32,8 @@ class RoundRecord:
         Sampled nodes whose training reply never came (timed out, or gone).
     rejected_reasons : list[str] | None
         Why each refused reply was refused (logged as well).
+    failed_reasons : list[str] | None
+        What each failed reply's error said (its first 500 characters; logged as well).
     faults_injected : dict[str, int] | None
         Replies that said they carried an injected fault, by kind (``faults.*``).
     train_loss : float | None
@@ -60,6 +62,7 @@ class RoundRecord:
     replies_rejected: int | None = None
     replies_missing: int | None = None
     rejected_reasons: list[str] | None = None
+    failed_reasons: list[str] | None = None
     faults_injected: dict[str, int] | None = None
     train_loss: float | None = None
     aggregated: bool | None = None

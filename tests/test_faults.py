@@ -172,3 +172,26 @@ def test_a_client_that_stops_replying_leaves_the_pool_after_pool_max_age_rounds(
     sent = train(5, (1, 2, 3))
     assert all("3" not in planned_owners(sent[n]) for n in (1, 2))
     assert strategy.pool.proxies.keys() == {1, 2, 3}  # back with its reply
+
+
+def test_a_failed_reply_is_recorded_with_what_its_error_said() -> None:
+    """A ClientApp that raised: counted, its reason (cut to 500 characters) in the round's
+    record, and the round aggregated from the others."""
+    strategy = paper_fltac(num_clusters=1, seed=0)
+    long_reason = "ValueError('partition 3 holds no training examples') " + "x" * 600
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[1], [_adapter(1, 0)]),
+            _reply(messages[2], [_adapter(3, 0)]),
+            Message(Error(code=1, reason="RuntimeError('boom')"), reply_to=messages[3]),
+            Message(Error(code=1, reason=long_reason), reply_to=messages[4]),
+        ]
+
+    _round(strategy, 1, FakeGrid([1, 2, 3, 4]), replies)
+    assert strategy.record.replies_ok == 2 and strategy.record.replies_failed == 2
+    first, second = strategy.record.failed_reasons or []
+    assert first == "RuntimeError('boom')"
+    assert second == long_reason[:500] + "..."
+    (gid,) = strategy.final_adapters()
+    assert_array_equal(strategy.globals[gid][A], np.array([[2.0, 0.0]], np.float32))  # (1+3)/2
