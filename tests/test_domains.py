@@ -339,3 +339,27 @@ def test_a_random_encoder_gives_every_client_the_same_text_features(tmp_path: Pa
         domains = encode_text_domains(cfg.suite.tasks, 0, cache, cfg.model)
         features.append(np.concatenate([d.x_train for d in domains]))
     assert np.array_equal(features[0], features[1])
+
+
+def test_client_domains_deals_out_the_pools_once_per_process() -> None:
+    """Each client's share is the partition computed for all clients at once (the same indices
+    as dealing the pools out anew), and the deal is kept: a large federation's workers pay for
+    it once, not once per client."""
+    from fedspecialists.data import domains as module
+
+    domains = [_domain("a", 300, 5, 0.0), _domain("b", 300, 5, 1.0)]
+    module._PARTITIONS.clear()
+    mixture = mixture_shares(6, [5, 5], 0.5, 0.5, seed=3)
+    train = domain_mixture_partition([d.y_train for d in domains], mixture, 25, 4, disjoint=True)
+    test = domain_mixture_partition([d.y_test for d in domains], mixture, 10, 5, disjoint=False)
+    for n in range(6):
+        part = client_domains(domains, n, 6, 0.5, 0.5, 25, 10, seed=3)
+        for split, idx in (("train", train[n]), ("test", test[n])):
+            pools = [getattr(d, f"y_{split}") for d in domains]
+            labels = np.concatenate([y[i] for y, i in zip(pools, idx, strict=True)])
+            assert np.array_equal(getattr(part, f"y_{split}"), labels)
+    assert len(module._PARTITIONS) == 1  # six clients, one deal
+    b = domains[1]
+    renamed = DomainData("b", 5, b.x_train, (b.y_train + 1) % 5, b.x_test, b.y_test)
+    client_domains([domains[0], renamed], 0, 6, 0.5, 0.5, 25, 10, seed=3)
+    assert len(module._PARTITIONS) == 2  # other labels: dealt anew

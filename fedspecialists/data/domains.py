@@ -700,15 +700,9 @@ def client_domains(
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
-    mixture = mixture_shares(
-        num_partitions, [d.num_labels for d in domains], domain_alpha, label_alpha, seed
-    )
-    train = domain_mixture_partition(
-        [d.y_train for d in domains], mixture, train_per_client, seed + 1, disjoint=True
-    )[partition_id]
-    test = domain_mixture_partition(
-        [d.y_test for d in domains], mixture, test_per_client, seed + 2, disjoint=False
-    )[partition_id]
+    settings = (num_partitions, domain_alpha, label_alpha, train_per_client, test_per_client, seed)
+    train_parts, test_parts = _all_partitions(domains, *settings)
+    train, test = train_parts[partition_id], test_parts[partition_id]
     held = sum(len(i) for i in train)
     if held == 0:  # nothing to train on: say why, rather than reply with a loss of NaN
         raise ValueError(
@@ -726,6 +720,45 @@ def client_domains(
             train_per_client,
         )
     return ClientDomains(*_gather(domains, "train", train), *_gather(domains, "test", test))
+
+
+# Every client's indices, per process: dealing out the pools costs O(clients), so a process
+# serving many clients of a large federation (a simulation's workers) deals them out once.
+_PARTITIONS: dict[tuple[Any, ...], tuple[list[list[np.ndarray]], list[list[np.ndarray]]]] = {}
+_PARTITIONS_KEPT = 4
+
+
+def _all_partitions(
+    domains: Sequence[DomainData],
+    num_partitions: int,
+    domain_alpha: float,
+    label_alpha: float,
+    train_per_client: int,
+    test_per_client: int,
+    seed: int,
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Every client's (train, test) indices per domain (see :func:`client_domains`), cached on
+    the domains' names and labels and the settings."""
+    labels = hashlib.sha256()
+    for d in domains:
+        labels.update(d.name.encode() + np.ascontiguousarray(d.y_train).tobytes())
+        labels.update(np.ascontiguousarray(d.y_test).tobytes())
+    settings = (num_partitions, domain_alpha, label_alpha, train_per_client, test_per_client, seed)
+    key = (labels.hexdigest(), *settings)
+    if key not in _PARTITIONS:
+        mixture = mixture_shares(
+            num_partitions, [d.num_labels for d in domains], domain_alpha, label_alpha, seed
+        )
+        train = domain_mixture_partition(
+            [d.y_train for d in domains], mixture, train_per_client, seed + 1, disjoint=True
+        )
+        test = domain_mixture_partition(
+            [d.y_test for d in domains], mixture, test_per_client, seed + 2, disjoint=False
+        )
+        while len(_PARTITIONS) >= _PARTITIONS_KEPT:
+            _PARTITIONS.pop(next(iter(_PARTITIONS)))
+        _PARTITIONS[key] = (train, test)
+    return _PARTITIONS[key]
 
 
 def suite_partition(cfg: Any, partition_id: int, num_partitions: int) -> ClientDomains:
