@@ -288,6 +288,7 @@ class FederationConfig:
     reply_timeout_s: float = MISSING
     evaluate_every: int = MISSING
     fold_evaluation: bool = MISSING  # round r's evaluation inside round r + 1's training message
+    max_in_flight: int = MISSING  # messages awaiting a reply at once (0: all of a phase's)
 
 
 @dataclass
@@ -676,6 +677,7 @@ def _check_federation(cfg: ExperimentConfig) -> None:
     _check(fed.node_wait_s >= 0, "federation.node_wait_s", "must be >= 0")
     _check(fed.reply_timeout_s > 0, "federation.reply_timeout_s", "must be > 0")
     _check(fed.evaluate_every >= 1, "federation.evaluate_every", "must be >= 1")
+    _check(fed.max_in_flight >= 0, "federation.max_in_flight", "must be >= 0 (0: no limit)")
     _check(part.alpha > 0, "partition.alpha", "must be > 0")
     _check(0.0 <= part.min_share < 1.0, "partition.min_share", "must be in [0, 1)")
     _check(part.domain_alpha > 0, "partition.domain_alpha", "must be > 0")

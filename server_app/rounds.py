@@ -41,7 +41,9 @@ class RoundStrategy(Protocol):
 
     def open_round(self, server_round: int) -> None: ...
 
-    def identify_nodes(self, server_round: int, grid: Any, timeout: float) -> None: ...
+    def identify_nodes(
+        self, server_round: int, grid: Any, timeout: float, max_in_flight: int = 0
+    ) -> None: ...
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -107,8 +109,9 @@ def run_rounds(
     for server_round in range(first, cfg.num_rounds + 1):
         log(INFO, "[ROUND %s/%s]", server_round, cfg.num_rounds)
         strategy.open_round(server_round)
-        strategy.identify_nodes(server_round, grid, cfg.federation.reply_timeout_s)
-        train_round(strategy, grid, server_round, cfg.federation.reply_timeout_s)
+        timeout, window = cfg.federation.reply_timeout_s, cfg.federation.max_in_flight
+        strategy.identify_nodes(server_round, grid, timeout, window)
+        train_round(strategy, grid, server_round, timeout, window)
         if not evaluates(server_round, cfg.federation.evaluate_every, cfg.num_rounds):
             strategy.record.evaluated = False  # no message at all: the record says so
             strategy.close_round()
@@ -116,7 +119,7 @@ def run_rounds(
             strategy.defer_evaluation()  # the next round's training messages carry it
         else:
             evaluate = strategy.configure_evaluate(server_round, *EMPTY, grid)
-            replies = exchange(grid, evaluate, cfg.federation.reply_timeout_s)
+            replies = exchange(grid, evaluate, timeout, window)
             strategy.aggregate_evaluate(server_round, replies)
         recorder.save_checkpoint(server_round, *strategy.checkpoint())
 
@@ -124,18 +127,20 @@ def run_rounds(
 EMPTY = (ArrayRecord(), ConfigRecord())  # the strategies take no arrays or config from the loop
 
 
-def train_round(strategy: RoundStrategy, grid: Grid, server_round: int, timeout: float) -> None:
+def train_round(
+    strategy: RoundStrategy, grid: Grid, server_round: int, timeout: float, max_in_flight: int = 0
+) -> None:
     """The round's training; with a deferred evaluation, that one too, in the same messages
     (nodes not sampled for training get the evaluation message of their own)."""
     train = list(strategy.configure_train(server_round, *EMPTY, grid))
     deferred = strategy.deferred
     if deferred is None:
-        aggregate_timed(strategy, server_round, exchange(grid, train, timeout))
+        aggregate_timed(strategy, server_round, exchange(grid, train, timeout, max_in_flight))
         return
     evaluated = deferred.round
     others = ask_for_evaluation(strategy.ledger, train, evaluated)
     evaluate = list(strategy.configure_evaluate(evaluated, *EMPTY, others.bind(grid)))
-    replies = exchange(grid, train + evaluate, timeout)
+    replies = exchange(grid, train + evaluate, timeout, max_in_flight)
     evaluations = evaluation_replies(replies)
     strategy.close_deferred(lambda: strategy.aggregate_evaluate(evaluated, evaluations))
     trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]

@@ -29,21 +29,32 @@ T = TypeVar("T")
 REPLY_POLL_S = 0.2  # between two pulls of a phase's replies
 
 
-def exchange(grid: Any, messages: Iterable[Message], timeout: float) -> list[Message]:
+def exchange(
+    grid: Any, messages: Iterable[Message], timeout: float, max_in_flight: int = 0
+) -> list[Message]:
     """Send ``messages`` and collect their replies until all are in or ``timeout`` (seconds).
 
     What ``grid.send_and_receive`` does, but a deployment's grid sleeps 3 s between two pulls
     (Flower 1.42), a wait added to every phase of every round whatever the clients took; here
-    the replies are pulled every :data:`REPLY_POLL_S`.
+    the replies are pulled every :data:`REPLY_POLL_S`. With ``max_in_flight`` > 0, at most that
+    many messages await a reply at once, the next sent as each reply comes in
+    (``federation.max_in_flight``: Flower 1.42's simulation engine scans every waiting message
+    for every node ten times a second, so 1,000 messages at once cost it O(nodes x messages)).
     """
-    waiting = set(grid.push_messages(messages))
+    pending = list(messages)
+    window = max_in_flight if max_in_flight > 0 else max(1, len(pending))
     deadline = time.time() + timeout
+    waiting: set[str] = set()
     replies: list[Message] = []
-    while waiting:
+    while pending or waiting:
+        if pending and len(waiting) < window:
+            room = window - len(waiting)
+            waiting |= set(grid.push_messages(pending[:room]))
+            pending = pending[room:]
         pulled = list(grid.pull_messages(waiting))
         replies += pulled
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
-        if not waiting or time.time() >= deadline:
+        if not (pending or waiting) or time.time() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
     return replies
@@ -318,7 +329,9 @@ class RoundBookkeeping(Generic[R]):
         """The client id of ``node`` (its node id until it has said, or if it never does)."""
         return self.client_ids.get(node, node)
 
-    def identify_nodes(self, server_round: int, grid: Any, timeout: float) -> None:
+    def identify_nodes(
+        self, server_round: int, grid: Any, timeout: float, max_in_flight: int = 0
+    ) -> None:
         """Ask the nodes not met yet for their client id (one small query message each).
 
         A node that does not answer is asked again next round. One that claims a client id held
@@ -340,7 +353,7 @@ class RoundBookkeeping(Generic[R]):
         ]
         for reply in self.ledger.count_replies(
             "identify",
-            exchange(grid, self.ledger.count_messages("identify", query), timeout),
+            exchange(grid, self.ledger.count_messages("identify", query), timeout, max_in_flight),
         ):
             node = reply.metadata.src_node_id
             try:
