@@ -182,17 +182,20 @@ def log_failed_reply(reply: Message, phase: str) -> None:
         "%s reply from node %s failed and is skipped: %s",
         phase,
         reply.metadata.src_node_id,
-        failure_reason(reply),
+        failure_reason(reply, limit=None),
     )
 
 
-FAILURE_REASON_CHARS = 500  # a ClientApp's traceback can be long: its head says what failed
+FAILURE_REASON_CHARS = 500  # a ClientApp's traceback can be long: its end says what failed
 
 
-def failure_reason(reply: Message) -> str:
-    """What a failed reply says went wrong (Flower's error reason, cut short), for the record."""
+def failure_reason(reply: Message, limit: int | None = FAILURE_REASON_CHARS) -> str:
+    """What a failed reply says went wrong: Flower's error reason, for the record its last
+    ``limit`` characters (a traceback ends with the exception)."""
     reason = str(reply.error.reason) if reply.has_error() else "unknown"
-    return reason if len(reason) <= FAILURE_REASON_CHARS else reason[:FAILURE_REASON_CHARS] + "..."
+    if limit is None or len(reason) <= limit:
+        return reason
+    return "..." + reason[-limit:]
 
 
 def injected_faults(replies: Iterable[Message]) -> dict[str, int]:

@@ -33,7 +33,7 @@ class RoundRecord:
     rejected_reasons : list[str] | None
         Why each refused reply was refused (logged as well).
     failed_reasons : list[str] | None
-        What each failed reply's error said (its first 500 characters; logged as well).
+        What each failed reply's error said (its last 500 characters; logged in full).
     faults_injected : dict[str, int] | None
         Replies that said they carried an injected fault, by kind (``faults.*``).
     train_loss : float | None

@@ -175,10 +175,10 @@ def test_a_client_that_stops_replying_leaves_the_pool_after_pool_max_age_rounds(
 
 
 def test_a_failed_reply_is_recorded_with_what_its_error_said() -> None:
-    """A ClientApp that raised: counted, its reason (cut to 500 characters) in the round's
-    record, and the round aggregated from the others."""
+    """A ClientApp that raised: counted, its reason in the round's record (the last 500
+    characters: a traceback ends with the exception), and the round aggregated from the rest."""
     strategy = paper_fltac(num_clusters=1, seed=0)
-    long_reason = "ValueError('partition 3 holds no training examples') " + "x" * 600
+    long_reason = "Traceback ... " + "x" * 600 + " ValueError('partition 3 holds no examples')"
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
@@ -192,6 +192,6 @@ def test_a_failed_reply_is_recorded_with_what_its_error_said() -> None:
     assert strategy.record.replies_ok == 2 and strategy.record.replies_failed == 2
     first, second = strategy.record.failed_reasons or []
     assert first == "RuntimeError('boom')"
-    assert second == long_reason[:500] + "..."
+    assert second == "..." + long_reason[-500:] and second.endswith("holds no examples')")
     (gid,) = strategy.final_adapters()
     assert_array_equal(strategy.globals[gid][A], np.array([[2.0, 0.0]], np.float32))  # (1+3)/2
