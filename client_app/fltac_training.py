@@ -52,8 +52,14 @@ def encode(task: ClientTask, split: str, preprocessor: Any, max_length: int) -> 
     n = len(data)
     if task.kind == "text_classification":
         pairs = data["text_pair"] if "text_pair" in data.column_names else None
-        tok = preprocessor(
-            list(data["text"]), pairs, truncation=True, max_length=max_length, padding=False
+        # A task with no example in this split (a small share of its test data) is empty:
+        # tokenizers refuse an empty batch.
+        tok = (
+            preprocessor(
+                list(data["text"]), pairs, truncation=True, max_length=max_length, padding=False
+            )
+            if n
+            else {}
         )
         inputs = [{key: tok[key][i] for key in tok} for i in range(n)]
         labels = torch.tensor(list(data["label"]), dtype=torch.long)

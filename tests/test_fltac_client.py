@@ -120,3 +120,23 @@ def test_example_losses_are_each_examples_masked_cross_entropy() -> None:
     np.testing.assert_allclose(losses, expected, rtol=1e-4, atol=1e-5)
     _, _, summed = evaluate_adapter(model, "slot0", enc, batch_size=3)
     assert summed == pytest.approx(float(np.sum(expected)), rel=1e-4)
+
+
+def test_a_task_with_no_test_example_here_encodes_empty_and_scores_nothing() -> None:
+    """At 1,000 clients a client often holds a task's training examples and none of its test
+    examples; tokenizers refuse an empty batch, so the whole message failed (38 of 50)."""
+    import datasets
+
+    from client_app.fltac_training import encode
+    from fedspecialists.data.tasks import ClientTask
+
+    cfg = load_config_as(AdapterRunConfig, OVERRIDES)
+    rows = datasets.Dataset.from_dict({"text": ["a fine film", "dull"], "label": [1, 0]})
+    task = ClientTask(0, "t", "text_classification", 2, train=rows, test=rows.select([]))
+    prep = build_preprocessor(cfg.model, "text_classification")
+    empty = encode(task, "test", prep, cfg.model.max_length)
+    assert len(empty) == 0 and empty.labels.shape == (0,) and empty.num_labels.shape == (0,)
+    assert len(encode(task, "train", prep, cfg.model.max_length)) == 2
+    adapters = get_adapter_model(cfg, 2)
+    adapters.load("slot0", initial_adapter(cfg, 2))
+    assert evaluate_adapter(adapters, "slot0", empty, 8) == (0, 0, 0.0)
