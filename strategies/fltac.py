@@ -936,8 +936,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             if self.num_clusters == "auto" and self.clustering != "constrained_kmeans":
                 low, high = self.auto_k_range  # the scan's best fit is the clustering
                 return auto_kmeans(features, low, high, seed, self.kmeans_n_init)[1].tolist()
-            k = self.cluster_count(pool, features, seed)
-            return self._kmeans(features, owners, k, seed).tolist()
+            return self._kmeans(features, owners, self.cluster_count(pool), seed).tolist()
         counts, per_group = split
         labels = np.zeros(len(pool), dtype=np.int64)
         offset = 0
@@ -977,18 +976,15 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.record.clusters_per_label_count = {str(c): k for c, k in per_group.items()}
         return counts, per_group
 
-    def cluster_count(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> int:
-        """K this round: the configured int, or ``auto``.
-
-        ``auto`` with ``constrained_kmeans``: the most distinct tasks any node has shown so far
-        (:func:`tasks_lower_bound` over this pool and every earlier upload), clipped to
-        ``auto_k_range``; with plain ``kmeans`` (no cannot-links): the best silhouette score.
+    def cluster_count(self, pool: Sequence[PoolEntry]) -> int:
+        """K this round: the configured int, or ``auto`` with ``constrained_kmeans``: the most
+        distinct tasks any node has shown so far (:func:`tasks_lower_bound` over this pool and
+        every earlier upload), clipped to ``auto_k_range``. (``auto`` with plain ``kmeans`` is
+        the best silhouette score, chosen together with the clustering: :func:`auto_kmeans`.)
         """
         if self.num_clusters != "auto":
             return int(self.num_clusters)
         low, high = self.auto_k_range
-        if self.clustering != "constrained_kmeans":
-            return choose_k(features, low, high, seed=seed, n_init=self.kmeans_n_init)
         owners = [e.node_id for e in pool]
         seen = max([tasks_lower_bound(owners), *(len(s) for s in self.node_slots.values())])
         return int(min(max(seen, low), high))

@@ -701,7 +701,7 @@ def client_domains(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
     settings = (num_partitions, domain_alpha, label_alpha, train_per_client, test_per_client, seed)
-    train_parts, test_parts = _all_partitions(domains, *settings)
+    train_parts, test_parts = _all_partitions(domains, settings)
     train, test = train_parts[partition_id], test_parts[partition_id]
     held = sum(len(i) for i in train)
     if held == 0:  # nothing to train on: say why, rather than reply with a loss of NaN
@@ -729,21 +729,16 @@ _PARTITIONS_KEPT = 4
 
 
 def _all_partitions(
-    domains: Sequence[DomainData],
-    num_partitions: int,
-    domain_alpha: float,
-    label_alpha: float,
-    train_per_client: int,
-    test_per_client: int,
-    seed: int,
+    domains: Sequence[DomainData], settings: tuple[int, float, float, int, int, int]
 ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
-    """Every client's (train, test) indices per domain (see :func:`client_domains`), cached on
+    """Every client's (train, test) indices per domain for :func:`client_domains`'s
+    ``settings`` (clients, domain and label alpha, train and test per client, seed), cached on
     the domains' names and labels and the settings."""
+    num_partitions, domain_alpha, label_alpha, train_per_client, test_per_client, seed = settings
     labels = hashlib.sha256()
     for d in domains:
         labels.update(d.name.encode() + np.ascontiguousarray(d.y_train).tobytes())
         labels.update(np.ascontiguousarray(d.y_test).tobytes())
-    settings = (num_partitions, domain_alpha, label_alpha, train_per_client, test_per_client, seed)
     key = (labels.hexdigest(), *settings)
     if key not in _PARTITIONS:
         mixture = mixture_shares(
