@@ -119,7 +119,7 @@ def run_rounds(
             strategy.defer_evaluation()  # the next round's training messages carry it
         else:
             evaluate = strategy.configure_evaluate(server_round, *EMPTY, grid)
-            replies = exchange(grid, evaluate, timeout, window)
+            replies = exchange(grid, evaluate, timeout, window, strategy.ledger.uncount_unsent)
             strategy.aggregate_evaluate(server_round, replies)
         recorder.save_checkpoint(server_round, *strategy.checkpoint())
 
@@ -135,12 +135,15 @@ def train_round(
     train = list(strategy.configure_train(server_round, *EMPTY, grid))
     deferred = strategy.deferred
     if deferred is None:
-        aggregate_timed(strategy, server_round, exchange(grid, train, timeout, max_in_flight))
+        replies = exchange(grid, train, timeout, max_in_flight, strategy.ledger.uncount_unsent)
+        aggregate_timed(strategy, server_round, replies)
         return
     evaluated = deferred.round
     others = ask_for_evaluation(strategy.ledger, train, evaluated)
     evaluate = list(strategy.configure_evaluate(evaluated, *EMPTY, others.bind(grid)))
-    replies = exchange(grid, train + evaluate, timeout, max_in_flight)
+    replies = exchange(
+        grid, train + evaluate, timeout, max_in_flight, strategy.ledger.uncount_unsent
+    )
     evaluations = evaluation_replies(replies)
     strategy.close_deferred(lambda: strategy.aggregate_evaluate(evaluated, evaluations))
     trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]

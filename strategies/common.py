@@ -27,10 +27,21 @@ T = TypeVar("T")
 
 
 REPLY_POLL_S = 0.2  # between two pulls of a phase's replies
+# The ledger's phase of each message type the server sends (a folded evaluation's request
+# travels in a training message and is counted as training).
+LEDGER_PHASE = {
+    MessageType.TRAIN: "train",
+    MessageType.EVALUATE: "evaluate",
+    MessageType.QUERY: "identify",
+}
 
 
 def exchange(
-    grid: Any, messages: Iterable[Message], timeout: float, max_in_flight: int = 0
+    grid: Any,
+    messages: Iterable[Message],
+    timeout: float,
+    max_in_flight: int = 0,
+    on_unsent: Callable[[list[Message]], None] | None = None,
 ) -> list[Message]:
     """Send ``messages`` and collect their replies until all are in or ``timeout`` (seconds).
 
@@ -40,6 +51,8 @@ def exchange(
     many messages await a reply at once, the next sent as each reply comes in
     (``federation.max_in_flight``: Flower 1.42's simulation engine scans every waiting message
     for every node ten times a second, so 1,000 messages at once cost it O(nodes x messages)).
+    Messages still unsent when ``timeout`` runs out are never sent: they are logged and handed
+    to ``on_unsent`` (the ledger takes their bytes back out).
     """
     pending = list(messages)
     window = max_in_flight if max_in_flight > 0 else max(1, len(pending))
@@ -57,6 +70,17 @@ def exchange(
         if not (pending or waiting) or time.time() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
+    if pending:
+        log(
+            WARNING,
+            "%d of %d messages never sent: reply timeout (%.0f s) reached with at most %d awaited",
+            len(pending),
+            len(pending) + len(waiting) + len(replies),
+            timeout,
+            window,
+        )
+        if on_unsent is not None:
+            on_unsent(pending)
     return replies
 
 
@@ -104,6 +128,16 @@ class TrafficLedger:
         for message in out:
             self.count(phase, "down", message.metadata.dst_node_id, content_nbytes(message.content))
         return out
+
+    def uncount_unsent(self, messages: Iterable[Message]) -> None:
+        """Take back the bytes of messages counted when built but never sent (see
+        :func:`exchange`); each one's phase is its message type's."""
+        for message in messages:
+            phase = LEDGER_PHASE[message.metadata.message_type]
+            node = message.metadata.dst_node_id
+            self.count(phase, "down", node, -content_nbytes(message.content))
+            if not self.round_bytes[(phase, "down")][node]:
+                del self.round_bytes[(phase, "down")][node]  # not a row of this round's bytes
 
     def count_replies(self, phase: str, replies: Iterable[Message]) -> list[Message]:
         """Count replies that carry content (up) and return them as a list."""
@@ -356,7 +390,13 @@ class RoundBookkeeping(Generic[R]):
         ]
         for reply in self.ledger.count_replies(
             "identify",
-            exchange(grid, self.ledger.count_messages("identify", query), timeout, max_in_flight),
+            exchange(
+                grid,
+                self.ledger.count_messages("identify", query),
+                timeout,
+                max_in_flight,
+                self.ledger.uncount_unsent,
+            ),
         ):
             node = reply.metadata.src_node_id
             try:

@@ -8,7 +8,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 import strategies.common as common
-from strategies.common import exchange
+from fedspecialists.protocol.records import content_nbytes
+from strategies.common import TrafficLedger, exchange
 
 
 class WindowGrid:
@@ -81,3 +82,34 @@ def test_a_node_that_never_replies_holds_one_place_and_the_rest_go_on() -> None:
         "m6",
     ]
     assert grid.peak == 2
+
+
+def test_messages_left_when_the_time_runs_out_are_handed_back_and_uncounted() -> None:
+    # Nodes 1 and 2 never reply and fill a window of 2: nodes 3-5 are never sent.
+    grid = WindowGrid(silent={1, 2})
+    messages = [
+        Message(
+            RecordDict({"x": ConfigRecord({"pad": "a" * 100 * node})}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN if node % 2 else MessageType.EVALUATE,
+        )
+        for node in range(1, 6)
+    ]
+    ledger = TrafficLedger()
+    ledger.count_messages("train", messages[0::2])
+    ledger.count_messages("evaluate", messages[1::2])
+    unsent: list[Message] = []
+
+    def take_back(left: list[Message]) -> None:
+        unsent.extend(left)
+        ledger.uncount_unsent(left)
+
+    replies = exchange(grid, messages, timeout=0.2, max_in_flight=2, on_unsent=take_back)
+    assert replies == [] and sum(grid.pushes) == 2
+    assert [m.metadata.dst_node_id for m in unsent] == [3, 4, 5]
+    # What stays counted is what went out: node 1's training and node 2's evaluation message.
+    assert ledger.round_bytes[("train", "down")] == {1: content_nbytes(messages[0].content)}
+    assert ledger.round_bytes[("evaluate", "down")][2] == content_nbytes(messages[1].content)
+    assert ledger.total_bytes[("train", "down")] == content_nbytes(messages[0].content)
+    assert ledger.total_bytes[("evaluate", "down")] == content_nbytes(messages[1].content)
+    assert all(ledger.per_node_total[n]["down"] == 0 for n in (3, 4, 5))
