@@ -197,6 +197,7 @@ RULES = {
     "mean": "robust.rule=mean",
     "median": "robust.rule=median",
     "trimmed": "robust.rule=trimmed_mean robust.trim_fraction=0.2",
+    "drop_opposed": "robust.rule=mean robust.drop_opposed_updates=true",  # the mean, screened
 }
 
 

@@ -26,6 +26,7 @@ TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 PROXIES = ("gate", "gate_update", "routed_mean")  # what stands for an expert in FedMoE-DA's Eq. 8
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
+ROBUST_KEYS = ("rule", "trim_fraction", "clip_norm", "drop_opposed_updates")  # robust.*
 FAULT_KINDS = (  # client_app.faults
     "none",
     "crash",
@@ -72,6 +73,7 @@ SETTING_RULES: dict[str, Rule] = {
     "robust.rule": _one_of(ROBUST_RULES),
     "robust.trim_fraction": ((lambda v: 0.0 <= v < 0.5), "must be in [0, 0.5)"),
     "robust.clip_norm": ((lambda v: v is None or v > 0), "must be > 0 or null"),
+    "robust.drop_opposed_updates": ((lambda v: isinstance(v, bool)), "must be true or false"),
     "fltac.num_clusters": (
         _is_num_clusters,
         "must be null (= number of tasks), 'auto' or >= 1",
@@ -319,6 +321,7 @@ class RobustSettings:
     rule: str = MISSING
     trim_fraction: float = MISSING
     clip_norm: float | None = MISSING
+    drop_opposed_updates: bool = MISSING
 
 
 @dataclass
@@ -650,7 +653,7 @@ def _check_model_and_training(cfg: ExperimentConfig) -> None:
 
 def _check_robustness(cfg: ExperimentConfig) -> None:
     robust, faults, dp = cfg.robust, cfg.faults, cfg.privacy
-    check_section("robust", robust, ("rule", "trim_fraction", "clip_norm"))
+    check_section("robust", robust, ROBUST_KEYS)
     _check(faults.kind in FAULT_KINDS, "faults.kind", f"must be one of {FAULT_KINDS}")
     _check(0.0 <= faults.fraction <= 1.0, "faults.fraction", "must be in [0, 1]")
     _check(faults.scale > 0, "faults.scale", "must be > 0")

@@ -322,6 +322,7 @@ class RoundBookkeeping(Generic[R]):
         self.deferred = None
         self.client_ids = {}
         self._sampled = 0  # nodes sampled for this round's training
+        self._faulty_nodes: set[int] = set()  # replies of this round that carried a fault record
         self._t_start = self._t_round = time.time()
 
     def describe(self) -> dict[str, Any]:
@@ -475,7 +476,25 @@ class RoundBookkeeping(Generic[R]):
         injected = injected_faults(received)
         if injected:
             self.record.faults_injected = injected
+        self._faulty_nodes = {
+            r.metadata.src_node_id
+            for r in received
+            if not r.has_error() and FAULT_RECORD in r.content.config_records
+        }
         return accepted
+
+    def record_dropped(self, dropped: Sequence[tuple[int, str]]) -> None:
+        """Log and count updates left out of their aggregate (``robust.drop_opposed_updates``):
+        ``(node id, reason)`` each, the reason naming whose update, its group and its cosine.
+        How many came from replies that carried an injected fault is counted for the metrics
+        only (``dropped_injected``), like the fault counts."""
+        for _, reason in dropped:
+            log(WARNING, "update left out of aggregation: %s", reason)
+        self.record.updates_dropped = len(dropped)
+        if dropped:
+            self.record.dropped_reasons = [reason for _, reason in dropped]
+        if self._faulty_nodes:
+            self.record.dropped_injected = sum(node in self._faulty_nodes for node, _ in dropped)
 
     def too_few_replies(self, server_round: int, valid: int, usable: bool = True) -> bool:
         """Whether the round's aggregation is skipped (fewer than ``min_replies`` valid replies,

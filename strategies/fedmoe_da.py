@@ -668,9 +668,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "fraction_train": cfg.federation.fraction_train,
             "min_replies": cfg.federation.min_replies,
             "max_abs_value": cfg.validation.max_abs_value,
-            "robust": RobustAggregation(
-                cfg.robust.rule, cfg.robust.trim_fraction, cfg.robust.clip_norm
-            ),
+            "robust": RobustAggregation.from_settings(cfg.robust),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -808,8 +806,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         """FedAvg of the shared parts (weighted by examples); records loss and local accuracy."""
         examples = [float(m.num_examples) for _, _, m in accepted]
         if self.shared:  # every client started from the current aggregate (what clipping needs)
-            states = [shared for _, shared, _ in accepted]
-            self.shared = self.robust(states, examples, [self.shared] * len(states))
+            self.shared = self._robust_backbone(accepted, examples)
         train_loss = sum(
             m.train_loss * n for (_, _, m), n in zip(accepted, examples, strict=True)
         ) / sum(examples)
@@ -829,6 +826,29 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "std": float(np.std(after)) if after else None,
         }
         return train_loss
+
+    def _robust_backbone(
+        self, accepted: list[Accepted], examples: list[float]
+    ) -> dict[str, np.ndarray]:
+        """The backbone's aggregate (:attr:`robust`), opposed updates left out and recorded."""
+        states = [shared for _, shared, _ in accepted]
+        references = [self.shared] * len(states)
+        opposed = self.robust.opposed(states, references)
+        if self.robust.drop_opposed_updates:
+            self.record_dropped(
+                [
+                    (
+                        accepted[i][0],
+                        f"node {accepted[i][0]} (backbone): opposed to the median backbone "
+                        f"update, cosine {cosine:.3f}",
+                    )
+                    for i, cosine in sorted(opposed.items())
+                ]
+            )
+        kept = [i for i in range(len(states)) if i not in opposed]
+        return self.robust(
+            [states[i] for i in kept], [examples[i] for i in kept], [references[i] for i in kept]
+        )
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
         for node, _, meta in accepted:

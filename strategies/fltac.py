@@ -749,9 +749,7 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
         "min_replies": cfg.federation.min_replies,
         "max_abs_value": cfg.validation.max_abs_value,
         "max_update_norm": cfg.validation.max_update_norm,
-        "robust": RobustAggregation(
-            cfg.robust.rule, cfg.robust.trim_fraction, cfg.robust.clip_norm
-        ),
+        "robust": RobustAggregation.from_settings(cfg.robust),
     }
 
 
@@ -993,13 +991,36 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         return [float(e.num_examples) for e in pool] if self.weighting == "samples" else None
 
     def cluster_means(
-        self, pool: Sequence[PoolEntry], labels: Sequence[int]
+        self,
+        pool: Sequence[PoolEntry],
+        labels: Sequence[int],
+        names: Sequence[str] | None = None,
     ) -> dict[int, dict[str, np.ndarray]]:
-        """Each cluster's aggregate (:attr:`robust`: the mean unless configured); a clipped
-        update is measured against the global the adapter started from."""
+        """Each cluster's aggregate (:attr:`robust`: the mean unless configured); an update
+        (clipped, or screened for its direction) is measured against the global the adapter
+        started from. ``names`` (label -> global id): log and count the adapters left out."""
         references = [self.globals.get(e.previous_id, self.template) for e in pool]
+        arrays = [e.arrays for e in pool]
+        opposed = self.robust.opposed(arrays, references, labels)
+        if names is not None and self.robust.drop_opposed_updates:
+            self.record_dropped(
+                [
+                    (
+                        pool[i].node_id,
+                        f"node {pool[i].node_id} slot {pool[i].slot} (cluster {names[labels[i]]})"
+                        f": opposed to its cluster's median update, cosine {cosine:.3f}",
+                    )
+                    for i, cosine in sorted(opposed.items())
+                ]
+            )
+        kept = [i for i in range(len(pool)) if i not in opposed]
+        weights = self.group_weights(pool)
         return group_means(
-            [e.arrays for e in pool], labels, self.group_weights(pool), self.robust, references
+            [arrays[i] for i in kept],
+            [labels[i] for i in kept],
+            None if weights is None else [weights[i] for i in kept],
+            self.robust,
+            [references[i] for i in kept],
         )
 
     def describe(self) -> dict[str, Any]:
@@ -1287,7 +1308,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         labels = sorted(set(groups))
         index = [labels.index(gid) for gid in groups]
         if ids is not None:
-            means = self.cluster_means(pool, index)
+            means = self.cluster_means(pool, index, labels)
             for label, gid in enumerate(labels):
                 self.globals[gid] = means[label]
         new_slots: dict[int, dict[int, str]] = defaultdict(dict)

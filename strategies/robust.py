@@ -11,6 +11,10 @@ the aggregate is the plain (weighted) mean, bit for bit.
   clients' values (unweighted); robust to fewer than half the clients being arbitrary.
 * **Trimmed mean** (Yin et al., 2018): every coordinate drops the ``floor(beta * n)`` largest
   and smallest values, then averages the rest (unweighted).
+* **Dropping opposed updates** (``drop_opposed_updates``): before any of the above, an update
+  whose direction is against its group's consensus (negative cosine to the coordinate-wise
+  median update) is left out, so a reversed (sign-flipped) update never enters the aggregate
+  whatever the rule. A screen on direction only: a scaled update keeps its direction.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedspecialists.config import check_section
+from fedspecialists.config import ROBUST_KEYS, check_section
 from strategies.common import weighted_mean
 
 State = Mapping[str, np.ndarray]
@@ -72,6 +76,63 @@ def trimmed_mean(states: Sequence[State], fraction: float) -> dict[str, np.ndarr
     return out
 
 
+MIN_GROUP_TO_SCREEN = 3  # two updates that disagree give no majority direction
+
+
+def _flat_update(state: State, reference: State) -> np.ndarray:
+    """``state - reference`` over all tensors (sorted by name), flattened, float64."""
+    return np.concatenate(
+        [
+            (np.asarray(state[k], np.float64) - np.asarray(reference[k], np.float64)).ravel()
+            for k in sorted(state)
+        ]
+    )
+
+
+def median_cosines(states: Sequence[State], references: Sequence[State]) -> np.ndarray:
+    """Cosine of each update to the coordinate-wise median of the group's updates.
+
+    Parameters
+    ----------
+    states, references : Sequence[State]
+        ``n`` parameter sets and the parameters each started from.
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(n,)``; 0 where an update or the median update is all zeros (no direction).
+    """
+    updates = np.stack([_flat_update(s, r) for s, r in zip(states, references, strict=True)])
+    consensus = np.median(updates, axis=0)  # (D,)
+    norms = np.linalg.norm(updates, axis=1) * np.linalg.norm(consensus)  # (n,)
+    dots = updates @ consensus
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def opposed_updates(
+    states: Sequence[State], references: Sequence[State], labels: Sequence[int] | None = None
+) -> dict[int, float]:
+    """Members whose update points against their group's consensus: index -> its cosine.
+
+    Within each group (equal ``labels``; one group if None) of at least
+    :data:`MIN_GROUP_TO_SCREEN` members, a member is opposed when its update has a negative
+    cosine to the group's coordinate-wise median update (:func:`median_cosines`). They are
+    returned only while fewer than half of the group are opposed: otherwise there is no
+    majority direction to trust, and nothing of that group is returned.
+    """
+    groups = np.zeros(len(states), np.int64) if labels is None else np.asarray(labels)
+    opposed: dict[int, float] = {}
+    for label in sorted(set(groups.tolist())):
+        members = np.flatnonzero(groups == label).tolist()
+        if len(members) < MIN_GROUP_TO_SCREEN:
+            continue
+        cosines = median_cosines([states[m] for m in members], [references[m] for m in members])
+        against = {m: float(c) for m, c in zip(members, cosines, strict=True) if c < 0}
+        if 2 * len(against) < len(members):
+            opposed.update(against)
+    return opposed
+
+
 @dataclass(frozen=True)
 class RobustAggregation:
     """How one group of parameter sets is aggregated (``robust.*`` in the config).
@@ -84,14 +145,34 @@ class RobustAggregation:
         ``beta`` of the trimmed mean, in ``[0, 0.5)``.
     clip_norm : float | None
         Clip every update to this L2 norm first (``None``: no clipping).
+    drop_opposed_updates : bool
+        Leave out updates opposed to their group's median update (:func:`opposed_updates`);
+        the strategy asks :meth:`opposed` which, logs them and aggregates the rest.
     """
 
     rule: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float | None = None
+    drop_opposed_updates: bool = False
 
     def __post_init__(self) -> None:
-        check_section("robust", self, ("rule", "trim_fraction", "clip_norm"))
+        check_section("robust", self, ROBUST_KEYS)
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RobustAggregation:
+        """From a config's ``robust`` section (every key of :data:`ROBUST_KEYS`)."""
+        return cls(**{key: getattr(settings, key) for key in ROBUST_KEYS})
+
+    def opposed(
+        self,
+        states: Sequence[State],
+        references: Sequence[State],
+        labels: Sequence[int] | None = None,
+    ) -> dict[int, float]:
+        """:func:`opposed_updates` when ``drop_opposed_updates`` is on, else nothing."""
+        if not self.drop_opposed_updates:
+            return {}
+        return opposed_updates(states, references, labels)
 
     def __call__(
         self,

@@ -36,6 +36,14 @@ class RoundRecord:
         What each failed reply's error said (its last 500 characters; logged in full).
     faults_injected : dict[str, int] | None
         Replies that said they carried an injected fault, by kind (``faults.*``).
+    updates_dropped : int | None
+        Accepted updates left out of their aggregate as opposed to their group's median update
+        (``robust.drop_opposed_updates``; FL-TAC counts adapters, FedMoE-DA backbones).
+    dropped_reasons : list[str] | None
+        Whose update each was, its group and its cosine to the group's median (logged as well).
+    dropped_injected : int | None
+        Of those, how many came from replies that said they carried an injected fault
+        (``faults.*``; metrics only, set in rounds with such replies).
     train_loss : float | None
         Mean training loss over the accepted replies, weighted by examples.
     aggregated : bool | None
@@ -64,6 +72,9 @@ class RoundRecord:
     rejected_reasons: list[str] | None = None
     failed_reasons: list[str] | None = None
     faults_injected: dict[str, int] | None = None
+    updates_dropped: int | None = None
+    dropped_reasons: list[str] | None = None
+    dropped_injected: int | None = None
     train_loss: float | None = None
     aggregated: bool | None = None
     aggregate_s: float | None = None

@@ -177,6 +177,7 @@ OUT_OF_RANGE = [
     ("robust.trim_fraction=0.5", "robust.trim_fraction"),  # [0, 0.5)
     ("robust.trim_fraction=-0.1", "robust.trim_fraction"),
     ("robust.clip_norm=0", "robust.clip_norm"),
+    ("robust.drop_opposed_updates=maybe", "robust.drop_opposed_updates"),
     ("faults.kind=meteor", "faults.kind"),
     ("faults.fraction=-0.1", "faults.fraction"),  # [0, 1]
     ("faults.fraction=1.1", "faults.fraction"),
@@ -296,6 +297,7 @@ ACCEPTED = [
     ("robust.rule=trimmed_mean robust.trim_fraction=0", "robust.trim_fraction", 0.0),
     ("robust.trim_fraction=0.49", "robust.trim_fraction", 0.49),
     ("robust.clip_norm=null", "robust.clip_norm", None),
+    ("robust.drop_opposed_updates=true", "robust.drop_opposed_updates", True),
     ("faults.kind=crash faults.fraction=0", "faults.fraction", 0.0),
     ("faults.kind=crash faults.fraction=1", "faults.fraction", 1.0),
     ("faults.kind=other_task", "faults.kind", "other_task"),  # FL-TAC

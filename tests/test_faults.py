@@ -22,6 +22,7 @@ from fedspecialists.config import load_config
 from fedspecialists.protocol.fedmoe_da import Instruction as FedMoEInstruction
 from fedspecialists.protocol.records import FAULT_RECORD, record_to_numpy, state_to_record
 from strategies.common import injected_faults
+from strategies.robust import RobustAggregation
 
 INVALID = ("nan", "inf", "shape", "huge_norm")
 
@@ -195,3 +196,70 @@ def test_a_failed_reply_is_recorded_with_what_its_error_said() -> None:
     assert second == "..." + long_reason[-500:] and second.endswith("holds no examples')")
     (gid,) = strategy.final_adapters()
     assert_array_equal(strategy.globals[gid][A], np.array([[2.0, 0.0]], np.float32))  # (1+3)/2
+
+
+DROP_OPPOSED = RobustAggregation(drop_opposed_updates=True)
+
+
+def test_a_reversed_adapter_is_left_out_of_its_cluster_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FL-TAC, one cluster, updates against V0 = 0: (2, 1), (4, 1), (3, 2) and node 4's
+    reversed (-3, -1). Median update per coordinate (x: -3, 2, 3, 4 -> 2.5; y: -1, 1, 1, 2
+    -> 1) is (2.5, 1); only node 4's cosine is negative, so the cluster's mean is that of the
+    three others: A = ((2 + 4 + 3) / 3, (1 + 1 + 2) / 3) = (3, 4/3)."""
+    strategy = paper_fltac(num_clusters=1, seed=0, robust=DROP_OPPOSED)
+    values = {1: (2.0, 1.0), 2: (4.0, 1.0), 3: (3.0, 2.0), 4: (-3.0, -1.0)}
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        out = [_reply(messages[n], [_adapter(*values[n])]) for n in sorted(messages)]
+        out[3].content.config_records[FAULT_RECORD] = ConfigRecord({"kind": "sign_flip"})
+        return out
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, FakeGrid([1, 2, 3, 4]), replies)
+    (gid,) = strategy.final_adapters()
+    assert_allclose(strategy.globals[gid][A], np.array([[3.0, 4 / 3]], np.float32), rtol=1e-6)
+    assert strategy.record.replies_ok == 4  # accepted, then left out of the aggregate
+    assert strategy.record.updates_dropped == 1
+    assert strategy.record.dropped_injected == 1  # the one dropped was the attacker's
+    (reason,) = strategy.record.dropped_reasons or []
+    assert "node 4 slot 0" in reason and "cosine -" in reason
+    assert any(reason in r.getMessage() for r in caplog.records)
+    # Node 4's slot still follows its cluster: it is sent the cleaned global next round.
+    assert strategy.node_slots[strategy.client_of(4)] == [gid]
+
+
+def test_without_the_screen_the_reversed_adapter_is_averaged_in() -> None:
+    strategy = paper_fltac(num_clusters=1, seed=0)
+    values = {1: (2.0, 1.0), 2: (4.0, 1.0), 3: (3.0, 2.0), 4: (-3.0, -1.0)}
+    _round(
+        strategy,
+        1,
+        FakeGrid([1, 2, 3, 4]),
+        lambda messages: [_reply(messages[n], [_adapter(*values[n])]) for n in sorted(messages)],
+    )
+    (gid,) = strategy.final_adapters()
+    # (2 + 4 + 3 - 3) / 4 = 1.5, (1 + 1 + 2 - 1) / 4 = 0.75
+    assert_allclose(strategy.globals[gid][A], np.array([[1.5, 0.75]], np.float32))
+    assert strategy.record.updates_dropped is None and strategy.record.dropped_injected is None
+
+
+def test_a_reversed_backbone_is_left_out_of_fedavg() -> None:
+    """FedMoE-DA from a zero backbone: updates 1, 2, 3 (x 10 n examples) and node 4's -2.
+    Median -2, 1, 2, 3 -> 1.5 > 0: node 4 (cosine -1) is left out, and the backbone is the
+    FedAvg of the rest, (1 * 10 + 2 * 20 + 3 * 30) / 60 = 140 / 60."""
+    strategy = _moe_strategy(robust=DROP_OPPOSED)
+    strategy.shared = {"backbone.w": np.zeros((2, 2), np.float32)}
+    gates = {**GATES, 4: GATES[1]}
+    values = {1: 1.0, 2: 2.0, 3: 3.0, 4: -2.0}
+    _moe_round(
+        strategy,
+        1,
+        lambda n, m: _moe_reply(m, values[n], gates[n], examples=10 * n),
+        nodes=(1, 2, 3, 4),
+    )
+    assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), 140 / 60), rtol=1e-6)
+    assert strategy.record.updates_dropped == 1
+    (reason,) = strategy.record.dropped_reasons or []
+    assert reason.startswith("node 4 (backbone)") and "cosine -1.000" in reason

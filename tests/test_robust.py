@@ -14,6 +14,8 @@ from strategies.robust import (
     RobustAggregation,
     clip_update,
     coordinate_median,
+    median_cosines,
+    opposed_updates,
     trimmed_mean,
     update_norm,
 )
@@ -71,12 +73,51 @@ def test_clipping_then_median_tames_a_scaled_update() -> None:
         RobustAggregation(clip_norm=1.0)(honest)
 
 
+ZERO = _s(0.0, 0.0)
+# Updates (against ZERO): three honest ones and a reversed one.
+#   x: 1, 0, 1, -1 -> sorted -1, 0, 1, 1 -> median 0.5;  y: 0, 1, 1, -1 -> median 0.5
+# consensus (0.5, 0.5): cos (1, 0) = cos (0, 1) = 1/sqrt(2); cos (1, 1) = 1; cos (-1, -1) = -1
+FOUR = [_s(1.0, 0.0), _s(0.0, 1.0), _s(1.0, 1.0), _s(-1.0, -1.0)]
+
+
+def test_median_cosines_by_hand() -> None:
+    cosines = median_cosines(FOUR, [ZERO] * 4)
+    assert_allclose(cosines, [1 / math.sqrt(2), 1 / math.sqrt(2), 1.0, -1.0])
+    # An update of zero (a slot without examples) has no direction: cosine 0, never opposed.
+    assert median_cosines([*FOUR[:3], ZERO], [ZERO] * 4)[3] == 0.0
+    # Against references other than zero: the same updates, the same cosines.
+    ref = _s(5.0, -2.0)
+    shifted = [_s(5.0 + s["w"][0], -2.0 + s["w"][1]) for s in FOUR]
+    assert_allclose(median_cosines(shifted, [ref] * 4), cosines, rtol=1e-6)
+
+
+def test_opposed_updates_by_hand() -> None:
+    assert opposed_updates(FOUR, [ZERO] * 4) == pytest.approx({3: -1.0})
+    # Two members give no majority direction: a group below three is never screened.
+    assert opposed_updates(FOUR[2:], [ZERO] * 2) == {}
+    # Groups are screened apart: the reversed update is alone with (1, 1) in group 1.
+    assert opposed_updates(FOUR, [ZERO] * 4, labels=[0, 0, 1, 1]) == {}
+    # Three updates each against the coordinate-wise median (1, 1, 1): every cosine is
+    # (1 + 1 - 3) / (sqrt(11) sqrt(3)) < 0, so no majority: nothing is returned.
+    spread = [{"w": np.asarray(v, np.float32)} for v in ([1, 1, -3], [1, -3, 1], [-3, 1, 1])]
+    zero3 = {"w": np.zeros(3, np.float32)}
+    assert_allclose(median_cosines(spread, [zero3] * 3), [-1 / math.sqrt(33)] * 3, rtol=1e-6)
+    assert opposed_updates(spread, [zero3] * 3) == {}
+
+
+def test_dropping_opposed_updates_is_off_by_default() -> None:
+    assert RobustAggregation().opposed(FOUR, [ZERO] * 4) == {}
+    on = RobustAggregation(drop_opposed_updates=True)
+    assert on.opposed(FOUR, [ZERO] * 4) == pytest.approx({3: -1.0})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"rule": "max"}, "rule"),
         ({"trim_fraction": 0.5}, "trim_fraction"),
         ({"clip_norm": 0.0}, "clip_norm"),
+        ({"drop_opposed_updates": "yes"}, "drop_opposed_updates"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
