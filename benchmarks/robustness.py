@@ -148,7 +148,7 @@ def fault_jobs(seeds: list[int], method: str) -> dict[str, str]:
             jobs[f"{method}-part{100 - pct}-s{seed}"] = (
                 f"{common} federation.fraction_train={1 - f}"
             )
-            for kind in ("crash", "hang"):
+            for kind in ("crash", "hang", "absent"):  # absent: the same clients left out
                 jobs[f"{method}-{kind}{pct}-s{seed}"] = (
                     f"{common} faults.kind={kind} faults.fraction={f} faults.seed={seed}"
                 )
@@ -157,37 +157,46 @@ def fault_jobs(seeds: list[int], method: str) -> dict[str, str]:
 
 FAULT_HEAD = (
     "| run | rounds completed (aggregated) | replies failed / missing per round | accuracy "
-    "| clean run, same participation | difference |"
+    "| clean run, same participation | difference | clean run, same clients absent "
+    "| difference |"
 )
 
 
+def _reference(run: Path, acc: float) -> tuple[str, str]:
+    """A clean run's accuracy and ``acc`` minus it, as table cells (``n/a`` if not run)."""
+    if not (run / "summary.json").exists():
+        return "n/a", "n/a"
+    ref = _accuracy(run)
+    return f"{ref:.3f}", f"{acc - ref:+.3f}"
+
+
 def fault_row(out: Path, run: Path, kind: str, pct: int) -> str:
-    """One faulty run against the clean run of its seed whose participation is the same."""
+    """One faulty run against the clean runs of its seed with the same participation: as many
+    clients sampled at random (``part``), and the very clients that fail left out (``absent``)."""
     seed = run.name.rsplit("-s", 1)[1]
-    clean = out / f"{run.name.split('-')[0]}-part{100 - pct}-s{seed}"
+    method = run.name.split("-")[0]
     rounds = _rounds(run)
     aggregated = sum(bool(r.get("aggregated")) for r in rounds)
     failed = fmt([r["replies_failed"] for r in rounds], digits=1)
     missing = fmt([r.get("replies_missing", 0) for r in rounds], digits=1)
     acc = _accuracy(run)
-    ref = _accuracy(clean) if (clean / "summary.json").exists() else None
-    ref_text = "n/a" if ref is None else f"{ref:.3f}"
-    diff = "n/a" if ref is None else f"{acc - ref:+.3f}"
+    part = _reference(out / f"{method}-part{100 - pct}-s{seed}", acc)
+    absent = _reference(out / f"{method}-absent{pct}-s{seed}", acc)
     return (
         f"| {kind} {pct}% (seed {seed}) | {len(rounds)} ({aggregated}) | {failed} / {missing} "
-        f"| {acc:.3f} | {ref_text} | {diff} |"
+        f"| {acc:.3f} | {part[0]} | {part[1]} | {absent[0]} | {absent[1]} |"
     )
 
 
 def fault_table(out: Path, method: str) -> str:
-    lines = [FAULT_HEAD, "|---|---|---|---|---|---|"]
+    lines = [FAULT_HEAD, "|---|---|---|---|---|---|---|---|"]
     for kind in ("crash", "hang"):
         for pct in (10, 30, 50):
             for path in sorted(out.glob(f"{method}-{kind}{pct}-s*/summary.json")):
                 lines.append(fault_row(out, path.parent, kind, pct))
     for path in sorted(out.glob(f"{method}-clean-s*/summary.json")):
         acc = _accuracy(path.parent)
-        lines.append(f"| clean, every client ({path.parent.name}) | | | {acc:.3f} | | |")
+        lines.append(f"| clean, every client ({path.parent.name}) | | | {acc:.3f} | | | | |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,9 @@ Each training round, ``round(faults.fraction * federation.num_clients)`` clients
 * ``sign_flip``: each update is reversed, ``x' = r - (x - r)`` against what it started from;
 * ``scale``: each update is scaled, ``x' = r + faults.scale * (x - r)``;
 * ``other_task`` (FL-TAC): slot ``i`` sends the adapter trained for slot ``i + 1``'s task
-  (a client with one task cannot, and stays honest).
+  (a client with one task cannot, and stays honest);
+* ``absent``: no fault here; the server leaves the drawn clients out of training
+  (``fedspecialists.faults``), the clean reference with a crash run's exact participation.
 
 Which records are the trained updates, and what each started from, the method's client
 handlers say (``update_pairs(instruction, reply)``). A faulty reply names its fault in a
@@ -23,7 +25,6 @@ uses it to decide anything. Evaluation messages are left alone, unless ``faults.
 
 from __future__ import annotations
 
-import random
 import time
 
 import numpy as np
@@ -33,19 +34,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from client_app.node import client_id_of, config_for
 from fedspecialists import methods
 from fedspecialists.config import ExperimentConfig
+from fedspecialists.faults import faulty_clients
 from fedspecialists.protocol.records import FAULT_RECORD
 from fedspecialists.protocol.values import instruction_config, number
 
 HANG_MARGIN_S = 5.0  # a hung client sleeps this long past the server's reply timeout
 HUGE = 1.0e6
-
-
-def faulty_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> set[int]:
-    """The client ids faulty in ``server_round``: ``round(fraction * num_clients)`` of
-    ``0..num_clients-1``, drawn afresh each round from ``seed``."""
-    count = min(num_clients, round(fraction * num_clients))
-    rng = random.Random(seed * 1_000_003 + server_round)
-    return set(rng.sample(range(num_clients), count))
 
 
 def poisoned(
@@ -103,7 +97,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     training = msg.metadata.message_type == MessageType.TRAIN
     evaluating = msg.metadata.message_type == MessageType.EVALUATE
     strikes = training or (evaluating and faults.evaluate and faults.kind in ("crash", "hang"))
-    if faults.kind == "none" or faults.fraction <= 0 or not strikes:
+    if faults.kind in ("none", "absent") or faults.fraction <= 0 or not strikes:
         return call_next(msg, context)
     server_round = int(number(instruction_config(msg.content), "server-round"))
     chosen = faulty_clients(faults.seed, server_round, cfg.federation.num_clients, faults.fraction)

@@ -38,6 +38,7 @@ FAULT_KINDS = (  # client_app.faults
     "sign_flip",
     "scale",
     "other_task",
+    "absent",
 )
 FLTAC_CHOICES = {
     "clustering": ("kmeans", "constrained_kmeans"),
@@ -332,6 +333,8 @@ class FaultSettings:
     crash (the ClientApp raises), hang (it sleeps past ``federation.reply_timeout_s``), nan,
     inf, shape, huge_norm (an invalid update), sign_flip, scale (finite attacks on the update),
     other_task (FL-TAC: each slot sends another slot's adapter). ``none``: no fault.
+    ``absent``: no fault, the server leaves the drawn clients out of training instead (the
+    clean run with the same participation as a crash run of the same seed and fraction).
     """
 
     kind: str = MISSING

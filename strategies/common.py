@@ -18,6 +18,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedspecialists.config import check_setting
+from fedspecialists.faults import FaultDraw
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
@@ -291,6 +292,7 @@ class RoundBookkeeping(Generic[R]):
     max_abs_value: float
     seed: int
     on_round_end: Callable[[dict[str, Any]], None] | None
+    absent_clients: FaultDraw | None
     history: list[R]
     record: R
     deferred: R | None  # a round whose evaluation the next round's training brings
@@ -304,10 +306,13 @@ class RoundBookkeeping(Generic[R]):
         min_replies: int,
         max_abs_value: float,
         on_round_end: Callable[[dict[str, Any]], None] | None,
+        absent_clients: FaultDraw | None = None,
     ) -> None:
         """Check and keep the shared settings; start the clocks, ledger and history.
 
-        ``record_type`` is the method's round record (:class:`RoundRecord` or a subclass).
+        ``record_type`` is the method's round record (:class:`RoundRecord` or a subclass);
+        ``absent_clients``: client ids never sampled for training in a round (``faults.kind=
+        absent``).
         """
         check_round_settings(fraction_train, min_replies)
         self.record_type = record_type
@@ -316,6 +321,7 @@ class RoundBookkeeping(Generic[R]):
         self.min_replies = min_replies
         self.max_abs_value = max_abs_value
         self.on_round_end = on_round_end
+        self.absent_clients = absent_clients
         self.ledger = TrafficLedger()
         self.history = []
         self.record = record_type(round=0)
@@ -434,6 +440,10 @@ class RoundBookkeeping(Generic[R]):
         nodes = sample_round_nodes(
             list(grid.get_node_ids()), self.fraction_train, self.seed + server_round, self.client_of
         )
+        if self.absent_clients is not None:  # left out on purpose, as if they had crashed
+            gone = self.absent_clients.clients(server_round)
+            nodes = [node for node in nodes if self.client_of(node) not in gone]
+            self.record.clients_absent = len(gone)
         self._sampled = len(nodes)
         return nodes
 

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from scipy import sparse
 
 from fedspecialists.config import MoERunConfig, check_setting
+from fedspecialists.faults import FaultDraw, absent_clients
 from fedspecialists.peer.exchange import GrantIssuer
 from fedspecialists.protocol.fedmoe_da import (
     EvaluateReply,
@@ -600,6 +601,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         max_abs_value: float = 1.0e4,
         robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
+        absent_clients: FaultDraw | None = None,
     ) -> None:
         self.robust = robust or RobustAggregation()  # the backbone's; the plain mean by default
         check_mixing(num_peers, tau, self_weight)
@@ -607,7 +609,13 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         check_setting("fedmoe_da.mix_every", mix_every)
         check_setting("fedmoe_da.pool_max_age", pool_max_age)
         self.init_rounds(
-            FedMoEDARoundRecord, seed, fraction_train, min_replies, max_abs_value, on_round_end
+            FedMoEDARoundRecord,
+            seed,
+            fraction_train,
+            min_replies,
+            max_abs_value,
+            on_round_end,
+            absent_clients,
         )
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
         self.template = dict(self.shared)
@@ -669,6 +677,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "min_replies": cfg.federation.min_replies,
             "max_abs_value": cfg.validation.max_abs_value,
             "robust": RobustAggregation.from_settings(cfg.robust),
+            "absent_clients": absent_clients(cfg),
         }
 
     def describe(self) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, pairwise_distances, silhouette_score
 
 from fedspecialists.config import AdapterRunConfig, ConfigError, check_setting, num_clusters
+from fedspecialists.faults import FaultDraw, absent_clients
 from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
@@ -750,6 +751,7 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
         "max_abs_value": cfg.validation.max_abs_value,
         "max_update_norm": cfg.validation.max_update_norm,
         "robust": RobustAggregation.from_settings(cfg.robust),
+        "absent_clients": absent_clients(cfg),
     }
 
 
@@ -812,6 +814,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         Ask clients to keep their adapters in their own state (the local-only baseline).
     on_round_end : Callable[[dict], None] | None
         Receives each round's metrics record (the ServerApp writes it to disk).
+    absent_clients : FaultDraw | None
+        Clients never sampled for training in a round (``faults.kind=absent``).
     """
 
     method = "fltac"
@@ -842,11 +846,18 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         keep_local: bool = False,
         robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
+        absent_clients: FaultDraw | None = None,
     ) -> None:
         check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
         self.robust = robust or RobustAggregation()  # the plain mean unless configured
         self.init_rounds(
-            FLTACRoundRecord, seed, fraction_train, min_replies, max_abs_value, on_round_end
+            FLTACRoundRecord,
+            seed,
+            fraction_train,
+            min_replies,
+            max_abs_value,
+            on_round_end,
+            absent_clients,
         )
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the

@@ -36,6 +36,8 @@ class RoundRecord:
         What each failed reply's error said (its last 500 characters; logged in full).
     faults_injected : dict[str, int] | None
         Replies that said they carried an injected fault, by kind (``faults.*``).
+    clients_absent : int | None
+        Clients left out of training on purpose (``faults.kind=absent``).
     updates_dropped : int | None
         Accepted updates left out of their aggregate as opposed to their group's median update
         (``robust.drop_opposed_updates``; FL-TAC counts adapters, FedMoE-DA backbones).
@@ -72,6 +74,7 @@ class RoundRecord:
     rejected_reasons: list[str] | None = None
     failed_reasons: list[str] | None = None
     faults_injected: dict[str, int] | None = None
+    clients_absent: int | None = None
     updates_dropped: int | None = None
     dropped_reasons: list[str] | None = None
     dropped_injected: int | None = None

@@ -481,6 +481,29 @@ def test_a_faulty_client_per_round_does_not_stop_the_run(
             assert record["faults_injected"] == {kind: 1}
         assert sum(record["test_examples"].values()) > 0  # every client still evaluated
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    if kind == "crash":
+        _crash_equals_its_absent_twin(superlink, tmp_path, rounds)
+
+
+def _crash_equals_its_absent_twin(
+    superlink: LocalSuperLink, tmp_path: Path, crashed: list[dict[str, Any]]
+) -> None:
+    """``faults.kind=absent`` leaves the clients a crash run loses out of training: the clean
+    run with the crash run's exact participation, which ends where the crash run does."""
+    outcome = run_app(
+        superlink,
+        overrides=f"{TINY} output.root={tmp_path} output.name=absent faults.kind=absent "
+        "faults.fraction=0.34",
+        num_supernodes=3,
+        timeout_s=900,
+    )
+    assert outcome.status == "finished:completed", outcome.log[-4000:]
+    twin = [json.loads(x) for x in (tmp_path / "absent" / "metrics.jsonl").read_text().splitlines()]
+    for lost, absent in zip(crashed, twin, strict=True):
+        assert absent["clients_absent"] == 1 and absent["replies_ok"] == 2
+        assert absent.get("faults_injected") is None and absent["replies_failed"] == 0
+        for key in ("accuracy", "train_loss", "groups", "clustering_agreement"):
+            assert absent[key] == lost[key], key
 
 
 def test_local_dp_run_names_its_noise(superlink: LocalSuperLink, tmp_path: Path) -> None:

@@ -16,9 +16,10 @@ from test_moe_strategy import _round as _moe_round
 from test_moe_strategy import _strategy as _moe_strategy
 from test_strategy import V0, A, W, _adapter, _reply, _round, paper_fltac
 
-from client_app.faults import HUGE, faulty_clients, poisoned
+from client_app.faults import HUGE, poisoned
 from client_app.privacy import local_dp
 from fedspecialists.config import load_config
+from fedspecialists.faults import FaultDraw, absent_clients, faulty_clients
 from fedspecialists.protocol.fedmoe_da import Instruction as FedMoEInstruction
 from fedspecialists.protocol.records import FAULT_RECORD, record_to_numpy, state_to_record
 from strategies.common import injected_faults
@@ -263,3 +264,19 @@ def test_a_reversed_backbone_is_left_out_of_fedavg() -> None:
     assert strategy.record.updates_dropped == 1
     (reason,) = strategy.record.dropped_reasons or []
     assert reason.startswith("node 4 (backbone)") and "cosine -1.000" in reason
+
+
+def test_absent_clients_are_never_sampled_and_match_a_crash_runs_draw() -> None:
+    """``faults.kind=absent``: the server leaves out exactly the clients the fault mod would
+    make crash in that round (the same draw), so a crash run has a clean twin."""
+    draw = absent_clients(load_config(["faults.kind=absent", "faults.fraction=0.3"]))
+    assert draw == FaultDraw(seed=0, fraction=0.3, num_clients=10)
+    assert absent_clients(load_config(["faults.kind=crash", "faults.fraction=0.3"])) is None
+    nodes = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110]  # client id = node - 101
+    strategy = paper_fltac(num_clusters=1, absent_clients=draw)
+    strategy.client_ids = {node: node - 101 for node in nodes}
+    for server_round in (1, 2, 3):
+        messages = strategy.configure_train(server_round, None, ConfigRecord(), FakeGrid(nodes))  # type: ignore[arg-type]
+        sent = {m.metadata.dst_node_id - 101 for m in messages}
+        assert sent == set(range(10)) - faulty_clients(0, server_round, 10, 0.3)
+        assert len(sent) == 7 and strategy.record.clients_absent == 3
