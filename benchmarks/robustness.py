@@ -207,6 +207,7 @@ RULES = {
     "median": "robust.rule=median",
     "trimmed": "robust.rule=trimmed_mean robust.trim_fraction=0.2",
     "drop_opposed": "robust.rule=mean robust.drop_opposed_updates=true",  # the mean, screened
+    "median_drop": "robust.rule=median robust.drop_opposed_updates=true",  # the median, screened
 }
 
 
