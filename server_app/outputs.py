@@ -38,6 +38,7 @@ from fedspecialists.config import (
     ConfigError,
     ExperimentConfig,
     MoERunConfig,
+    load_config,
     to_yaml,
 )
 from fedspecialists.run.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -75,6 +76,18 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def _added_since(saved: dict[str, Any], now: dict[str, Any], cfg: ExperimentConfig) -> set[str]:
+    """Keys a run folder written by an earlier release lacks that hold their default now: a
+    setting added since, which changes nothing while it stays at its default."""
+    missing = set(now) - set(saved)
+    if not missing:
+        return set()
+    defaults = _flat(
+        OmegaConf.to_container(OmegaConf.create(to_yaml(load_config(f"method={cfg.method.name}"))))
+    )
+    return {k for k in missing if k in defaults and defaults[k] == now[k]}
+
+
 def resumed_run(cfg: ExperimentConfig) -> tuple[Path, Checkpoint]:
     """The run folder ``cfg.resume`` names and its last checkpoint, once its config is shown to
     be the run's own (``ConfigError`` naming every key that differs; ``num_rounds`` may grow)."""
@@ -84,10 +97,11 @@ def resumed_run(cfg: ExperimentConfig) -> tuple[Path, Checkpoint]:
         raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
     now = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    added = _added_since(saved, now, cfg)
     differ = sorted(
         k
         for k in set(saved) | set(now)
-        if k not in ("resume", "num_rounds") and saved.get(k) != now.get(k)
+        if k not in ("resume", "num_rounds", *added) and saved.get(k) != now.get(k)
     )
     if differ:
         raise ConfigError(

@@ -117,6 +117,28 @@ def test_resume_refuses_other_overrides_naming_the_keys(tmp_path: Path) -> None:
     assert folder == tmp_path / "run" and checkpoint.round == 2
 
 
+def test_resume_accepts_a_run_folder_from_before_a_key_was_added(tmp_path: Path) -> None:
+    """A run written before ``robust.drop_opposed_updates`` existed resumes while the new key
+    stays at its default, and is refused (naming it) when it is set otherwise."""
+    cfg = load_config(f"output.root={tmp_path} output.name=run")
+    run = tmp_path / "run"
+    run.mkdir()
+    RunRecorder(run, cfg).set_status("failed")
+    save_checkpoint(run, _checkpoint(2))
+    older = (run / "config.yaml").read_text().replace("  drop_opposed_updates: false\n", "")
+    assert "drop_opposed_updates" not in older
+    (run / "config.yaml").write_text(older)
+    folder, _ = resumed_run(load_config(f"output.root={tmp_path} output.name=run resume={run}"))
+    assert folder == run
+    with pytest.raises(ConfigError, match=r"robust\.drop_opposed_updates"):
+        resumed_run(
+            load_config(
+                f"output.root={tmp_path} output.name=run resume={run} "
+                "robust.drop_opposed_updates=true"
+            )
+        )
+
+
 def test_a_resumed_recorder_keeps_the_rounds_up_to_the_checkpoint(tmp_path: Path) -> None:
     cfg = load_config(f"output.root={tmp_path} output.name=run")
     (tmp_path / "run").mkdir()
