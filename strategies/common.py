@@ -233,6 +233,11 @@ def failure_reason(reply: Message, limit: int | None = FAILURE_REASON_CHARS) -> 
     return "..." + reason[-limit:]
 
 
+def carries_fault(reply: Message) -> bool:
+    """Whether a reply that came says it carries an injected fault (its ``fault`` record)."""
+    return not reply.has_error() and FAULT_RECORD in reply.content.config_records
+
+
 def injected_faults(replies: Iterable[Message]) -> dict[str, int]:
     """Faults injected on purpose (``client_app.faults``) among ``replies``, by kind: named by
     the error of a reply that failed, or by the ``fault`` record of one that came (metrics
@@ -243,7 +248,7 @@ def injected_faults(replies: Iterable[Message]) -> dict[str, int]:
             found = re.search(r"injected fault: (\w+)", reply.error.reason or "")
             if found:
                 kinds[found.group(1)] += 1
-        elif FAULT_RECORD in reply.content.config_records:
+        elif carries_fault(reply):
             kinds[str(reply.content.config_records[FAULT_RECORD].get("kind", "?"))] += 1
     return dict(sorted(kinds.items()))
 
@@ -486,11 +491,7 @@ class RoundBookkeeping(Generic[R]):
         injected = injected_faults(received)
         if injected:
             self.record.faults_injected = injected
-        self._faulty_nodes = {
-            r.metadata.src_node_id
-            for r in received
-            if not r.has_error() and FAULT_RECORD in r.content.config_records
-        }
+        self._faulty_nodes = {r.metadata.src_node_id for r in received if carries_fault(r)}
         return accepted
 
     def record_dropped(self, dropped: Sequence[tuple[int, str]]) -> None:
