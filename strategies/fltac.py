@@ -30,7 +30,6 @@ offline benchmark (see docs/results.md):
   the first ``fltac.source_check_wide_rounds`` rounds of the check (default 1: round 2 only) a
   client is also sent every other global of its tasks' label counts, so an adapter whose task's
   cluster it was never put in can move there too (:meth:`TaskAdapterClustering.offered_globals`).
-  A move pins the slot to the cluster the client chose until it moves again (:func:`apply_pins`).
 * the label-count split (``fltac.split_by_label_count``, default on): a task with C labels never
   moves head rows C and up (they are masked out of its loss), so how many rows an adapter's
   training moved is its task's label count, read exactly; K-means runs within each label count.
