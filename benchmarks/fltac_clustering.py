@@ -28,14 +28,7 @@ from runner import fmt, parallel_clients, run_all
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
-    "fltac": (
-        "FL-TAC (default: fingerprints + label-count split + source check, wide in round 2)",
-        "method=fltac",
-    ),
-    "fltac_narrow": (
-        "FL-TAC (previous default: source check among a client's own clusters only)",
-        "method=fltac fltac.source_check_wide_rounds=0",
-    ),
+    "fltac": ("FL-TAC (default: fingerprints + label-count split + source check)", "method=fltac"),
     "fltac_nocheck": (
         "FL-TAC (fingerprints + label-count split, no source check)",
         "method=fltac fltac.source_check=false",
