@@ -9,7 +9,6 @@ baseline's adapters).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from logging import INFO
@@ -158,22 +157,27 @@ def _load_sources(
     return sources
 
 
-SCRATCH_ADAPTER = "source_check"  # where a received global no slot starts from is scored
-
-
 def check_sources(setup: Setup, min_llr: float) -> tuple[int, float]:
     """FL-TAC's client-side source check (see :func:`strategies.fltac.choose_sources`).
 
-    Every global adapter the server sent is scored on every slot's training examples (a global
-    no slot starts from, sent in a wide round, in a scratch adapter); where the evidence for a
-    one-to-one reassignment reaches ``min_llr`` (nats), the slots are reloaded from the globals
-    chosen and ``setup.sources`` is updated. Returns (slots changed, the log-likelihood ratio
-    of the best change).
+    Every global adapter the server sent is scored on every slot's training examples; where the
+    evidence for a one-to-one reassignment reaches ``min_llr`` (nats), the slots are reloaded
+    from the globals chosen and ``setup.sources`` is updated. Returns (slots changed, the
+    log-likelihood ratio of the best change).
     """
-    candidates = sorted(g for g in setup.instruction.globals if g not in ("local", "v0"))
+    candidates = sorted({s for s in setup.sources if s not in ("local", "v0")})
     if len(candidates) < 2 or any(s not in candidates for s in setup.sources):
         return 0, 0.0
-    losses = _candidate_losses(setup, candidates)
+    holder = {source: slot.name for slot, source in zip(setup.slots, setup.sources, strict=True)}
+    batch_size = setup.cfg.train.eval_batch_size
+    losses = []
+    for slot in setup.slots:
+        enc = setup.training_data(slot)
+        losses.append(
+            np.stack(
+                [example_losses(setup.adapters, holder[c], enc, batch_size) for c in candidates], 1
+            )
+        )
     from strategies.fltac import choose_sources  # the server's module: only when the check is on
 
     current = [candidates.index(s) for s in setup.sources]
@@ -192,22 +196,6 @@ def check_sources(setup: Setup, min_llr: float) -> tuple[int, float]:
             llr,
         )
     return len(changed), llr
-
-
-def _candidate_losses(setup: Setup, candidates: Sequence[str]) -> list[np.ndarray]:
-    """One ``(n_i, C)`` array per slot: each candidate global's loss on each of its examples."""
-    holder = {source: slot.name for slot, source in zip(setup.slots, setup.sources, strict=True)}
-    batch_size = setup.cfg.train.eval_batch_size
-    data = [setup.training_data(slot) for slot in setup.slots]
-    columns: list[list[np.ndarray]] = [[] for _ in setup.slots]
-    for gid in candidates:
-        name = holder.get(gid)
-        if name is None:
-            name = SCRATCH_ADAPTER
-            setup.adapters.load(name, record_to_state(setup.instruction.global_adapter(gid)))
-        for i, enc in enumerate(data):
-            columns[i].append(example_losses(setup.adapters, name, enc, batch_size))
-    return [np.stack(c, 1) for c in columns]
 
 
 def train(msg: Message, context: Context) -> Message:

@@ -81,10 +81,6 @@ SETTING_RULES: dict[str, Rule] = {
     ),
     **{f"fltac.{key}": _one_of(allowed) for key, allowed in FLTAC_CHOICES.items()},
     "fltac.source_check_llr": ((lambda v: v > 0), "must be > 0"),
-    "fltac.source_check_wide_rounds": (
-        (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-        "must be an integer >= 0",
-    ),
     "fedmoe_da.num_peers": ((lambda v: v >= 0), "P must be >= 0"),
     "fedmoe_da.tau": ((lambda v: v > 0), "tau must be > 0"),
     "fedmoe_da.self_weight": ((lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]"),
@@ -229,7 +225,6 @@ class FLTACConfig:
     input_fingerprint: bool = MISSING
     source_check: bool = MISSING
     source_check_llr: float = MISSING
-    source_check_wide_rounds: int = MISSING  # rounds (from 2) a client may move to any global
     split_by_label_count: bool = MISSING
     projection_dim: int = MISSING  # K-means on a random projection of the features (0 = never)
     projection_min_adapters: int = MISSING  # ... when a round pools more adapters than this
@@ -705,11 +700,7 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
     _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     fltac = cfg.fltac
-    check_section(
-        "fltac",
-        fltac,
-        ("num_clusters", *FLTAC_CHOICES, "source_check_llr", "source_check_wide_rounds"),
-    )
+    check_section("fltac", fltac, ("num_clusters", *FLTAC_CHOICES, "source_check_llr"))
     _check(fltac.auto_k_min >= 2, "fltac.auto_k_min", "must be >= 2")
     _check(fltac.auto_k_max >= fltac.auto_k_min, "fltac.auto_k_max", "must be >= auto_k_min")
     _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")

@@ -26,10 +26,7 @@ offline benchmark (see docs/results.md):
   every global it was sent on its own tasks' training examples and may reassign its slots among
   those globals, only on clear evidence (:func:`choose_sources`); it replies with the global
   each slot started from, which the server checks and uses as the slot's previous global. It
-  undoes what fingerprints cannot: one client's two same-source tasks swapped in round 1. In
-  the first ``fltac.source_check_wide_rounds`` rounds of the check (default 1: round 2 only) a
-  client is also sent every other global of its tasks' label counts, so an adapter whose task's
-  cluster it was never put in can move there too (:meth:`TaskAdapterClustering.offered_globals`).
+  undoes what fingerprints cannot: one client's two same-source tasks swapped in round 1.
 * the label-count split (``fltac.split_by_label_count``, default on): a task with C labels never
   moves head rows C and up (they are masked out of its loss), so how many rows an adapter's
   training moved is its task's label count, read exactly; K-means runs within each label count.
@@ -582,49 +579,6 @@ def match_cluster_ids(
     return mapping
 
 
-def apply_pins(
-    groups: Sequence[str],
-    owners: Sequence[int],
-    slots: Sequence[int],
-    pins: Mapping[int, Mapping[int, str]],
-) -> list[str]:
-    """The clustering's global ids, with every pinned slot in the cluster its client chose.
-
-    A pin is a client's source-check move (decisive evidence from its labels, see
-    :func:`choose_sources`); the features K-means sees are weaker evidence in exactly the cases
-    the check exists for, so a pin wins. A client's adapters stay in distinct clusters: where
-    another slot of the same client was put in a pinned cluster, the two swap.
-
-    Parameters
-    ----------
-    groups : Sequence[str]
-        ``(M,)`` global id of each pooled adapter, as clustered.
-    owners, slots : Sequence[int]
-        ``(M,)`` client and slot index of each adapter.
-    pins : Mapping[int, Mapping[int, str]]
-        Client -> slot -> the global id it is pinned to. Pins to an id no adapter of this round
-        holds are ignored (that cluster is gone).
-
-    Returns
-    -------
-    list[str]
-        ``(M,)`` global ids.
-    """
-    out = list(groups)
-    present = set(groups)
-    where = {(int(o), int(s)): m for m, (o, s) in enumerate(zip(owners, slots, strict=True))}
-    for client, pinned in sorted(pins.items()):
-        for slot, gid in sorted(pinned.items()):
-            m = where.get((int(client), int(slot)))
-            if m is None or gid not in present or out[m] == gid:
-                continue
-            for (o, _), other in where.items():
-                if o == client and out[other] == gid:
-                    out[other] = out[m]  # the client's slot that held it takes the freed id
-            out[m] = gid
-    return out
-
-
 def clustering_agreement(true_tasks: Sequence[str], labels: Sequence[int]) -> float:
     """Adjusted Rand index between the true tasks and the cluster labels (1.0 = perfect)."""
     if len(true_tasks) < 2:
@@ -882,7 +836,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
-        source_check_wide_rounds: int = 1,
         split_by_label_count: bool = True,
         head_module: str = "classifier",
         seed: int = 0,
@@ -896,7 +849,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         absent_clients: FaultDraw | None = None,
     ) -> None:
         check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
-        check_setting("fltac.source_check_wide_rounds", source_check_wide_rounds)
         self.robust = robust or RobustAggregation()  # the plain mean unless configured
         self.init_rounds(
             FLTACRoundRecord,
@@ -924,7 +876,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
-        self.source_check_wide_rounds = source_check_wide_rounds
         self.split_by_label_count = split_by_label_count
         try:
             self.head_keys: list[str] | None = select_feature_keys(
@@ -939,10 +890,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.globals: dict[str, dict[str, np.ndarray]] = {"v0": dict(self.template)}
         self.node_slots: dict[int, list[str]] = {}
         self.majority_task: dict[str, str] = {}
-        # The globals each node was sent for training this round: what its slots may start from.
-        self.offered: dict[int, set[str]] = {}
-        # Client -> slot -> global id its source check moved it to (see apply_pins).
-        self.pins: dict[int, dict[int, str]] = {}
 
     @classmethod
     def from_config(
@@ -969,7 +916,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
-            "source_check_wide_rounds": fltac.source_check_wide_rounds,
             "split_by_label_count": fltac.split_by_label_count,
         }
 
@@ -1099,7 +1045,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
             "source_check_llr": self.source_check_llr,
-            "source_check_wide_rounds": self.source_check_wide_rounds,
             "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
@@ -1120,7 +1065,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "majority_task": dict(self.majority_task),
             "label_count_bounds": {str(c): k for c, k in self.label_count_bounds.items()},
             "fingerprint_width": self.fingerprint_width,
-            "pins": {str(c): {str(k): g for k, g in p.items()} for c, p in self.pins.items()},
         }
         return arrays, state
 
@@ -1134,8 +1078,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.label_count_bounds = {int(c): int(k) for c, k in state["label_count_bounds"].items()}
         width = state["fingerprint_width"]
         self.fingerprint_width = None if width is None else int(width)
-        pins = state.get("pins", {})  # absent in checkpoints written before pins existed
-        self.pins = {int(c): {int(k): str(g) for k, g in p.items()} for c, p in pins.items()}
 
     # -- Strategy API ----------------------------------------------------------------------------
 
@@ -1145,7 +1087,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         nodes = self.begin_train_round(server_round, grid)
         messages = [
             Message(
-                content=self.instruction(node, server_round, config, train=True).to_record(),
+                content=self.instruction(node, server_round, config).to_record(),
                 message_type=MessageType.TRAIN,
                 dst_node_id=node,
             )
@@ -1226,11 +1168,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         return MetricRecord(out) if out else None
 
     # -- helpers -----------------------------------------------------------------------------------
-    def instruction(
-        self, node: int, server_round: int, config: ConfigRecord, train: bool = False
-    ) -> Instruction:
-        """What ``node`` is sent: each slot's starting global (a new node: v0 for all), and for
-        training in a wide round of the source check the globals it may move to as well."""
+    def instruction(self, node: int, server_round: int, config: ConfigRecord) -> Instruction:
+        """What ``node`` is sent: each slot's starting global (a new node: v0 for all)."""
         message = Instruction(
             server_round=server_round,
             keep_local=self.keep_local,
@@ -1242,42 +1181,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         needed: list[str] = ["v0"]
         if slot_ids is not None:
             needed, message.slot_sources = node_payload(slot_ids)
-            if train:
-                needed = self.offered_globals(server_round, needed)
-        if train:
-            self.offered[node] = set(needed)
         message.globals = {
             gid: state_to_record(self.globals[gid]) for gid in needed if gid != LOCAL
         }
         return message
-
-    def offered_globals(self, server_round: int, needed: Sequence[str]) -> list[str]:
-        """``needed``, plus in a wide round every other global of the same label counts.
-
-        Wide rounds are the first ``source_check_wide_rounds`` rounds of the source check
-        (rounds 2, 3, ...): the round-1 grouping is the one that can put an adapter in a cluster
-        of a task its client does not hold, where the usual check (among the client's own
-        clusters) cannot reach the right one. A global of another label count is never sent:
-        the split proves it is another task (see :func:`head_label_counts`).
-        """
-        if self.source_check_llr is None or server_round > 1 + self.source_check_wide_rounds:
-            return list(needed)
-        ids = sorted(g for g in self.globals if g not in ("v0", LOCAL))
-        counts = dict(zip(ids, self.global_label_counts(ids), strict=True))
-        wanted = {counts[g] for g in needed if g in counts}
-        return sorted(set(needed) | {g for g in ids if counts[g] in wanted})
-
-    def global_label_counts(self, ids: Sequence[str]) -> list[int]:
-        """The label count of each global in ``ids`` (0 for all when heads are not read).
-
-        A global is a mean of adapters that all started, inductively, from v0's rows C and up,
-        so the rows it moved against v0 are those of its task's label count.
-        """
-        if self.head_keys is None or not self.split_by_label_count:
-            return [0] * len(ids)
-        v0 = self.globals["v0"]
-        counts = head_label_counts([self.globals[g] for g in ids], [v0] * len(ids), self.head_keys)
-        return [int(c) for c in counts]
 
     def _parse_train_reply(
         self, node: int, content: RecordDict
@@ -1296,7 +1203,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         previous = self.node_slots.get(self.client_of(node), ["v0"] * num_slots)
         if len(previous) != num_slots:
             raise ProtocolError(f"{num_slots} slots, but the node had {len(previous)} before")
-        used = self._parse_sources(reply, previous, self.offered.get(node, set(previous)))
+        used = self._parse_sources(reply, previous)
         fingerprints: list[np.ndarray | None] = [None] * num_slots
         if self.input_fingerprint:
             fingerprints = list(self._parse_fingerprints(reply.fingerprints, num_slots))
@@ -1330,13 +1237,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             return None
         return reply.train_loss, int(sum(reply.slot_examples))
 
-    def _parse_sources(
-        self, reply: TrainReply, planned: Sequence[str], offered: set[str]
-    ) -> list[str]:
+    def _parse_sources(self, reply: TrainReply, planned: Sequence[str]) -> list[str]:
         """The global each slot started from: the plan, or the client's checked choice.
 
-        A client may only move a slot to another global it was sent (``offered``), and only
-        when asked to.
+        A client may only move a slot to another global it was sent, and only when asked to.
         """
         used = reply.slot_sources
         if used is None:
@@ -1345,7 +1249,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             raise ProtocolError(f"a '{SOURCES_RECORD}' record, but the source check is off")
         if len(used) != len(planned):
             raise ProtocolError(f"'{SOURCES_RECORD}' must list {len(planned)} slot sources")
-        allowed = set(offered) - {"v0", LOCAL}
+        allowed = set(planned) - {"v0", LOCAL}
         pairs = zip(used, planned, strict=True)
         if any(u != p and (u not in allowed or p not in allowed) for u, p in pairs):
             raise ProtocolError(
@@ -1411,8 +1315,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
     def _aggregate(self, server_round: int, pool: list[PoolEntry]) -> None:
         features = self.clustering_features(pool)
         ids = self.assign_groups(server_round, pool, features)
-        if ids is not None:
-            ids = self.pinned_groups(pool, ids)
         groups = list(ids) if ids is not None else [LOCAL] * len(pool)
         labels = sorted(set(groups))
         index = [labels.index(gid) for gid in groups]
@@ -1443,19 +1345,6 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.record.groups,
             f", clustering agreement (ARI) {ari:.3f}" if ari is not None else "",
         )
-
-    def pinned_groups(self, pool: Sequence[PoolEntry], ids: Sequence[str]) -> list[str]:
-        """``ids`` with every slot its client moved in the cluster it chose (this round's moves
-        first become pins; a pin holds until that client moves that slot again)."""
-        for entry in pool:
-            if entry.moved:
-                self.pins.setdefault(self.client_of(entry.node_id), {})[entry.slot] = (
-                    entry.previous_id
-                )
-        if not self.pins:
-            return list(ids)
-        owners = [self.client_of(e.node_id) for e in pool]
-        return apply_pins(ids, owners, [e.slot for e in pool], self.pins)
 
     def _record_groups(
         self, pool: list[PoolEntry], groups: list[str], index: list[int], clustered: bool

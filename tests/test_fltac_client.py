@@ -79,22 +79,6 @@ def test_the_client_undoes_a_swapped_pair_and_says_so(
     assert reply.source_check_llr is not None and reply.source_check_llr >= 4.6
 
 
-def test_a_wide_round_moves_a_slot_to_a_global_of_a_cluster_it_was_not_in(
-    task_globals: dict[str, dict[str, np.ndarray]],
-) -> None:
-    # Slot 2 (movie_sentiment, 2 labels) was put in the cluster of another binary task, here a
-    # global that predicts the opposite label; the right global is sent beside it, unplanned.
-    wrong = {k: v.copy() for k, v in task_globals["g2"].items()}
-    for key in select_feature_keys(list(wrong), "head", "classifier"):
-        wrong[key][[0, 1]] = task_globals["g2"][key][[1, 0]]  # logits 0 and 1 trade places
-    sent = {**task_globals, "g3": wrong}
-    msg = _message(2, sent, sources=["g0", "g1", "g3"], check=4.6)
-    reply = TrainReply.from_record(train(msg, _context()).content)
-    assert reply.slot_sources == ["g0", "g1", "g2"]
-    assert reply.source_swaps == 1
-    assert reply.source_check_llr is not None and reply.source_check_llr >= 4.6
-
-
 def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
     task_globals: dict[str, dict[str, np.ndarray]],
 ) -> None:
