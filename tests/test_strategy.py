@@ -415,12 +415,16 @@ class _SwappedPair(TaskAdapterClustering):
         return super().assign_groups(server_round, pool, features)
 
 
-def _fingerprint(task: str, node: int, rng: np.random.Generator, pair_alike: bool) -> np.ndarray:
-    """A task's mean input; with ``pair_alike`` node 1's "x" and "y" inputs look the same."""
+def _fingerprint(task: str, node: int, pair_alike: bool) -> np.ndarray:
+    """A task's mean input; with ``pair_alike`` node 1's "x" and "y" inputs look the same.
+
+    The same in every round, as a real client's (its inputs under the frozen base model).
+    """
     mean = np.eye(4)[TASK_AXIS[task]]
     if pair_alike and node == 1 and task in ("x", "y"):
         mean = (np.eye(4)[0] + np.eye(4)[1]) / 2
-    return mean + 0.05 * rng.normal(size=4) + 3.0  # a shared offset; centring drops it
+    noise = np.random.default_rng([node, TASK_AXIS[task]]).normal(size=4)
+    return mean + 0.05 * noise + 3.0  # a shared offset; centring drops it
 
 
 def _slot_losses(task: str, candidates: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -457,7 +461,7 @@ def _client_reply(
     trained = [{H0: starts[g] + scale * _step(t, node)[H0]} for g, t in pairs]
     reply = _reply(msg, trained, tasks=tasks, sources=sources if moved else None)
     if input_fingerprint:
-        reply = _with_fingerprints(reply, [_fingerprint(t, node, rng, pair_alike) for t in tasks])
+        reply = _with_fingerprints(reply, [_fingerprint(t, node, pair_alike) for t in tasks])
     return reply
 
 
