@@ -597,7 +597,10 @@ def choose_sources(
     slots' own examples. Losses are negative log-likelihoods of the labels, so the summed loss
     reduction of a reassignment is its log-likelihood ratio against the server's plan; the plan
     is kept unless that ratio reaches ``min_llr`` (nats: ln 100 = 4.6 means the labels are 100
-    times likelier under the change).
+    times likelier under the change). No slot is moved against its own labels: a slot either
+    keeps its global or moves to one under which its own examples' loss is lower, so a large gain
+    of one slot can never pay for moving another to a global that fits it worse (a chain of
+    moves through related tasks' clusters, seen on ``stress_eight``).
 
     Parameters
     ----------
@@ -621,8 +624,7 @@ def choose_sources(
     num_candidates = int(losses[0].shape[1])
     total = np.stack([np.asarray(x, np.float64).sum(0) for x in losses])  # (S, C)
     if num_candidates >= num_slots:
-        rows, cols = linear_sum_assignment(total)
-        proposal = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+        proposal = _best_moves(total, current)
     else:  # fewer clusters than slots (plain K-means merged two): each slot on its own
         proposal = [int(c) for c in total.argmin(1)]
     slots = range(num_slots)
@@ -630,6 +632,17 @@ def choose_sources(
     if llr <= 0.0:
         return list(current), 0.0
     return (proposal if llr >= min_llr else list(current)), llr
+
+
+def _best_moves(total: np.ndarray, current: Sequence[int]) -> list[int]:
+    """The one-to-one assignment ``(S,)`` of least summed loss among those in which every slot
+    keeps its global or moves to one it fits strictly better (``total`` is ``(S, C)``)."""
+    own = total[np.arange(len(current)), list(current)][:, None]  # (S, 1)
+    allowed = total < own
+    allowed[np.arange(len(current)), list(current)] = True  # staying is always allowed
+    forbidden = float(np.abs(total).sum() + 1.0)  # dearer than any allowed assignment
+    rows, cols = linear_sum_assignment(np.where(allowed, total, forbidden))
+    return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
 
 
 def node_payload(slot_ids: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -260,6 +260,26 @@ def test_choose_sources_with_the_best_plan_already_reports_no_change() -> None:
     assert choose_sources([slot0, slot1], [0, 1], min_llr=4.6) == ([0, 1], 0.0)
 
 
+def test_choose_sources_never_moves_a_slot_against_its_own_labels() -> None:
+    # Three slots on globals 0, 1, 2. Slot 0 fits global 1 far better (10.0 -> 1.0); the cycle
+    # 0 -> 1, 1 -> 2, 2 -> 0 sums to 1.0 + 4.0 + 4.0 = 9.0 against the plan's 10.0 + 2.0 + 2.0
+    # = 14.0 (5 nats, the best one-to-one assignment), but slots 1 and 2 would each start from
+    # a global that fits them worse (4.0 against 2.0).
+    slots = [
+        np.array([[10.0, 1.0, 12.0]]),
+        np.array([[9.0, 2.0, 4.0]]),
+        np.array([[4.0, 9.0, 2.0]]),
+    ]
+    chosen, llr = choose_sources(slots, [0, 1, 2], min_llr=1.0)
+    assert chosen == [0, 1, 2] and llr == 0.0  # no allowed move at all
+    # Give slot 1 a global it fits better (global 3, 1.0): now slot 0 -> 1 and slot 1 -> 3 are
+    # both allowed: 1.0 + 1.0 + 2.0 = 4.0 against 14.0, ratio 10.0.
+    slots = [np.hstack([x, [[c]]]) for x, c in zip(slots, (20.0, 1.0, 20.0), strict=True)]
+    chosen, llr = choose_sources(slots, [0, 1, 2], min_llr=4.6)
+    assert chosen == [1, 3, 2]
+    assert llr == pytest.approx(10.0)
+
+
 def test_choose_sources_with_more_slots_than_globals_picks_per_slot() -> None:
     # Three slots, two globals: no one-to-one plan exists, each slot takes its own best.
     slots = [
