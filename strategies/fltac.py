@@ -623,9 +623,9 @@ def choose_sources(
         return [], 0.0
     num_candidates = int(losses[0].shape[1])
     total = np.stack([np.asarray(x, np.float64).sum(0) for x in losses])  # (S, C)
-    if num_candidates >= num_slots:
+    if num_candidates >= num_slots and len(set(current)) == num_slots:
         proposal = _best_moves(total, current)
-    else:  # fewer clusters than slots (plain K-means merged two): each slot on its own
+    else:  # no one-to-one plan to keep (plain K-means merged two slots): each slot on its own
         proposal = [int(c) for c in total.argmin(1)]
     slots = range(num_slots)
     llr = float(sum(total[i, current[i]] - total[i, proposal[i]] for i in slots))

@@ -280,6 +280,19 @@ def test_choose_sources_never_moves_a_slot_against_its_own_labels() -> None:
     assert llr == pytest.approx(10.0)
 
 
+def test_choose_sources_with_two_slots_on_one_global_picks_per_slot() -> None:
+    # Slots 0 and 1 both start from global 0 (no one-to-one plan to keep), slot 2 from global 1.
+    # Each takes its own best: slots 0 and 1 stay (global 0 fits both best), slot 2 moves to
+    # global 2 (9.0 -> 0.0): 9 nats. A one-to-one answer would have to move slot 1 to a global
+    # that fits it worse (2.0 -> 3.0).
+    slots = [
+        np.array([[1.0, 3.0, 9.0]]),
+        np.array([[2.0, 3.0, 9.0]]),
+        np.array([[9.0, 9.0, 0.0]]),
+    ]
+    assert choose_sources(slots, [0, 0, 1], min_llr=1.0) == ([0, 0, 2], 9.0)
+
+
 def test_choose_sources_with_more_slots_than_globals_picks_per_slot() -> None:
     # Three slots, two globals: no one-to-one plan exists, each slot takes its own best.
     slots = [
