@@ -76,15 +76,18 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg`` as ``config.yaml`` writes it, flattened to dotted keys."""
+    return _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+
+
 def _added_since(saved: dict[str, Any], now: dict[str, Any], cfg: ExperimentConfig) -> set[str]:
     """Keys a run folder written by an earlier release lacks that hold their default now: a
     setting added since, which changes nothing while it stays at its default."""
     missing = set(now) - set(saved)
     if not missing:
         return set()
-    defaults = _flat(
-        OmegaConf.to_container(OmegaConf.create(to_yaml(load_config(f"method={cfg.method.name}"))))
-    )
+    defaults = _flat_config(load_config(f"method={cfg.method.name}"))
     return {k for k in missing if k in defaults and defaults[k] == now[k]}
 
 
@@ -96,7 +99,7 @@ def resumed_run(cfg: ExperimentConfig) -> tuple[Path, Checkpoint]:
     if not saved_path.exists():
         raise ConfigError(f"resume: {run_dir} is not a run folder (no config.yaml)")
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
-    now = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    now = _flat_config(cfg)
     added = _added_since(saved, now, cfg)
     differ = sorted(
         k

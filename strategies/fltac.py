@@ -637,9 +637,9 @@ def choose_sources(
 def _best_moves(total: np.ndarray, current: Sequence[int]) -> list[int]:
     """The one-to-one assignment ``(S,)`` of least summed loss among those in which every slot
     keeps its global or moves to one it fits strictly better (``total`` is ``(S, C)``)."""
-    own = total[np.arange(len(current)), list(current)][:, None]  # (S, 1)
-    allowed = total < own
-    allowed[np.arange(len(current)), list(current)] = True  # staying is always allowed
+    plan = (np.arange(len(current)), np.asarray(current))
+    allowed = total < total[plan][:, None]  # (S, C): fits that global better than its own
+    allowed[plan] = True  # staying is always allowed
     forbidden = float(np.abs(total).sum() + 1.0)  # dearer than any allowed assignment
     rows, cols = linear_sum_assignment(np.where(allowed, total, forbidden))
     return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
