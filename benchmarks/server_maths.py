@@ -43,11 +43,13 @@ MODES: dict[str, dict[str, Any]] = {  # name -> settings over the defaults (the 
     "constrained, no split, adapters only": {
         "split_by_label_count": False,
         "input_fingerprint": False,
+        "label_fingerprint": False,
     },
     "paper (plain K-means, adapters only)": {
         "clustering": "kmeans",
         "split_by_label_count": False,
         "input_fingerprint": False,
+        "label_fingerprint": False,
     },
     "auto K, constrained": {"num_clusters": "auto"},
     "auto K, plain K-means (silhouette)": {
@@ -55,6 +57,7 @@ MODES: dict[str, dict[str, Any]] = {  # name -> settings over the defaults (the 
         "clustering": "kmeans",
         "split_by_label_count": False,
         "input_fingerprint": False,
+        "label_fingerprint": False,
     },
 }
 NO_PROJECTION = {"projection_dim": 0}  # each mode again without it, where it applies
@@ -99,7 +102,10 @@ def synthetic_pool(template: dict[str, np.ndarray], m: int, seed: int) -> list[P
             if key.endswith("bias"):
                 arrays[key][:rows] += 1e-2 * rng.normal(size=rows).astype(np.float32)
         fingerprint = centres[task] + 0.5 * rng.normal(size=width)
-        pool.append(PoolEntry(client, task, arrays, 10, "v0", f"task{task}", fingerprint))
+        label_fingerprint = directions[task] * signs + 0.5 * rng.normal(size=(rows, width))
+        pool.append(
+            PoolEntry(client, task, arrays, 10, "v0", f"task{task}", fingerprint, label_fingerprint)
+        )
     return pool
 
 

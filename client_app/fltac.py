@@ -23,7 +23,9 @@ from client_app.fltac_training import (
     concat,
     evaluate_adapter,
     example_losses,
-    input_fingerprint,
+    input_representations,
+    label_fingerprint,
+    mean_representation,
     train_adapter,
 )
 from client_app.node import config_as, data_dir_of, device_of, partition_of, run_config
@@ -67,15 +69,34 @@ class Setup:
         return concat([t.train for t in slot.tasks])
 
     def fingerprint(self, slot: Slot) -> np.ndarray:
-        """The slot's input fingerprint ``(H,)``, computed once per process (inputs are fixed)."""
-        fingerprints = _run_cache(self.overrides).fingerprints
+        """The slot's input fingerprint ``(H,)`` (:func:`input_fingerprint`)."""
+        return self.fingerprints(slot)[0]
+
+    def label_fingerprint(self, slot: Slot) -> np.ndarray:
+        """The slot's label fingerprint ``(C, H)`` (:func:`label_fingerprint`)."""
+        return self.fingerprints(slot)[1]
+
+    def fingerprints(self, slot: Slot) -> tuple[np.ndarray, np.ndarray]:
+        """The slot's input and label fingerprints, from one pass of the frozen model over its
+        training inputs, computed once per process (inputs and labels are fixed)."""
+        cache = _run_cache(self.overrides).fingerprints
         key = (*self.partition, slot.name)
-        if key not in fingerprints:
+        if key not in cache:
             enc = self.training_data(slot)
-            fingerprints[key] = input_fingerprint(
+            reps = input_representations(
                 self.adapters, enc, self.cfg.train.eval_batch_size, self.cfg.model.head_module
             )
-        return fingerprints[key]
+            cache[key] = (mean_representation(reps), _slot_label_fingerprint(reps, enc, slot))
+        return cache[key]
+
+
+def _slot_label_fingerprint(reps: np.ndarray, enc: Encoded, slot: Slot) -> np.ndarray:
+    """``(C, H)`` label fingerprint of a slot (C: its tasks' largest label count); one zero row
+    where the labels are not classes (a causal LM's tokens): nothing to separate."""
+    if enc.labels.ndim != 1:
+        return np.zeros((1, reps.shape[1]), dtype=np.float32)
+    count = max(task.num_labels for task in slot.tasks)
+    return label_fingerprint(reps, enc.labels.numpy(), count)
 
 
 @dataclass
@@ -98,7 +119,9 @@ class RunCache:
     the site's disk: :mod:`client_app.fltac_data`) and input fingerprints."""
 
     examples: dict[tuple[int, int], NodeExamples] = field(default_factory=dict)
-    fingerprints: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict)
+    fingerprints: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
 
 
 @lru_cache(maxsize=4)  # a warm site serves run after run: keep the last few, not all
@@ -223,6 +246,11 @@ def train(msg: Message, context: Context) -> Message:
         # FL-TAC's task evidence beside the adapters: what each slot's inputs look like.
         reply.fingerprints = state_to_record(
             {slot.name: setup.fingerprint(slot) for slot in setup.slots}
+        )
+    if instruction.send_label_fingerprint:
+        # ... and what separates each slot's classes in those inputs.
+        reply.label_fingerprints = state_to_record(
+            {slot.name: setup.label_fingerprint(slot) for slot in setup.slots}
         )
     if check is not None:
         # Which received global each slot started from (a permutation of the server's plan).

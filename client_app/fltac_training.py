@@ -193,19 +193,19 @@ def _head(model: torch.nn.Module, head_module: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def input_fingerprint(
+def input_representations(
     adapters: AdapterModel, enc: Encoded, batch_size: int, head_module: str
 ) -> np.ndarray:
-    """Mean representation of ``enc``'s inputs under the frozen base model (FL-TAC's fingerprint).
+    """What the head receives for each of ``enc``'s inputs under the frozen base model.
 
-    The representation is what the head receives (pooled text or image features) with every
-    adapter switched off, so it is the same function on every client and in every round. For a
-    causal LM the head sees every token: their mean over real tokens is taken first.
+    The representation is the head's input (pooled text or image features) with every adapter
+    switched off, so it is the same function on every client and in every round. For a causal
+    LM the head sees every token: their mean over real tokens is taken first.
 
     Returns
     -------
     np.ndarray
-        ``(H,)`` float32, H = the head's input width; zeros for an empty set.
+        ``(N, H)`` float32, H = the head's input width; ``(0, H)`` for an empty set.
     """
     model = adapters.model
     head = _head(model, head_module)
@@ -217,7 +217,7 @@ def input_fingerprint(
         if x.ndim == 3:  # (B, T, H): mean over the batch's real tokens
             mask = batch["attention_mask"].to(x.device).unsqueeze(-1).float()
             x = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        seen.append(x.sum(0).cpu())
+        seen.append(x.cpu())
 
     hook = head.register_forward_pre_hook(capture)
     model.eval()
@@ -231,8 +231,68 @@ def input_fingerprint(
         hook.remove()
     if not seen:
         width = head.in_features if isinstance(head, torch.nn.Linear) else 0
-        return np.zeros(int(width), dtype=np.float32)
-    return (torch.stack(seen).sum(0) / len(enc)).numpy().astype(np.float32)
+        return np.zeros((0, int(width)), dtype=np.float32)
+    return torch.cat(seen).numpy().astype(np.float32)
+
+
+def input_fingerprint(
+    adapters: AdapterModel, enc: Encoded, batch_size: int, head_module: str
+) -> np.ndarray:
+    """Mean representation of ``enc``'s inputs under the frozen base model (FL-TAC's fingerprint).
+
+    See :func:`input_representations`.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H,)`` float32; zeros for an empty set.
+    """
+    return mean_representation(input_representations(adapters, enc, batch_size, head_module))
+
+
+def mean_representation(representations: np.ndarray) -> np.ndarray:
+    """``(H,)`` mean of ``(N, H)`` rows (zeros when N = 0): the input fingerprint."""
+    if representations.shape[0] == 0:
+        return np.zeros(representations.shape[1], dtype=np.float32)
+    return representations.astype(np.float64).mean(0).astype(np.float32)
+
+
+def label_fingerprint(
+    representations: np.ndarray, labels: np.ndarray, num_labels: int
+) -> np.ndarray:
+    """What separates a task's classes in the frozen representation (FL-TAC's label fingerprint).
+
+    Row c is the mean representation of the examples of class c minus the *unweighted* mean of
+    the present classes' means, so it does not depend on how many examples each class has (a
+    client's label balance, which is what misleads a few-example head). Tasks that share inputs
+    (reviews rated for sentiment, or for subjectivity) differ here: their classes split the
+    same texts along different directions.
+
+    Parameters
+    ----------
+    representations : np.ndarray
+        ``(N, H)`` per-example representations (:func:`input_representations`).
+    labels : np.ndarray
+        ``(N,)`` class indices in ``[0, num_labels)``.
+    num_labels : int
+        C, the task's label count (rows of the result).
+
+    Returns
+    -------
+    np.ndarray
+        ``(C, H)`` float32; a class without examples has a zero row, and with fewer than two
+        classes present every row is zero (nothing separates them).
+    """
+    reps = np.asarray(representations, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    out = np.zeros((num_labels, reps.shape[1]))
+    present = [c for c in range(num_labels) if np.any(y == c)]
+    if len(present) < 2:
+        return out.astype(np.float32)
+    for c in present:
+        out[c] = reps[y == c].mean(0)
+    out[present] -= out[present].mean(0)
+    return out.astype(np.float32)
 
 
 def _forward_batches(

@@ -223,6 +223,7 @@ class FLTACConfig:
     weighting: str = MISSING
     kmeans_n_init: int = MISSING
     input_fingerprint: bool = MISSING
+    label_fingerprint: bool = MISSING
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING

@@ -32,9 +32,10 @@ from strategies.fltac import PoolEntry, TaskAdapterClustering, round_kwargs
 GLOBAL_ID = "global"
 
 # FL-TAC's own task evidence, which a baseline that does not cluster never asks for: no input
-# fingerprints, no source check on the clients, no split by label count.
+# or label fingerprints, no source check on the clients, no split by label count.
 NO_TASK_EVIDENCE: dict[str, Any] = {
     "input_fingerprint": False,
+    "label_fingerprint": False,
     "source_check_llr": None,
     "split_by_label_count": False,
 }

@@ -64,6 +64,7 @@ from fedspecialists.faults import FaultDraw, absent_clients
 from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
+    LABEL_FINGERPRINT_RECORD,
     SOURCES_RECORD,
     check_adapter,
     record_to_numpy,
@@ -114,14 +115,20 @@ def select_feature_keys(
     return sorted(selected)
 
 
-def head_input_width(template: Adapter, head_module: str = "classifier") -> int | None:
-    """In-features of the head's weight ``(C, H)`` in an adapter template (None: no head)."""
+def head_shape(template: Adapter, head_module: str = "classifier") -> tuple[int, int] | None:
+    """Shape ``(C, H)`` of the head's weight in an adapter template (None: no head)."""
     for key in sorted(template):
         value = np.asarray(template[key])
         is_head = f"{head_module}." in key and key.endswith("weight") and "lora" not in key
         if is_head and value.ndim == 2:
-            return int(value.shape[1])
+            return int(value.shape[0]), int(value.shape[1])
     return None
+
+
+def head_input_width(template: Adapter, head_module: str = "classifier") -> int | None:
+    """In-features H of the head's weight ``(C, H)`` in an adapter template (None: no head)."""
+    shape = head_shape(template, head_module)
+    return None if shape is None else shape[1]
 
 
 def adapter_features(
@@ -184,6 +191,34 @@ def fingerprint_features(fingerprints: np.ndarray) -> np.ndarray:
     centred = centred - centred.mean(0, keepdims=True)
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 1e-12)
+
+
+def label_fingerprint_features(label_fingerprints: Sequence[np.ndarray]) -> np.ndarray:
+    """Label fingerprints as a clustering block: rows zero-padded to the widest, flattened,
+    L2-normalised.
+
+    Not centred: a label fingerprint has no offset shared by every task (each is already
+    centred on its own classes), and its direction is what tells tasks apart.
+
+    Parameters
+    ----------
+    label_fingerprints : Sequence[np.ndarray]
+        M arrays ``(C_m, H)``: per class, what separates it from the task's other classes.
+
+    Returns
+    -------
+    np.ndarray
+        ``(M, C_max * H)`` float64; an all-zero fingerprint (fewer than two classes) stays 0.
+    """
+    rows = max(f.shape[0] for f in label_fingerprints)
+    padded = np.stack(
+        [
+            np.pad(np.asarray(f, np.float64), ((0, rows - f.shape[0]), (0, 0))).ravel()
+            for f in label_fingerprints
+        ]
+    )
+    norms = np.linalg.norm(padded, axis=1, keepdims=True)
+    return np.divide(padded, norms, out=np.zeros_like(padded), where=norms > 1e-12)
 
 
 def random_projection(features: np.ndarray, dims: int, seed: int) -> np.ndarray:
@@ -718,17 +753,20 @@ class PoolEntry:
     previous_id: str
     true_task: str | None
     fingerprint: np.ndarray | None = None
+    label_fingerprint: np.ndarray | None = None
     moved: bool = False  # the client's source check started it from another of its globals
 
 
 def entry_digest(entry: PoolEntry) -> str:
-    """SHA-256 of an uploaded adapter's tensors (sorted by name) and its fingerprint."""
+    """SHA-256 of an uploaded adapter's tensors (sorted by name) and its fingerprints."""
     digest = hashlib.sha256()
     for key in sorted(entry.arrays):
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(entry.arrays[key]).tobytes())
     if entry.fingerprint is not None:
         digest.update(np.ascontiguousarray(entry.fingerprint).tobytes())
+    if entry.label_fingerprint is not None:
+        digest.update(np.ascontiguousarray(entry.label_fingerprint).tobytes())
     return digest.hexdigest()
 
 
@@ -807,6 +845,11 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         training inputs under the frozen base model) and cluster on it together with the
         adapter features (see :func:`fingerprint_features`). A reply without valid
         fingerprints is rejected. ``False`` is the paper: the server sees adapters only.
+    label_fingerprint : bool, default True
+        Ask clients also for each adapter's label fingerprint (per class, the mean input
+        representation of that class minus the mean over the task's classes) and cluster on it
+        as a third block (see :func:`label_fingerprint_features`). A reply without valid label
+        fingerprints is rejected.
     projection_dim, projection_min_adapters : int, default 0 and 1000
         With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
         the features randomly projected to ``projection_dim`` columns
@@ -846,6 +889,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         normalize: bool = True,
         weighting: str = "uniform",
         input_fingerprint: bool = True,
+        label_fingerprint: bool = True,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
@@ -876,6 +920,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         # A fingerprint is the head's input: its width is the head's in-features (else the
         # first valid reply's, e.g. a causal LM whose adapter carries no head).
         self.fingerprint_width: int | None = head_input_width(self.template, head_module)
+        shape = head_shape(self.template, head_module)
+        self.max_label_rows = None if shape is None else shape[0]  # no head: no bound
         self.num_clusters = num_clusters
         self.auto_k_range = auto_k_range
         self.kmeans_n_init = kmeans_n_init
@@ -886,6 +932,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.normalize = normalize
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
+        self.label_fingerprint = label_fingerprint
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
@@ -926,6 +973,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "kmeans_n_init": fltac.kmeans_n_init,
             "clustering": fltac.clustering,
             "input_fingerprint": fltac.input_fingerprint,
+            "label_fingerprint": fltac.label_fingerprint,
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
@@ -1057,6 +1105,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "normalize": self.normalize,
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
+            "label_fingerprint": self.label_fingerprint,
             "source_check_llr": self.source_check_llr,
             "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
@@ -1187,6 +1236,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             server_round=server_round,
             keep_local=self.keep_local,
             send_fingerprint=self.input_fingerprint,
+            send_label_fingerprint=self.label_fingerprint,
             check_sources=float(self.source_check_llr or 0.0),
             extra=dict(config),
         )
@@ -1218,8 +1268,13 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             raise ProtocolError(f"{num_slots} slots, but the node had {len(previous)} before")
         used = self._parse_sources(reply, previous)
         fingerprints: list[np.ndarray | None] = [None] * num_slots
+        label_fingerprints: list[np.ndarray | None] = [None] * num_slots
         if self.input_fingerprint:
             fingerprints = list(self._parse_fingerprints(reply.fingerprints, num_slots))
+        if self.label_fingerprint:
+            label_fingerprints = list(
+                self._parse_label_fingerprints(reply.label_fingerprints, num_slots)
+            )
         truth = reply.slot_tasks
         entries = []
         for i, record in enumerate(reply.adapters):
@@ -1239,6 +1294,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                     previous_id=used[i],
                     true_task=str(truth[i]) if truth is not None and i < len(truth) else None,
                     fingerprint=fingerprints[i],
+                    label_fingerprint=label_fingerprints[i],
                     moved=used[i] != previous[i],
                 )
             )
@@ -1272,23 +1328,52 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
 
     def _parse_fingerprints(self, record: ArrayRecord | None, num_slots: int) -> list[np.ndarray]:
         """The ``(H,)`` fingerprint of every slot; ``ProtocolError`` if they are unusable."""
-        if record is None:
-            raise ProtocolError(f"no '{FINGERPRINT_RECORD}' record (input_fingerprint is on)")
-        arrays = record_to_numpy(record)
-        expected = [f"slot{i}" for i in range(num_slots)]
-        if sorted(arrays) != sorted(expected):
-            raise ProtocolError(f"fingerprints {sorted(arrays)} do not match {num_slots} slots")
-        found = [np.asarray(arrays[name], dtype=np.float64) for name in expected]
-        for name, value in zip(expected, found, strict=True):
+        found = self._slot_arrays(record, FINGERPRINT_RECORD, "input_fingerprint", num_slots)
+        for i, value in enumerate(found):
             width = self.fingerprint_width or value.size
             if value.ndim != 1 or value.size != width:
-                raise ProtocolError(f"fingerprint {name}: shape {value.shape}, expected ({width},)")
-            if not np.all(np.isfinite(value)) or float(np.abs(value).max()) > self.max_abs_value:
                 raise ProtocolError(
-                    f"fingerprint {name}: non-finite or above {self.max_abs_value:g}"
+                    f"fingerprint slot{i}: shape {value.shape}, expected ({width},)"
                 )
         if self.fingerprint_width is None and found:
             self.fingerprint_width = int(found[0].size)
+        return found
+
+    def _parse_label_fingerprints(
+        self, record: ArrayRecord | None, num_slots: int
+    ) -> list[np.ndarray]:
+        """The ``(C, H)`` label fingerprint of every slot (C at most the head's rows)."""
+        found = self._slot_arrays(record, LABEL_FINGERPRINT_RECORD, "label_fingerprint", num_slots)
+        for i, value in enumerate(found):
+            width = self.fingerprint_width or (value.shape[-1] if value.ndim else 0)
+            rows = self.max_label_rows or (value.shape[0] if value.ndim else 0)
+            if value.ndim != 2 or value.shape[1] != width or not 1 <= value.shape[0] <= rows:
+                raise ProtocolError(
+                    f"label fingerprint slot{i}: shape {value.shape}, expected (C, {width})"
+                    f" with 1 <= C <= {rows}"
+                )
+        if self.fingerprint_width is None and found:
+            self.fingerprint_width = int(found[0].shape[1])
+        return found
+
+    def _slot_arrays(
+        self, record: ArrayRecord | None, record_name: str, setting: str, num_slots: int
+    ) -> list[np.ndarray]:
+        """One finite array per slot from ``record``, within the value bound, as float64."""
+        if record is None:
+            raise ProtocolError(f"no '{record_name}' record ({setting} is on)")
+        arrays = record_to_numpy(record)
+        expected = [f"slot{i}" for i in range(num_slots)]
+        if sorted(arrays) != sorted(expected):
+            raise ProtocolError(f"'{record_name}' {sorted(arrays)} do not match {num_slots} slots")
+        found = [np.asarray(arrays[name], dtype=np.float64) for name in expected]
+        for name, value in zip(expected, found, strict=True):
+            if value.size and (
+                not np.all(np.isfinite(value)) or float(np.abs(value).max()) > self.max_abs_value
+            ):
+                raise ProtocolError(
+                    f"'{record_name}' {name}: non-finite or above {self.max_abs_value:g}"
+                )
         return found
 
     def _starts(self, pool: Sequence[PoolEntry]) -> list[dict[str, np.ndarray]]:
@@ -1297,7 +1382,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         return [self.globals.get(e.previous_id, self.globals["v0"]) for e in pool]
 
     def clustering_features(self, pool: Sequence[PoolEntry]) -> np.ndarray:
-        """``(M, D)`` rows K-means sees: adapter features, then fingerprints where asked for."""
+        """``(M, D)`` rows K-means sees: adapter features, then input and label fingerprints
+        where asked for (each block of unit norm)."""
         blocks = []
         for source in self.feature_source.split("+"):
             references = None
@@ -1312,6 +1398,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         if self.input_fingerprint and all(f is not None for f in fingerprints):
             fingerprint_block = fingerprint_features(np.stack(fingerprints))  # type: ignore[arg-type]
             features = np.hstack([features, fingerprint_block])
+        label_fingerprints = [e.label_fingerprint for e in pool]
+        if self.label_fingerprint and all(f is not None for f in label_fingerprints):
+            label_block = label_fingerprint_features(label_fingerprints)  # type: ignore[arg-type]
+            features = np.hstack([features, label_block])
         return self._projected(features)
 
     def _projected(self, features: np.ndarray) -> np.ndarray:

@@ -34,10 +34,13 @@ def _message(
     adapters: dict[str, dict[str, np.ndarray]],
     sources: list[str] | None = None,
     check: float = 0.0,
+    fingerprints: bool = False,
 ) -> Message:
     """The server's training instruction: slots start from ``sources`` (default: all v0)."""
     instruction = Instruction(
         server_round=server_round,
+        send_fingerprint=fingerprints,
+        send_label_fingerprint=fingerprints,
         check_sources=check,
         slot_sources=sources,
         globals={gid: state_to_record(state) for gid, state in adapters.items()},
@@ -90,6 +93,30 @@ def test_the_client_keeps_a_right_plan_and_sends_nothing_when_off(
     off = train(_message(2, task_globals, sources=swapped, check=0.0), _context())
     assert TrainReply.from_record(off.content).slot_sources is None
     assert "source-swaps" not in off.content.metric_records["metrics"]
+
+
+def test_the_client_sends_each_slots_fingerprints_only_when_asked(
+    task_globals: dict[str, dict[str, np.ndarray]],
+) -> None:
+    right = ["g0", "g1", "g2"]
+    reply = TrainReply.from_record(
+        train(_message(2, task_globals, sources=right, fingerprints=True), _context()).content
+    )
+    assert reply.fingerprints is not None and reply.label_fingerprints is not None
+    inputs = record_to_numpy(reply.fingerprints)
+    labels = record_to_numpy(reply.label_fingerprints)
+    width = inputs["slot0"].shape[0]
+    # One row per label of the slot's task (5, 3, 2), each class's deviation from the mean of
+    # the class means: the rows of the classes present sum to 0.
+    assert [labels[f"slot{i}"].shape for i in range(3)] == [(5, width), (3, width), (2, width)]
+    for i in range(3):
+        present = np.abs(labels[f"slot{i}"]).sum(1) > 0
+        assert present.sum() >= 2
+        assert np.allclose(labels[f"slot{i}"][present].sum(0), 0.0, atol=1e-5)
+    quiet = TrainReply.from_record(
+        train(_message(2, task_globals, sources=right), _context()).content
+    )
+    assert quiet.fingerprints is None and quiet.label_fingerprints is None
 
 
 def test_example_losses_are_each_examples_masked_cross_entropy() -> None:

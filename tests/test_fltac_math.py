@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
+from client_app.fltac_training import label_fingerprint
 from strategies.fltac import (
     adapter_features,
     auto_kmeans,
@@ -20,6 +21,7 @@ from strategies.fltac import (
     head_input_width,
     head_label_counts,
     kmeans_labels,
+    label_fingerprint_features,
     match_cluster_ids,
     node_payload,
     select_feature_keys,
@@ -218,6 +220,33 @@ def test_fingerprint_features_centre_then_normalise() -> None:
 def test_fingerprint_features_row_at_the_mean_becomes_zero() -> None:
     out = fingerprint_features(np.array([[1.0, 1.0], [3.0, 1.0], [2.0, 1.0]]))
     assert_allclose(out, [[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0]], atol=1e-12)
+
+
+def test_label_fingerprint_is_each_class_mean_minus_the_mean_of_class_means() -> None:
+    # Class 0: (1, 0), (3, 0) -> mean (2, 0); class 1: (0, 2); class 2 absent.
+    # Mean of the present classes' means (1, 1): rows (1, -1), (-1, 1), and 0 for class 2.
+    reps = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    out = label_fingerprint(reps, np.array([0, 0, 1]), 3)
+    assert out.shape == (3, 2)
+    assert_allclose(out, [[1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]])
+    # The label balance does not enter: three more copies of class 1 change nothing.
+    more = np.vstack([reps, np.repeat(reps[2:], 3, axis=0)])
+    assert_allclose(label_fingerprint(more, np.array([0, 0, 1, 1, 1, 1]), 3), out)
+
+
+def test_label_fingerprint_of_one_class_is_zero() -> None:
+    out = label_fingerprint(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1, 1]), 2)
+    assert_allclose(out, np.zeros((2, 2)))
+
+
+def test_label_fingerprint_features_pad_flatten_normalise() -> None:
+    # (2, 2) rows [1, -1], [-1, 1] -> [1, -1, -1, 1] / 2; (1, 2) [3, 4] padded -> [3, 4, 0, 0] / 5.
+    out = label_fingerprint_features(
+        [np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[3.0, 4.0]]), np.zeros((2, 2))]
+    )
+    assert_allclose(
+        out, [[0.5, -0.5, -0.5, 0.5], [0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], atol=1e-12
+    )
 
 
 def test_tasks_lower_bound_is_the_most_adapters_of_one_owner() -> None:

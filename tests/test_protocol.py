@@ -131,6 +131,7 @@ def test_fltac_instruction_round_trips() -> None:
         server_round=2,
         keep_local=True,
         send_fingerprint=True,
+        send_label_fingerprint=True,
         check_sources=4.6,
         slot_sources=["g1", "local"],
         globals={"g1": _adapter(1.0)},
@@ -138,6 +139,11 @@ def test_fltac_instruction_round_trips() -> None:
     )
     got = fltac.Instruction.from_record(sent.to_record())
     assert (got.server_round, got.keep_local, got.send_fingerprint) == (2, True, True)
+    assert got.send_label_fingerprint is True
+    assert (
+        fltac.Instruction.from_record(fltac.Instruction(1).to_record()).send_label_fingerprint
+        is False
+    )
     assert got.sources(2) == ["g1", "local"] and got.extra == {"lr-scale": 1.0}
     assert list(got.globals) == ["g1"]
     with pytest.raises(ProtocolError, match="2 slot sources for 3 slots"):
@@ -156,8 +162,11 @@ def test_fltac_train_reply_round_trips_and_keeps_the_wire_format() -> None:
         source_swaps=2,
         source_check_llr=5.0,
         slot_tasks=["a", "b"],
+        label_fingerprints=state_to_record({"slot0": np.ones((2, 3)), "slot1": np.zeros((2, 3))}),
     )
     got = fltac.TrainReply.from_record(reply.to_record())
+    assert got.label_fingerprints is not None
+    assert np.array_equal(got.label_fingerprints["slot0"].numpy(), np.ones((2, 3)))
     assert (got.slot_examples, got.train_loss, got.slot_sources) == ([3, 4], 0.25, ["g1", "g0"])
     assert (got.source_swaps, got.source_check_llr, got.slot_tasks) == (2, 5.0, ["a", "b"])
     bare = RecordDict()
@@ -174,6 +183,9 @@ def test_fltac_train_reply_round_trips_and_keeps_the_wire_format() -> None:
         }
     )
     bare.config_records["truth"] = ConfigRecord({"slot-tasks": ["a", "b"]})
+    bare.array_records["label_fingerprints"] = state_to_record(
+        {"slot0": np.ones((2, 3)), "slot1": np.zeros((2, 3))}
+    )
     assert content_nbytes(reply.to_record()) == content_nbytes(bare)
 
 

@@ -14,6 +14,7 @@ from numpy.testing import assert_allclose
 from fedspecialists.protocol.fltac import Instruction, TrainReply
 from fedspecialists.protocol.records import (
     FINGERPRINT_RECORD,
+    LABEL_FINGERPRINT_RECORD,
     record_to_numpy,
     state_to_record,
 )
@@ -334,6 +335,43 @@ def _with_fingerprints(reply: Message, fingerprints: list[np.ndarray]) -> Messag
     return reply
 
 
+def _with_label_fingerprints(reply: Message, fingerprints: list[np.ndarray]) -> Message:
+    reply.content.array_records[LABEL_FINGERPRINT_RECORD] = state_to_record(
+        {f"slot{i}": f.astype(np.float32) for i, f in enumerate(fingerprints)}
+    )
+    return reply
+
+
+def test_label_fingerprints_are_asked_for_and_unusable_ones_are_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grid = FakeGrid([1, 2, 3, 4, 5])
+    strategy = paper_fltac(num_clusters=1, label_fingerprint=True)  # V0's head: (2, 2)
+    good = np.array([[1.0, -1.0], [-1.0, 1.0]])
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        for msg in messages.values():
+            assert Instruction.from_record(msg.content).send_label_fingerprint is True
+        return [
+            _with_label_fingerprints(_reply(messages[1], [_adapter(1, 0)]), [good]),
+            _reply(messages[2], [_adapter(3, 0)]),  # none at all
+            _with_label_fingerprints(_reply(messages[3], [_adapter(5, 0)]), [np.ones((3, 2))]),
+            _with_label_fingerprints(_reply(messages[4], [_adapter(7, 0)]), [np.ones(2)]),
+            _with_label_fingerprints(_reply(messages[5], [_adapter(9, 0)]), [good * np.inf]),
+        ]
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "no 'label_fingerprints' record (label_fingerprint is on)" in text
+    assert "shape (3, 2), expected (C, 2) with 1 <= C <= 2" in text  # more rows than logits
+    assert "shape (2,), expected (C, 2)" in text
+    assert "non-finite" in text
+    assert strategy.record.replies_rejected == 4
+    (gid,) = strategy.final_adapters()
+    assert_allclose(strategy.globals[gid][A], [[1.0, 0.0]])  # node 1 alone
+
+
 def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -427,6 +465,13 @@ def _fingerprint(task: str, node: int, pair_alike: bool) -> np.ndarray:
     return mean + 0.05 * noise + 3.0  # a shared offset; centring drops it
 
 
+def _label_fingerprint(task: str, node: int) -> np.ndarray:
+    """``(1, 4)``: the direction a task's labels split its inputs, the same for every client up
+    to noise, also where two tasks' inputs look alike."""
+    noise = np.random.default_rng([node, TASK_AXIS[task], 1]).normal(size=(1, 4))
+    return np.eye(4)[[TASK_AXIS[task]]] + 0.05 * noise
+
+
 def _slot_losses(task: str, candidates: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """(8, C) per-example losses: a global fits a task as far as its head points along it."""
     fit = np.array([c[0, TASK_AXIS[task]] for c in candidates])
@@ -440,6 +485,7 @@ def _client_reply(
     input_fingerprint: bool,
     pair_alike: bool,
     shrinking_steps: bool,
+    label_fingerprint: bool = False,
 ) -> Message:
     """What a real client of :func:`_recovering_run` replies: a small step from its starts."""
     instruction = Instruction.from_record(msg.content)
@@ -462,6 +508,8 @@ def _client_reply(
     reply = _reply(msg, trained, tasks=tasks, sources=sources if moved else None)
     if input_fingerprint:
         reply = _with_fingerprints(reply, [_fingerprint(t, node, pair_alike) for t in tasks])
+    if label_fingerprint:
+        reply = _with_label_fingerprints(reply, [_label_fingerprint(t, node) for t in tasks])
     return reply
 
 
@@ -472,6 +520,7 @@ def _recovering_run(
     source_check_llr: float | None = None,
     pair_alike: bool = False,
     shrinking_steps: bool = False,
+    label_fingerprint: bool = False,
 ) -> tuple[list[float], list[dict[int, list[str]]]]:
     """Agreement and slot ids per round; clients train like real ones (start + a small step).
 
@@ -485,6 +534,7 @@ def _recovering_run(
         num_clusters=3,
         seed=0,
         input_fingerprint=input_fingerprint,
+        label_fingerprint=label_fingerprint,
         source_check_llr=source_check_llr,
         max_abs_value=1e4,
     )
@@ -492,7 +542,9 @@ def _recovering_run(
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         return [
-            _client_reply(msg, node, rng, input_fingerprint, pair_alike, shrinking_steps)
+            _client_reply(
+                msg, node, rng, input_fingerprint, pair_alike, shrinking_steps, label_fingerprint
+            )
             for node, msg in messages.items()
         ]
 
@@ -544,9 +596,23 @@ def test_the_source_check_undoes_a_swapped_pair_in_round_two_and_holds() -> None
     assert _holds_from(agreement, slots) == 2
 
 
+def test_label_fingerprints_undo_a_swapped_same_source_pair_in_round_two_and_hold() -> None:
+    # The inputs of node 1's pair look alike, but their labels split them differently: with
+    # label fingerprints the next clustering puts each back, with no source check at all.
+    agreement, slots = _recovering_run(
+        True,
+        strategy_cls=_SwappedPair,
+        pair_alike=True,
+        shrinking_steps=True,
+        label_fingerprint=True,
+    )
+    assert agreement[0] < 1.0
+    assert _holds_from(agreement, slots) == 2
+
+
 def test_the_default_undoes_a_permuted_first_round_by_round_three_and_holds() -> None:
     # Fingerprints and the source check together (the default) on the permutation.
-    agreement, slots = _recovering_run(True, source_check_llr=4.6)
+    agreement, slots = _recovering_run(True, source_check_llr=4.6, label_fingerprint=True)
     assert agreement[0] < 0
     assert _holds_from(agreement, slots) <= 3
 

@@ -6,12 +6,14 @@ protocol raises :class:`~fedspecialists.protocol.values.ProtocolError` with the 
 
 Content of each message (record kind, name: keys)::
 
-    Instruction   config "config": server-round, keep-local, send-fingerprint, check-sources,
-                  and slot-sources (one global id per slot) or default-source (every slot);
+    Instruction   config "config": server-round, keep-local, send-fingerprint,
+                  send-label-fingerprint, check-sources, and slot-sources (one global id
+                  per slot) or default-source (every slot);
                   arrays "adapter.<id>": each global adapter the node's slots start from
     TrainReply    arrays "adapter.slot<i>": the trained adapter of slot i (no task label);
                   metrics "metrics": num-examples, slot-examples, train-loss,
                   [source-swaps, source-check-llr]; [arrays "fingerprints": "slot<i>": (H,)];
+                  [arrays "label_fingerprints": "slot<i>": (C, H)];
                   [config "sources": slot-sources, the global each slot started from];
                   [config "truth": slot-tasks, each slot's true task, for metrics only]
     EvaluateReply metrics "metrics": correct.<task>, total.<task>, loss.<task>, num-examples
@@ -27,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedspecialists.protocol.records import (
     ADAPTER_PREFIX,
     FINGERPRINT_RECORD,
+    LABEL_FINGERPRINT_RECORD,
     SOURCES_RECORD,
     adapter_names,
 )
@@ -45,6 +48,7 @@ _INSTRUCTION_KEYS = (
     "server-round",
     "keep-local",
     "send-fingerprint",
+    "send-label-fingerprint",
     "check-sources",
     "slot-sources",
     "default-source",
@@ -69,6 +73,7 @@ class Instruction:
     server_round: int
     keep_local: bool = False
     send_fingerprint: bool = False
+    send_label_fingerprint: bool = False
     check_sources: float = 0.0
     slot_sources: list[str] | None = None
     default_source: str = "v0"
@@ -80,6 +85,7 @@ class Instruction:
         config["server-round"] = self.server_round
         config["keep-local"] = self.keep_local
         config["send-fingerprint"] = self.send_fingerprint
+        config["send-label-fingerprint"] = self.send_label_fingerprint
         config["check-sources"] = float(self.check_sources)
         if self.slot_sources is None:
             config["default-source"] = self.default_source
@@ -104,6 +110,7 @@ class Instruction:
             server_round=int(number(config, "server-round")),
             keep_local=bool(config.get("keep-local", False)),
             send_fingerprint=bool(config.get("send-fingerprint", False)),
+            send_label_fingerprint=bool(config.get("send-label-fingerprint", False)),
             check_sources=number(config, "check-sources") if "check-sources" in config else 0.0,
             slot_sources=sources,
             default_source=str(config.get("default-source", "v0")),
@@ -140,6 +147,7 @@ class TrainReply:
     slot_examples: list[int]
     train_loss: float | None = None
     fingerprints: ArrayRecord | None = None
+    label_fingerprints: ArrayRecord | None = None
     slot_sources: list[str] | None = None
     source_swaps: int | None = None
     source_check_llr: float | None = None
@@ -151,6 +159,8 @@ class TrainReply:
             content.array_records[f"{ADAPTER_PREFIX}{slot_name(i)}"] = adapter
         if self.fingerprints is not None:
             content.array_records[FINGERPRINT_RECORD] = self.fingerprints
+        if self.label_fingerprints is not None:
+            content.array_records[LABEL_FINGERPRINT_RECORD] = self.label_fingerprints
         metrics: dict[str, Any] = {
             "num-examples": sum(self.slot_examples),
             "slot-examples": list(self.slot_examples),
@@ -190,6 +200,7 @@ class TrainReply:
             source_swaps=optional_int(metrics, "source-swaps"),
             source_check_llr=optional_count(metrics, "source-check-llr"),
             fingerprints=content.array_records.get(FINGERPRINT_RECORD),
+            label_fingerprints=content.array_records.get(LABEL_FINGERPRINT_RECORD),
             slot_sources=None if sources is None else _slot_sources(sources),
             slot_tasks=None
             if truth is None or "slot-tasks" not in truth

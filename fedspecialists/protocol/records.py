@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # imported where used: a ClientApp that only forwards never l
 ADAPTER_PREFIX = "adapter."
 # FL-TAC's input fingerprints: one ArrayRecord, one (H,) array per slot ("slot<i>").
 FINGERPRINT_RECORD = "fingerprints"
+# FL-TAC's label fingerprints: one ArrayRecord, one (C, H) array per slot ("slot<i>").
+LABEL_FINGERPRINT_RECORD = "label_fingerprints"
 # FL-TAC's source check: a ConfigRecord whose "slot-sources" names the global each slot used.
 SOURCES_RECORD = "sources"
 FAULT_RECORD = "fault"  # config "fault": kind -- a fault injected on purpose (metrics only)
