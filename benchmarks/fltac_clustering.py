@@ -3,7 +3,8 @@
 Suites: the embedded default (four tasks, 5/3/2/2 labels), two stress suites whose tasks share
 one label count (``stress_binary``, ``stress_three_way``) and eight tasks with an automatic K
 (``stress_eight``, ``fltac.num_clusters=auto``). Methods: FL-TAC with the project's defaults,
-FL-TAC without the clients' source check, FL-TAC as the paper has it (plain K-means on the
+FL-TAC without label fingerprints (the previous default), FL-TAC without the clients' source
+check, FL-TAC as the paper has it (plain K-means on the
 adapters alone), oracle clustering, FedIT at rank 16 and local only. Every run is a real
 ``flwr run`` on a local simulation SuperLink (10 SuperNodes), started and stopped by this
 script; the tables are built from the run folders.
@@ -28,13 +29,20 @@ from runner import fmt, parallel_clients, run_all
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
-    "fltac": ("FL-TAC (default: fingerprints + label-count split + source check)", "method=fltac"),
+    "fltac": (
+        "FL-TAC (default: input and label fingerprints + label-count split + source check)",
+        "method=fltac",
+    ),
+    "fltac_nolabel": (
+        "FL-TAC (input fingerprints + label-count split + source check: previous default)",
+        "method=fltac fltac.label_fingerprint=false",
+    ),
     "fltac_nocheck": (
-        "FL-TAC (fingerprints + label-count split, no source check)",
+        "FL-TAC (input and label fingerprints + label-count split, no source check)",
         "method=fltac fltac.source_check=false",
     ),
     "fltac_fingerprint": (
-        "FL-TAC (fingerprints only: previous default)",
+        "FL-TAC (input fingerprints only: an earlier default)",
         "method=fltac fltac.source_check=false fltac.split_by_label_count=false",
     ),
     "fltac_paper": (
@@ -205,7 +213,15 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["fltac", "fltac_nocheck", "fltac_paper", "oracle", "fedit", "local"],
+        default=[
+            "fltac",
+            "fltac_nolabel",
+            "fltac_nocheck",
+            "fltac_paper",
+            "oracle",
+            "fedit",
+            "local",
+        ],
         choices=list(METHODS),
     )
     parser.add_argument(
