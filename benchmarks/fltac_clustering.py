@@ -43,17 +43,19 @@ METHODS = {
     ),
     "fltac_fingerprint": (
         "FL-TAC (input fingerprints only: an earlier default)",
-        "method=fltac fltac.source_check=false fltac.split_by_label_count=false",
+        "method=fltac fltac.source_check=false fltac.split_by_label_count=false"
+        " fltac.label_fingerprint=false",
     ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false"
+        " fltac.label_fingerprint=false"
         " fltac.source_check=false fltac.split_by_label_count=false",
     ),
     "fltac_hybrid": (
         "FL-TAC (fingerprints + update features; no source check, no label-count split)",
         "method=fltac fltac.feature_source=cumulative+update fltac.source_check=false"
-        " fltac.split_by_label_count=false",
+        " fltac.split_by_label_count=false fltac.label_fingerprint=false",
     ),
     "oracle": ("Oracle clustering", "method=oracle"),
     "fedit": ("FedIT (rank 16)", "method=fedit"),

@@ -22,6 +22,10 @@ offline benchmark (see docs/results.md):
   *data* is. The server centres the fingerprints on the round's pool, L2-normalises them and
   appends them to the adapter features (both blocks of unit norm). What this reveals to the
   server is documented in docs/methods.md; ``fltac.input_fingerprint=false`` turns it off.
+* label fingerprints (``fltac.label_fingerprint``, default on): per adapter and class, the mean
+  representation of that class's inputs minus the mean of the class means (balance-free). Tasks
+  that share their inputs (one set of reviews labelled two ways) differ in what their labels
+  separate. A third unit block; ``fltac.label_fingerprint=false`` turns it off.
 * the clients' source check (``fltac.source_check``, default on): from round 2 a client scores
   every global it was sent on its own tasks' training examples and may reassign its slots among
   those globals, only on clear evidence (:func:`choose_sources`); it replies with the global
