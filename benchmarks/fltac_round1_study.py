@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_app.fltac_training import (
     collate,
     encode,
-    input_fingerprint,
+    input_representations,
+    label_fingerprint,
     masked_logits,
     train_adapter,
 )
@@ -51,6 +52,7 @@ from strategies.fltac import (
     fingerprint_features,
     group_means,
     kmeans_labels,
+    label_fingerprint_features,
     tasks_lower_bound,
 )
 
@@ -122,6 +124,22 @@ def _client_choice(
     }
 
 
+def _split_kmeans(
+    z: np.ndarray, owners: list[int], counts: list[int], truth: list[str], seed: int
+) -> list[int]:
+    """Constrained K-means within each label count, K = the tasks of that count (the split)."""
+    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
+    labels, offset = np.zeros(len(counts), dtype=np.int64), 0
+    for count in sorted(set(counts)):
+        rows = np.flatnonzero(counts_arr == count)
+        k = len({truth[i] for i in rows})
+        labels[rows] = (
+            constrained_kmeans_labels(z[rows], owners_arr[rows].tolist(), k, seed) + offset
+        )
+        offset += k
+    return labels.tolist()
+
+
 def study(suite: str, seed: int) -> dict[str, Any]:
     cfg = load_config_as(AdapterRunConfig, [f"suite={suite}", f"seed={seed}"])
     tasks = load_suite(cfg.suite.tasks, seed, cfg.data.cache_dir)
@@ -133,7 +151,7 @@ def study(suite: str, seed: int) -> dict[str, Any]:
     model = get_adapter_model(cfg, width)
     v0_t = initial_adapter(cfg, width)
     v0 = {k: v.numpy() for k, v in v0_t.items()}
-    adapters, fps, owners, truth, encs = [], [], [], [], []
+    adapters, fps, label_fps, owners, truth, encs = [], [], [], [], [], []
     for client, mine in enumerate(parts):
         for slot, task in enumerate(mine):
             enc = encode(task, "train", pre, cfg.model.max_length)
@@ -141,7 +159,9 @@ def study(suite: str, seed: int) -> dict[str, Any]:
             # The ClientApp's round-1 seed for this slot.
             train_adapter(model, "slot0", enc, cfg.train, round_seed(seed, 1, client, slot))
             adapters.append({k: v.numpy().copy() for k, v in model.state("slot0").items()})
-            fps.append(input_fingerprint(model, enc, 64, cfg.model.head_module))
+            reps = input_representations(model, enc, 64, cfg.model.head_module)
+            fps.append(reps.mean(0))
+            label_fps.append(label_fingerprint(reps, enc.labels.numpy(), task.num_labels))
             owners.append(client)
             truth.append(task.name)
             encs.append((enc, task.num_labels))
@@ -160,6 +180,22 @@ def study(suite: str, seed: int) -> dict[str, Any]:
     ):
         result["ari"][name] = clustering_agreement(
             truth, constrained_kmeans_labels(z, owners, k, seed).tolist()
+        )
+    counts = [t for _, t in encs]
+    label_block = label_fingerprint_features(label_fps)
+    for name, z in (
+        (
+            "head + fingerprint, split by label count (previous default)",
+            np.hstack([head, fp_block]),
+        ),
+        ("fingerprint + label fingerprint, split", np.hstack([fp_block, label_block])),
+        (
+            "head + fingerprint + label fingerprint, split (default)",
+            np.hstack([head, fp_block, label_block]),
+        ),
+    ):
+        result["ari"][name] = clustering_agreement(
+            truth, _split_kmeans(z, owners, counts, truth, seed)
         )
     default = np.hstack([head, fp_block])
     silhouettes = {
