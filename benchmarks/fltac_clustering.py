@@ -37,6 +37,10 @@ METHODS = {
         "FL-TAC (input fingerprints + label-count split + source check: previous default)",
         "method=fltac fltac.label_fingerprint=false",
     ),
+    "fltac_fp_round1": (
+        "FL-TAC (default, round 1 clustered on the fingerprints only)",
+        "method=fltac fltac.fingerprints_only_from_v0=true",
+    ),
     "fltac_nocheck": (
         "FL-TAC (input and label fingerprints + label-count split, no source check)",
         "method=fltac fltac.source_check=false",

@@ -224,6 +224,7 @@ class FLTACConfig:
     kmeans_n_init: int = MISSING
     input_fingerprint: bool = MISSING
     label_fingerprint: bool = MISSING
+    fingerprints_only_from_v0: bool = MISSING  # round 1: K-means on the fingerprints alone
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING

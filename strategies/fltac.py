@@ -854,6 +854,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         representation of that class minus the mean over the task's classes) and cluster on it
         as a third block (see :func:`label_fingerprint_features`). A reply without valid label
         fingerprints is rejected.
+    fingerprints_only_from_v0 : bool, default False
+        Cluster a pool whose adapters all started from v0 (round 1) on its fingerprints alone:
+        a head a few steps from v0 moves mostly with its client's label balance.
     projection_dim, projection_min_adapters : int, default 0 and 1000
         With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
         the features randomly projected to ``projection_dim`` columns
@@ -894,6 +897,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         weighting: str = "uniform",
         input_fingerprint: bool = True,
         label_fingerprint: bool = True,
+        fingerprints_only_from_v0: bool = False,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
@@ -937,6 +941,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.weighting = weighting
         self.input_fingerprint = input_fingerprint
         self.label_fingerprint = label_fingerprint
+        self.fingerprints_only_from_v0 = fingerprints_only_from_v0
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
@@ -978,6 +983,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "clustering": fltac.clustering,
             "input_fingerprint": fltac.input_fingerprint,
             "label_fingerprint": fltac.label_fingerprint,
+            "fingerprints_only_from_v0": fltac.fingerprints_only_from_v0,
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
@@ -1110,6 +1116,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "weighting": self.weighting,
             "input_fingerprint": self.input_fingerprint,
             "label_fingerprint": self.label_fingerprint,
+            "fingerprints_only_from_v0": self.fingerprints_only_from_v0,
             "source_check_llr": self.source_check_llr,
             "split_by_label_count": self.split_by_label_count,
             "fraction_train": self.fraction_train,
@@ -1387,7 +1394,16 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
 
     def clustering_features(self, pool: Sequence[PoolEntry]) -> np.ndarray:
         """``(M, D)`` rows K-means sees: adapter features, then input and label fingerprints
-        where asked for (each block of unit norm)."""
+        where asked for (each block of unit norm). With ``fingerprints_only_from_v0``, a pool
+        whose adapters all started from v0 (round 1) is clustered on its fingerprints alone."""
+        blocks = self._fingerprint_blocks(pool)
+        all_new = all(e.previous_id == "v0" for e in pool)
+        if not (blocks and all_new and self.fingerprints_only_from_v0):
+            blocks.insert(0, self._adapter_block(pool))
+        return self._projected(np.hstack(blocks))
+
+    def _adapter_block(self, pool: Sequence[PoolEntry]) -> np.ndarray:
+        """``(M, D_a)``: one unit block per ``feature_source`` part (the adapters' features)."""
         blocks = []
         for source in self.feature_source.split("+"):
             references = None
@@ -1397,16 +1413,18 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                 references = [self.globals["v0"]] * len(pool)
             arrays = [e.arrays for e in pool]
             blocks.append(adapter_features(arrays, self.feature_keys, references, self.normalize))
-        features = np.hstack(blocks)
+        return np.hstack(blocks)
+
+    def _fingerprint_blocks(self, pool: Sequence[PoolEntry]) -> list[np.ndarray]:
+        """The input and label fingerprint blocks where asked for (empty list: none)."""
+        blocks = []
         fingerprints = [e.fingerprint for e in pool]
         if self.input_fingerprint and all(f is not None for f in fingerprints):
-            fingerprint_block = fingerprint_features(np.stack(fingerprints))  # type: ignore[arg-type]
-            features = np.hstack([features, fingerprint_block])
+            blocks.append(fingerprint_features(np.stack(fingerprints)))  # type: ignore[arg-type]
         label_fingerprints = [e.label_fingerprint for e in pool]
         if self.label_fingerprint and all(f is not None for f in label_fingerprints):
-            label_block = label_fingerprint_features(label_fingerprints)  # type: ignore[arg-type]
-            features = np.hstack([features, label_block])
-        return self._projected(features)
+            blocks.append(label_fingerprint_features(label_fingerprints))  # type: ignore[arg-type]
+        return blocks
 
     def _projected(self, features: np.ndarray) -> np.ndarray:
         """``features``, randomly projected to ``projection_dim`` columns when the pool holds

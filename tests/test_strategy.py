@@ -711,6 +711,31 @@ def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
     assert_allclose(features, [[0.6, 0.0, 0.0, 0.8, 0.0, 0.0, 0.0, 1.0]])
 
 
+def test_fingerprints_only_from_v0_leaves_the_heads_out_of_round_one_only() -> None:
+    strategy = paper_fltac(
+        num_clusters=1,
+        input_fingerprint=True,
+        label_fingerprint=True,
+        fingerprints_only_from_v0=True,
+    )
+    fps = [np.array([1.0, 0.0]), np.array([3.0, 0.0])]  # centred: (-1, 0), (1, 0)
+    labels = [np.array([[0.0, 2.0]]), np.array([[3.0, 4.0]])]  # unit: (0, 1), (0.6, 0.8)
+
+    def pool(previous: str) -> list[PoolEntry]:
+        return [
+            PoolEntry(1, i, _adapter(3, 4), 1, previous, None, fps[i], labels[i]) for i in range(2)
+        ]
+
+    # Every adapter started from v0: the two fingerprint blocks alone.
+    assert_allclose(
+        strategy.clustering_features(pool("v0")), [[-1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.6, 0.8]]
+    )
+    # Started from a global (round 2 on): the head block (3, 0, 0, 4) / 5 comes first again.
+    strategy.globals["g0"] = dict(V0)
+    assert_allclose(strategy.clustering_features(pool("g0"))[:, :4], [[0.6, 0.0, 0.0, 0.8]] * 2)
+    assert strategy.clustering_features(pool("g0")).shape == (2, 8)
+
+
 def test_evaluated_rounds_are_every_nth_and_the_last() -> None:
     from server_app.rounds import evaluates
 
