@@ -3,11 +3,10 @@
 Suites: the embedded default (four tasks, 5/3/2/2 labels), two stress suites whose tasks share
 one label count (``stress_binary``, ``stress_three_way``) and eight tasks with an automatic K
 (``stress_eight``, ``fltac.num_clusters=auto``). Methods: FL-TAC with the project's defaults,
-FL-TAC without label fingerprints (the previous default), FL-TAC without the clients' source
-check, FL-TAC as the paper has it (plain K-means on the
-adapters alone), oracle clustering, FedIT at rank 16 and local only. Every run is a real
-``flwr run`` on a local simulation SuperLink (10 SuperNodes), started and stopped by this
-script; the tables are built from the run folders.
+FL-TAC without label fingerprints and with heads in round 1 (the previous default), FL-TAC as
+the paper has it (plain K-means on the adapters alone), oracle clustering, FedIT at rank 16 and
+local only. Every run is a real ``flwr run`` on a local simulation SuperLink (10 SuperNodes),
+started and stopped by this script; the tables are built from the run folders.
 
 Usage::
 
@@ -30,36 +29,37 @@ SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
     "fltac": (
-        "FL-TAC (default: input and label fingerprints + label-count split + source check)",
+        "FL-TAC (default: input and label fingerprints, round 1 on them alone, label-count split,"
+        " source check)",
         "method=fltac",
     ),
-    "fltac_nolabel": (
-        "FL-TAC (input fingerprints + label-count split + source check: previous default)",
-        "method=fltac fltac.label_fingerprint=false",
+    "fltac_heads_round1": (
+        "FL-TAC (input and label fingerprints, heads in round 1 too)",
+        "method=fltac fltac.fingerprints_only_from_v0=false",
     ),
-    "fltac_fp_round1": (
-        "FL-TAC (default, round 1 clustered on the fingerprints only)",
-        "method=fltac fltac.fingerprints_only_from_v0=true",
+    "fltac_nolabel": (
+        "FL-TAC (input fingerprints, label-count split, source check: previous default)",
+        "method=fltac fltac.label_fingerprint=false fltac.fingerprints_only_from_v0=false",
     ),
     "fltac_nocheck": (
-        "FL-TAC (input and label fingerprints + label-count split, no source check)",
+        "FL-TAC (default without the source check)",
         "method=fltac fltac.source_check=false",
     ),
     "fltac_fingerprint": (
         "FL-TAC (input fingerprints only: an earlier default)",
         "method=fltac fltac.source_check=false fltac.split_by_label_count=false"
-        " fltac.label_fingerprint=false",
+        " fltac.label_fingerprint=false fltac.fingerprints_only_from_v0=false",
     ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false"
-        " fltac.label_fingerprint=false"
-        " fltac.source_check=false fltac.split_by_label_count=false",
+        " fltac.label_fingerprint=false fltac.source_check=false fltac.split_by_label_count=false",
     ),
     "fltac_hybrid": (
         "FL-TAC (fingerprints + update features; no source check, no label-count split)",
         "method=fltac fltac.feature_source=cumulative+update fltac.source_check=false"
-        " fltac.split_by_label_count=false fltac.label_fingerprint=false",
+        " fltac.split_by_label_count=false fltac.label_fingerprint=false"
+        " fltac.fingerprints_only_from_v0=false",
     ),
     "oracle": ("Oracle clustering", "method=oracle"),
     "fedit": ("FedIT (rank 16)", "method=fedit"),

@@ -854,7 +854,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         representation of that class minus the mean over the task's classes) and cluster on it
         as a third block (see :func:`label_fingerprint_features`). A reply without valid label
         fingerprints is rejected.
-    fingerprints_only_from_v0 : bool, default False
+    fingerprints_only_from_v0 : bool, default True
         Cluster a pool whose adapters all started from v0 (round 1) on its fingerprints alone:
         a head a few steps from v0 moves mostly with its client's label balance.
     projection_dim, projection_min_adapters : int, default 0 and 1000
@@ -897,7 +897,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         weighting: str = "uniform",
         input_fingerprint: bool = True,
         label_fingerprint: bool = True,
-        fingerprints_only_from_v0: bool = False,
+        fingerprints_only_from_v0: bool = True,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
