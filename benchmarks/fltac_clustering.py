@@ -3,8 +3,8 @@
 Suites: the embedded default (four tasks, 5/3/2/2 labels), two stress suites whose tasks share
 one label count (``stress_binary``, ``stress_three_way``) and eight tasks with an automatic K
 (``stress_eight``, ``fltac.num_clusters=auto``). Methods: FL-TAC with the project's defaults,
-FL-TAC without label fingerprints and with heads in round 1 (the previous default), FL-TAC as
-the paper has it (plain K-means on the adapters alone), oracle clustering, FedIT at rank 16 and
+FL-TAC with label fingerprints and round 1 on the fingerprints alone, FL-TAC as the paper has
+it (plain K-means on the adapters alone), oracle clustering, FedIT at rank 16 and
 local only. Every run is a real ``flwr run`` on a local simulation SuperLink (10 SuperNodes),
 started and stopped by this script; the tables are built from the run folders.
 
@@ -29,20 +29,19 @@ SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 AUTO_K_SUITES = ("stress_eight",)  # run with fltac.num_clusters=auto
 METHODS = {
     "fltac": (
-        "FL-TAC (default: input and label fingerprints, round 1 on them alone, label-count split,"
-        " source check)",
+        "FL-TAC (default: input fingerprints, label-count split, source check)",
         "method=fltac",
     ),
-    "fltac_heads_round1": (
-        "FL-TAC (input and label fingerprints, heads in round 1 too)",
-        "method=fltac fltac.fingerprints_only_from_v0=false",
+    "fltac_label": (
+        "FL-TAC (default + label fingerprints, round 1 on the fingerprints alone)",
+        "method=fltac fltac.label_fingerprint=true fltac.fingerprints_only_from_v0=true",
     ),
-    "fltac_nolabel": (
-        "FL-TAC (input fingerprints, label-count split, source check: previous default)",
-        "method=fltac fltac.label_fingerprint=false fltac.fingerprints_only_from_v0=false",
+    "fltac_heads_round1": (
+        "FL-TAC (default + label fingerprints, heads in round 1 too)",
+        "method=fltac fltac.label_fingerprint=true",
     ),
     "fltac_nocheck": (
-        "FL-TAC (default without the source check)",
+        "FL-TAC (input fingerprints + label-count split, no source check)",
         "method=fltac fltac.source_check=false",
     ),
     "fltac_fingerprint": (
@@ -221,7 +220,7 @@ def main() -> None:
         nargs="+",
         default=[
             "fltac",
-            "fltac_nolabel",
+            "fltac_label",
             "fltac_nocheck",
             "fltac_paper",
             "oracle",

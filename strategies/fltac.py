@@ -22,10 +22,10 @@ offline benchmark (see docs/results.md):
   *data* is. The server centres the fingerprints on the round's pool, L2-normalises them and
   appends them to the adapter features (both blocks of unit norm). What this reveals to the
   server is documented in docs/methods.md; ``fltac.input_fingerprint=false`` turns it off.
-* label fingerprints (``fltac.label_fingerprint``, default on): per adapter and class, the mean
+* label fingerprints (``fltac.label_fingerprint``, default off): per adapter and class, the mean
   representation of that class's inputs minus the mean of the class means (balance-free). Tasks
   that share their inputs (one set of reviews labelled two ways) differ in what their labels
-  separate. A third unit block; ``fltac.label_fingerprint=false`` turns it off.
+  separate. A third unit block; measured no better than without in real runs, so off.
 * the clients' source check (``fltac.source_check``, default on): from round 2 a client scores
   every global it was sent on its own tasks' training examples and may reassign its slots among
   those globals, only on clear evidence (:func:`choose_sources`); it replies with the global
@@ -849,12 +849,12 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         training inputs under the frozen base model) and cluster on it together with the
         adapter features (see :func:`fingerprint_features`). A reply without valid
         fingerprints is rejected. ``False`` is the paper: the server sees adapters only.
-    label_fingerprint : bool, default True
+    label_fingerprint : bool, default False
         Ask clients also for each adapter's label fingerprint (per class, the mean input
         representation of that class minus the mean over the task's classes) and cluster on it
         as a third block (see :func:`label_fingerprint_features`). A reply without valid label
         fingerprints is rejected.
-    fingerprints_only_from_v0 : bool, default True
+    fingerprints_only_from_v0 : bool, default False
         Cluster a pool whose adapters all started from v0 (round 1) on its fingerprints alone:
         a head a few steps from v0 moves mostly with its client's label balance.
     projection_dim, projection_min_adapters : int, default 0 and 1000
@@ -896,8 +896,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         normalize: bool = True,
         weighting: str = "uniform",
         input_fingerprint: bool = True,
-        label_fingerprint: bool = True,
-        fingerprints_only_from_v0: bool = True,
+        label_fingerprint: bool = False,
+        fingerprints_only_from_v0: bool = False,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
