@@ -65,16 +65,18 @@ def fingerprints(suite: str, seed: int) -> dict[str, Any]:
     return rows
 
 
-def grouped(features: np.ndarray, rows: dict[str, list[Any]], seed: int) -> list[int]:
-    """Constrained K-means within each label count (K = that count's true number of tasks)."""
-    counts, owners = np.asarray(rows["count"]), np.asarray(rows["owner"])
+def split_kmeans(
+    features: np.ndarray, owners: list[int], counts: list[int], tasks: list[str], seed: int
+) -> list[int]:
+    """Constrained K-means within each label count (K = that count's true number of tasks),
+    as the server's label-count split runs it; labels ``(M,)``."""
+    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
     labels, offset = np.zeros(len(counts), dtype=np.int64), 0
-    for count in sorted(set(counts.tolist())):
-        idx = np.flatnonzero(counts == count)
-        k = len({rows["task"][i] for i in idx})
-        labels[idx] = (
-            constrained_kmeans_labels(features[idx], owners[idx].tolist(), k, seed) + offset
-        )
+    for count in sorted(set(counts)):
+        idx = np.flatnonzero(counts_arr == count)
+        k = len({tasks[i] for i in idx})
+        labels[idx] = constrained_kmeans_labels(features[idx], owners_arr[idx].tolist(), k, seed)
+        labels[idx] += offset
         offset += k
     return labels.tolist()
 
@@ -88,7 +90,8 @@ def study(suite: str, seed: int) -> dict[str, Any]:
     result: dict[str, Any] = {"suite": suite, "seed": seed, "adapters": len(rows["task"])}
     result["one_class_adapters"] = int(one_class)
     for name, x in blocks.items():  # round 1 of a run clusters with seed + 1
-        result[name] = clustering_agreement(rows["task"], grouped(x, rows, seed + 1))
+        grouping = split_kmeans(x, rows["owner"], rows["count"], rows["task"], seed + 1)
+        result[name] = clustering_agreement(rows["task"], grouping)
     return result
 
 

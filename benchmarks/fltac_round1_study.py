@@ -30,6 +30,8 @@ from client_app.training import round_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fltac_fingerprint_study import split_kmeans
+
 from client_app.fltac_training import (
     collate,
     encode,
@@ -124,22 +126,6 @@ def _client_choice(
     }
 
 
-def _split_kmeans(
-    z: np.ndarray, owners: list[int], counts: list[int], truth: list[str], seed: int
-) -> list[int]:
-    """Constrained K-means within each label count, K = the tasks of that count (the split)."""
-    counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
-    labels, offset = np.zeros(len(counts), dtype=np.int64), 0
-    for count in sorted(set(counts)):
-        rows = np.flatnonzero(counts_arr == count)
-        k = len({truth[i] for i in rows})
-        labels[rows] = (
-            constrained_kmeans_labels(z[rows], owners_arr[rows].tolist(), k, seed) + offset
-        )
-        offset += k
-    return labels.tolist()
-
-
 def study(suite: str, seed: int) -> dict[str, Any]:
     cfg = load_config_as(AdapterRunConfig, [f"suite={suite}", f"seed={seed}"])
     tasks = load_suite(cfg.suite.tasks, seed, cfg.data.cache_dir)
@@ -195,7 +181,7 @@ def study(suite: str, seed: int) -> dict[str, Any]:
         ),
     ):
         result["ari"][name] = clustering_agreement(
-            truth, _split_kmeans(z, owners, counts, truth, seed)
+            truth, split_kmeans(z, owners, counts, truth, seed)
         )
     default = np.hstack([head, fp_block])
     silhouettes = {
