@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,20 @@ def study(suite: str, seed: int) -> dict[str, Any]:
     return result
 
 
+def run_studies(
+    one: Callable[[str, int], dict[str, Any]], suites: list[str], seeds: list[int], out: Path
+) -> list[dict[str, Any]]:
+    """``one(suite, seed)`` for every pair, each result printed as it comes, all in
+    ``out/results.json``."""
+    results = []
+    for suite in suites:
+        for seed in seeds:
+            results.append(one(suite, seed))
+            print(json.dumps(results[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| suite | " + " | ".join(f"{v}: ARI per seed (seeds at 1.0)" for v in VARIANTS) + " |",
@@ -120,12 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for suite in args.suites:
-        for seed in args.seeds:
-            results.append(study(suite, seed))
-            print(json.dumps(results[-1]), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results = run_studies(study, args.suites, args.seeds, args.out)
     text = table(results)
     (args.out / "table.md").write_text(text + "\n")
     print(text)

@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from client_app.training import round_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fltac_fingerprint_study import split_kmeans
+from fltac_fingerprint_study import run_studies, split_kmeans
 
 from client_app.fltac_training import (
     collate,
@@ -207,12 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for suite in args.suites:
-        for seed in args.seeds:
-            results.append(study(suite, seed))
-            print(json.dumps(results[-1]), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results = run_studies(study, args.suites, args.seeds, args.out)
     variants = list(results[0]["ari"])
     head = ["variant", *[f"{r['suite']} s{r['seed']}" for r in results]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
