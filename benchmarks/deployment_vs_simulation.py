@@ -3,8 +3,9 @@
 Both on this machine: simulation = a local simulation SuperLink with N simulated SuperNodes;
 deployment = a TLS SuperLink with SuperNode authentication, N SuperNode processes and their gRPC
 peer endpoints (``fedspecialists.deploy.federation``), without and with a warm site per
-SuperNode (``--warm-sites off on``). The table reads the runs' ``metrics.jsonl`` and
-``summary.json``.
+SuperNode (``--warm-sites off on``), with SuperNodes polling for work every 0.2 s
+(``fedspecialists-supernode``) or as Flower's own do (``--supernode-poll flower 0.2``). The
+table reads the runs' ``metrics.jsonl`` and ``summary.json``.
 
 Usage::
 
@@ -16,11 +17,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
 
 from fedspecialists.deploy.federation import local_federation
+from fedspecialists.deploy.supernode import DEFAULT_POLL_S
 from fedspecialists.run.local import RunOutcome, local_superlink, run_app
 
 DEFAULT_EXPERIMENTS = ["fedmoe_da=method=fedmoe_da num_rounds=3"]
@@ -34,6 +37,15 @@ def _row(name: str, engine: str, outcome: RunOutcome, run: Path) -> str:
     later = f"{statistics.mean(times[1:]):.1f}" if len(times) > 1 else "n/a"
     wall = f"{float(rounds[-1]['wall_time_s']):.1f}" if rounds else "n/a"
     return f"| {name} | {engine} | {outcome.status} | {first} | {later} | {wall} | {len(times)} |"
+
+
+def _engine(warm: bool, poll: str) -> str:
+    """``deployment[-warm]``, then ``-flower-poll`` for Flower's own SuperNode, ``-poll-S`` for
+    a poll interval other than the default."""
+    name = "deployment-warm" if warm else "deployment"
+    if poll == "flower":
+        return f"{name}-flower-poll"
+    return name if float(poll) == DEFAULT_POLL_S else f"{name}-poll-{poll}"
 
 
 def main() -> None:
@@ -53,6 +65,13 @@ def main() -> None:
         default=["off", "on"],
         help="deployments to time: without (off) and with (on) a warm site per SuperNode",
     )
+    parser.add_argument(
+        "--supernode-poll",
+        nargs="+",
+        default=[str(DEFAULT_POLL_S)],
+        metavar="SECONDS|flower",
+        help="SuperNodes polling every SECONDS (fedspecialists-supernode), or Flower's own",
+    )
     args = parser.parse_args()
     experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))
     out = args.out.resolve()
@@ -68,10 +87,13 @@ def main() -> None:
             )
             outcomes[name, "simulation"] = outcome
             print(name, "simulation:", outcome.status, flush=True)
-    for warm in args.warm_sites:
-        engine = "deployment-warm" if warm == "on" else "deployment"
+    for warm, poll in itertools.product(args.warm_sites, args.supernode_poll):
+        engine = _engine(warm == "on", poll)
         home = out / f"{engine}-home"
-        with local_federation(home, num_sites=args.nodes, warm_sites=warm == "on") as fed:
+        poll_s = None if poll == "flower" else float(poll)
+        with local_federation(
+            home, num_sites=args.nodes, warm_sites=warm == "on", supernode_poll_s=poll_s
+        ) as fed:
             fed.wait_for_nodes(args.nodes)
             for name, overrides in experiments.items():
                 outcome = fed.run(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedspecialists.deploy.certs import make_ca, make_node_key, make_server_cert
 from fedspecialists.deploy.hosts import LOOPBACK, Host
+from fedspecialists.deploy.supernode import DEFAULT_POLL_S
 from fedspecialists.run.control import control_client, online_nodes
 from fedspecialists.run.local import (
     OFFLINE_ENV,
@@ -72,6 +73,9 @@ class LocalFederation:
     superlink: subprocess.Popen[bytes]
     sites: list[Site] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # SuperNodes poll for work every this many seconds (fedspecialists-supernode); None: Flower's
+    # own flower-supernode (3 s idle wait, its SuperExec 1 s).
+    supernode_poll_s: float | None = DEFAULT_POLL_S
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(
@@ -120,8 +124,11 @@ class LocalFederation:
         if site.warm is not None:  # its ClientApps forward to the warm site
             node_config += f' warm-site="{site.warm_socket}" warm-site-secret="{site.warm_secret}"'
 
-        command = [
-            "flower-supernode",
+        command = ["flower-supernode"]
+        if self.supernode_poll_s is not None:  # Flower's SuperNode, polling sooner
+            poll = ["--poll-s", str(self.supernode_poll_s)]
+            command = [sys.executable, "-m", "fedspecialists.deploy.supernode", *poll]
+        command += [
             "--superlink",
             self.fleet_address,
             "--port",
@@ -230,13 +237,16 @@ def local_federation(
     data_dirs: Sequence[Path] | None = None,
     warm_sites: bool = False,
     hosts: Sequence[Host] | None = None,
+    supernode_poll_s: float | None = DEFAULT_POLL_S,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
     Each site gets an EC key pair (registered with the SuperLink when ``register``), a SuperNode
     whose node config names its partition (or its own files: ``data_dirs[i]`` as ``data-dir``),
     its store and its peer endpoint, and that endpoint (gRPC over TLS); with ``warm_sites``, a
-    warm site per site too (its SuperNode's ClientApps forward to it). ``hosts`` (default: all
+    warm site per site too (its SuperNode's ClientApps forward to it). SuperNodes poll for work
+    every ``supernode_poll_s`` seconds (:mod:`fedspecialists.deploy.supernode`; None: Flower's
+    own ``flower-supernode``). ``hosts`` (default: all
     on loopback) places the SuperLink on ``hosts[0]`` and site ``i`` on ``hosts[i + 1]``, each
     with certificates for its address (see :func:`fedspecialists.deploy.hosts.network_namespaces`).
     Everything is stopped, by PID, on exit.
@@ -263,7 +273,9 @@ def local_federation(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    fed = LocalFederation(home, creds, env, fleet, control, superlink, processes=[superlink])
+    fed = LocalFederation(
+        home, creds, env, fleet, control, superlink, [], [superlink], supernode_poll_s
+    )
     try:
         _wait_port(control, superlink, home / "superlink.log")
         for i in range(num_sites):

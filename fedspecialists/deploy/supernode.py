@@ -1,0 +1,95 @@
+"""``fedspecialists-supernode``: Flower's own ``flower-supernode``, polling for work sooner.
+
+Flower 1.42's SuperNode, when it finds no message for it, sleeps 3 s (hard-coded) before it
+asks its SuperLink again, and its SuperExec looks for a ClientApp to start once a second: each
+phase of a round (train, evaluate) waits for both, 2-4 s in all, whatever the work. This entry
+point runs Flower's SuperNode unchanged except for those waits: every sleep of the SuperNode's
+message loop (the idle wait, and its 0.5 s waits for a reply) is capped at ``--poll-s`` seconds
+(default 0.2), and its SuperExec gets the same interval through Flower's own variable
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (unless already set). Every other argument is
+``flower-supernode``'s::
+
+    fedspecialists-supernode --poll-s 0.2 --superlink HOST:9092 --isolation subprocess ...
+
+The cost is requests: an idle SuperNode asks its SuperLink ``1 / poll_s`` times a second
+instead of once every 3 s. ``--poll-s 3`` is Flower's behaviour. If a later Flower no longer
+has the loop this patches, the SuperNode runs unpatched and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+DEFAULT_POLL_S = 0.2
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own, read by flower-superexec
+POLL_RANGE = (0.01, 3.0)  # SuperExec accepts [0.01, 60]; above 3 s this would slow Flower down
+
+log = logging.getLogger(__name__)
+
+
+def capped_sleep(
+    poll_s: float, sleep: Callable[[float], None] = time.sleep
+) -> Callable[[float], None]:
+    """A ``sleep`` that never waits longer than ``poll_s`` seconds (the loops around it poll)."""
+
+    def _sleep(seconds: float) -> None:
+        sleep(min(seconds, poll_s))
+
+    return _sleep
+
+
+class PollingClock(ModuleType):
+    """The ``time`` module with :func:`capped_sleep` as its ``sleep``; all else is ``time``'s."""
+
+    def __init__(self, poll_s: float) -> None:
+        super().__init__("time")
+        self.sleep = capped_sleep(poll_s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def patch_message_loop(poll_s: float) -> bool:
+    """Cap the sleeps of Flower's SuperNode message loop at ``poll_s``; False if not found."""
+    try:
+        from flwr.supernode import start_client_internal as loop
+    except ImportError:
+        return False
+    if getattr(loop, "time", None) is not time:  # not the module this was written against
+        return False
+    loop.time = PollingClock(poll_s)  # type: ignore[assignment]
+    return True
+
+
+def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
+    """``--poll-s`` (ours) and every other argument (``flower-supernode``'s), in their order."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S)
+    ours, rest = parser.parse_known_args(list(argv))
+    low, high = POLL_RANGE
+    if not low <= ours.poll_s <= high:
+        raise SystemExit(f"--poll-s must be in [{low}, {high}] seconds, got {ours.poll_s}")
+    return float(ours.poll_s), rest
+
+
+def main() -> None:
+    poll_s, rest = split_args(sys.argv[1:])
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(poll_s))  # its child flower-superexec reads it
+    if not patch_message_loop(poll_s):
+        logging.basicConfig(level=logging.WARNING)
+        log.warning("this Flower's SuperNode loop is not the one expected: its own polling kept")
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

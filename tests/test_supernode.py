@@ -1,0 +1,56 @@
+"""``fedspecialists-supernode``: Flower's SuperNode with its polling waits capped."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.supernode import start_client_internal
+
+from fedspecialists.deploy import supernode
+
+
+def test_capped_sleep_waits_at_most_the_poll_interval() -> None:
+    waited: list[float] = []
+    sleep = supernode.capped_sleep(0.2, waited.append)
+    for seconds in (3.0, 0.5, 0.2, 0.05, 0.0):
+        sleep(seconds)
+    assert waited == [0.2, 0.2, 0.2, 0.05, 0.0]
+
+
+def test_polling_clock_is_time_but_for_sleep() -> None:
+    clock = supernode.PollingClock(0.01)
+    assert clock.time is time.time and clock.monotonic is time.monotonic
+    start = time.monotonic()
+    clock.sleep(3)  # Flower's idle wait
+    assert time.monotonic() - start < 1.0
+
+
+def test_the_supernode_loop_is_patched_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(start_client_internal, "time", time)  # undone after the test
+    assert supernode.patch_message_loop(0.01)
+    assert isinstance(start_client_internal.time, supernode.PollingClock)
+    start = time.monotonic()
+    start_client_internal.time.sleep(3)
+    assert time.monotonic() - start < 1.0
+    # Patched already (not the ``time`` module any more): a second patch leaves it alone.
+    assert not supernode.patch_message_loop(0.5)
+
+
+def test_arguments_split_between_ours_and_flowers() -> None:
+    argv = ["--superlink", "h:9092", "--poll-s", "0.5", "--insecure", "--node-config", "a=1"]
+    poll_s, rest = supernode.split_args(argv)
+    assert poll_s == 0.5
+    assert rest == ["--superlink", "h:9092", "--insecure", "--node-config", "a=1"]
+    assert supernode.split_args(["--insecure"]) == (supernode.DEFAULT_POLL_S, ["--insecure"])
+
+
+@pytest.mark.parametrize("value", ["0", "0.001", "3.5", "60"])
+def test_a_poll_interval_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(SystemExit, match="--poll-s must be in"):
+        supernode.split_args(["--poll-s", value])
+
+
+@pytest.mark.parametrize("value", ["0.01", "3"])
+def test_the_range_bounds_are_accepted(value: str) -> None:
+    assert supernode.split_args(["--poll-s", value])[0] == float(value)
