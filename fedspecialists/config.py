@@ -26,7 +26,13 @@ TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 PROXIES = ("gate", "gate_update", "routed_mean")  # what stands for an expert in FedMoE-DA's Eq. 8
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
-ROBUST_KEYS = ("rule", "trim_fraction", "clip_norm", "drop_opposed_updates")  # robust.*
+ROBUST_KEYS = (  # robust.*
+    "rule",
+    "trim_fraction",
+    "clip_norm",
+    "drop_opposed_updates",
+    "drop_opposed_scope",
+)
 FAULT_KINDS = (  # client_app.faults
     "none",
     "crash",
@@ -75,6 +81,7 @@ SETTING_RULES: dict[str, Rule] = {
     "robust.trim_fraction": ((lambda v: 0.0 <= v < 0.5), "must be in [0, 0.5)"),
     "robust.clip_norm": ((lambda v: v is None or v > 0), "must be > 0 or null"),
     "robust.drop_opposed_updates": ((lambda v: isinstance(v, bool)), "must be true or false"),
+    "robust.drop_opposed_scope": _one_of(("update", "node")),
     "fltac.num_clusters": (
         _is_num_clusters,
         "must be null (= number of tasks), 'auto' or >= 1",
@@ -325,6 +332,7 @@ class RobustSettings:
     trim_fraction: float = MISSING
     clip_norm: float | None = MISSING
     drop_opposed_updates: bool = MISSING
+    drop_opposed_scope: str = MISSING  # update | node: also the other updates of their nodes
 
 
 @dataclass

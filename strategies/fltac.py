@@ -1084,18 +1084,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         references = [self.globals.get(e.previous_id, self.template) for e in pool]
         arrays = [e.arrays for e in pool]
         opposed = self.robust.opposed(arrays, references, labels)
+        with_nodes = self.robust.with_their_nodes(opposed, [e.node_id for e in pool], labels)
         if names is not None and self.robust.drop_opposed_updates:
-            self.record_dropped(
-                [
-                    (
-                        pool[i].node_id,
-                        f"node {pool[i].node_id} slot {pool[i].slot} (cluster {names[labels[i]]})"
-                        f": opposed to its cluster's median update, cosine {cosine:.3f}",
-                    )
-                    for i, cosine in sorted(opposed.items())
-                ]
-            )
-        kept = [i for i in range(len(pool)) if i not in opposed]
+            self.record_dropped(self._dropped_reasons(pool, labels, names, opposed, with_nodes))
+        kept = [i for i in range(len(pool)) if i not in opposed and i not in with_nodes]
         weights = self.group_weights(pool)
         return group_means(
             [arrays[i] for i in kept],
@@ -1104,6 +1096,30 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.robust,
             [references[i] for i in kept],
         )
+
+    @staticmethod
+    def _dropped_reasons(
+        pool: Sequence[PoolEntry],
+        labels: Sequence[int],
+        names: Sequence[str],
+        opposed: Mapping[int, float],
+        with_nodes: Mapping[int, int],
+    ) -> list[tuple[int, str]]:
+        """``(node id, reason)`` of every adapter left out, in pool order."""
+
+        def where(i: int) -> str:
+            return f"node {pool[i].node_id} slot {pool[i].slot} (cluster {names[labels[i]]})"
+
+        reasons = {
+            i: f"{where(i)}: opposed to its cluster's median update, cosine {cosine:.3f}"
+            for i, cosine in opposed.items()
+        }
+        for i, cause in with_nodes.items():
+            reasons[i] = (
+                f"{where(i)}: its node sent an opposed update (slot {pool[cause].slot}, "
+                f"cosine {opposed[cause]:.3f})"
+            )
+        return [(pool[i].node_id, reasons[i]) for i in sorted(reasons)]
 
     def describe(self) -> dict[str, Any]:
         return {

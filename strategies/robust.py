@@ -14,7 +14,9 @@ the aggregate is the plain (weighted) mean, bit for bit.
 * **Dropping opposed updates** (``drop_opposed_updates``): before any of the above, an update
   whose direction is against its group's consensus (negative cosine to the coordinate-wise
   median update) is left out, so a reversed (sign-flipped) update never enters the aggregate
-  whatever the rule. A screen on direction only: a scaled update keeps its direction.
+  whatever the rule. A screen on direction only: a scaled update keeps its direction. With
+  ``drop_opposed_scope: node`` the client is the unit of trust: every other update of a node
+  that sent an opposed one is left out of that round too (FL-TAC: its other task slots).
 """
 
 from __future__ import annotations
@@ -133,6 +135,26 @@ def opposed_updates(
     return opposed
 
 
+def with_their_nodes(
+    opposed: Mapping[int, float], owners: Sequence[int], labels: Sequence[int] | None = None
+) -> dict[int, int]:
+    """The other updates of the nodes that sent an opposed update: index -> the index of its
+    node's most opposed update (the evidence against it).
+
+    An update stays where leaving it out would empty its group (equal ``labels``; one group if
+    None): a group keeps its aggregate. ``opposed`` are never emptied (fewer than half of a
+    group, :func:`opposed_updates`).
+    """
+    evidence: dict[int, int] = {}
+    for i in sorted(opposed, key=lambda i: (opposed[i], i)):  # most opposed first
+        evidence.setdefault(owners[i], i)
+    groups = [0] * len(owners) if labels is None else list(labels)
+    extra = {i: evidence[o] for i, o in enumerate(owners) if o in evidence and i not in opposed}
+    kept = {i for i in range(len(owners)) if i not in opposed and i not in extra}
+    alive = {groups[i] for i in kept}
+    return {i: cause for i, cause in extra.items() if groups[i] in alive}
+
+
 @dataclass(frozen=True)
 class RobustAggregation:
     """How one group of parameter sets is aggregated (``robust.*`` in the config).
@@ -148,12 +170,16 @@ class RobustAggregation:
     drop_opposed_updates : bool
         Leave out updates opposed to their group's median update (:func:`opposed_updates`);
         the strategy asks :meth:`opposed` which, logs them and aggregates the rest.
+    drop_opposed_scope : str
+        ``update`` (only the opposed updates) or ``node`` (also every other update of their
+        nodes in that round: :meth:`with_their_nodes`).
     """
 
     rule: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float | None = None
     drop_opposed_updates: bool = False
+    drop_opposed_scope: str = "update"
 
     def __post_init__(self) -> None:
         check_section("robust", self, ROBUST_KEYS)
@@ -173,6 +199,14 @@ class RobustAggregation:
         if not self.drop_opposed_updates:
             return {}
         return opposed_updates(states, references, labels)
+
+    def with_their_nodes(
+        self, opposed: Mapping[int, float], owners: Sequence[int], labels: Sequence[int] | None
+    ) -> dict[int, int]:
+        """:func:`with_their_nodes` with ``drop_opposed_scope: node``, else nothing."""
+        if self.drop_opposed_scope != "node":
+            return {}
+        return with_their_nodes(opposed, owners, labels)
 
     def __call__(
         self,

@@ -178,6 +178,7 @@ OUT_OF_RANGE = [
     ("robust.trim_fraction=-0.1", "robust.trim_fraction"),
     ("robust.clip_norm=0", "robust.clip_norm"),
     ("robust.drop_opposed_updates=maybe", "robust.drop_opposed_updates"),
+    ("robust.drop_opposed_scope=client", "robust.drop_opposed_scope"),
     ("faults.kind=meteor", "faults.kind"),
     ("faults.fraction=-0.1", "faults.fraction"),  # [0, 1]
     ("faults.fraction=1.1", "faults.fraction"),
@@ -298,6 +299,7 @@ ACCEPTED = [
     ("robust.trim_fraction=0.49", "robust.trim_fraction", 0.49),
     ("robust.clip_norm=null", "robust.clip_norm", None),
     ("robust.drop_opposed_updates=true", "robust.drop_opposed_updates", True),
+    ("robust.drop_opposed_scope=node", "robust.drop_opposed_scope", "node"),
     ("faults.kind=crash faults.fraction=0", "faults.fraction", 0.0),
     ("faults.kind=crash faults.fraction=1", "faults.fraction", 1.0),
     ("faults.kind=other_task", "faults.kind", "other_task"),  # FL-TAC

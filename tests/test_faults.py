@@ -231,6 +231,36 @@ def test_a_reversed_adapter_is_left_out_of_its_cluster_with_its_reason(
     assert strategy.node_slots[strategy.client_of(4)] == [gid]
 
 
+def test_with_node_scope_the_other_slots_of_that_node_are_left_out_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One cluster; nodes 1-3 send (2, 1), (4, 1), (3, 2); node 4 two slots: the reversed
+    (-3, -1) and (5, 2). Median update (x: -3, 2, 3, 4, 5 -> 3; y: -1, 1, 1, 2, 2 -> 1) is
+    (3, 1): only (-3, -1) opposes it. Update scope: A = (14 / 4, 6 / 4) = (3.5, 1.5); node
+    scope also leaves out node 4's (5, 2): A = (9 / 3, 4 / 3) = (3, 4/3)."""
+    values = {1: [(2.0, 1.0)], 2: [(4.0, 1.0)], 3: [(3.0, 2.0)], 4: [(-3.0, -1.0), (5.0, 2.0)]}
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [_reply(messages[n], [_adapter(*v) for v in values[n]]) for n in sorted(messages)]
+
+    expected = {"update": (3.5, 1.5), "node": (3.0, 4 / 3)}
+    for scope, mean in expected.items():
+        robust = RobustAggregation(drop_opposed_updates=True, drop_opposed_scope=scope)
+        strategy = paper_fltac(num_clusters=1, seed=0, robust=robust)
+        with caplog.at_level(logging.WARNING):
+            _round(strategy, 1, FakeGrid([1, 2, 3, 4]), replies)
+        (gid,) = strategy.final_adapters()
+        assert_allclose(strategy.globals[gid][A], np.array([mean], np.float32), rtol=1e-6)
+        assert strategy.record.updates_dropped == {"update": 1, "node": 2}[scope]
+    reasons = sorted(strategy.record.dropped_reasons or [])  # by node and slot
+    assert reasons[0].startswith("node 4 slot 0") and "opposed to its cluster" in reasons[0]
+    assert reasons[1] == (
+        f"node 4 slot 1 (cluster {gid}): its node sent an opposed update (slot 0, cosine "
+        f"{-10 / math.sqrt(10) / math.sqrt(10):.3f})"
+    )
+    assert any(reasons[1] in r.getMessage() for r in caplog.records)
+
+
 def test_without_the_screen_the_reversed_adapter_is_averaged_in() -> None:
     strategy = paper_fltac(num_clusters=1, seed=0)
     values = {1: (2.0, 1.0), 2: (4.0, 1.0), 3: (3.0, 2.0), 4: (-3.0, -1.0)}

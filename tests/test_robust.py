@@ -18,6 +18,7 @@ from strategies.robust import (
     opposed_updates,
     trimmed_mean,
     update_norm,
+    with_their_nodes,
 )
 
 
@@ -103,6 +104,28 @@ def test_opposed_updates_by_hand() -> None:
     zero3 = {"w": np.zeros(3, np.float32)}
     assert_allclose(median_cosines(spread, [zero3] * 3), [-1 / math.sqrt(33)] * 3, rtol=1e-6)
     assert opposed_updates(spread, [zero3] * 3) == {}
+
+
+def test_with_their_nodes_by_hand() -> None:
+    # Node 4 sent index 3 (opposed) and index 4: index 4 goes too, on index 3's evidence.
+    assert with_their_nodes({3: -1.0}, owners=[1, 2, 3, 4, 4]) == {4: 3}
+    # Two opposed updates of node 4: its third update is charged to the most opposed one.
+    owners = [1, 2, 3, 4, 4, 4, 5]
+    assert with_their_nodes({3: -0.2, 4: -0.7}, owners) == {5: 4}
+    # Nodes without an opposed update keep everything.
+    assert with_their_nodes({}, owners) == {}
+    # Leaving index 4 out would empty its group (label 1): it stays, its group keeps a mean.
+    assert with_their_nodes({3: -1.0}, [1, 2, 3, 4, 4], labels=[0, 0, 0, 0, 1]) == {}
+    assert with_their_nodes({3: -1.0}, [1, 2, 3, 4, 4, 5], labels=[0, 0, 0, 0, 1, 1]) == {4: 3}
+
+
+def test_node_scope_only_when_asked() -> None:
+    owners = [1, 2, 3, 4, 4]
+    assert (
+        RobustAggregation(drop_opposed_updates=True).with_their_nodes({3: -1.0}, owners, None) == {}
+    )
+    node = RobustAggregation(drop_opposed_updates=True, drop_opposed_scope="node")
+    assert node.with_their_nodes({3: -1.0}, owners, None) == {4: 3}
 
 
 def test_dropping_opposed_updates_is_off_by_default() -> None:
