@@ -208,6 +208,8 @@ RULES = {
     "trimmed": "robust.rule=trimmed_mean robust.trim_fraction=0.2",
     "drop_opposed": "robust.rule=mean robust.drop_opposed_updates=true",  # the mean, screened
     "median_drop": "robust.rule=median robust.drop_opposed_updates=true",  # the median, screened
+    # the mean, screened, leaving out every update of a node that sent an opposed one
+    "drop_node": "robust.rule=mean robust.drop_opposed_updates=true robust.drop_opposed_scope=node",
 }
 
 
