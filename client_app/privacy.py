@@ -34,9 +34,15 @@ def _mod_std(mod: LocalDpMod) -> float:
     return settings.noise_std()
 
 
-def local_dp(mod: LocalDpMod, reference: ArrayRecord, trained: ArrayRecord) -> ArrayRecord:
+def local_dp(
+    mod: LocalDpMod, reference: ArrayRecord, trained: ArrayRecord, received: Message
+) -> ArrayRecord:
     """``trained`` clipped against ``reference`` and noised by Flower's ``mod``.
 
+    The message pair handed to ``mod`` is built as replies to the message the client
+    ``received`` (so it keeps its type, train): a new instruction message would need Flower's
+    task identity, which a simulated ClientApp does not have (Flower 1.42 raises
+    "TaskIdentity.run_id is not set"), and every DP reply of a simulation failed that way.
     An update of norm 0 (a slot with no examples sends back what it received) makes Flower's
     clipping divide by zero; clipping is a no-op on it, so it only gets the mod's noise, from
     Flower's own noise function.
@@ -45,7 +51,7 @@ def local_dp(mod: LocalDpMod, reference: ArrayRecord, trained: ArrayRecord) -> A
         arrays = [trained[k].numpy().copy() for k in trained]
         add_gaussian_noise_inplace(arrays, _mod_std(mod))
         return ArrayRecord({k: Array(v) for k, v in zip(trained.keys(), arrays, strict=True)})
-    sent = Message(RecordDict({RECORD: reference}), dst_node_id=0, message_type=MessageType.TRAIN)
+    sent = Message(RecordDict({RECORD: reference}), reply_to=received)
 
     def trained_reply(msg: Message, _context: Context) -> Message:
         return Message(RecordDict({RECORD: trained}), reply_to=msg)
@@ -71,7 +77,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         records = reply.content.array_records
         for name, reference in handlers.update_pairs(msg.content, reply.content):
             if reference is not None:
-                records[name] = local_dp(mod, reference, records[name])
+                records[name] = local_dp(mod, reference, records[name], msg)
     finally:
         np.random.set_state(state)  # LocalDpMod draws from numpy's global generator
     return reply

@@ -506,8 +506,17 @@ def _crash_equals_its_absent_twin(
             assert absent[key] == lost[key], key
 
 
-def test_local_dp_run_names_its_noise(superlink: LocalSuperLink, tmp_path: Path) -> None:
+def test_local_dp_run_trains_and_names_its_noise(
+    superlink: LocalSuperLink, tmp_path: Path, fltac_run: Path
+) -> None:
+    """Every DP reply arrives and is aggregated; round 1 trains exactly as without DP (the
+    noise comes after training), and the noise reaches round 2 through the globals."""
     run = _run(superlink, tmp_path, "dp", "privacy.local_dp=true privacy.epsilon=50")
+    rounds, plain = _rounds(run), _rounds(fltac_run)
+    for r in rounds:
+        assert r["replies_ok"] == 3 and r["replies_failed"] == 0 and r["aggregated"], r
+    assert rounds[0]["train_loss"] == plain[0]["train_loss"]
+    assert rounds[1]["train_loss"] != plain[1]["train_loss"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["privacy"]["clipping_norm"] == 1.0
     assert summary["privacy"]["noise_std"] == pytest.approx((2 * np.log(1.25 / 1e-5)) ** 0.5 / 50)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from conftest import FakeGrid
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from numpy.testing import assert_allclose, assert_array_equal
 from test_moe_strategy import GATES
 from test_moe_strategy import _reply as _moe_reply
@@ -17,7 +17,7 @@ from test_moe_strategy import _strategy as _moe_strategy
 from test_strategy import V0, A, W, _adapter, _reply, _round, paper_fltac
 
 from client_app.faults import HUGE, poisoned
-from client_app.privacy import local_dp
+from client_app.privacy import local_dp as privacy_local_dp
 from fedspecialists.config import load_config
 from fedspecialists.faults import FaultDraw, absent_clients, faulty_clients
 from fedspecialists.protocol.fedmoe_da import Instruction as FedMoEInstruction
@@ -116,8 +116,21 @@ def test_an_invalid_backbone_is_rejected_and_never_aggregated(kind: str) -> None
     assert strategy.pool.proxies.keys() == {1, 2}  # nothing of node 3 entered the pool
 
 
-def test_local_dp_clips_with_flowers_mod_by_hand() -> None:
+def test_local_dp_clips_with_flowers_mod_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's mod clips and noises each update, in a process without Flower's task identity
+    (a simulated ClientApp has none: building a new message there raised, and every DP reply
+    of a simulation failed until this was fixed)."""
     from flwr.clientapp.mod import LocalDpMod
+    from flwr.supercore.task_identity import TaskIdentity
+
+    received = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    for name in ("_run_id", "_node_id", "_task_id"):  # as in a simulated ClientApp
+        monkeypatch.setattr(TaskIdentity, name, None)
+    with pytest.raises(RuntimeError, match="not set"):
+        Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+
+    def local_dp(mod: LocalDpMod, reference: ArrayRecord, trained: ArrayRecord) -> ArrayRecord:
+        return privacy_local_dp(mod, reference, trained, received)
 
     reference = state_to_record({"w": np.zeros((2,), np.float32)})
     trained = state_to_record({"w": np.array([3.0, 4.0], np.float32)})  # update norm 5
