@@ -265,13 +265,22 @@ def dp_jobs(seeds: list[int]) -> dict[str, str]:
     }
 
 
+def _empty_rounds(run: Path) -> int:
+    """Rounds in which no training reply arrived valid (a run that never trained shows it)."""
+    return sum(r.get("replies_ok", 0) == 0 for r in _rounds(run))
+
+
 def dp_table(out: Path) -> str:
-    lines = ["| local DP (clip 1.0, delta 1e-5) | noise std | mean accuracy |", "|---|---|---|"]
+    lines = [
+        "| local DP (clip 1.0, delta 1e-5) | noise std | mean accuracy | rounds without a reply |",
+        "|---|---|---|---|",
+    ]
     for name in DP:
         runs = sorted(out.glob(f"fltac-dp-{name}-s*/summary.json"))
         privacy = _summary(runs[0].parent)["privacy"] if runs else None
         std = f"{privacy['noise_std']:.4f}" if privacy else "0"
-        lines.append(f"| {name} | {std} | {fmt([_accuracy(p.parent) for p in runs])} |")
+        empty = sum(_empty_rounds(p.parent) for p in runs)
+        lines.append(f"| {name} | {std} | {fmt([_accuracy(p.parent) for p in runs])} | {empty} |")
     return "\n".join(lines)
 
 
