@@ -3,7 +3,9 @@ SuperNodes with their node config, and a FedMoE-DA peer endpoint per site.
 
 This is the multi-machine runbook (docs/deployment.md) played on loopback, for trying it and for
 the tests: every process is started here and stopped by PID (its process group). The SuperLink
-and SuperNodes are Flower's own executables; the ClientApps and ServerApp are this app.
+is Flower's own executable, the SuperNodes Flower's own run through ``fedspecialists-supernode``
+(polling sooner; ``supernode_poll_s=None``: ``flower-supernode`` itself); the ClientApps and
+ServerApp are this app.
 """
 
 from __future__ import annotations
