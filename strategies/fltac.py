@@ -1087,7 +1087,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         with_nodes = self.robust.with_their_nodes(opposed, [e.node_id for e in pool], labels)
         if names is not None and self.robust.drop_opposed_updates:
             self.record_dropped(self._dropped_reasons(pool, labels, names, opposed, with_nodes))
-        kept = [i for i in range(len(pool)) if i not in opposed and i not in with_nodes]
+        left_out = opposed.keys() | with_nodes.keys()
+        kept = [i for i in range(len(pool)) if i not in left_out]
         weights = self.group_weights(pool)
         return group_means(
             [arrays[i] for i in kept],
