@@ -211,6 +211,17 @@ RULES = {
     # the mean, screened, leaving out every update of a node that sent an opposed one
     "drop_node": "robust.rule=mean robust.drop_opposed_updates=true robust.drop_opposed_scope=node",
 }
+# FL-TAC only: node scope, with round 1 grouped on what the clients' data say (input and label
+# fingerprints), which an attack on the updates cannot move
+FLTAC_RULES = {
+    "drop_node_fp": f"{RULES['drop_node']} fltac.label_fingerprint=true"
+    " fltac.fingerprints_only_from_v0=true",
+}
+
+
+def rules_of(method: str) -> dict[str, str]:
+    """The aggregation rules (benchmark name -> overrides) the method is benchmarked with."""
+    return RULES | FLTAC_RULES if method == "fltac" else dict(RULES)
 
 
 def attack_jobs(seeds: list[int], method: str) -> dict[str, str]:
@@ -219,7 +230,7 @@ def attack_jobs(seeds: list[int], method: str) -> dict[str, str]:
     attacks)."""
     jobs = {}
     for seed in seeds:
-        for rule, setting in RULES.items():
+        for rule, setting in rules_of(method).items():
             common = f"{METHODS[method]} seed={seed} {setting}".strip()
             jobs[f"{method}-clean-{rule}-s{seed}"] = common
             for attack in ATTACKS[method]:
@@ -230,11 +241,11 @@ def attack_jobs(seeds: list[int], method: str) -> dict[str, str]:
 
 
 def attack_table(out: Path, method: str) -> str:
-    head = ["attack (20% of clients)", *(f"{r}" for r in RULES)]
+    head = ["attack (20% of clients)", *rules_of(method)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for attack in ("clean", *ATTACKS[method]):
         cells = []
-        for rule in RULES:
+        for rule in rules_of(method):
             accs = [
                 _accuracy(p.parent)
                 for p in sorted(out.glob(f"{method}-{attack}-{rule}-s*/summary.json"))
