@@ -201,7 +201,12 @@ def fault_table(out: Path, method: str) -> str:
 
 
 # -- attacks ------------------------------------------------------------------------------------
-ATTACKS = {"fltac": ("sign_flip", "scale", "other_task"), "fedmoe_da": ("sign_flip", "scale")}
+# ``absent``: the server leaves out the very clients that attack (no attack at all), so a run of
+# it is what a screen that left out exactly the attackers' updates would reach: its ceiling
+ATTACKS = {
+    "fltac": ("sign_flip", "scale", "other_task", "absent"),
+    "fedmoe_da": ("sign_flip", "scale", "absent"),
+}
 RULES = {
     "mean": "robust.rule=mean",
     "median": "robust.rule=median",
