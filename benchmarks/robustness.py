@@ -222,6 +222,8 @@ FLTAC_RULES = {
     "drop_node_fp": f"{RULES['drop_node']} fltac.label_fingerprint=true"
     " fltac.fingerprints_only_from_v0=true",
 }
+# ... and every update clipped to its cluster's median update norm (against scaling)
+FLTAC_RULES["drop_node_fp_clip"] = f"{FLTAC_RULES['drop_node_fp']} robust.clip_to_median_norm=true"
 
 
 def rules_of(method: str) -> dict[str, str]:

@@ -7,6 +7,11 @@ the aggregate is the plain (weighted) mean, bit for bit.
 * **Norm clipping** (``clip_norm``): each update ``x_i - r_i`` (against the parameters the
   client started from) is scaled down to L2 norm ``clip_norm`` over all its tensors together;
   a scaled-up or huge update then weighs no more than an honest one.
+* **Clipping to the median norm** (``clip_to_median_norm``; the adaptive clipping of FLAME,
+  Nguyen et al., 2022): the bound is the median of the group's update norms, so it needs no
+  number from the user and follows the updates as they shrink over training. An update
+  scaled up by a minority is cut to the size of a typical one; honest updates at or below the
+  median are untouched.
 * **Coordinate-wise median** (Yin et al., 2018): every coordinate is the median of the
   clients' values (unweighted); robust to fewer than half the clients being arbitrary.
 * **Trimmed mean** (Yin et al., 2018): every coordinate drops the ``floor(beta * n)`` largest
@@ -54,6 +59,27 @@ def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np
         clipped = ref + (np.asarray(value, np.float64) - ref) * scale
         out[key] = clipped.astype(np.asarray(value).dtype)
     return out
+
+
+def clip_to_median_norm(
+    states: Sequence[State], references: Sequence[State]
+) -> list[dict[str, np.ndarray]]:
+    """Every update clipped to the median L2 norm of the group's updates.
+
+    Parameters
+    ----------
+    states, references : Sequence[State]
+        ``n`` parameter sets and the parameters each started from.
+
+    Returns
+    -------
+    list[dict[str, np.ndarray]]
+        ``n`` parameter sets; those whose update norm is at most the median unchanged, the
+        others :func:`clip_update`'d to it.
+    """
+    norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
+    bound = float(np.median(norms)) if norms else 0.0
+    return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
 
 
 def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
@@ -167,6 +193,9 @@ class RobustAggregation:
         ``beta`` of the trimmed mean, in ``[0, 0.5)``.
     clip_norm : float | None
         Clip every update to this L2 norm first (``None``: no clipping).
+    clip_to_median_norm : bool
+        Then clip every update to the median norm of the group's updates
+        (:func:`clip_to_median_norm`).
     drop_opposed_updates : bool
         Leave out updates opposed to their group's median update (:func:`opposed_updates`);
         the strategy asks :meth:`opposed` which, logs them and aggregates the rest.
@@ -178,6 +207,7 @@ class RobustAggregation:
     rule: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float | None = None
+    clip_to_median_norm: bool = False
     drop_opposed_updates: bool = False
     drop_opposed_scope: str = "update"
 
@@ -208,6 +238,15 @@ class RobustAggregation:
             return {}
         return with_their_nodes(opposed, owners, labels)
 
+    def clipped(self, states: Sequence[State], references: Sequence[State]) -> Sequence[State]:
+        """``states`` with their updates clipped: to ``clip_norm``, then to the median norm."""
+        if self.clip_norm is not None:
+            bound = self.clip_norm
+            states = [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
+        if self.clip_to_median_norm:
+            states = clip_to_median_norm(states, references)
+        return states
+
     def __call__(
         self,
         states: Sequence[State],
@@ -216,12 +255,10 @@ class RobustAggregation:
     ) -> dict[str, np.ndarray]:
         """Aggregate ``states`` (``weights`` only for ``mean``; ``references``, the parameters
         each client started from, only for clipping)."""
-        if self.clip_norm is not None:
+        if self.clip_norm is not None or self.clip_to_median_norm:
             if references is None:
                 raise ValueError("clipping needs the parameters each update started from")
-            states = [
-                clip_update(s, r, self.clip_norm) for s, r in zip(states, references, strict=True)
-            ]
+            states = self.clipped(states, references)
         if self.rule == "median":
             return coordinate_median(states)
         if self.rule == "trimmed_mean":

@@ -12,6 +12,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from strategies.common import weighted_mean
 from strategies.robust import (
     RobustAggregation,
+    clip_to_median_norm,
     clip_update,
     coordinate_median,
     median_cosines,
@@ -72,6 +73,33 @@ def test_clipping_then_median_tames_a_scaled_update() -> None:
     assert_allclose(out["w"], [(1 + 0 + 0.6 + 1) / 4, (0 + 1 + 0.8 + 0) / 4], rtol=1e-6)
     with pytest.raises(ValueError, match="started from"):
         RobustAggregation(clip_norm=1.0)(honest)
+
+
+def test_clipping_to_the_median_norm_by_hand() -> None:
+    ref = _s(1.0, 1.0)
+    # updates (3, 4) norm 5, (0, 2) norm 2, (-30, 40) norm 50: median norm 5
+    states = [_s(4.0, 5.0), _s(1.0, 3.0), _s(-29.0, 41.0)]
+    out = clip_to_median_norm(states, [ref] * 3)
+    assert_array_equal(out[0]["w"], states[0]["w"])  # at the median: untouched
+    assert_array_equal(out[1]["w"], states[1]["w"])  # below it: untouched
+    assert_allclose(out[2]["w"], [1.0 - 3.0, 1.0 + 4.0], rtol=1e-6)  # (-30, 40) / 10
+    # An even count: norms 5 and 2 -> median 3.5; (3, 4) cut to (2.1, 2.8)
+    assert_allclose(clip_to_median_norm(states[:2], [ref] * 2)[0]["w"], [3.1, 3.8], rtol=1e-6)
+
+
+def test_the_median_norm_tames_a_scaled_update_in_the_mean() -> None:
+    ref = _s(0.0, 0.0)
+    honest = [_s(1.0, 0.0), _s(0.0, 2.0), _s(0.0, 3.0)]
+    attack = _s(100.0, 0.0)  # norms 1, 2, 3, 100: median 2.5, the attack cut to (2.5, 0)
+    robust = RobustAggregation("mean", clip_to_median_norm=True)
+    out = robust([*honest, attack], None, [ref] * 4)
+    assert_allclose(out["w"], [(1 + 0 + 0 + 2.5) / 4, (0 + 2 + 2.5 + 0) / 4], rtol=1e-6)
+    # with a fixed bound of 2 first: norms 1, 2, 2, 2 -> median 2, nothing more to cut
+    both = RobustAggregation("mean", clip_norm=2.0, clip_to_median_norm=True)
+    out = both([*honest, attack], None, [ref] * 4)
+    assert_allclose(out["w"], [(1 + 0 + 0 + 2) / 4, (0 + 2 + 2 + 0) / 4], rtol=1e-6)
+    with pytest.raises(ValueError, match="started from"):
+        robust(honest)
 
 
 ZERO = _s(0.0, 0.0)
@@ -141,6 +169,7 @@ def test_dropping_opposed_updates_is_off_by_default() -> None:
         ({"trim_fraction": 0.5}, "trim_fraction"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"drop_opposed_updates": "yes"}, "drop_opposed_updates"),
+        ({"clip_to_median_norm": 1}, "clip_to_median_norm"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
