@@ -217,11 +217,8 @@ RULES = {
     "drop_node": "robust.rule=mean robust.drop_opposed_updates=true robust.drop_opposed_scope=node",
 }
 # FL-TAC only: node scope, with round 1 grouped on what the clients' data say (input and label
-# fingerprints), which an attack on the updates cannot move
-FLTAC_RULES = {
-    "drop_node_fp": f"{RULES['drop_node']} fltac.label_fingerprint=true"
-    " fltac.fingerprints_only_from_v0=true",
-}
+# fingerprints), which an attack on the updates cannot move: conf/defence/fltac_sign_flip.yaml
+FLTAC_RULES = {"drop_node_fp": "+defence=fltac_sign_flip"}
 # ... and every update clipped to its cluster's median update norm (against scaling)
 FLTAC_RULES["drop_node_fp_clip"] = f"{FLTAC_RULES['drop_node_fp']} robust.clip_to_median_norm=true"
 

@@ -47,6 +47,25 @@ def test_shipped_configs_compose(overrides: str) -> None:
     assert cfg.suite.tasks
 
 
+def test_the_sign_flip_defence_sets_its_five_keys_and_nothing_else() -> None:
+    plain = load_config_as(AdapterRunConfig, "seed=1")
+    cfg = load_config_as(AdapterRunConfig, "seed=1 +defence=fltac_sign_flip")
+    assert cfg.robust.rule == "mean"
+    assert cfg.robust.drop_opposed_updates is True
+    assert cfg.robust.drop_opposed_scope == "node"
+    assert cfg.fltac.label_fingerprint is True
+    assert cfg.fltac.fingerprints_only_from_v0 is True
+    plain.robust.drop_opposed_updates = True
+    plain.robust.drop_opposed_scope = "node"
+    plain.fltac.label_fingerprint = True
+    plain.fltac.fingerprints_only_from_v0 = True
+    assert cfg == plain
+    # later overrides win; FL-TAC's keys on a MoE method are refused, named
+    assert load_config("+defence=fltac_sign_flip robust.rule=median").robust.rule == "median"
+    with pytest.raises(ConfigError, match="'fltac'"):
+        load_config("+defence=fltac_sign_flip method=fedmoe_da")
+
+
 def test_method_defaults_follow_the_paper() -> None:
     assert load_config_as(AdapterRunConfig, "").lora.rank == 1  # FL-TAC: rank 1 per task
     assert (
