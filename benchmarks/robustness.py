@@ -218,10 +218,12 @@ RULES = {
     "clip_median": "robust.rule=mean robust.clip_to_median_norm=true",  # the mean, adaptive clip
 }
 # FL-TAC only: node scope, with round 1 grouped on what the clients' data say (input and label
-# fingerprints), which an attack on the updates cannot move: conf/defence/fltac_sign_flip.yaml
-FLTAC_RULES = {"drop_node_fp": "+defence=fltac_sign_flip"}
-# ... and every update clipped to its cluster's median update norm (against scaling)
-FLTAC_RULES["drop_node_fp_clip"] = f"{FLTAC_RULES['drop_node_fp']} robust.clip_to_median_norm=true"
+# fingerprints), which an attack on the updates cannot move (conf/defence/fltac_sign_flip.yaml);
+# then also every update clipped to its cluster's median update norm (against scaling)
+FLTAC_RULES = {
+    "drop_node_fp": "+defence=fltac_sign_flip",
+    "drop_node_fp_clip": "+defence=fltac_sign_flip robust.clip_to_median_norm=true",
+}
 
 
 def rules_of(method: str) -> dict[str, str]:
