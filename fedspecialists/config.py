@@ -31,6 +31,7 @@ ROBUST_KEYS = (  # robust.*
     "trim_fraction",
     "clip_norm",
     "clip_to_median_norm",
+    "clip_outlier_norms",
     "drop_opposed_updates",
     "drop_opposed_scope",
 )
@@ -82,6 +83,7 @@ SETTING_RULES: dict[str, Rule] = {
     "robust.trim_fraction": ((lambda v: 0.0 <= v < 0.5), "must be in [0, 0.5)"),
     "robust.clip_norm": ((lambda v: v is None or v > 0), "must be > 0 or null"),
     "robust.clip_to_median_norm": ((lambda v: isinstance(v, bool)), "must be true or false"),
+    "robust.clip_outlier_norms": ((lambda v: isinstance(v, bool)), "must be true or false"),
     "robust.drop_opposed_updates": ((lambda v: isinstance(v, bool)), "must be true or false"),
     "robust.drop_opposed_scope": _one_of(("update", "node")),
     "fltac.num_clusters": (
@@ -334,6 +336,7 @@ class RobustSettings:
     trim_fraction: float = MISSING
     clip_norm: float | None = MISSING
     clip_to_median_norm: bool = MISSING  # clip each update to its group's median update norm
+    clip_outlier_norms: bool = MISSING  # clip only norms above median + 3 scaled MADs (Hampel)
     drop_opposed_updates: bool = MISSING
     drop_opposed_scope: str = MISSING  # update | node: also the other updates of their nodes
 

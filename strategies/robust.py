@@ -12,6 +12,12 @@ the aggregate is the plain (weighted) mean, bit for bit.
   number from the user and follows the updates as they shrink over training. An update
   scaled up by a minority is cut to the size of a typical one; honest updates at or below the
   median are untouched.
+* **Clipping outlying norms only** (``clip_outlier_norms``; Hampel's identifier on the norms):
+  the bound is ``median + 3 * 1.4826 * MAD`` of the group's update norms (MAD: the median
+  absolute deviation from their median; 1.4826 makes it a standard deviation for normal data,
+  and 3 of those is the identifier's usual cut). Only an update whose size stands out from the
+  group's is cut, so honest updates of data-rich clients keep their weight; with two updates
+  nothing is cut (no majority size).
 * **Coordinate-wise median** (Yin et al., 2018): every coordinate is the median of the
   clients' values (unweighted); robust to fewer than half the clients being arbitrary.
 * **Trimmed mean** (Yin et al., 2018): every coordinate drops the ``floor(beta * n)`` largest
@@ -79,6 +85,46 @@ def clip_to_median_norm(
     """
     norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
     bound = float(np.median(norms)) if norms else 0.0
+    return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
+
+
+HAMPEL_CUT = 3.0  # MADs above the median at which a norm is an outlier (Hampel's usual cut)
+MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): the MAD of normal data times this is its std
+
+
+def outlier_norm_bound(norms: Sequence[float]) -> float:
+    """Hampel's bound on update norms: ``median + 3 * 1.4826 * median(|norm - median|)``.
+
+    Parameters
+    ----------
+    norms : Sequence[float]
+        The ``n >= 1`` update norms of one group.
+    """
+    arr = np.asarray(norms, np.float64)
+    median = float(np.median(arr))
+    mad = float(np.median(np.abs(arr - median)))
+    return median + HAMPEL_CUT * MAD_TO_STD * mad
+
+
+def clip_outlier_norms(
+    states: Sequence[State], references: Sequence[State]
+) -> list[dict[str, np.ndarray]]:
+    """Updates whose norm is above :func:`outlier_norm_bound` clipped to it; the rest as they are.
+
+    Parameters
+    ----------
+    states, references : Sequence[State]
+        ``n`` parameter sets and the parameters each started from.
+
+    Returns
+    -------
+    list[dict[str, np.ndarray]]
+        ``n`` parameter sets.
+    """
+    if not states:
+        return []
+    norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
+    bound = outlier_norm_bound(norms)
     return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
 
 
@@ -196,6 +242,9 @@ class RobustAggregation:
     clip_to_median_norm : bool
         Then clip every update to the median norm of the group's updates
         (:func:`clip_to_median_norm`).
+    clip_outlier_norms : bool
+        Then clip only the updates whose norm is an outlier of the group's
+        (:func:`clip_outlier_norms`).
     drop_opposed_updates : bool
         Leave out updates opposed to their group's median update (:func:`opposed_updates`);
         the strategy asks :meth:`opposed` which, logs them and aggregates the rest.
@@ -208,6 +257,7 @@ class RobustAggregation:
     trim_fraction: float = 0.1
     clip_norm: float | None = None
     clip_to_median_norm: bool = False
+    clip_outlier_norms: bool = False
     drop_opposed_updates: bool = False
     drop_opposed_scope: str = "update"
 
@@ -239,13 +289,21 @@ class RobustAggregation:
         return with_their_nodes(opposed, owners, labels)
 
     def clipped(self, states: Sequence[State], references: Sequence[State]) -> Sequence[State]:
-        """``states`` with their updates clipped: to ``clip_norm``, then to the median norm."""
+        """``states`` with their updates clipped: to ``clip_norm``, then to the median norm,
+        then the outlying norms."""
         if self.clip_norm is not None:
             bound = self.clip_norm
             states = [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
         if self.clip_to_median_norm:
             states = clip_to_median_norm(states, references)
+        if self.clip_outlier_norms:
+            states = clip_outlier_norms(states, references)
         return states
+
+    @property
+    def clips(self) -> bool:
+        """Whether any clipping is configured (it needs the updates' references)."""
+        return self.clip_norm is not None or self.clip_to_median_norm or self.clip_outlier_norms
 
     def __call__(
         self,
@@ -255,7 +313,7 @@ class RobustAggregation:
     ) -> dict[str, np.ndarray]:
         """Aggregate ``states`` (``weights`` only for ``mean``; ``references``, the parameters
         each client started from, only for clipping)."""
-        if self.clip_norm is not None or self.clip_to_median_norm:
+        if self.clips:
             if references is None:
                 raise ValueError("clipping needs the parameters each update started from")
             states = self.clipped(states, references)

@@ -198,6 +198,7 @@ OUT_OF_RANGE = [
     ("robust.clip_norm=0", "robust.clip_norm"),
     ("robust.drop_opposed_updates=maybe", "robust.drop_opposed_updates"),
     ("robust.clip_to_median_norm=sometimes", "robust.clip_to_median_norm"),
+    ("robust.clip_outlier_norms=often", "robust.clip_outlier_norms"),
     ("robust.drop_opposed_scope=client", "robust.drop_opposed_scope"),
     ("faults.kind=meteor", "faults.kind"),
     ("faults.fraction=-0.1", "faults.fraction"),  # [0, 1]
@@ -321,6 +322,7 @@ ACCEPTED = [
     ("robust.drop_opposed_updates=true", "robust.drop_opposed_updates", True),
     ("robust.drop_opposed_scope=node", "robust.drop_opposed_scope", "node"),
     ("robust.clip_to_median_norm=true", "robust.clip_to_median_norm", True),
+    ("robust.clip_outlier_norms=true", "robust.clip_outlier_norms", True),
     ("faults.kind=crash faults.fraction=0", "faults.fraction", 0.0),
     ("faults.kind=crash faults.fraction=1", "faults.fraction", 1.0),
     ("faults.kind=other_task", "faults.kind", "other_task"),  # FL-TAC

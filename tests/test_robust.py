@@ -12,11 +12,13 @@ from numpy.testing import assert_allclose, assert_array_equal
 from strategies.common import weighted_mean
 from strategies.robust import (
     RobustAggregation,
+    clip_outlier_norms,
     clip_to_median_norm,
     clip_update,
     coordinate_median,
     median_cosines,
     opposed_updates,
+    outlier_norm_bound,
     trimmed_mean,
     update_norm,
     with_their_nodes,
@@ -102,6 +104,40 @@ def test_the_median_norm_tames_a_scaled_update_in_the_mean() -> None:
         robust(honest)
 
 
+def test_the_outlier_norm_bound_by_hand() -> None:
+    # norms 1, 2, 3, 4, 100: median 3, |deviations| 2, 1, 0, 1, 97 -> MAD 1
+    assert outlier_norm_bound([1.0, 2.0, 3.0, 4.0, 100.0]) == pytest.approx(3 + 3 * 1.4826)
+    # two norms: median 2, MAD 1 -> 2 + 4.4478, above both: nothing is an outlier
+    assert outlier_norm_bound([1.0, 3.0]) == pytest.approx(2 + 3 * 1.4826)
+    # more than half equal: MAD 0, the bound is the median
+    assert outlier_norm_bound([2.0, 2.0, 5.0]) == pytest.approx(2.0)
+
+
+def test_clipping_outlying_norms_only_by_hand() -> None:
+    ref = _s(1.0, 1.0)
+    # updates (1, 0), (0, 2), (3, 0), (0, 4), (-60, 80): norms 1, 2, 3, 4, 100 -> bound 7.4478
+    updates = [(1.0, 0.0), (0.0, 2.0), (3.0, 0.0), (0.0, 4.0), (-60.0, 80.0)]
+    states = [_s(1.0 + x, 1.0 + y) for x, y in updates]
+    out = clip_outlier_norms(states, [ref] * 5)
+    for i in range(4):  # honest sizes, some above the median: untouched (unlike the median clip)
+        assert_array_equal(out[i]["w"], states[i]["w"])
+    bound = 3 + 3 * 1.4826
+    assert_allclose(out[4]["w"], [1.0 - 0.6 * bound, 1.0 + 0.8 * bound], rtol=1e-6)
+    assert clip_outlier_norms([], []) == []
+
+
+def test_outlier_clipping_in_the_mean() -> None:
+    ref = _s(0.0, 0.0)
+    honest = [_s(1.0, 0.0), _s(0.0, 2.0), _s(0.0, 3.0)]
+    attack = _s(100.0, 0.0)  # norms 1, 2, 3, 100: median 2.5, MAD 1 -> bound 2.5 + 4.4478
+    robust = RobustAggregation("mean", clip_outlier_norms=True)
+    out = robust([*honest, attack], None, [ref] * 4)
+    bound = 2.5 + 3 * 1.4826
+    assert_allclose(out["w"], [(1 + bound) / 4, (2 + 3) / 4], rtol=1e-6)
+    with pytest.raises(ValueError, match="started from"):
+        robust(honest)
+
+
 ZERO = _s(0.0, 0.0)
 # Updates (against ZERO): three honest ones and a reversed one.
 #   x: 1, 0, 1, -1 -> sorted -1, 0, 1, 1 -> median 0.5;  y: 0, 1, 1, -1 -> median 0.5
@@ -170,6 +206,7 @@ def test_dropping_opposed_updates_is_off_by_default() -> None:
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"drop_opposed_updates": "yes"}, "drop_opposed_updates"),
         ({"clip_to_median_norm": 1}, "clip_to_median_norm"),
+        ({"clip_outlier_norms": "yes"}, "clip_outlier_norms"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
