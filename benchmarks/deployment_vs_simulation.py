@@ -4,8 +4,10 @@ Both on this machine: simulation = a local simulation SuperLink with N simulated
 deployment = a TLS SuperLink with SuperNode authentication, N SuperNode processes and their gRPC
 peer endpoints (``fedspecialists.deploy.federation``), without and with a warm site per
 SuperNode (``--warm-sites off on``), with SuperNodes polling for work every 0.2 s
-(``fedspecialists-supernode``) or as Flower's own do (``--supernode-poll flower 0.2``). The
-table reads the runs' ``metrics.jsonl`` and ``summary.json``.
+(``fedspecialists-supernode``) or as Flower's own do (``--supernode-poll flower 0.2``), and
+with ClientApps started as Flower starts them or forked from a process that imported Flower
+once (``--prefork off on``; ``fedspecialists.deploy.superexec``). The table reads the runs'
+``metrics.jsonl`` and ``summary.json``.
 
 Usage::
 
@@ -39,13 +41,15 @@ def _row(name: str, engine: str, outcome: RunOutcome, run: Path) -> str:
     return f"| {name} | {engine} | {outcome.status} | {first} | {later} | {wall} | {len(times)} |"
 
 
-def _engine(warm: bool, poll: str) -> str:
+def _engine(warm: bool, poll: str, prefork: bool = False) -> str:
     """``deployment[-warm]``, then ``-flower-poll`` for Flower's own SuperNode, ``-poll-S`` for
-    a poll interval other than the default."""
+    a poll interval other than the default, then ``-prefork``."""
     name = "deployment-warm" if warm else "deployment"
     if poll == "flower":
-        return f"{name}-flower-poll"
-    return name if float(poll) == DEFAULT_POLL_S else f"{name}-poll-{poll}"
+        name = f"{name}-flower-poll"
+    elif float(poll) != DEFAULT_POLL_S:
+        name = f"{name}-poll-{poll}"
+    return f"{name}-prefork" if prefork else name
 
 
 def main() -> None:
@@ -72,6 +76,13 @@ def main() -> None:
         metavar="SECONDS|flower",
         help="SuperNodes polling every SECONDS (fedspecialists-supernode), or Flower's own",
     )
+    parser.add_argument(
+        "--prefork",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help="ClientApps started as Flower does (off), or forked from a warm process (on)",
+    )
     args = parser.parse_args()
     experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))
     out = args.out.resolve()
@@ -87,12 +98,18 @@ def main() -> None:
             )
             outcomes[name, "simulation"] = outcome
             print(name, "simulation:", outcome.status, flush=True)
-    for warm, poll in itertools.product(args.warm_sites, args.supernode_poll):
-        engine = _engine(warm == "on", poll)
+    for warm, poll, fork in itertools.product(args.warm_sites, args.supernode_poll, args.prefork):
+        if fork == "on" and poll == "flower":
+            continue  # forking needs fedspecialists-supernode
+        engine = _engine(warm == "on", poll, fork == "on")
         home = out / f"{engine}-home"
         poll_s = None if poll == "flower" else float(poll)
         with local_federation(
-            home, num_sites=args.nodes, warm_sites=warm == "on", supernode_poll_s=poll_s
+            home,
+            num_sites=args.nodes,
+            warm_sites=warm == "on",
+            supernode_poll_s=poll_s,
+            prefork=fork == "on",
         ) as fed:
             fed.wait_for_nodes(args.nodes)
             for name, overrides in experiments.items():

@@ -33,6 +33,11 @@ def main() -> None:
         action="store_true",
         help="a warm site (fedspecialists-site) per SuperNode: its ClientApps forward to it",
     )
+    parser.add_argument(
+        "--prefork",
+        action="store_true",
+        help="SuperNodes fork each ClientApp from a process that imported Flower once",
+    )
     args = parser.parse_args()
     data_dirs = [args.data_root / f"site{i}" for i in range(args.nodes)] if args.data_root else None
     suite = " suite=site_images" if data_dirs else ""
@@ -40,7 +45,11 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with local_federation(
-        args.home, num_sites=args.nodes, data_dirs=data_dirs, warm_sites=args.warm_sites
+        args.home,
+        num_sites=args.nodes,
+        data_dirs=data_dirs,
+        warm_sites=args.warm_sites,
+        prefork=args.prefork,
     ) as fed:
         fed.wait_for_nodes(args.nodes)
         print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -39,10 +41,31 @@ def test_the_supernode_loop_is_patched_in_place(monkeypatch: pytest.MonkeyPatch)
 
 def test_arguments_split_between_ours_and_flowers() -> None:
     argv = ["--superlink", "h:9092", "--poll-s", "0.5", "--insecure", "--node-config", "a=1"]
-    poll_s, rest = supernode.split_args(argv)
-    assert poll_s == 0.5
+    ours, rest = supernode.split_args(argv)
+    assert (ours.poll_s, ours.prefork) == (0.5, False)
     assert rest == ["--superlink", "h:9092", "--insecure", "--node-config", "a=1"]
-    assert supernode.split_args(["--insecure"]) == (supernode.DEFAULT_POLL_S, ["--insecure"])
+    ours, rest = supernode.split_args(["--insecure", "--prefork"])
+    assert (ours.poll_s, ours.prefork, rest) == (supernode.DEFAULT_POLL_S, True, ["--insecure"])
+
+
+def test_prefork_starts_our_superexec_with_flowers_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **_: started.append(list(args)))
+    shim = supernode.PreforkingSubprocess()
+    shim.Popen(["flower-superexec", "--insecure", "--parent-pid", "7"])
+    shim.Popen(["something-else", "-x"])
+    assert [sys.executable, "-m", "fedspecialists.deploy.superexec"] == supernode.PREFORK_SUPEREXEC
+    assert started == [
+        [*supernode.PREFORK_SUPEREXEC, "--insecure", "--parent-pid", "7"],
+        ["something-else", "-x"],
+    ]
+    assert shim.DEVNULL == subprocess.DEVNULL  # the rest is subprocess's
+    monkeypatch.setattr(start_client_internal, "subprocess", subprocess)  # undone after the test
+    assert supernode.patch_superexec_command()
+    assert isinstance(start_client_internal.subprocess, supernode.PreforkingSubprocess)
+    assert not supernode.patch_superexec_command()  # patched already: left alone
 
 
 @pytest.mark.parametrize("value", ["0", "0.001", "3.5", "60"])
@@ -53,4 +76,4 @@ def test_a_poll_interval_out_of_range_is_refused(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["0.01", "3"])
 def test_the_range_bounds_are_accepted(value: str) -> None:
-    assert supernode.split_args(["--poll-s", value])[0] == float(value)
+    assert supernode.split_args(["--poll-s", value])[0].poll_s == float(value)

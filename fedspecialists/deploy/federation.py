@@ -78,6 +78,9 @@ class LocalFederation:
     # SuperNodes poll for work every this many seconds (fedspecialists-supernode); None: Flower's
     # own flower-supernode (3 s idle wait, its SuperExec 1 s).
     supernode_poll_s: float | None = DEFAULT_POLL_S
+    # SuperNodes' ClientApps forked from a process that imported Flower once
+    # (fedspecialists-supernode --prefork; fedspecialists.deploy.superexec)
+    prefork: bool = False
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(
@@ -130,6 +133,7 @@ class LocalFederation:
         if self.supernode_poll_s is not None:  # Flower's SuperNode, polling sooner
             poll = ["--poll-s", str(self.supernode_poll_s)]
             command = [sys.executable, "-m", "fedspecialists.deploy.supernode", *poll]
+            command += ["--prefork"] if self.prefork else []
         command += [
             "--superlink",
             self.fleet_address,
@@ -240,6 +244,7 @@ def local_federation(
     warm_sites: bool = False,
     hosts: Sequence[Host] | None = None,
     supernode_poll_s: float | None = DEFAULT_POLL_S,
+    prefork: bool = False,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
@@ -248,12 +253,15 @@ def local_federation(
     its store and its peer endpoint, and that endpoint (gRPC over TLS); with ``warm_sites``, a
     warm site per site too (its SuperNode's ClientApps forward to it). SuperNodes poll for work
     every ``supernode_poll_s`` seconds (:mod:`fedspecialists.deploy.supernode`; None: Flower's
-    own ``flower-supernode``). ``hosts`` (default: all
+    own ``flower-supernode``); with ``prefork`` they fork their ClientApps from a process that
+    imported Flower once (:mod:`fedspecialists.deploy.superexec`). ``hosts`` (default: all
     on loopback) places the SuperLink on ``hosts[0]`` and site ``i`` on ``hosts[i + 1]``, each
     with certificates for its address (see :func:`fedspecialists.deploy.hosts.network_namespaces`).
     Everything is stopped, by PID, on exit.
     """
     hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_sites + 1)
+    if prefork and supernode_poll_s is None:
+        raise ValueError("prefork needs fedspecialists-supernode (supernode_poll_s not None)")
     if len(hosts) != num_sites + 1:
         raise ValueError(f"{len(hosts)} hosts for a SuperLink and {num_sites} sites")
     if data_dirs is not None and len(data_dirs) != num_sites:
@@ -276,7 +284,7 @@ def local_federation(
         start_new_session=True,
     )
     fed = LocalFederation(
-        home, creds, env, fleet, control, superlink, [], [superlink], supernode_poll_s
+        home, creds, env, fleet, control, superlink, [], [superlink], supernode_poll_s, prefork
     )
     try:
         _wait_port(control, superlink, home / "superlink.log")

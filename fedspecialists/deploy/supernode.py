@@ -14,6 +14,11 @@ message loop (the idle wait, and its 0.5 s waits for a reply) is capped at ``--p
 The cost is requests: an idle SuperNode asks its SuperLink ``1 / poll_s`` times a second
 instead of once every 3 s. ``--poll-s 3`` is Flower's behaviour. If a later Flower no longer
 has the loop this patches, the SuperNode runs unpatched and says so.
+
+With ``--prefork`` (``--isolation subprocess``), the SuperNode starts
+``fedspecialists-superexec`` instead of ``flower-superexec``: Flower's SuperExec, forking each
+message's ``flwr-clientapp`` from a process that has imported Flower already
+(:mod:`fedspecialists.deploy.superexec`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -68,23 +74,65 @@ def patch_message_loop(poll_s: float) -> bool:
     return True
 
 
-def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
-    """``--poll-s`` (ours) and every other argument (``flower-supernode``'s), in their order."""
+SUPEREXEC_COMMAND = "flower-superexec"  # what Flower's SuperNode starts (subprocess isolation)
+PREFORK_SUPEREXEC = [sys.executable, "-m", "fedspecialists.deploy.superexec"]
+
+
+class PreforkingSubprocess(ModuleType):
+    """The ``subprocess`` module whose ``Popen`` starts ``fedspecialists-superexec`` where
+    Flower's SuperNode asks for ``flower-superexec``; all else is ``subprocess``'s."""
+
+    def __init__(self) -> None:
+        super().__init__("subprocess")
+
+    def Popen(self, args: Sequence[str], **kwargs: Any) -> Any:  # noqa: N802  # subprocess's name
+        args = list(args)
+        if args[:1] == [SUPEREXEC_COMMAND]:
+            args = [*PREFORK_SUPEREXEC, *args[1:]]
+        return subprocess.Popen(args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def patch_superexec_command() -> bool:
+    """Make Flower's SuperNode start ``fedspecialists-superexec``; False if not found."""
+    try:
+        from flwr.supernode import start_client_internal as loop
+    except ImportError:
+        return False
+    if getattr(loop, "subprocess", None) is not subprocess:  # not the module this was written for
+        return False
+    loop.subprocess = PreforkingSubprocess()  # type: ignore[assignment]
+    return True
+
+
+def split_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``--poll-s`` and ``--prefork`` (ours) and every other argument (``flower-supernode``'s),
+    in their order."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S)
+    parser.add_argument("--prefork", action="store_true")
     ours, rest = parser.parse_known_args(list(argv))
     low, high = POLL_RANGE
     if not low <= ours.poll_s <= high:
         raise SystemExit(f"--poll-s must be in [{low}, {high}] seconds, got {ours.poll_s}")
-    return float(ours.poll_s), rest
+    ours.poll_s = float(ours.poll_s)
+    return ours, rest
+
+
+def _warn(message: str) -> None:
+    logging.basicConfig(level=logging.WARNING)  # only now: Flower configures its own logging
+    log.warning(message)
 
 
 def main() -> None:
-    poll_s, rest = split_args(sys.argv[1:])
-    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(poll_s))  # its child flower-superexec reads it
-    if not patch_message_loop(poll_s):
-        logging.basicConfig(level=logging.WARNING)
-        log.warning("this Flower's SuperNode loop is not the one expected: its own polling kept")
+    ours, rest = split_args(sys.argv[1:])
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(ours.poll_s))  # its child SuperExec reads it
+    if not patch_message_loop(ours.poll_s):
+        _warn("this Flower's SuperNode loop is not the one expected: its own polling kept")
+    if ours.prefork and not patch_superexec_command():
+        _warn("this Flower's SuperNode does not start its SuperExec as expected: no prefork")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]
