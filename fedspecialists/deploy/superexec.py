@@ -82,6 +82,7 @@ def serve(conn: socket.socket, main: Callable[[], None]) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
+            reader.close()  # the child keeps nothing of the channel
             _child(conn, list(request["argv"]), bool(request.get("quiet")), main)
         conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
 
