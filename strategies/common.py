@@ -507,6 +507,21 @@ class RoundBookkeeping(Generic[R]):
         if self._faulty_nodes:
             self.record.dropped_injected = sum(node in self._faulty_nodes for node, _ in dropped)
 
+    def record_clipped(self, clipped: Sequence[tuple[int, str]]) -> None:
+        """Log and count updates whose norm the configured clipping cut: ``(node id, reason)``
+        each, the reason naming whose update, its group and its norm before and after.
+        ``clipped_injected`` as ``dropped_injected``. Adds to the round's count (FL-TAC
+        records cluster by cluster)."""
+        for _, reason in clipped:
+            log(INFO, "update clipped: %s", reason)
+        record = self.record
+        record.updates_clipped = (record.updates_clipped or 0) + len(clipped)
+        if clipped:
+            record.clipped_reasons = [*(record.clipped_reasons or []), *(r for _, r in clipped)]
+        if self._faulty_nodes:
+            injected = sum(node in self._faulty_nodes for node, _ in clipped)
+            record.clipped_injected = (record.clipped_injected or 0) + injected
+
     def too_few_replies(self, server_round: int, valid: int, usable: bool = True) -> bool:
         """Whether the round's aggregation is skipped (fewer than ``min_replies`` valid replies,
         or nothing ``usable`` in them); logged and recorded as ``aggregated: false``."""

@@ -855,6 +855,17 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 ]
             )
         kept = [i for i in range(len(states)) if i not in opposed]
+        cut = self.robust.clipped_norms([states[i] for i in kept], [references[i] for i in kept])
+        if self.robust.clips:
+            self.record_clipped(
+                [
+                    (
+                        accepted[kept[j]][0],
+                        f"node {accepted[kept[j]][0]} (backbone): norm {a:.4g} -> {b:.4g}",
+                    )
+                    for j, (a, b) in sorted(cut.items())
+                ]
+            )
         return self.robust(
             [states[i] for i in kept], [examples[i] for i in kept], [references[i] for i in kept]
         )

@@ -1089,6 +1089,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.record_dropped(self._dropped_reasons(pool, labels, names, opposed, with_nodes))
         left_out = opposed.keys() | with_nodes.keys()
         kept = [i for i in range(len(pool)) if i not in left_out]
+        if names is not None and self.robust.clips:
+            self.record_clipped(self._clipped_reasons(pool, labels, names, kept, references))
         weights = self.group_weights(pool)
         return group_means(
             [arrays[i] for i in kept],
@@ -1097,6 +1099,27 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.robust,
             [references[i] for i in kept],
         )
+
+    def _clipped_reasons(
+        self,
+        pool: Sequence[PoolEntry],
+        labels: Sequence[int],
+        names: Sequence[str],
+        kept: Sequence[int],
+        references: Sequence[Adapter],
+    ) -> list[tuple[int, str]]:
+        """``(node id, reason)`` of every kept adapter whose norm its cluster's clipping cut."""
+        out = []
+        for label in sorted({labels[i] for i in kept}):
+            members = [i for i in kept if labels[i] == label]
+            cut = self.robust.clipped_norms(
+                [pool[i].arrays for i in members], [references[i] for i in members]
+            )
+            for j, (before, after) in sorted(cut.items()):
+                entry = pool[members[j]]
+                where = f"node {entry.node_id} slot {entry.slot} (cluster {names[label]})"
+                out.append((entry.node_id, f"{where}: norm {before:.4g} -> {after:.4g}"))
+        return out
 
     @staticmethod
     def _dropped_reasons(

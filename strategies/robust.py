@@ -300,6 +300,21 @@ class RobustAggregation:
             states = clip_outlier_norms(states, references)
         return states
 
+    def clipped_norms(
+        self, states: Sequence[State], references: Sequence[State]
+    ) -> dict[int, tuple[float, float]]:
+        """``{index: (norm before, norm after)}`` of every update the configured clipping cuts
+        (none without clipping): for the round's record."""
+        if not self.clips:
+            return {}
+        after = self.clipped(states, references)
+        out = {}
+        for i, (state, cut, ref) in enumerate(zip(states, after, references, strict=True)):
+            before, now = update_norm(state, ref), update_norm(cut, ref)
+            if now < before * (1.0 - 1e-9):  # not a float wobble of an untouched update
+                out[i] = (before, now)
+        return out
+
     @property
     def clips(self) -> bool:
         """Whether any clipping is configured (it needs the updates' references)."""

@@ -46,6 +46,14 @@ class RoundRecord:
     dropped_injected : int | None
         Of those, how many came from replies that said they carried an injected fault
         (``faults.*``; metrics only, set in rounds with such replies).
+    updates_clipped : int | None
+        Accepted updates whose norm the configured clipping cut (``robust.clip_norm``,
+        ``clip_to_median_norm``, ``clip_outlier_norms``; set when clipping is on).
+    clipped_reasons : list[str] | None
+        Whose update each was, its group and its norm before and after (logged as well).
+    clipped_injected : int | None
+        Of those, how many came from replies that said they carried an injected fault
+        (``faults.*``; metrics only, set in rounds with such replies).
     train_loss : float | None
         Mean training loss over the accepted replies, weighted by examples.
     aggregated : bool | None
@@ -78,6 +86,9 @@ class RoundRecord:
     updates_dropped: int | None = None
     dropped_reasons: list[str] | None = None
     dropped_injected: int | None = None
+    updates_clipped: int | None = None
+    clipped_reasons: list[str] | None = None
+    clipped_injected: int | None = None
     train_loss: float | None = None
     aggregated: bool | None = None
     aggregate_s: float | None = None

@@ -309,6 +309,71 @@ def test_a_reversed_backbone_is_left_out_of_fedavg() -> None:
     assert reason.startswith("node 4 (backbone)") and "cosine -1.000" in reason
 
 
+def test_a_scaled_adapter_is_clipped_and_counted_with_its_norms(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FL-TAC, one cluster, updates against V0 = 0: (3, 4), (0, 4), (4, 0), (0, 5) and node
+    5's scaled (30, 40), each in A and in W's diagonal (so every norm is sqrt(2) times that of
+    (x, y)). Norms / sqrt(2): 5, 4, 4, 5, 50: median 5, |deviations| 0, 1, 1, 0, 45 -> MAD 1,
+    Hampel bound sqrt(2) * (5 + 3 * 1.4826); only node 5's is cut, A to (0.6, 0.8) * 9.4478."""
+    strategy = paper_fltac(
+        num_clusters=1, seed=0, robust=RobustAggregation(clip_outlier_norms=True)
+    )
+    values = {1: (3.0, 4.0), 2: (0.0, 4.0), 3: (4.0, 0.0), 4: (0.0, 5.0), 5: (30.0, 40.0)}
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        out = [_reply(messages[n], [_adapter(*values[n])]) for n in sorted(messages)]
+        out[4].content.config_records[FAULT_RECORD] = ConfigRecord({"kind": "scale"})
+        return out
+
+    with caplog.at_level(logging.INFO):
+        _round(strategy, 1, FakeGrid([1, 2, 3, 4, 5]), replies)
+    bound = 5 + 3 * 1.4826
+    (gid,) = strategy.final_adapters()
+    expected = [(3 + 0 + 4 + 0 + 0.6 * bound) / 5, (4 + 4 + 0 + 5 + 0.8 * bound) / 5]
+    assert_allclose(strategy.globals[gid][A], np.array([expected], np.float32), rtol=1e-5)
+    assert strategy.record.updates_clipped == 1
+    assert strategy.record.clipped_injected == 1
+    (reason,) = strategy.record.clipped_reasons or []
+    norms = (50 * math.sqrt(2), bound * math.sqrt(2))
+    assert reason == f"node 5 slot 0 (cluster {gid}): norm {norms[0]:.4g} -> {norms[1]:.4g}"
+    assert any(reason in r.getMessage() for r in caplog.records)
+    assert strategy.record.updates_dropped is None  # clipped, not left out
+
+
+def test_a_scaled_backbone_is_clipped_to_the_median_norm_and_counted() -> None:
+    """FedMoE-DA from a zero backbone (2 x 2): updates 1, 2, 3 and node 4's 30 in every entry,
+    norms 2, 4, 6, 60: median 5; nodes 3 and 4 cut to entries 2.5. FedAvg with 10 n examples:
+    (1 * 10 + 2 * 20 + 2.5 * 30 + 2.5 * 40) / 100 = 2.25."""
+    strategy = _moe_strategy(robust=RobustAggregation(clip_to_median_norm=True))
+    strategy.shared = {"backbone.w": np.zeros((2, 2), np.float32)}
+    gates = {**GATES, 4: GATES[1]}
+    values = {1: 1.0, 2: 2.0, 3: 3.0, 4: 30.0}
+    _moe_round(
+        strategy,
+        1,
+        lambda n, m: _moe_reply(m, values[n], gates[n], examples=10 * n),
+        nodes=(1, 2, 3, 4),
+    )
+    assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), 2.25), rtol=1e-6)
+    assert strategy.record.updates_clipped == 2
+    assert strategy.record.clipped_reasons == [
+        "node 3 (backbone): norm 6 -> 5",
+        "node 4 (backbone): norm 60 -> 5",
+    ]
+
+
+def test_without_clipping_nothing_is_counted() -> None:
+    strategy = paper_fltac(num_clusters=1, seed=0)
+    _round(
+        strategy,
+        1,
+        FakeGrid([1, 2, 3]),
+        lambda messages: [_reply(messages[n], [_adapter(float(n), 0.0)]) for n in sorted(messages)],
+    )
+    assert strategy.record.updates_clipped is None and strategy.record.clipped_reasons is None
+
+
 def test_absent_clients_are_never_sampled_and_match_a_crash_runs_draw() -> None:
     """``faults.kind=absent``: the server leaves out exactly the clients the fault mod would
     make crash in that round (the same draw), so a crash run has a clean twin."""

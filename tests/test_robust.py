@@ -126,6 +126,19 @@ def test_clipping_outlying_norms_only_by_hand() -> None:
     assert clip_outlier_norms([], []) == []
 
 
+def test_the_clipped_norms_are_reported_by_index() -> None:
+    ref = _s(1.0, 1.0)
+    # updates (3, 4) norm 5, (0, 2) norm 2, (-30, 40) norm 50: median norm 5
+    states = [_s(4.0, 5.0), _s(1.0, 3.0), _s(-29.0, 41.0)]
+    median = RobustAggregation(clip_to_median_norm=True).clipped_norms(states, [ref] * 3)
+    assert median.keys() == {2} and median[2] == pytest.approx((50.0, 5.0))
+    # a fixed bound of 3: (3, 4) and (-30, 40) cut to 3
+    fixed = RobustAggregation(clip_norm=3.0).clipped_norms(states, [ref] * 3)
+    assert fixed.keys() == {0, 2}
+    assert fixed[0] == pytest.approx((5.0, 3.0)) and fixed[2] == pytest.approx((50.0, 3.0))
+    assert RobustAggregation().clipped_norms(states, [ref] * 3) == {}  # no clipping configured
+
+
 def test_outlier_clipping_in_the_mean() -> None:
     ref = _s(0.0, 0.0)
     honest = [_s(1.0, 0.0), _s(0.0, 2.0), _s(0.0, 3.0)]
