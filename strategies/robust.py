@@ -33,7 +33,7 @@ the aggregate is the plain (weighted) mean, bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,25 +67,36 @@ def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np
     return out
 
 
-def clip_to_median_norm(
-    states: Sequence[State], references: Sequence[State]
+def clip_to_group_bound(
+    states: Sequence[State],
+    references: Sequence[State],
+    bound_of: Callable[[Sequence[float]], float],
 ) -> list[dict[str, np.ndarray]]:
-    """Every update clipped to the median L2 norm of the group's updates.
+    """Every update clipped to ``bound_of(the group's update norms)``.
 
     Parameters
     ----------
     states, references : Sequence[State]
         ``n`` parameter sets and the parameters each started from.
+    bound_of : Callable[[Sequence[float]], float]
+        The bound from the ``n`` update norms (``n >= 1``).
 
     Returns
     -------
     list[dict[str, np.ndarray]]
-        ``n`` parameter sets; those whose update norm is at most the median unchanged, the
+        ``n`` parameter sets; those whose update norm is at most the bound unchanged, the
         others :func:`clip_update`'d to it.
     """
+    if not states:
+        return []
     norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
-    bound = float(np.median(norms)) if norms else 0.0
+    bound = bound_of(norms)
     return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
+
+
+def median_norm_bound(norms: Sequence[float]) -> float:
+    """FLAME's bound: the median of the update norms."""
+    return float(np.median(np.asarray(norms, np.float64)))
 
 
 HAMPEL_CUT = 3.0  # MADs above the median at which a norm is an outlier (Hampel's usual cut)
@@ -93,39 +104,25 @@ MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): the MAD of normal data times this is its
 
 
 def outlier_norm_bound(norms: Sequence[float]) -> float:
-    """Hampel's bound on update norms: ``median + 3 * 1.4826 * median(|norm - median|)``.
-
-    Parameters
-    ----------
-    norms : Sequence[float]
-        The ``n >= 1`` update norms of one group.
-    """
+    """Hampel's bound on update norms: ``median + 3 * 1.4826 * median(|norm - median|)``."""
     arr = np.asarray(norms, np.float64)
     median = float(np.median(arr))
     mad = float(np.median(np.abs(arr - median)))
     return median + HAMPEL_CUT * MAD_TO_STD * mad
 
 
+def clip_to_median_norm(
+    states: Sequence[State], references: Sequence[State]
+) -> list[dict[str, np.ndarray]]:
+    """Every update clipped to the median L2 norm of the group's updates (``n`` in, ``n`` out)."""
+    return clip_to_group_bound(states, references, median_norm_bound)
+
+
 def clip_outlier_norms(
     states: Sequence[State], references: Sequence[State]
 ) -> list[dict[str, np.ndarray]]:
-    """Updates whose norm is above :func:`outlier_norm_bound` clipped to it; the rest as they are.
-
-    Parameters
-    ----------
-    states, references : Sequence[State]
-        ``n`` parameter sets and the parameters each started from.
-
-    Returns
-    -------
-    list[dict[str, np.ndarray]]
-        ``n`` parameter sets.
-    """
-    if not states:
-        return []
-    norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
-    bound = outlier_norm_bound(norms)
-    return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
+    """Updates with a norm above :func:`outlier_norm_bound` clipped to it; the rest unchanged."""
+    return clip_to_group_bound(states, references, outlier_norm_bound)
 
 
 def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
