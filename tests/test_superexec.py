@@ -61,7 +61,9 @@ def test_the_fork_server_runs_each_request_in_its_own_child(tmp_path: Path) -> N
         assert a == {"argv": ["flwr-clientapp", str(first)], "pid": pid_a}
         assert b["pid"] == pid_b and len({pid_a, pid_b, server.pid, os.getpid()}) == 4
     finally:
+        started = time.monotonic()
         server.close()
+        assert time.monotonic() - started < 2.0  # it left on its own, not killed after 5 s
     assert server.launch(["flwr-clientapp", str(tmp_path / "c.json")]) is None  # closed
     with pytest.raises(ChildProcessError):  # the fork server was reaped by close()
         os.waitpid(server.pid, os.WNOHANG)

@@ -109,6 +109,8 @@ class ForkServer:
                 ours.close()
                 serve(theirs, load_main())
                 code = 0
+            except BaseException:  # said before it leaves: the SuperExec falls back to Flower's
+                traceback.print_exc()
             finally:
                 os._exit(code)
         theirs.close()
@@ -138,6 +140,7 @@ class ForkServer:
         after ``wait_s``); its children run on."""
         if self._conn is None:
             return
+        self._reader.close()  # the socket's file closes only when both are closed
         self._conn.close()
         self._conn = None
         deadline = time.monotonic() + wait_s
