@@ -81,7 +81,8 @@ def main() -> None:
         nargs="+",
         choices=["off", "on"],
         default=["off"],
-        help="ClientApps started as Flower does (off), or forked from a warm process (on)",
+        help="ClientApps started as Flower does (off, the published tables), or forked from a "
+        "warm process (on, the loopback federation's default)",
     )
     args = parser.parse_args()
     experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))

@@ -35,8 +35,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--prefork",
-        action="store_true",
-        help="SuperNodes fork each ClientApp from a process that imported Flower once",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SuperNodes fork each ClientApp from a process that imported Flower once "
+        "(default; --no-prefork: Flower starts a fresh process per message)",
     )
     args = parser.parse_args()
     data_dirs = [args.data_root / f"site{i}" for i in range(args.nodes)] if args.data_root else None

@@ -129,6 +129,11 @@ def test_fltac_and_fedmoe_da_complete_over_tls(federation: LocalFederation, tmp_
     for site in federation.sites:
         assert (site.store / f"run-{moe.run_id}" / "personal.safetensors").exists()
     assert _served(federation, moe.run_id) == [0, 1 + 2 * 2, 1 + 2 * 2]
+    # Every ClientApp of both runs was forked from its SuperExec's fork server (prefork, the
+    # loopback federation's default): one per message, 5 + 5 messages per site.
+    for i in range(3):
+        log = (federation.home / f"supernode{i}.log").read_text()
+        assert log.count("fedspecialists-superexec: flwr-clientapp forked as pid") >= 10
 
 
 @pytest.mark.slow

@@ -244,7 +244,7 @@ def local_federation(
     warm_sites: bool = False,
     hosts: Sequence[Host] | None = None,
     supernode_poll_s: float | None = DEFAULT_POLL_S,
-    prefork: bool = False,
+    prefork: bool | None = None,
 ) -> Iterator[LocalFederation]:
     """Credentials, a TLS SuperLink with SuperNode authentication, ``num_sites`` sites.
 
@@ -253,8 +253,9 @@ def local_federation(
     its store and its peer endpoint, and that endpoint (gRPC over TLS); with ``warm_sites``, a
     warm site per site too (its SuperNode's ClientApps forward to it). SuperNodes poll for work
     every ``supernode_poll_s`` seconds (:mod:`fedspecialists.deploy.supernode`; None: Flower's
-    own ``flower-supernode``); with ``prefork`` they fork their ClientApps from a process that
-    imported Flower once (:mod:`fedspecialists.deploy.superexec`). ``hosts`` (default: all
+    own ``flower-supernode``); with ``prefork`` (default: wherever they are
+    ``fedspecialists-supernode``) they fork their ClientApps from a process that imported
+    Flower once (:mod:`fedspecialists.deploy.superexec`). ``hosts`` (default: all
     on loopback) places the SuperLink on ``hosts[0]`` and site ``i`` on ``hosts[i + 1]``, each
     with certificates for its address (see :func:`fedspecialists.deploy.hosts.network_namespaces`).
     Everything is stopped, by PID, on exit.
@@ -262,6 +263,7 @@ def local_federation(
     hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_sites + 1)
     if prefork and supernode_poll_s is None:
         raise ValueError("prefork needs fedspecialists-supernode (supernode_poll_s not None)")
+    prefork = supernode_poll_s is not None if prefork is None else prefork
     if len(hosts) != num_sites + 1:
         raise ValueError(f"{len(hosts)} hosts for a SuperLink and {num_sites} sites")
     if data_dirs is not None and len(data_dirs) != num_sites:
