@@ -855,8 +855,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 ]
             )
         kept = [i for i in range(len(states)) if i not in opposed]
-        cut = self.robust.clipped_norms([states[i] for i in kept], [references[i] for i in kept])
         if self.robust.clips:
+            cut = self.robust.clipped_norms(
+                [states[i] for i in kept], [references[i] for i in kept]
+            )
             self.record_clipped(
                 [
                     (

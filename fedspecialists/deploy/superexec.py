@@ -34,7 +34,10 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from fedspecialists.deploy.supernode import replace_stdlib_module
+
 CLIENTAPP_COMMAND = "flwr-clientapp"  # Flower's TASK_TYPE_TO_COMMAND for a ClientApp task
+EXECUTOR_MODULE = "flwr.supercore.superexec.executor.subprocess_executor"
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +181,7 @@ class ForkingSubprocess(ModuleType):
 
 def patch_executor(server: ForkServer) -> bool:
     """Make Flower's subprocess executor fork ClientApps from ``server``; False if not found."""
-    try:
-        from flwr.supercore.superexec.executor import subprocess_executor as executor
-    except ImportError:
-        return False
-    if getattr(executor, "subprocess", None) is not subprocess:  # not the module expected
-        return False
-    executor.subprocess = ForkingSubprocess(server)  # type: ignore[assignment]
-    return True
+    return replace_stdlib_module(EXECUTOR_MODULE, subprocess, ForkingSubprocess(server))
 
 
 def _log_to_stderr() -> None:

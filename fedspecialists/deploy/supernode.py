@@ -24,6 +24,7 @@ message's ``flwr-clientapp`` from a process that has imported Flower already
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import subprocess
@@ -34,6 +35,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_POLL_S = 0.2
+LOOP_MODULE = "flwr.supernode.start_client_internal"  # Flower's SuperNode message loop
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own, read by flower-superexec
 POLL_RANGE = (0.01, 3.0)  # SuperExec accepts [0.01, 60]; above 3 s this would slow Flower down
 
@@ -62,16 +64,24 @@ class PollingClock(ModuleType):
         return getattr(time, name)
 
 
-def patch_message_loop(poll_s: float) -> bool:
-    """Cap the sleeps of Flower's SuperNode message loop at ``poll_s``; False if not found."""
+def replace_stdlib_module(module: str, stdlib: ModuleType, shim: ModuleType) -> bool:
+    """In Flower's ``module``, replace its global ``stdlib`` (e.g. ``time``) by ``shim``;
+    False, and nothing changed, if that module or global is not the one this was written for
+    (or was replaced already)."""
     try:
-        from flwr.supernode import start_client_internal as loop
+        target = importlib.import_module(module)
     except ImportError:
         return False
-    if getattr(loop, "time", None) is not time:  # not the module this was written against
+    name = stdlib.__name__
+    if getattr(target, name, None) is not stdlib:
         return False
-    loop.time = PollingClock(poll_s)  # type: ignore[assignment]
+    setattr(target, name, shim)
     return True
+
+
+def patch_message_loop(poll_s: float) -> bool:
+    """Cap the sleeps of Flower's SuperNode message loop at ``poll_s``; False if not found."""
+    return replace_stdlib_module(LOOP_MODULE, time, PollingClock(poll_s))
 
 
 SUPEREXEC_COMMAND = "flower-superexec"  # what Flower's SuperNode starts (subprocess isolation)
@@ -97,14 +107,7 @@ class PreforkingSubprocess(ModuleType):
 
 def patch_superexec_command() -> bool:
     """Make Flower's SuperNode start ``fedspecialists-superexec``; False if not found."""
-    try:
-        from flwr.supernode import start_client_internal as loop
-    except ImportError:
-        return False
-    if getattr(loop, "subprocess", None) is not subprocess:  # not the module this was written for
-        return False
-    loop.subprocess = PreforkingSubprocess()  # type: ignore[assignment]
-    return True
+    return replace_stdlib_module(LOOP_MODULE, subprocess, PreforkingSubprocess())
 
 
 def split_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
