@@ -220,13 +220,15 @@ RULES = {
 # FL-TAC only: node scope, with round 1 grouped on what the clients' data say (input and label
 # fingerprints), which an attack on the updates cannot move (conf/defence/fltac_sign_flip.yaml);
 # then also every update clipped to its cluster's median update norm (against scaling), or
-# only the updates whose norm is an outlier of its cluster's (Hampel's identifier); or the
-# coordinate-wise median instead of the mean after the screen
+# only the updates whose norm is an outlier of its cluster's (Hampel's identifier), or an
+# outlier for the local steps behind it; or the coordinate-wise median instead of the mean
 FLTAC_RULES = {
     "drop_node_fp": "+defence=fltac_sign_flip",
     "drop_node_fp_clip": "+defence=fltac_sign_flip robust.clip_to_median_norm=true",
     "drop_node_fp_hampel": "+defence=fltac_sign_flip robust.clip_outlier_norms=true",
     "drop_node_fp_median": "+defence=fltac_sign_flip robust.rule=median",
+    # only the norms that are outliers for the local steps behind them (Hampel around a fit)
+    "drop_node_fp_steps": "+defence=fltac_sign_flip robust.clip_outlier_norms_for_steps=true",
 }
 
 

@@ -32,6 +32,7 @@ ROBUST_KEYS = (  # robust.*
     "clip_norm",
     "clip_to_median_norm",
     "clip_outlier_norms",
+    "clip_outlier_norms_for_steps",
     "drop_opposed_updates",
     "drop_opposed_scope",
 )
@@ -84,6 +85,10 @@ SETTING_RULES: dict[str, Rule] = {
     "robust.clip_norm": ((lambda v: v is None or v > 0), "must be > 0 or null"),
     "robust.clip_to_median_norm": ((lambda v: isinstance(v, bool)), "must be true or false"),
     "robust.clip_outlier_norms": ((lambda v: isinstance(v, bool)), "must be true or false"),
+    "robust.clip_outlier_norms_for_steps": (
+        (lambda v: isinstance(v, bool)),
+        "must be true or false",
+    ),
     "robust.drop_opposed_updates": ((lambda v: isinstance(v, bool)), "must be true or false"),
     "robust.drop_opposed_scope": _one_of(("update", "node")),
     "fltac.num_clusters": (
@@ -337,6 +342,7 @@ class RobustSettings:
     clip_norm: float | None = MISSING
     clip_to_median_norm: bool = MISSING  # clip each update to its group's median update norm
     clip_outlier_norms: bool = MISSING  # clip only norms above median + 3 scaled MADs (Hampel)
+    clip_outlier_norms_for_steps: bool = MISSING  # the same on log norms fitted on log steps
     drop_opposed_updates: bool = MISSING
     drop_opposed_scope: str = MISSING  # update | node: also the other updates of their nodes
 

@@ -676,7 +676,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "fraction_train": cfg.federation.fraction_train,
             "min_replies": cfg.federation.min_replies,
             "max_abs_value": cfg.validation.max_abs_value,
-            "robust": RobustAggregation.from_settings(cfg.robust),
+            "robust": RobustAggregation.from_settings(cfg.robust, cfg.train),
             "absent_clients": absent_clients(cfg),
         }
 
@@ -857,7 +857,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         kept = [i for i in range(len(states)) if i not in opposed]
         if self.robust.clips:
             cut = self.robust.clipped_norms(
-                [states[i] for i in kept], [references[i] for i in kept]
+                [states[i] for i in kept],
+                [references[i] for i in kept],
+                [int(examples[i]) for i in kept],
             )
             self.record_clipped(
                 [
@@ -869,7 +871,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 ]
             )
         return self.robust(
-            [states[i] for i in kept], [examples[i] for i in kept], [references[i] for i in kept]
+            [states[i] for i in kept],
+            [examples[i] for i in kept],
+            [references[i] for i in kept],
+            [int(examples[i]) for i in kept],
         )
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:

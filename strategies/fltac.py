@@ -537,9 +537,11 @@ def group_means(
     weights: Sequence[float] | None = None,
     aggregate: RobustAggregation | None = None,
     references: Sequence[Adapter] | None = None,
+    examples: Sequence[int] | None = None,
 ) -> dict[int, dict[str, np.ndarray]]:
     """Mean adapter of every group (unweighted as in the paper, or weighted by ``weights``),
-    or its robust ``aggregate`` (``references``: the global each adapter started from).
+    or its robust ``aggregate`` (``references``: the global each adapter started from;
+    ``examples``: each adapter's training examples, for a clip that needs them).
 
     Returns
     -------
@@ -555,7 +557,8 @@ def group_means(
         if member_weights is not None and sum(member_weights) <= 0:
             member_weights = None
         refs = None if references is None else [references[m] for m in members]
-        out[int(label)] = aggregate([adapters[m] for m in members], member_weights, refs)
+        counts = None if examples is None else [examples[m] for m in members]
+        out[int(label)] = aggregate([adapters[m] for m in members], member_weights, refs, counts)
     return out
 
 
@@ -805,7 +808,7 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
         "min_replies": cfg.federation.min_replies,
         "max_abs_value": cfg.validation.max_abs_value,
         "max_update_norm": cfg.validation.max_update_norm,
-        "robust": RobustAggregation.from_settings(cfg.robust),
+        "robust": RobustAggregation.from_settings(cfg.robust, cfg.train),
         "absent_clients": absent_clients(cfg),
     }
 
@@ -1098,6 +1101,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             None if weights is None else [weights[i] for i in kept],
             self.robust,
             [references[i] for i in kept],
+            [pool[i].num_examples for i in kept],
         )
 
     def _clipped_reasons(
@@ -1113,7 +1117,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         for label in sorted({labels[i] for i in kept}):
             members = [i for i in kept if labels[i] == label]
             cut = self.robust.clipped_norms(
-                [pool[i].arrays for i in members], [references[i] for i in members]
+                [pool[i].arrays for i in members],
+                [references[i] for i in members],
+                [pool[i].num_examples for i in members],
             )
             for j, (before, after) in sorted(cut.items()):
                 entry = pool[members[j]]

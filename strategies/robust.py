@@ -18,6 +18,17 @@ the aggregate is the plain (weighted) mean, bit for bit.
   and 3 of those is the identifier's usual cut). Only an update whose size stands out from the
   group's is cut, so honest updates of data-rich clients keep their weight; with two updates
   nothing is cut (no majority size).
+* **Clipping norms that are outliers for their local steps** (``clip_outlier_norms_for_steps``):
+  an honest update's norm is set mostly by how many optimiser steps made it (a client's steps
+  follow its example count), so the norms of one group spread widely but lie on a curve. The
+  curve ``log norm = a + b log steps`` is fitted robustly (Siegel's repeated medians, with
+  ``0 <= b <= 1``: a norm grows at most linearly with the steps), and Hampel's identifier is
+  applied to the residuals: an update is cut to ``exp(a + b log steps + 3 * 1.4826 * MAD(e))``
+  (``a``: the residuals' median), the largest norm its steps make plausible. Honest updates of
+  data-rich clients sit on the curve and keep their norm; one scaled up by a factor stands out
+  by ``log factor`` whatever its size. The steps come from the example counts the clients
+  report: a client that inflates its count widens its own bound (by at most the ratio of
+  counts, the slope being at most 1).
 * **Coordinate-wise median** (Yin et al., 2018): every coordinate is the median of the
   clients' values (unweighted); robust to fewer than half the clients being arbitrary.
 * **Trimmed mean** (Yin et al., 2018): every coordinate drops the ``floor(beta * n)`` largest
@@ -34,11 +45,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import siegelslopes
 
-from fedspecialists.config import ROBUST_KEYS, check_section
+from fedspecialists.budget import steps_per_round
+from fedspecialists.config import ROBUST_KEYS, TrainSettings, check_section
 from strategies.common import weighted_mean
 
 State = Mapping[str, np.ndarray]
@@ -70,7 +83,7 @@ def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np
 def clip_to_group_bound(
     states: Sequence[State],
     references: Sequence[State],
-    bound_of: Callable[[Sequence[float]], float],
+    bound_of: Callable[[Sequence[float]], float | np.ndarray],
 ) -> list[dict[str, np.ndarray]]:
     """Every update clipped to ``bound_of(the group's update norms)``.
 
@@ -78,20 +91,21 @@ def clip_to_group_bound(
     ----------
     states, references : Sequence[State]
         ``n`` parameter sets and the parameters each started from.
-    bound_of : Callable[[Sequence[float]], float]
-        The bound from the ``n`` update norms (``n >= 1``).
+    bound_of : Callable[[Sequence[float]], float | np.ndarray]
+        The bound from the ``n`` update norms (``n >= 1``): one for all, or shape ``(n,)``,
+        one for each update.
 
     Returns
     -------
     list[dict[str, np.ndarray]]
-        ``n`` parameter sets; those whose update norm is at most the bound unchanged, the
+        ``n`` parameter sets; those whose update norm is at most its bound unchanged, the
         others :func:`clip_update`'d to it.
     """
     if not states:
         return []
     norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
-    bound = bound_of(norms)
-    return [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
+    bounds = np.broadcast_to(np.asarray(bound_of(norms), np.float64), (len(norms),))
+    return [clip_update(s, r, float(b)) for s, r, b in zip(states, references, bounds, strict=True)]
 
 
 def median_norm_bound(norms: Sequence[float]) -> float:
@@ -109,6 +123,49 @@ def outlier_norm_bound(norms: Sequence[float]) -> float:
     median = float(np.median(arr))
     mad = float(np.median(np.abs(arr - median)))
     return median + HAMPEL_CUT * MAD_TO_STD * mad
+
+
+def step_outlier_norm_bounds(norms: Sequence[float], steps: Sequence[int]) -> np.ndarray:
+    """Each update's largest plausible norm for the optimiser steps it took.
+
+    ``log norm_i = b log steps_i + e_i``: ``b`` is Siegel's repeated-median slope (robust while
+    fewer than half the updates are outliers), kept in ``[0, 1]`` because an update is a sum
+    of ``steps`` steps of one optimiser and learning rate, so its norm grows at most linearly
+    with them (0 when every update took the same steps). Then Hampel's identifier on the
+    residuals: ``bound_i = exp(b log steps_i + median(e) + 3 * 1.4826 * MAD(e))``.
+
+    Parameters
+    ----------
+    norms : Sequence[float]
+        ``n`` update norms (``n >= 1``; zeros count as 1e-12).
+    steps : Sequence[int]
+        ``n`` numbers of optimiser steps (each ``>= 1``).
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(n,)``: the bounds. With one or two updates none is below its bound.
+    """
+    if len(norms) != len(steps):
+        raise ValueError(f"{len(norms)} norms but {len(steps)} step counts")
+    log_norm = np.log(np.maximum(np.asarray(norms, np.float64), 1e-12))
+    log_steps = np.log(np.asarray(steps, np.float64))
+    slope = 0.0
+    if np.ptp(log_steps) > 0:
+        slope = float(np.clip(siegelslopes(log_norm, log_steps)[0], 0.0, 1.0))
+    fitted = slope * log_steps
+    residuals = log_norm - fitted
+    centre = float(np.median(residuals))
+    mad = float(np.median(np.abs(residuals - centre)))
+    return np.exp(fitted + centre + HAMPEL_CUT * MAD_TO_STD * mad)
+
+
+def clip_step_outlier_norms(
+    states: Sequence[State], references: Sequence[State], steps: Sequence[int]
+) -> list[dict[str, np.ndarray]]:
+    """Updates with a norm above :func:`step_outlier_norm_bounds` for their ``steps`` clipped
+    to it; the rest unchanged (``n`` in, ``n`` out)."""
+    return clip_to_group_bound(states, references, lambda n: step_outlier_norm_bounds(n, steps))
 
 
 def clip_to_median_norm(
@@ -242,12 +299,20 @@ class RobustAggregation:
     clip_outlier_norms : bool
         Then clip only the updates whose norm is an outlier of the group's
         (:func:`clip_outlier_norms`).
+    clip_outlier_norms_for_steps : bool
+        Then clip only the updates whose norm is an outlier for the optimiser steps they took
+        (:func:`clip_step_outlier_norms`; the steps from each update's example count and
+        ``train``).
     drop_opposed_updates : bool
         Leave out updates opposed to their group's median update (:func:`opposed_updates`);
         the strategy asks :meth:`opposed` which, logs them and aggregates the rest.
     drop_opposed_scope : str
         ``update`` (only the opposed updates) or ``node`` (also every other update of their
         nodes in that round: :meth:`with_their_nodes`).
+    train : TrainSettings | None
+        The run's ``train`` settings: how many steps a client takes for its examples
+        (:func:`fedspecialists.budget.steps_per_round`). Needed by
+        ``clip_outlier_norms_for_steps`` only; not a ``robust`` key, not compared.
     """
 
     rule: str = "mean"
@@ -255,16 +320,32 @@ class RobustAggregation:
     clip_norm: float | None = None
     clip_to_median_norm: bool = False
     clip_outlier_norms: bool = False
+    clip_outlier_norms_for_steps: bool = False
     drop_opposed_updates: bool = False
     drop_opposed_scope: str = "update"
+    train: TrainSettings | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_section("robust", self, ROBUST_KEYS)
+        if self.clip_outlier_norms_for_steps and self.train is None:
+            raise ValueError(
+                "robust.clip_outlier_norms_for_steps needs the run's train settings: "
+                "RobustAggregation.from_settings(cfg.robust, cfg.train)"
+            )
 
     @classmethod
-    def from_settings(cls, settings: object) -> RobustAggregation:
-        """From a config's ``robust`` section (every key of :data:`ROBUST_KEYS`)."""
-        return cls(**{key: getattr(settings, key) for key in ROBUST_KEYS})
+    def from_settings(
+        cls, settings: object, train: TrainSettings | None = None
+    ) -> RobustAggregation:
+        """From a config's ``robust`` section (every key of :data:`ROBUST_KEYS`) and its
+        ``train`` section (the local steps behind each update)."""
+        return cls(**{key: getattr(settings, key) for key in ROBUST_KEYS}, train=train)
+
+    def local_steps(self, examples: Sequence[int]) -> list[int]:
+        """The optimiser steps behind updates of clients with these example counts."""
+        if self.train is None:
+            raise ValueError("local steps need the run's train settings")
+        return [steps_per_round(self.train, int(n)) for n in examples]
 
     def opposed(
         self,
@@ -285,9 +366,15 @@ class RobustAggregation:
             return {}
         return with_their_nodes(opposed, owners, labels)
 
-    def clipped(self, states: Sequence[State], references: Sequence[State]) -> Sequence[State]:
+    def clipped(
+        self,
+        states: Sequence[State],
+        references: Sequence[State],
+        examples: Sequence[int] | None = None,
+    ) -> Sequence[State]:
         """``states`` with their updates clipped: to ``clip_norm``, then to the median norm,
-        then the outlying norms."""
+        then the outlying norms, then the norms outlying for their steps (``examples``: each
+        update's example count, needed by that last clip only)."""
         if self.clip_norm is not None:
             bound = self.clip_norm
             states = [clip_update(s, r, bound) for s, r in zip(states, references, strict=True)]
@@ -295,16 +382,23 @@ class RobustAggregation:
             states = clip_to_median_norm(states, references)
         if self.clip_outlier_norms:
             states = clip_outlier_norms(states, references)
+        if self.clip_outlier_norms_for_steps:
+            if examples is None:
+                raise ValueError("clip_outlier_norms_for_steps needs each update's examples")
+            states = clip_step_outlier_norms(states, references, self.local_steps(examples))
         return states
 
     def clipped_norms(
-        self, states: Sequence[State], references: Sequence[State]
+        self,
+        states: Sequence[State],
+        references: Sequence[State],
+        examples: Sequence[int] | None = None,
     ) -> dict[int, tuple[float, float]]:
         """``{index: (norm before, norm after)}`` of every update the configured clipping cuts
         (none without clipping): for the round's record."""
         if not self.clips:
             return {}
-        after = self.clipped(states, references)
+        after = self.clipped(states, references, examples)
         out = {}
         for i, (state, cut, ref) in enumerate(zip(states, after, references, strict=True)):
             before, now = update_norm(state, ref), update_norm(cut, ref)
@@ -315,20 +409,27 @@ class RobustAggregation:
     @property
     def clips(self) -> bool:
         """Whether any clipping is configured (it needs the updates' references)."""
-        return self.clip_norm is not None or self.clip_to_median_norm or self.clip_outlier_norms
+        return (
+            self.clip_norm is not None
+            or self.clip_to_median_norm
+            or self.clip_outlier_norms
+            or self.clip_outlier_norms_for_steps
+        )
 
     def __call__(
         self,
         states: Sequence[State],
         weights: Sequence[float] | None = None,
         references: Sequence[State] | None = None,
+        examples: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Aggregate ``states`` (``weights`` only for ``mean``; ``references``, the parameters
-        each client started from, only for clipping)."""
+        each client started from, only for clipping; ``examples``, each client's example count,
+        only for ``clip_outlier_norms_for_steps``)."""
         if self.clips:
             if references is None:
                 raise ValueError("clipping needs the parameters each update started from")
-            states = self.clipped(states, references)
+            states = self.clipped(states, references, examples)
         if self.rule == "median":
             return coordinate_median(states)
         if self.rule == "trimmed_mean":

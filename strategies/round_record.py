@@ -48,7 +48,8 @@ class RoundRecord:
         (``faults.*``; metrics only, set in rounds with such replies).
     updates_clipped : int | None
         Accepted updates whose norm the configured clipping cut (``robust.clip_norm``,
-        ``clip_to_median_norm``, ``clip_outlier_norms``; set when clipping is on).
+        ``clip_to_median_norm``, ``clip_outlier_norms``, ``clip_outlier_norms_for_steps``; set
+        when clipping is on).
     clipped_reasons : list[str] | None
         Whose update each was, its group and its norm before and after (logged as well).
     clipped_injected : int | None

@@ -199,6 +199,7 @@ OUT_OF_RANGE = [
     ("robust.drop_opposed_updates=maybe", "robust.drop_opposed_updates"),
     ("robust.clip_to_median_norm=sometimes", "robust.clip_to_median_norm"),
     ("robust.clip_outlier_norms=often", "robust.clip_outlier_norms"),
+    ("robust.clip_outlier_norms_for_steps=seldom", "robust.clip_outlier_norms_for_steps"),
     ("robust.drop_opposed_scope=client", "robust.drop_opposed_scope"),
     ("faults.kind=meteor", "faults.kind"),
     ("faults.fraction=-0.1", "faults.fraction"),  # [0, 1]
@@ -323,6 +324,7 @@ ACCEPTED = [
     ("robust.drop_opposed_scope=node", "robust.drop_opposed_scope", "node"),
     ("robust.clip_to_median_norm=true", "robust.clip_to_median_norm", True),
     ("robust.clip_outlier_norms=true", "robust.clip_outlier_norms", True),
+    ("robust.clip_outlier_norms_for_steps=true", "robust.clip_outlier_norms_for_steps", True),
     ("faults.kind=crash faults.fraction=0", "faults.fraction", 0.0),
     ("faults.kind=crash faults.fraction=1", "faults.fraction", 1.0),
     ("faults.kind=other_task", "faults.kind", "other_task"),  # FL-TAC

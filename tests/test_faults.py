@@ -341,6 +341,37 @@ def test_a_scaled_adapter_is_clipped_and_counted_with_its_norms(
     assert strategy.record.updates_dropped is None  # clipped, not left out
 
 
+def test_a_scaled_adapter_is_clipped_to_the_norm_its_steps_make_plausible() -> None:
+    """FL-TAC, one cluster, updates against V0 = 0 in A and W's diagonal (norms sqrt(2) |(x, y)|):
+    (sqrt 2, 0), (sqrt 2, 0), (2, 0), (2, 0), (4, 0) from 8, 8, 32, 32, 128 examples (2, 2, 4, 4,
+    16 steps at batch 16, 2 epochs: norms sqrt(2 steps)), node 6's scaled (0, 20) from 32. The
+    Theil-Sen fit of log norm on log steps is slope 0.5 (tests/test_robust.py works it out), so
+    each bound is sqrt(2 steps): only node 6 is cut, to A = (0, 2); the data-rich node 5, twice
+    the median norm, keeps its update (Hampel's bound on the plain norms would be 4.6)."""
+    from test_robust import TRAIN
+
+    robust = RobustAggregation(clip_outlier_norms_for_steps=True, train=TRAIN)
+    strategy = paper_fltac(num_clusters=1, seed=0, robust=robust)
+    root2 = math.sqrt(2)
+    values = {1: (root2, 0.0), 2: (root2, 0.0), 3: (2.0, 0.0), 4: (2.0, 0.0), 5: (4.0, 0.0)}
+    values[6] = (0.0, 20.0)
+    examples = {1: 8, 2: 8, 3: 32, 4: 32, 5: 128, 6: 32}
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        return [
+            _reply(messages[n], [_adapter(*values[n])], examples=[examples[n]])
+            for n in sorted(messages)
+        ]
+
+    _round(strategy, 1, FakeGrid([1, 2, 3, 4, 5, 6]), replies)
+    (gid,) = strategy.final_adapters()
+    expected = [(2 * root2 + 2 + 2 + 4) / 6, 2.0 / 6]
+    assert_allclose(strategy.globals[gid][A], np.array([expected], np.float32), rtol=1e-5)
+    assert strategy.record.updates_clipped == 1
+    (reason,) = strategy.record.clipped_reasons or []
+    assert reason == f"node 6 slot 0 (cluster {gid}): norm {20 * root2:.4g} -> {2 * root2:.4g}"
+
+
 def test_a_scaled_backbone_is_clipped_to_the_median_norm_and_counted() -> None:
     """FedMoE-DA from a zero backbone (2 x 2): updates 1, 2, 3 and node 4's 30 in every entry,
     norms 2, 4, 6, 60: median 5; nodes 3 and 4 cut to entries 2.5. FedAvg with 10 n examples:

@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from fedspecialists.config import TrainSettings
 from strategies.common import weighted_mean
 from strategies.robust import (
     RobustAggregation,
     clip_outlier_norms,
+    clip_step_outlier_norms,
     clip_to_median_norm,
     clip_update,
     coordinate_median,
     median_cosines,
     opposed_updates,
     outlier_norm_bound,
+    step_outlier_norm_bounds,
     trimmed_mean,
     update_norm,
     with_their_nodes,
@@ -151,6 +154,88 @@ def test_outlier_clipping_in_the_mean() -> None:
         robust(honest)
 
 
+def test_the_step_outlier_bounds_without_a_spread_in_steps_by_hand() -> None:
+    # same steps: Hampel on the log norms 0, 0.1, -0.1, 0.2, ln 100: median 0.1,
+    # |deviations| 0.1, 0, 0.2, 0.1, 4.5 -> MAD 0.1 -> bound exp(0.1 + 3 * 1.4826 * 0.1) for all
+    norms = [1.0, math.exp(0.1), math.exp(-0.1), math.exp(0.2), 100.0]
+    assert_allclose(
+        step_outlier_norm_bounds(norms, [2] * 5), [math.exp(0.1 + 0.44478)] * 5, rtol=1e-9
+    )
+    assert_allclose(step_outlier_norm_bounds([0.3], [7]), [0.3], rtol=1e-12)  # one: its own
+    with pytest.raises(ValueError, match="3 norms but 2"):
+        step_outlier_norm_bounds([1.0, 2.0, 3.0], [1, 2])
+
+
+# Steps 2, 2, 4, 4, 16 and 4 (log: a, a, 2a, 2a, 4a, 2a with a = ln 2); honest norms sqrt(steps),
+# the last one 20. Siegel's slope, each point's median slope to the points of other steps:
+# honest ones to honest ones 0.5; the attacker's to steps 2 (ln 20 - a/2) / a = 3.82, to steps
+# 16 (2a - ln 20) / 2a = -1.16. Steps-2 points: median(0.5, 0.5, 0.5, 3.82) = 0.5; steps 4:
+# 0.5; steps 16: median(0.5 x 4, -1.16) = 0.5; the attacker: median(3.82, 3.82, -1.16) = 3.82.
+# The median of the six is 0.5. Residuals log norm - 0.5 log steps: 0 (honest) and ln 10:
+# median 0, MAD 0, so each bound is sqrt(steps).
+STEPS = [2, 2, 4, 4, 16, 4]
+STEP_NORMS = [math.sqrt(2), math.sqrt(2), 2.0, 2.0, 4.0, 20.0]
+
+
+def test_the_step_outlier_bounds_follow_the_fit_of_log_norm_on_log_steps() -> None:
+    bounds = step_outlier_norm_bounds(STEP_NORMS, STEPS)
+    assert_allclose(bounds, np.sqrt(STEPS), rtol=1e-9)
+
+
+def test_the_step_slope_is_at_most_one() -> None:
+    """Honest norms 0.5 at 2 steps, two scaled ones 10 and 12 at 8 steps (no honest update
+    there to fit on): Siegel's slope ln 20 / ln 4 = 2.16 to 2.29 would pass through them; kept
+    at 1. Residuals log norm - log steps: ln 0.25 (x 4), ln 1.25, ln 1.5: median ln 0.25, MAD 0,
+    so each bound is steps / 4: 0.5 for the honest ones, 2 for the scaled ones."""
+    bounds = step_outlier_norm_bounds([0.5, 0.5, 0.5, 0.5, 10.0, 12.0], [2, 2, 2, 2, 8, 8])
+    assert_allclose(bounds, [0.5, 0.5, 0.5, 0.5, 2.0, 2.0], rtol=1e-9)
+
+
+def test_clipping_norms_that_are_outliers_for_their_steps_by_hand() -> None:
+    ref = _s(0.0, 0.0)
+    states = [_s(n, 0.0) for n in STEP_NORMS[:5]] + [_s(0.0, 20.0)]
+    out = clip_step_outlier_norms(states, [ref] * 6, STEPS)
+    for i in range(5):  # data-rich honest updates are far above the median norm: untouched
+        assert_allclose(out[i]["w"], states[i]["w"], rtol=1e-6)
+    assert_allclose(out[5]["w"], [0.0, 2.0], rtol=1e-6)  # cut to sqrt(4)
+
+
+# Examples 8, 8, 32, 32, 128, 32 at batch 16 and 2 epochs: 2, 2, 4, 4, 16, 4 steps (STEPS).
+TRAIN = TrainSettings(
+    optimizer="adamw",
+    momentum=0.9,
+    local_epochs=2.0,
+    local_steps=None,
+    batch_size=16,
+    lr=1e-3,
+    weight_decay=0.0,
+    eval_batch_size=64,
+    num_threads=1,
+    device="cpu",
+)
+EXAMPLES = [8, 8, 32, 32, 128, 32]
+
+
+def test_the_step_clip_in_the_mean_takes_the_steps_from_the_examples() -> None:
+    ref = _s(0.0, 0.0)
+    states = [_s(n, 0.0) for n in STEP_NORMS[:5]] + [_s(0.0, 20.0)]
+    robust = RobustAggregation("mean", clip_outlier_norms_for_steps=True, train=TRAIN)
+    assert robust.local_steps(EXAMPLES) == STEPS
+    out = robust(states, None, [ref] * 6, EXAMPLES)
+    assert_allclose(out["w"], [(2 * math.sqrt(2) + 2 + 2 + 4) / 6, 2.0 / 6], rtol=1e-6)
+    cut = robust.clipped_norms(states, [ref] * 6, EXAMPLES)
+    assert cut.keys() == {5} and cut[5] == pytest.approx((20.0, 2.0))
+    with pytest.raises(ValueError, match="examples"):
+        robust(states, None, [ref] * 6)
+    with pytest.raises(ValueError, match="train settings"):
+        RobustAggregation(clip_outlier_norms_for_steps=True)
+    fixed = RobustAggregation(
+        clip_outlier_norms_for_steps=True, train=TrainSettings(**{**vars(TRAIN), "local_steps": 5})
+    )
+    assert fixed.local_steps(EXAMPLES) == [5] * 6  # train.local_steps: the same for everyone
+    assert fixed == RobustAggregation(clip_outlier_norms_for_steps=True, train=TRAIN)
+
+
 ZERO = _s(0.0, 0.0)
 # Updates (against ZERO): three honest ones and a reversed one.
 #   x: 1, 0, 1, -1 -> sorted -1, 0, 1, 1 -> median 0.5;  y: 0, 1, 1, -1 -> median 0.5
@@ -220,6 +305,7 @@ def test_dropping_opposed_updates_is_off_by_default() -> None:
         ({"drop_opposed_updates": "yes"}, "drop_opposed_updates"),
         ({"clip_to_median_norm": 1}, "clip_to_median_norm"),
         ({"clip_outlier_norms": "yes"}, "clip_outlier_norms"),
+        ({"clip_outlier_norms_for_steps": 1}, "clip_outlier_norms_for_steps"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
