@@ -66,6 +66,16 @@ def test_the_sign_flip_defence_sets_its_five_keys_and_nothing_else() -> None:
         load_config("+defence=fltac_sign_flip method=fedmoe_da")
 
 
+def test_the_finite_attack_defence_is_the_sign_flip_defence_and_the_step_clip() -> None:
+    sign_flip = load_config_as(AdapterRunConfig, "seed=1 +defence=fltac_sign_flip")
+    cfg = load_config_as(AdapterRunConfig, "seed=1 +defence=fltac_finite_attacks")
+    assert cfg.robust.clip_outlier_norms_for_steps is True
+    sign_flip.robust.clip_outlier_norms_for_steps = True
+    assert cfg == sign_flip
+    override = "+defence=fltac_finite_attacks robust.clip_outlier_norms_for_steps=false"
+    assert load_config(override).robust.clip_outlier_norms_for_steps is False
+
+
 def test_method_defaults_follow_the_paper() -> None:
     assert load_config_as(AdapterRunConfig, "").lora.rank == 1  # FL-TAC: rank 1 per task
     assert (

@@ -394,6 +394,33 @@ def test_a_scaled_backbone_is_clipped_to_the_median_norm_and_counted() -> None:
     ]
 
 
+def test_a_scaled_backbone_is_clipped_to_the_norm_its_steps_make_plausible() -> None:
+    """FedMoE-DA from a zero backbone (2 x 2, norm 2 |v| for v in every entry): v = sqrt(2)/2,
+    sqrt(2)/2, 1, 2 from 8, 8, 32, 128 examples (2, 2, 4, 16 steps: norms sqrt(steps)) and node
+    5's 10 from 32 examples (norm 20). Siegel's slope 0.5 (each point's median slope: 0.5 for
+    the honest ones, 3.82 for node 5), residuals 0 and ln 10, MAD 0: bounds sqrt(steps), node 5
+    cut to v = 1. FedAvg: (8 sqrt(2)/2 * 2 + 32 + 128 * 2 + 32) / 208."""
+    from test_robust import TRAIN
+
+    robust = RobustAggregation(clip_outlier_norms_for_steps=True, train=TRAIN)
+    strategy = _moe_strategy(robust=robust)
+    strategy.shared = {"backbone.w": np.zeros((2, 2), np.float32)}
+    gates = {**GATES, 4: GATES[1], 5: GATES[2]}
+    half_root2 = math.sqrt(2) / 2
+    values = {1: half_root2, 2: half_root2, 3: 1.0, 4: 2.0, 5: 10.0}
+    examples = {1: 8, 2: 8, 3: 32, 4: 128, 5: 32}
+    _moe_round(
+        strategy,
+        1,
+        lambda n, m: _moe_reply(m, values[n], gates[n], examples=examples[n]),
+        nodes=(1, 2, 3, 4, 5),
+    )
+    expected = (16 * half_root2 + 32 + 256 + 32) / 208
+    assert_allclose(strategy.shared["backbone.w"], np.full((2, 2), expected), rtol=1e-6)
+    assert strategy.record.updates_clipped == 1
+    assert strategy.record.clipped_reasons == ["node 5 (backbone): norm 20 -> 2"]
+
+
 def test_without_clipping_nothing_is_counted() -> None:
     strategy = paper_fltac(num_clusters=1, seed=0)
     _round(
