@@ -1092,14 +1092,22 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.record_dropped(self._dropped_reasons(pool, labels, names, opposed, with_nodes))
         left_out = opposed.keys() | with_nodes.keys()
         kept = [i for i in range(len(pool)) if i not in left_out]
-        if names is not None and self.robust.clips:
-            self.record_clipped(self._clipped_reasons(pool, labels, names, kept, references))
+        robust = self.robust.for_groups(  # the step clip's slope: one for all clusters
+            [arrays[i] for i in kept],
+            [references[i] for i in kept],
+            [pool[i].num_examples for i in kept],
+            [labels[i] for i in kept],
+        )
+        if names is not None and robust.clips:
+            self.record_clipped(
+                self._clipped_reasons(pool, labels, names, kept, references, robust)
+            )
         weights = self.group_weights(pool)
         return group_means(
             [arrays[i] for i in kept],
             [labels[i] for i in kept],
             None if weights is None else [weights[i] for i in kept],
-            self.robust,
+            robust,
             [references[i] for i in kept],
             [pool[i].num_examples for i in kept],
         )
@@ -1111,12 +1119,13 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         names: Sequence[str],
         kept: Sequence[int],
         references: Sequence[Adapter],
+        robust: RobustAggregation,
     ) -> list[tuple[int, str]]:
         """``(node id, reason)`` of every kept adapter whose norm its cluster's clipping cut."""
         out = []
         for label in sorted({labels[i] for i in kept}):
             members = [i for i in kept if labels[i] == label]
-            cut = self.robust.clipped_norms(
+            cut = robust.clipped_norms(
                 [pool[i].arrays for i in members],
                 [references[i] for i in members],
                 [pool[i].num_examples for i in members],

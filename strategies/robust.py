@@ -22,7 +22,8 @@ the aggregate is the plain (weighted) mean, bit for bit.
   an honest update's norm is set mostly by how many optimiser steps made it (a client's steps
   follow its example count), so the norms of one group spread widely but lie on a curve. The
   curve ``log norm = a + b log steps`` is fitted robustly (Siegel's repeated medians, with
-  ``0 <= b <= 1``: a norm grows at most linearly with the steps), and Hampel's identifier is
+  ``0 <= b <= 1``: a norm grows at most linearly with the steps; FL-TAC fits one ``b`` on all
+  its clusters of a round, each with its own ``a``), and Hampel's identifier is
   applied to the residuals: an update is cut to ``exp(a + b log steps + 3 * 1.4826 * MAD(e))``
   (``a``: the residuals' median), the largest norm its steps make plausible. Honest updates of
   data-rich clients sit on the curve and keep their norm; one scaled up by a factor stands out
@@ -45,10 +46,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.stats import siegelslopes
 
 from fedspecialists.budget import steps_per_round
 from fedspecialists.config import ROBUST_KEYS, TrainSettings, check_section
@@ -125,35 +125,79 @@ def outlier_norm_bound(norms: Sequence[float]) -> float:
     return median + HAMPEL_CUT * MAD_TO_STD * mad
 
 
-def step_outlier_norm_bounds(norms: Sequence[float], steps: Sequence[int]) -> np.ndarray:
+def _log_norms_and_steps(
+    norms: Sequence[float], steps: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    if len(norms) != len(steps):
+        raise ValueError(f"{len(norms)} norms but {len(steps)} step counts")
+    log_norm = np.log(np.maximum(np.asarray(norms, np.float64), 1e-12))
+    return log_norm, np.log(np.asarray(steps, np.float64))
+
+
+def step_slope(
+    norms: Sequence[float], steps: Sequence[int], groups: Sequence[int] | None = None
+) -> float:
+    """How update norms grow with local steps: Siegel's repeated-median slope of log norm on
+    log steps, each update paired only with updates of its own group, kept in ``[0, 1]``.
+
+    For each update, the median slope to the updates of its group with other steps; the slope
+    is the median of those (updates without such a partner have none). One slope for all
+    groups (one optimiser, learning rate and model: one law of growth), each group keeping its
+    own scale; a group whose only updates with many steps are outliers borrows the slope of
+    the others instead of being fitted through them. Robust while fewer than half the updates
+    are outliers. Kept in ``[0, 1]``: an update is a sum of ``steps`` steps, so its norm grows at
+    most linearly with them.
+
+    Parameters
+    ----------
+    norms, steps : Sequence
+        ``n`` update norms (zeros count as 1e-12) and their optimiser steps (each ``>= 1``).
+    groups : Sequence[int] | None
+        ``n`` group labels (one group if None).
+
+    Returns
+    -------
+    float
+        The slope; 0 when no group has updates of different steps.
+    """
+    log_norm, log_steps = _log_norms_and_steps(norms, steps)
+    labels = np.zeros(len(log_norm), np.int64) if groups is None else np.asarray(groups)
+    medians = []
+    for i in range(len(log_norm)):
+        partners = (labels == labels[i]) & (log_steps != log_steps[i])
+        if partners.any():
+            rise = log_norm[partners] - log_norm[i]
+            medians.append(float(np.median(rise / (log_steps[partners] - log_steps[i]))))
+    return float(np.clip(np.median(medians), 0.0, 1.0)) if medians else 0.0
+
+
+def step_outlier_norm_bounds(
+    norms: Sequence[float], steps: Sequence[int], slope: float | None = None
+) -> np.ndarray:
     """Each update's largest plausible norm for the optimiser steps it took.
 
-    ``log norm_i = b log steps_i + e_i``: ``b`` is Siegel's repeated-median slope (robust while
-    fewer than half the updates are outliers), kept in ``[0, 1]`` because an update is a sum
-    of ``steps`` steps of one optimiser and learning rate, so its norm grows at most linearly
-    with them (0 when every update took the same steps). Then Hampel's identifier on the
-    residuals: ``bound_i = exp(b log steps_i + median(e) + 3 * 1.4826 * MAD(e))``.
+    ``log norm_i = b log steps_i + e_i`` with ``b`` the given ``slope``, or this group's
+    :func:`step_slope`; then Hampel's identifier on the residuals:
+    ``bound_i = exp(b log steps_i + median(e) + 3 * 1.4826 * MAD(e))``.
 
     Parameters
     ----------
     norms : Sequence[float]
-        ``n`` update norms (``n >= 1``; zeros count as 1e-12).
+        ``n`` update norms of one group (``n >= 1``; zeros count as 1e-12).
     steps : Sequence[int]
         ``n`` numbers of optimiser steps (each ``>= 1``).
+    slope : float | None
+        ``b`` (e.g. :func:`step_slope` over every group of the round); None: fitted here.
 
     Returns
     -------
     np.ndarray
-        Shape ``(n,)``: the bounds. With one or two updates none is below its bound.
+        Shape ``(n,)``: the bounds. With one or two updates and no slope given, none is below
+        its bound.
     """
-    if len(norms) != len(steps):
-        raise ValueError(f"{len(norms)} norms but {len(steps)} step counts")
-    log_norm = np.log(np.maximum(np.asarray(norms, np.float64), 1e-12))
-    log_steps = np.log(np.asarray(steps, np.float64))
-    slope = 0.0
-    if np.ptp(log_steps) > 0:
-        slope = float(np.clip(siegelslopes(log_norm, log_steps)[0], 0.0, 1.0))
-    fitted = slope * log_steps
+    log_norm, log_steps = _log_norms_and_steps(norms, steps)
+    b = step_slope(norms, steps) if slope is None else slope
+    fitted = b * log_steps
     residuals = log_norm - fitted
     centre = float(np.median(residuals))
     mad = float(np.median(np.abs(residuals - centre)))
@@ -161,11 +205,16 @@ def step_outlier_norm_bounds(norms: Sequence[float], steps: Sequence[int]) -> np
 
 
 def clip_step_outlier_norms(
-    states: Sequence[State], references: Sequence[State], steps: Sequence[int]
+    states: Sequence[State],
+    references: Sequence[State],
+    steps: Sequence[int],
+    slope: float | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Updates with a norm above :func:`step_outlier_norm_bounds` for their ``steps`` clipped
-    to it; the rest unchanged (``n`` in, ``n`` out)."""
-    return clip_to_group_bound(states, references, lambda n: step_outlier_norm_bounds(n, steps))
+    """Updates with a norm above :func:`step_outlier_norm_bounds` for their ``steps`` (and
+    ``slope``) clipped to it; the rest unchanged (``n`` in, ``n`` out)."""
+    return clip_to_group_bound(
+        states, references, lambda n: step_outlier_norm_bounds(n, steps, slope)
+    )
 
 
 def clip_to_median_norm(
@@ -313,6 +362,9 @@ class RobustAggregation:
         The run's ``train`` settings: how many steps a client takes for its examples
         (:func:`fedspecialists.budget.steps_per_round`). Needed by
         ``clip_outlier_norms_for_steps`` only; not a ``robust`` key, not compared.
+    step_slope : float | None
+        The step clip's slope, set for one round by :meth:`for_groups` (None: each group
+        fits its own); not compared.
     """
 
     rule: str = "mean"
@@ -324,6 +376,7 @@ class RobustAggregation:
     drop_opposed_updates: bool = False
     drop_opposed_scope: str = "update"
     train: TrainSettings | None = field(default=None, compare=False)
+    step_slope: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_section("robust", self, ROBUST_KEYS)
@@ -340,6 +393,20 @@ class RobustAggregation:
         """From a config's ``robust`` section (every key of :data:`ROBUST_KEYS`) and its
         ``train`` section (the local steps behind each update)."""
         return cls(**{key: getattr(settings, key) for key in ROBUST_KEYS}, train=train)
+
+    def for_groups(
+        self,
+        states: Sequence[State],
+        references: Sequence[State],
+        examples: Sequence[int],
+        groups: Sequence[int],
+    ) -> RobustAggregation:
+        """This aggregation with the step clip's slope fitted on every group of a round at once
+        (:func:`step_slope`); itself when that clip is off."""
+        if not self.clip_outlier_norms_for_steps:
+            return self
+        norms = [update_norm(s, r) for s, r in zip(states, references, strict=True)]
+        return replace(self, step_slope=step_slope(norms, self.local_steps(examples), groups))
 
     def local_steps(self, examples: Sequence[int]) -> list[int]:
         """The optimiser steps behind updates of clients with these example counts."""
@@ -385,7 +452,8 @@ class RobustAggregation:
         if self.clip_outlier_norms_for_steps:
             if examples is None:
                 raise ValueError("clip_outlier_norms_for_steps needs each update's examples")
-            states = clip_step_outlier_norms(states, references, self.local_steps(examples))
+            steps = self.local_steps(examples)
+            states = clip_step_outlier_norms(states, references, steps, self.step_slope)
         return states
 
     def clipped_norms(

@@ -22,6 +22,7 @@ from strategies.robust import (
     opposed_updates,
     outlier_norm_bound,
     step_outlier_norm_bounds,
+    step_slope,
     trimmed_mean,
     update_norm,
     with_their_nodes,
@@ -191,6 +192,36 @@ def test_the_step_slope_is_at_most_one() -> None:
     assert_allclose(bounds, [0.5, 0.5, 0.5, 0.5, 2.0, 2.0], rtol=1e-9)
 
 
+def test_the_step_slope_is_siegels_repeated_median_on_one_group() -> None:
+    from scipy.stats import siegelslopes
+
+    rng = np.random.default_rng(0)
+    steps = rng.integers(1, 20, size=15)
+    norms = np.exp(0.6 * np.log(steps) + rng.normal(0.0, 0.1, size=15))
+    norms[:3] *= 10.0  # three scaled ones
+    expected = siegelslopes(np.log(norms), np.log(steps.astype(np.float64)))[0]
+    assert step_slope(norms.tolist(), steps.tolist()) == pytest.approx(expected, rel=1e-12)
+    assert step_slope([1.0, 2.0], [3, 3]) == 0.0  # no two steps differ: no slope to fit
+
+
+def test_one_slope_for_all_groups_by_hand() -> None:
+    """Group 0: norms 1 at 2 steps and 2 at 8 steps, four of each: every point's median slope
+    ln 2 / ln 4 = 0.5. Group 1: four honest norms 0.5 at 2 steps, scaled 10 and 12 at 8 steps:
+    the honest points' median slopes (ln 20 / ln 4 + ln 24 / ln 4) / 2 = 2.23, the scaled ones'
+    2.16 and 2.29. The 14 medians: eight 0.5 -> the slope is 0.5 (group 1 alone: 1, kept so
+    from 2.2). Group 1's residuals log norm - 0.5 log steps: ln(0.5 / sqrt 2) four times, then
+    larger: median ln(0.5 / sqrt 2), MAD 0, so the bounds are sqrt(steps) * 0.5 / sqrt 2: 0.5
+    at 2 steps, 1.0 at 8 (group 1 fitted alone: 2.0)."""
+    norms = [1.0] * 4 + [2.0] * 4 + [0.5] * 4 + [10.0, 12.0]
+    steps = [2] * 4 + [8] * 4 + [2] * 4 + [8, 8]
+    groups = [0] * 8 + [1] * 6
+    assert step_slope(norms, steps, groups) == pytest.approx(0.5, rel=1e-12)
+    assert step_slope(norms[8:], steps[8:]) == 1.0
+    bounds = step_outlier_norm_bounds(norms[8:], steps[8:], slope=0.5)
+    assert_allclose(bounds, [0.5] * 4 + [1.0, 1.0], rtol=1e-9)
+    assert_allclose(step_outlier_norm_bounds(norms[8:], steps[8:])[4:], [2.0, 2.0], rtol=1e-9)
+
+
 def test_clipping_norms_that_are_outliers_for_their_steps_by_hand() -> None:
     ref = _s(0.0, 0.0)
     states = [_s(n, 0.0) for n in STEP_NORMS[:5]] + [_s(0.0, 20.0)]
@@ -229,6 +260,9 @@ def test_the_step_clip_in_the_mean_takes_the_steps_from_the_examples() -> None:
         robust(states, None, [ref] * 6)
     with pytest.raises(ValueError, match="train settings"):
         RobustAggregation(clip_outlier_norms_for_steps=True)
+    pooled = robust.for_groups(states, [ref] * 6, EXAMPLES, [0] * 6)
+    assert pooled.step_slope == pytest.approx(0.5) and pooled == robust
+    assert RobustAggregation().for_groups(states, [ref] * 6, EXAMPLES, [0] * 6).step_slope is None
     fixed = RobustAggregation(
         clip_outlier_norms_for_steps=True, train=TrainSettings(**{**vars(TRAIN), "local_steps": 5})
     )
