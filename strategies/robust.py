@@ -145,8 +145,9 @@ def step_slope(
     groups (one optimiser, learning rate and model: one law of growth), each group keeping its
     own scale; a group whose only updates with many steps are outliers borrows the slope of
     the others instead of being fitted through them. Robust while fewer than half the updates
-    are outliers. Kept in ``[0, 1]``: an update is a sum of ``steps`` steps, so its norm grows at
-    most linearly with them.
+    are outliers. Kept in ``[0, 1]``: an update is a sum of ``steps`` steps, so with steps of
+    bounded size (AdamW's, bounded by its learning rate) its norm grows at most linearly with
+    them; SGD with momentum takes growing steps at first, where this limit cuts tighter.
 
     Parameters
     ----------
