@@ -362,10 +362,10 @@ class RobustAggregation:
     train : TrainSettings | None
         The run's ``train`` settings: how many steps a client takes for its examples
         (:func:`fedspecialists.budget.steps_per_round`). Needed by
-        ``clip_outlier_norms_for_steps`` only; not a ``robust`` key, not compared.
+        ``clip_outlier_norms_for_steps`` only; not a ``robust`` key, not compared or shown.
     step_slope : float | None
         The step clip's slope, set for one round by :meth:`for_groups` (None: each group
-        fits its own); not compared.
+        fits its own); not compared or shown.
     """
 
     rule: str = "mean"
@@ -376,8 +376,8 @@ class RobustAggregation:
     clip_outlier_norms_for_steps: bool = False
     drop_opposed_updates: bool = False
     drop_opposed_scope: str = "update"
-    train: TrainSettings | None = field(default=None, compare=False)
-    step_slope: float | None = field(default=None, compare=False)
+    train: TrainSettings | None = field(default=None, compare=False, repr=False)
+    step_slope: float | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_section("robust", self, ROBUST_KEYS)
