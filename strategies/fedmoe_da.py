@@ -855,12 +855,10 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 ]
             )
         kept = [i for i in range(len(states)) if i not in opposed]
+        kept_states, kept_refs = [states[i] for i in kept], [references[i] for i in kept]
+        counts = [int(examples[i]) for i in kept]  # what the step clip reads
         if self.robust.clips:
-            cut = self.robust.clipped_norms(
-                [states[i] for i in kept],
-                [references[i] for i in kept],
-                [int(examples[i]) for i in kept],
-            )
+            cut = self.robust.clipped_norms(kept_states, kept_refs, counts)
             self.record_clipped(
                 [
                     (
@@ -870,12 +868,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                     for j, (a, b) in sorted(cut.items())
                 ]
             )
-        return self.robust(
-            [states[i] for i in kept],
-            [examples[i] for i in kept],
-            [references[i] for i in kept],
-            [int(examples[i]) for i in kept],
-        )
+        return self.robust(kept_states, [examples[i] for i in kept], kept_refs, counts)
 
     def _update_pool(self, server_round: int, accepted: list[Accepted]) -> None:
         for node, _, meta in accepted:

@@ -1092,24 +1092,23 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             self.record_dropped(self._dropped_reasons(pool, labels, names, opposed, with_nodes))
         left_out = opposed.keys() | with_nodes.keys()
         kept = [i for i in range(len(pool)) if i not in left_out]
-        robust = self.robust.for_groups(  # the step clip's slope: one for all clusters
-            [arrays[i] for i in kept],
-            [references[i] for i in kept],
-            [pool[i].num_examples for i in kept],
-            [labels[i] for i in kept],
-        )
+        kept_arrays, kept_labels = [arrays[i] for i in kept], [labels[i] for i in kept]
+        kept_refs = [references[i] for i in kept]
+        kept_examples = [pool[i].num_examples for i in kept]
+        # the step clip's slope: one for all clusters of the round
+        robust = self.robust.for_groups(kept_arrays, kept_refs, kept_examples, kept_labels)
         if names is not None and robust.clips:
             self.record_clipped(
                 self._clipped_reasons(pool, labels, names, kept, references, robust)
             )
         weights = self.group_weights(pool)
         return group_means(
-            [arrays[i] for i in kept],
-            [labels[i] for i in kept],
+            kept_arrays,
+            kept_labels,
             None if weights is None else [weights[i] for i in kept],
             robust,
-            [references[i] for i in kept],
-            [pool[i].num_examples for i in kept],
+            kept_refs,
+            kept_examples,
         )
 
     def _clipped_reasons(

@@ -162,6 +162,12 @@ def step_slope(
         The slope; 0 when no group has updates of different steps.
     """
     log_norm, log_steps = _log_norms_and_steps(norms, steps)
+    return _repeated_median_slope(log_norm, log_steps, groups)
+
+
+def _repeated_median_slope(
+    log_norm: np.ndarray, log_steps: np.ndarray, groups: Sequence[int] | None
+) -> float:
     labels = np.zeros(len(log_norm), np.int64) if groups is None else np.asarray(groups)
     medians = []
     for i in range(len(log_norm)):
@@ -197,7 +203,7 @@ def step_outlier_norm_bounds(
         its bound.
     """
     log_norm, log_steps = _log_norms_and_steps(norms, steps)
-    b = step_slope(norms, steps) if slope is None else slope
+    b = _repeated_median_slope(log_norm, log_steps, None) if slope is None else slope
     fitted = b * log_steps
     residuals = log_norm - fitted
     centre = float(np.median(residuals))

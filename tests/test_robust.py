@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
+from test_training import BASE
 
-from fedspecialists.config import TrainSettings
 from strategies.common import weighted_mean
 from strategies.robust import (
     RobustAggregation,
@@ -232,18 +233,7 @@ def test_clipping_norms_that_are_outliers_for_their_steps_by_hand() -> None:
 
 
 # Examples 8, 8, 32, 32, 128, 32 at batch 16 and 2 epochs: 2, 2, 4, 4, 16, 4 steps (STEPS).
-TRAIN = TrainSettings(
-    optimizer="adamw",
-    momentum=0.9,
-    local_epochs=2.0,
-    local_steps=None,
-    batch_size=16,
-    lr=1e-3,
-    weight_decay=0.0,
-    eval_batch_size=64,
-    num_threads=1,
-    device="cpu",
-)
+TRAIN = replace(BASE, batch_size=16)
 EXAMPLES = [8, 8, 32, 32, 128, 32]
 
 
@@ -264,7 +254,7 @@ def test_the_step_clip_in_the_mean_takes_the_steps_from_the_examples() -> None:
     assert pooled.step_slope == pytest.approx(0.5) and pooled == robust
     assert RobustAggregation().for_groups(states, [ref] * 6, EXAMPLES, [0] * 6).step_slope is None
     fixed = RobustAggregation(
-        clip_outlier_norms_for_steps=True, train=TrainSettings(**{**vars(TRAIN), "local_steps": 5})
+        clip_outlier_norms_for_steps=True, train=replace(TRAIN, local_steps=5)
     )
     assert fixed.local_steps(EXAMPLES) == [5] * 6  # train.local_steps: the same for everyone
     assert fixed == RobustAggregation(clip_outlier_norms_for_steps=True, train=TRAIN)
