@@ -229,6 +229,10 @@ FLTAC_RULES = {
     "drop_node_fp_median": "+defence=fltac_sign_flip robust.rule=median",
     # only the norms that are outliers for the local steps behind them (Hampel around a fit)
     "drop_node_fp_steps": "+defence=fltac_sign_flip robust.clip_outlier_norms_for_steps=true",
+    # and replies refused whose heads moved another logit count than their data have classes
+    "drop_node_fp_steps_labels": (
+        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
+    ),
 }
 
 

@@ -241,6 +241,7 @@ class FLTACConfig:
     input_fingerprint: bool = MISSING
     label_fingerprint: bool = MISSING
     fingerprints_only_from_v0: bool = MISSING  # round 1: K-means on the fingerprints alone
+    reject_label_count_mismatch: bool = MISSING  # a head that moved another task's logit count
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING
@@ -728,6 +729,17 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
     _check(fltac.kmeans_n_init >= 1, "fltac.kmeans_n_init", "must be >= 1")
     _check(fltac.projection_dim >= 0, "fltac.projection_dim", "must be >= 0 (0 = never)")
     _check(fltac.projection_min_adapters >= 0, "fltac.projection_min_adapters", "must be >= 0")
+    if fltac.reject_label_count_mismatch:
+        _check(
+            fltac.label_fingerprint,
+            "fltac.reject_label_count_mismatch",
+            "needs fltac.label_fingerprint: true (the classes each slot's data has)",
+        )
+        _check(  # weight decay moves every logit of the head, honest or not
+            cfg.train.weight_decay == 0,
+            "fltac.reject_label_count_mismatch",
+            "needs train.weight_decay: 0 (weight decay moves every logit)",
+        )
 
 
 def _check_moe_sections(cfg: MoERunConfig) -> None:

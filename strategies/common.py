@@ -461,7 +461,7 @@ class RoundBookkeeping(Generic[R]):
         (arrival order must not change a float sum); a rejected one never reaches the caller.
         """
         accepted: list[tuple[int, T]] = []
-        rejected = 0
+        rejected = rejected_faulty = 0
         reasons: list[str] = []
         failures: list[str] = []
         received = self.ledger.count_replies(phase, replies)
@@ -475,6 +475,7 @@ class RoundBookkeeping(Generic[R]):
             if reason is not None:
                 log_rejected_reply(node, phase, reason)
                 rejected += 1
+                rejected_faulty += carries_fault(reply)
                 reasons.append(reason)
                 continue
             accepted.append((node, parsed))
@@ -491,6 +492,7 @@ class RoundBookkeeping(Generic[R]):
         injected = injected_faults(received)
         if injected:
             self.record.faults_injected = injected
+            self.record.rejected_injected = rejected_faulty
         self._faulty_nodes = {r.metadata.src_node_id for r in received if carries_fault(r)}
         return accepted
 

@@ -860,6 +860,11 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
     fingerprints_only_from_v0 : bool, default False
         Cluster a pool whose adapters all started from v0 (round 1) on its fingerprints alone:
         a head a few steps from v0 moves mostly with its client's label balance.
+    reject_label_count_mismatch : bool, default False
+        With ``label_fingerprint``: reject a reply in which an adapter's head moved another
+        number of logits (:func:`head_label_counts`) than its slot's label fingerprint has
+        classes. Honest training moves exactly the task's logits, so this never refuses an
+        honest reply (weight decay 0); it refuses an adapter trained on another task's data.
     projection_dim, projection_min_adapters : int, default 0 and 1000
         With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
         the features randomly projected to ``projection_dim`` columns
@@ -901,6 +906,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         input_fingerprint: bool = True,
         label_fingerprint: bool = False,
         fingerprints_only_from_v0: bool = False,
+        reject_label_count_mismatch: bool = False,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
@@ -945,6 +951,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.input_fingerprint = input_fingerprint
         self.label_fingerprint = label_fingerprint
         self.fingerprints_only_from_v0 = fingerprints_only_from_v0
+        self.reject_label_count_mismatch = reject_label_count_mismatch
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
@@ -987,6 +994,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "input_fingerprint": fltac.input_fingerprint,
             "label_fingerprint": fltac.label_fingerprint,
             "fingerprints_only_from_v0": fltac.fingerprints_only_from_v0,
+            "reject_label_count_mismatch": fltac.reject_label_count_mismatch,
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
@@ -1348,6 +1356,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             reason = check_adapter(
                 arrays, self.template, self.max_abs_value, reference, self.max_update_norm
             )
+            if reason is None:
+                reason = self._label_count_mismatch(arrays, reference, label_fingerprints[i])
             if reason is not None:
                 raise ProtocolError(f"adapter slot{i}: {reason}")
             entries.append(
@@ -1364,6 +1374,29 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                 )
             )
         return entries
+
+    def _label_count_mismatch(
+        self,
+        adapter: Adapter,
+        start: Adapter | None,
+        label_fingerprint: np.ndarray | None,
+    ) -> str | None:
+        """Why ``adapter`` cannot have been trained on its slot's data (``None``: it can): its
+        head moved another number of logits than the slot's label fingerprint ``(C, H)`` has
+        classes (``reject_label_count_mismatch``). A head that did not move says nothing."""
+        if not self.reject_label_count_mismatch or self.head_keys is None:
+            return None
+        if label_fingerprint is None:
+            return None
+        # a "local" slot started from its own adapter, unknown here: v0 is where that began
+        (moved,) = head_label_counts([adapter], [start or self.globals["v0"]], self.head_keys)
+        classes = int(label_fingerprint.shape[0])
+        if moved in (0, classes):
+            return None
+        return (
+            f"its head moved {moved} logits but its label fingerprint has {classes} classes"
+            " (trained on another task's data?)"
+        )
 
     @staticmethod
     def _loss(reply: TrainReply) -> tuple[float, int] | None:

@@ -32,6 +32,9 @@ class RoundRecord:
         Sampled nodes whose training reply never came (timed out, or gone).
     rejected_reasons : list[str] | None
         Why each refused reply was refused (logged as well).
+    rejected_injected : int | None
+        Of the refused replies, how many said they carried an injected fault (``faults.*``;
+        metrics only, set in rounds with such replies).
     failed_reasons : list[str] | None
         What each failed reply's error said (its last 500 characters; logged in full).
     faults_injected : dict[str, int] | None
@@ -81,6 +84,7 @@ class RoundRecord:
     replies_rejected: int | None = None
     replies_missing: int | None = None
     rejected_reasons: list[str] | None = None
+    rejected_injected: int | None = None
     failed_reasons: list[str] | None = None
     faults_injected: dict[str, int] | None = None
     clients_absent: int | None = None
