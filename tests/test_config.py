@@ -278,6 +278,12 @@ CROSS_FIELD_REFUSED = [
     ("federation.num_clients=3 federation.min_replies=4", "federation.min_replies"),
     ("model.image_size=0", "model.image_size"),
     ("+suite.tasks.0.label_map=[1,0]", "suite.tasks[0].label_map"),  # MoE domains only
+    # the classes each slot has come from its label fingerprint
+    ("fltac.reject_label_count_mismatch=true", "fltac.reject_label_count_mismatch"),
+    (  # weight decay moves every logit
+        "+defence=fltac_sign_flip fltac.reject_label_count_mismatch=true train.weight_decay=0.01",
+        "fltac.reject_label_count_mismatch",
+    ),
 ]
 
 
@@ -383,6 +389,11 @@ ACCEPTED = [
     (f"{MOE} partition.train_per_client=1", "partition.train_per_client", 1),
     (f"{MOE} partition.test_per_client=1", "partition.test_per_client", 1),
     (f"{MOE} suite=offline_text", "suite.name", "offline_text"),  # all text: allowed
+    (  # with the label fingerprints and no weight decay
+        "+defence=fltac_sign_flip fltac.reject_label_count_mismatch=true train.weight_decay=0",
+        "fltac.reject_label_count_mismatch",
+        True,
+    ),
 ]
 
 

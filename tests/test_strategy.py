@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose
 
 from fedspecialists.protocol.fltac import Instruction, TrainReply
 from fedspecialists.protocol.records import (
+    FAULT_RECORD,
     FINGERPRINT_RECORD,
     LABEL_FINGERPRINT_RECORD,
     record_to_numpy,
@@ -370,6 +371,68 @@ def test_label_fingerprints_are_asked_for_and_unusable_ones_are_rejected(
     assert strategy.record.replies_rejected == 4
     (gid,) = strategy.final_adapters()
     assert_allclose(strategy.globals[gid][A], [[1.0, 0.0]])  # node 1 alone
+
+
+def test_a_head_that_moved_another_label_count_than_its_data_have_is_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """V0's head has 2 logits; ``_adapter(x, y)`` moves row 0 where x != 0 and row 1 where
+    y != 0, so it moved 1 + (the last moved row) logits: (1, 0) one, (0, 1) and (1, 1) two."""
+    grid = FakeGrid([1, 2, 3, 4, 5])
+    strategy = paper_fltac(num_clusters=1, label_fingerprint=True, reject_label_count_mismatch=True)
+    two, one = np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[0.0, 0.0]])
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        out = [
+            _with_label_fingerprints(_reply(messages[1], [_adapter(1, 1)]), [two]),  # 2 and 2
+            _with_label_fingerprints(_reply(messages[2], [_adapter(1, 0)]), [one]),  # 1 and 1
+            _with_label_fingerprints(_reply(messages[3], [_adapter(0, 0)]), [one]),  # unmoved
+            _with_label_fingerprints(_reply(messages[4], [_adapter(3, 3)]), [one]),  # 2 and 1
+            _with_label_fingerprints(_reply(messages[5], [_adapter(5, 0)]), [two]),  # 1 and 2
+        ]
+        out[3].content.config_records[FAULT_RECORD] = ConfigRecord({"kind": "other_task"})
+        return out
+
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "adapter slot0: its head moved 2 logits but its label fingerprint has 1 classes" in text
+    assert "its head moved 1 logits but its label fingerprint has 2 classes" in text
+    assert strategy.record.replies_rejected == 2
+    assert strategy.record.rejected_injected == 1  # node 4's said it carried a fault
+    (gid,) = strategy.final_adapters()
+    # nodes 1-3 alone: the mean of A rows (1, 1), (1, 0), (0, 0)
+    assert_allclose(strategy.globals[gid][A], [[2 / 3, 1 / 3]])
+
+
+def test_the_label_count_check_measures_from_the_global_the_slot_started_from() -> None:
+    """Round 2: node 1's slot starts from round 1's global G (A (1, 1), head diag (1, 1)). An
+    adapter G + (0, 0 | row 0 only) moved one logit from G, though two from v0."""
+    grid = FakeGrid([1])
+    strategy = paper_fltac(num_clusters=1, label_fingerprint=True, reject_label_count_mismatch=True)
+    two, one = np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[0.0, 0.0]])
+    _round(
+        strategy,
+        1,
+        grid,
+        lambda m: [_with_label_fingerprints(_reply(m[1], [_adapter(1, 1)]), [two])],
+    )
+    _round(
+        strategy,
+        2,
+        grid,
+        lambda m: [_with_label_fingerprints(_reply(m[1], [_adapter(2, 1)]), [one])],
+    )
+    assert strategy.record.replies_rejected == 0
+    (gid,) = strategy.final_adapters()
+    assert_allclose(strategy.globals[gid][A], [[2.0, 1.0]])
+    _round(
+        strategy,
+        3,
+        grid,
+        lambda m: [_with_label_fingerprints(_reply(m[1], [_adapter(2, 5)]), [one])],
+    )
+    assert strategy.record.replies_rejected == 1  # row 1 moved from (2, 1): two logits
 
 
 def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
