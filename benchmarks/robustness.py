@@ -233,6 +233,11 @@ FLTAC_RULES = {
     "drop_node_fp_steps_labels": (
         "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
     ),
+    # or, where one order of its adapters fits its slots, the reply taken in that order
+    "drop_node_fp_steps_reorder": (
+        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
+        " fltac.reorder_mismatched_adapters=true"
+    ),
 }
 
 

@@ -242,6 +242,7 @@ class FLTACConfig:
     label_fingerprint: bool = MISSING
     fingerprints_only_from_v0: bool = MISSING  # round 1: K-means on the fingerprints alone
     reject_label_count_mismatch: bool = MISSING  # a head that moved another task's logit count
+    reorder_mismatched_adapters: bool = MISSING  # ... taken in the one order that fits instead
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING
@@ -740,6 +741,11 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
             "fltac.reject_label_count_mismatch",
             "needs train.weight_decay: 0 (weight decay moves every logit)",
         )
+    _check(
+        fltac.reject_label_count_mismatch or not fltac.reorder_mismatched_adapters,
+        "fltac.reorder_mismatched_adapters",
+        "needs fltac.reject_label_count_mismatch: true (the check that finds them)",
+    )
 
 
 def _check_moe_sections(cfg: MoERunConfig) -> None:

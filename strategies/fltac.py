@@ -429,6 +429,70 @@ def auto_kmeans(
     return best, fitted_kmeans(features, best, seed, init=fits[best][1])[0]
 
 
+def slot_order(
+    adapters: Sequence[Adapter],
+    starts: Sequence[Adapter],
+    classes: Sequence[int],
+    head_keys: Sequence[str],
+    tolerance: float = 1e-9,
+) -> list[int] | None:
+    """Which of a reply's adapters belongs to which of its slots, when they came in another order.
+
+    Adapter j fits slot i when, measured from the adapter slot i started from, its head moved
+    exactly the slot's C_i logits, or none (:func:`head_label_counts`). Of the orders in which
+    every adapter fits its slot, the one whose adapters lie nearest their slots' starts (least
+    total squared distance: a round's update continues from its start, away from the other
+    tasks' globals) is taken, if no other order is as near: when every slot started from the
+    same adapter (v0 in round 1) every order is, and the counts alone must single one out.
+
+    Parameters
+    ----------
+    adapters, starts : Sequence[Mapping[str, np.ndarray]]
+        The reply's n adapters in the order they came; the adapter each of its n slots
+        started from (same keys and shapes).
+    classes : Sequence[int]
+        ``(n,)``: C_i, the classes of each slot's data (its label fingerprint's rows).
+    head_keys : Sequence[str]
+        The head's tensors, each with the logit on axis 0.
+    tolerance : float
+        Relative difference of total distance under which two orders are as near.
+
+    Returns
+    -------
+    list[int] | None
+        ``order``: slot i's adapter is ``adapters[order[i]]``; ``None`` when no order fits
+        or two fit equally near.
+    """
+    n = len(adapters)
+    cost = np.full((n, n), np.inf)
+    for i, (start, count) in enumerate(zip(starts, classes, strict=True)):
+        for j, adapter in enumerate(adapters):
+            if head_label_counts([adapter], [start], head_keys)[0] in (0, count):
+                cost[i, j] = _distance(adapter, start) ** 2
+    best = _cheapest_order(cost)
+    if best is None:
+        return None
+    total = float(cost[np.arange(n), best].sum())
+    for i in range(n):  # any other order leaves out at least one of the best's pairs
+        without = cost.copy()
+        without[i, best[i]] = np.inf
+        other = _cheapest_order(without)
+        if other is not None and cost[np.arange(n), other].sum() <= total * (1 + tolerance):
+            return None
+    return best.tolist()
+
+
+def _cheapest_order(cost: np.ndarray) -> np.ndarray | None:
+    """The assignment of least finite total ``cost`` ``(n, n)`` (row -> column), or None when
+    every assignment takes an infinite entry."""
+    finite = np.isfinite(cost)
+    if not finite.any():
+        return None
+    big = float(cost[finite].sum()) + 1.0  # dearer than any all-finite assignment
+    rows, cols = linear_sum_assignment(np.where(finite, cost, big))
+    return cols if finite[rows, cols].all() else None
+
+
 def tasks_lower_bound(owners: Sequence[int]) -> int:
     """The most adapters any one owner uploaded: a lower bound on the number of tasks.
 
@@ -723,6 +787,9 @@ class FLTACRoundRecord(RoundRecord):
         K of each label-count group (``fltac.split_by_label_count``).
     source_swaps : int | None
         Adapters a client's source check started from another of its globals.
+    replies_reordered : int | None
+        Replies whose adapters were taken in another order than they came
+        (``fltac.reorder_mismatched_adapters``; set in rounds with one).
     clustering_agreement : float | None
         ARI between the groups and the true tasks (``report_true_tasks``; metrics only).
     group_tasks : dict[str, dict[str, int]] | None
@@ -741,6 +808,7 @@ class FLTACRoundRecord(RoundRecord):
     groups: dict[str, int] | None = None
     clusters_per_label_count: dict[str, int] | None = None
     source_swaps: int | None = None
+    replies_reordered: int | None = None
     clustering_agreement: float | None = None
     group_tasks: dict[str, dict[str, int]] | None = None
     embedding: dict[str, list[Any]] | None = None
@@ -865,6 +933,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         number of logits (:func:`head_label_counts`) than its slot's label fingerprint has
         classes. Honest training moves exactly the task's logits, so this never refuses an
         honest reply (weight decay 0); it refuses an adapter trained on another task's data.
+    reorder_mismatched_adapters : bool, default False
+        With ``reject_label_count_mismatch``: a reply whose adapters fit their slots only in
+        another order, and in one order nearer their starts than any other, is taken in that
+        order (logged, counted in ``replies_reordered``) instead of refused (:func:`slot_order`).
     projection_dim, projection_min_adapters : int, default 0 and 1000
         With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
         the features randomly projected to ``projection_dim`` columns
@@ -907,6 +979,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         label_fingerprint: bool = False,
         fingerprints_only_from_v0: bool = False,
         reject_label_count_mismatch: bool = False,
+        reorder_mismatched_adapters: bool = False,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
@@ -952,6 +1025,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.label_fingerprint = label_fingerprint
         self.fingerprints_only_from_v0 = fingerprints_only_from_v0
         self.reject_label_count_mismatch = reject_label_count_mismatch
+        self.reorder_mismatched_adapters = reorder_mismatched_adapters
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
@@ -995,6 +1069,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "label_fingerprint": fltac.label_fingerprint,
             "fingerprints_only_from_v0": fltac.fingerprints_only_from_v0,
             "reject_label_count_mismatch": fltac.reject_label_count_mismatch,
+            "reorder_mismatched_adapters": fltac.reorder_mismatched_adapters,
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
@@ -1333,8 +1408,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             return str(exc), ([], None)
 
     def _pool_entries(self, node: int, reply: TrainReply) -> list[PoolEntry]:
-        """The reply's adapters as pool entries, each checked against the template and against
-        the global it started from (value bound, update norm)."""
+        """The reply's adapters as pool entries, each checked against the template, against
+        its slot's label count (``reject_label_count_mismatch``) and against the global it
+        started from (value bound, update norm)."""
         num_slots = len(reply.slot_examples)
         previous = self.node_slots.get(self.client_of(node), ["v0"] * num_slots)
         if len(previous) != num_slots:
@@ -1348,16 +1424,21 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             label_fingerprints = list(
                 self._parse_label_fingerprints(reply.label_fingerprints, num_slots)
             )
+        adapters = [record_to_numpy(record) for record in reply.adapters]
+        for i, arrays in enumerate(adapters):
+            reason = check_adapter(arrays, self.template, self.max_abs_value)
+            if reason is not None:
+                raise ProtocolError(f"adapter slot{i}: {reason}")
+        # a "local" slot started from its own adapter, unknown here: v0 is where that began
+        starts = [self.globals.get(u, self.globals["v0"]) for u in used]
+        adapters = self._in_slot_order(node, adapters, starts, label_fingerprints)
         truth = reply.slot_tasks
         entries = []
-        for i, record in enumerate(reply.adapters):
-            arrays = record_to_numpy(record)
+        for i, arrays in enumerate(adapters):
             reference = self.globals.get(used[i])
             reason = check_adapter(
                 arrays, self.template, self.max_abs_value, reference, self.max_update_norm
             )
-            if reason is None:
-                reason = self._label_count_mismatch(arrays, reference, label_fingerprints[i])
             if reason is not None:
                 raise ProtocolError(f"adapter slot{i}: {reason}")
             entries.append(
@@ -1375,22 +1456,43 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             )
         return entries
 
-    def _label_count_mismatch(
+    def _in_slot_order(
         self,
-        adapter: Adapter,
-        start: Adapter | None,
-        label_fingerprint: np.ndarray | None,
-    ) -> str | None:
-        """Why ``adapter`` cannot have been trained on its slot's data (``None``: it can): its
-        head moved another number of logits than the slot's label fingerprint ``(C, H)`` has
-        classes (``reject_label_count_mismatch``). A head that did not move says nothing."""
+        node: int,
+        adapters: list[dict[str, np.ndarray]],
+        starts: Sequence[Adapter],
+        label_fingerprints: Sequence[np.ndarray | None],
+    ) -> list[dict[str, np.ndarray]]:
+        """``adapters`` as they came if each fits its slot's label count (or the check is off);
+        else in the one order that fits (``reorder_mismatched_adapters``, :func:`slot_order`),
+        logged and counted; else ``ProtocolError`` naming the first slot that does not fit."""
         if not self.reject_label_count_mismatch or self.head_keys is None:
-            return None
-        if label_fingerprint is None:
-            return None
-        # a "local" slot started from its own adapter, unknown here: v0 is where that began
-        (moved,) = head_label_counts([adapter], [start or self.globals["v0"]], self.head_keys)
-        classes = int(label_fingerprint.shape[0])
+            return adapters
+        if any(f is None for f in label_fingerprints):
+            return adapters
+        classes = [int(f.shape[0]) for f in label_fingerprints]  # type: ignore[union-attr]
+        for i, (arrays, start) in enumerate(zip(adapters, starts, strict=True)):
+            reason = self._label_count_mismatch(arrays, start, classes[i])
+            if reason is not None:
+                break
+        else:
+            return adapters
+        order = None
+        if self.reorder_mismatched_adapters:
+            order = slot_order(adapters, starts, classes, self.head_keys)
+            reason += "; no other order of its adapters fits its slots"
+        if order is None:
+            raise ProtocolError(f"adapter slot{i}: {reason}")
+        log(WARNING, "node %s: its adapters fit their slots in the order %s, taken so", node, order)
+        self.record.replies_reordered = (self.record.replies_reordered or 0) + 1
+        return [adapters[j] for j in order]
+
+    def _label_count_mismatch(self, adapter: Adapter, start: Adapter, classes: int) -> str | None:
+        """Why ``adapter`` cannot have been trained on its slot's data (``None``: it can): its
+        head moved another number of logits than the slot's data have ``classes``. A head that
+        did not move says nothing."""
+        assert self.head_keys is not None
+        (moved,) = head_label_counts([adapter], [start], self.head_keys)
         if moved in (0, classes):
             return None
         return (

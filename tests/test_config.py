@@ -284,6 +284,7 @@ CROSS_FIELD_REFUSED = [
         "+defence=fltac_sign_flip fltac.reject_label_count_mismatch=true train.weight_decay=0.01",
         "fltac.reject_label_count_mismatch",
     ),
+    ("fltac.reorder_mismatched_adapters=true", "fltac.reorder_mismatched_adapters"),
 ]
 
 
@@ -392,6 +393,12 @@ ACCEPTED = [
     (  # with the label fingerprints and no weight decay
         "+defence=fltac_sign_flip fltac.reject_label_count_mismatch=true train.weight_decay=0",
         "fltac.reject_label_count_mismatch",
+        True,
+    ),
+    (
+        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
+        " fltac.reorder_mismatched_adapters=true",
+        "fltac.reorder_mismatched_adapters",
         True,
     ),
 ]

@@ -25,6 +25,7 @@ from strategies.fltac import (
     match_cluster_ids,
     node_payload,
     select_feature_keys,
+    slot_order,
     tasks_lower_bound,
 )
 
@@ -376,3 +377,38 @@ def test_constrained_assignment_by_hand() -> None:
     assert labels.tolist() == [0, 1, 1]
     # One owner with more rows than clusters: each row to its nearest centroid.
     assert constrained_assignment(features, centroids, [np.array([0, 1, 2])]).tolist() == [0, 0, 1]
+
+
+# -- slot_order: a reply's adapters back in the slots they were trained for -------------------
+HEAD = ["w"]
+
+
+def _head(rows: list[float], extra: float = 0.0) -> dict[str, np.ndarray]:
+    """A 3-logit head ``w`` (one column) and one non-head value ``x``."""
+    return {"w": np.array([[r] for r in rows]), "x": np.array([extra])}
+
+
+def test_slot_order_by_label_counts_alone_when_every_slot_started_from_v0() -> None:
+    v0 = _head([0.0, 0.0, 0.0])
+    two, three = _head([1.0, -1.0, 0.0]), _head([1.0, 1.0, -2.0])  # moved 2 and 3 logits
+    assert slot_order([two, three], [v0, v0], [2, 3], HEAD) == [0, 1]
+    assert slot_order([three, two], [v0, v0], [2, 3], HEAD) == [1, 0]  # came swapped
+    # both slots of 2 classes from v0: either order fits, and both are as near (4 + 4)
+    assert slot_order([two, _head([2.0, 0.0, 0.0])], [v0, v0], [2, 2], HEAD) is None
+    assert slot_order([three, three], [v0, v0], [2, 3], HEAD) is None  # slot 0 fits none
+
+
+def test_slot_order_by_distance_to_the_starts_when_the_counts_allow_both() -> None:
+    """Slots of 2 classes each, started from s0 = 0 and s1 = (3, 3, 0). Adapter a = s1 + (1, 1,
+    0), b = s0 + (1, -1, 0), x = 0; each moved 2 logits from either start. As they came (a, b):
+    |a - s0|^2 + |b - s1|^2 = 32 + 20 = 52; swapped: |b - s0|^2 + |a - s1|^2 = 2 + 2 = 4."""
+    s0, s1 = _head([0.0, 0.0, 0.0]), _head([3.0, 3.0, 0.0])
+    a, b = _head([4.0, 4.0, 0.0]), _head([1.0, -1.0, 0.0])
+    assert slot_order([a, b], [s0, s1], [2, 2], HEAD) == [1, 0]
+    assert slot_order([b, a], [s0, s1], [2, 2], HEAD) == [0, 1]
+    # the non-head part counts too: x = 5 on b, as they came 32 + 45 = 77, swapped 27 + 2 = 29
+    b5 = _head([1.0, -1.0, 0.0], extra=5.0)
+    assert slot_order([a, b5], [s0, s1], [2, 2], HEAD) == [1, 0]
+    # a moved only logit 0 from s1: it fits slot 1 no more, and slot 0 only as it came
+    a1 = _head([4.0, 3.0, 0.0])
+    assert slot_order([a1, b], [s0, s1], [2, 2], HEAD) == [0, 1]

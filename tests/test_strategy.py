@@ -435,6 +435,30 @@ def test_the_label_count_check_measures_from_the_global_the_slot_started_from() 
     assert strategy.record.replies_rejected == 1  # row 1 moved from (2, 1): two logits
 
 
+def test_adapters_that_fit_their_slots_only_in_another_order_are_taken_in_it() -> None:
+    """One node, two slots: slot 0's data have 1 class, slot 1's 2; its adapters came swapped
+    (the first moved 2 logits, the second 1). Taken swapped, each forms its own cluster."""
+    grid = FakeGrid([1])
+    strategy = paper_fltac(
+        num_clusters=2,
+        label_fingerprint=True,
+        reject_label_count_mismatch=True,
+        reorder_mismatched_adapters=True,
+    )
+    one, two = np.array([[0.0, 0.0]]), np.array([[1.0, -1.0], [-1.0, 1.0]])
+
+    def replies(messages: dict[int, Message]) -> list[Message]:
+        swapped = _reply(messages[1], [_adapter(3, 3), _adapter(1, 0)], examples=[5, 7])
+        return [_with_label_fingerprints(swapped, [one, two])]
+
+    _round(strategy, 1, grid, replies)
+    assert strategy.record.replies_reordered == 1
+    assert strategy.record.replies_rejected == 0
+    slot0, slot1 = strategy.node_slots[strategy.client_of(1)]
+    assert_allclose(strategy.globals[slot0][A], [[1.0, 0.0]])
+    assert_allclose(strategy.globals[slot1][A], [[3.0, 3.0]])
+
+
 def test_fingerprints_are_asked_for_and_a_reply_without_them_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
