@@ -1480,7 +1480,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         order = None
         if self.reorder_mismatched_adapters:
             order = slot_order(adapters, starts, classes, self.head_keys)
-            reason += "; no other order of its adapters fits its slots"
+            reason += "; no one order of its adapters fits its slots best"
         if order is None:
             raise ProtocolError(f"adapter slot{i}: {reason}")
         log(WARNING, "node %s: its adapters fit their slots in the order %s, taken so", node, order)

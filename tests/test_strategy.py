@@ -435,10 +435,14 @@ def test_the_label_count_check_measures_from_the_global_the_slot_started_from() 
     assert strategy.record.replies_rejected == 1  # row 1 moved from (2, 1): two logits
 
 
-def test_adapters_that_fit_their_slots_only_in_another_order_are_taken_in_it() -> None:
-    """One node, two slots: slot 0's data have 1 class, slot 1's 2; its adapters came swapped
-    (the first moved 2 logits, the second 1). Taken swapped, each forms its own cluster."""
-    grid = FakeGrid([1])
+def test_adapters_that_fit_their_slots_only_in_another_order_are_taken_in_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Node 1, two slots: slot 0's data have 1 class, slot 1's 2; its adapters came swapped
+    (the first moved 2 logits, the second 1). Taken swapped, each forms its own cluster. Node
+    2, three slots of 1, 2 and 2 classes, adapters moving 2, 2 and 1 logits: the last is slot
+    0's, but the other two fit slots 1 and 2 either way, as near v0: rejected."""
+    grid = FakeGrid([1, 2])
     strategy = paper_fltac(
         num_clusters=2,
         label_fingerprint=True,
@@ -449,11 +453,17 @@ def test_adapters_that_fit_their_slots_only_in_another_order_are_taken_in_it() -
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         swapped = _reply(messages[1], [_adapter(3, 3), _adapter(1, 0)], examples=[5, 7])
-        return [_with_label_fingerprints(swapped, [one, two])]
+        either = _reply(messages[2], [_adapter(2, 2), _adapter(4, 4), _adapter(1, 0)])
+        return [
+            _with_label_fingerprints(swapped, [one, two]),
+            _with_label_fingerprints(either, [one, two, two]),
+        ]
 
-    _round(strategy, 1, grid, replies)
+    with caplog.at_level(logging.WARNING):
+        _round(strategy, 1, grid, replies)
     assert strategy.record.replies_reordered == 1
-    assert strategy.record.replies_rejected == 0
+    assert strategy.record.replies_rejected == 1
+    assert "no one order of its adapters fits its slots best" in caplog.text
     slot0, slot1 = strategy.node_slots[strategy.client_of(1)]
     assert_allclose(strategy.globals[slot0][A], [[1.0, 0.0]])
     assert_allclose(strategy.globals[slot1][A], [[3.0, 3.0]])
