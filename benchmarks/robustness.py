@@ -231,13 +231,11 @@ FLTAC_RULES = {
     "drop_node_fp_steps": "+defence=fltac_sign_flip robust.clip_outlier_norms_for_steps=true",
     # and replies refused whose heads moved another logit count than their data have classes
     "drop_node_fp_steps_labels": (
-        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
+        "+defence=fltac_sign_flip robust.clip_outlier_norms_for_steps=true"
+        " fltac.reject_label_count_mismatch=true"
     ),
-    # or, where one order of its adapters fits its slots, the reply taken in that order
-    "drop_node_fp_steps_reorder": (
-        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
-        " fltac.reorder_mismatched_adapters=true"
-    ),
+    # or, where one order of its adapters fits its slots best, the reply taken in that order
+    "drop_node_fp_steps_reorder": "+defence=fltac_finite_attacks",
 }
 
 

@@ -66,11 +66,15 @@ def test_the_sign_flip_defence_sets_its_five_keys_and_nothing_else() -> None:
         load_config("+defence=fltac_sign_flip method=fedmoe_da")
 
 
-def test_the_finite_attack_defence_is_the_sign_flip_defence_and_the_step_clip() -> None:
+def test_the_finite_attack_defence_is_the_sign_flip_defence_the_step_clip_and_the_slots() -> None:
     sign_flip = load_config_as(AdapterRunConfig, "seed=1 +defence=fltac_sign_flip")
     cfg = load_config_as(AdapterRunConfig, "seed=1 +defence=fltac_finite_attacks")
     assert cfg.robust.clip_outlier_norms_for_steps is True
+    assert cfg.fltac.reject_label_count_mismatch is True
+    assert cfg.fltac.reorder_mismatched_adapters is True
     sign_flip.robust.clip_outlier_norms_for_steps = True
+    sign_flip.fltac.reject_label_count_mismatch = True
+    sign_flip.fltac.reorder_mismatched_adapters = True
     assert cfg == sign_flip
     override = "+defence=fltac_finite_attacks robust.clip_outlier_norms_for_steps=false"
     assert load_config(override).robust.clip_outlier_norms_for_steps is False
@@ -284,6 +288,7 @@ CROSS_FIELD_REFUSED = [
         "+defence=fltac_sign_flip fltac.reject_label_count_mismatch=true train.weight_decay=0.01",
         "fltac.reject_label_count_mismatch",
     ),
+    ("+defence=fltac_finite_attacks train.weight_decay=0.01", "fltac.reject_label_count_mismatch"),
     ("fltac.reorder_mismatched_adapters=true", "fltac.reorder_mismatched_adapters"),
 ]
 
@@ -395,12 +400,7 @@ ACCEPTED = [
         "fltac.reject_label_count_mismatch",
         True,
     ),
-    (
-        "+defence=fltac_finite_attacks fltac.reject_label_count_mismatch=true"
-        " fltac.reorder_mismatched_adapters=true",
-        "fltac.reorder_mismatched_adapters",
-        True,
-    ),
+    ("+defence=fltac_finite_attacks", "fltac.reorder_mismatched_adapters", True),
 ]
 
 

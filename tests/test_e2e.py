@@ -506,6 +506,24 @@ def _crash_equals_its_absent_twin(
             assert absent[key] == lost[key], key
 
 
+def test_adapters_sent_for_the_wrong_slots_are_taken_back_in_order_end_to_end(
+    superlink: LocalSuperLink, tmp_path: Path
+) -> None:
+    """One of three clients sends each slot the adapter of its next slot (``other_task``) every
+    round. With ``+defence=fltac_finite_attacks`` the server finds the order by the heads'
+    label counts (5, 3 and 2 here, all different), so the run ends where the clean run with the
+    same defence ends: the same accuracy of every task and the same loss in every round."""
+    defence = "+defence=fltac_finite_attacks faults.fraction=0.34"
+    attacked = _rounds(_run(superlink, tmp_path, "attacked", f"{defence} faults.kind=other_task"))
+    clean = _rounds(_run(superlink, tmp_path, "clean", defence))
+    assert any(r.get("faults_injected") for r in attacked)  # some drawn client had 2+ tasks
+    for lied, honest in zip(attacked, clean, strict=True):
+        injected = (lied.get("faults_injected") or {}).get("other_task", 0)
+        assert lied.get("replies_reordered", 0) == injected and lied["replies_rejected"] == 0
+        for key in ("accuracy", "train_loss", "groups"):
+            assert lied[key] == honest[key], key
+
+
 def test_local_dp_run_trains_and_names_its_noise(
     superlink: LocalSuperLink, tmp_path: Path, fltac_run: Path
 ) -> None:
