@@ -1431,7 +1431,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                 raise ProtocolError(f"adapter slot{i}: {reason}")
         # a "local" slot started from its own adapter, unknown here: v0 is where that began
         starts = [self.globals.get(u, self.globals["v0"]) for u in used]
-        adapters = self._in_slot_order(node, adapters, starts, label_fingerprints)
+        order = self._slot_order(adapters, starts, label_fingerprints)
+        if order is not None:
+            adapters = [adapters[j] for j in order]
         truth = reply.slot_tasks
         entries = []
         for i, arrays in enumerate(adapters):
@@ -1454,38 +1456,41 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                     moved=used[i] != previous[i],
                 )
             )
+        if order is not None:
+            log(
+                WARNING,
+                "node %s: its adapters fit their slots in the order %s, taken so",
+                node,
+                order,
+            )
+            self.record.replies_reordered = (self.record.replies_reordered or 0) + 1
         return entries
 
-    def _in_slot_order(
+    def _slot_order(
         self,
-        node: int,
-        adapters: list[dict[str, np.ndarray]],
+        adapters: Sequence[Adapter],
         starts: Sequence[Adapter],
         label_fingerprints: Sequence[np.ndarray | None],
-    ) -> list[dict[str, np.ndarray]]:
-        """``adapters`` as they came if each fits its slot's label count (or the check is off);
-        else in the one order that fits (``reorder_mismatched_adapters``, :func:`slot_order`),
-        logged and counted; else ``ProtocolError`` naming the first slot that does not fit."""
+    ) -> list[int] | None:
+        """``None`` if each adapter fits its slot's label count (or the check is off); else the
+        one order that fits (``reorder_mismatched_adapters``, :func:`slot_order`); else
+        ``ProtocolError`` naming the first slot that does not fit."""
         if not self.reject_label_count_mismatch or self.head_keys is None:
-            return adapters
+            return None
         if any(f is None for f in label_fingerprints):
-            return adapters
+            return None
         classes = [int(f.shape[0]) for f in label_fingerprints]  # type: ignore[union-attr]
         for i, (arrays, start) in enumerate(zip(adapters, starts, strict=True)):
             reason = self._label_count_mismatch(arrays, start, classes[i])
-            if reason is not None:
-                break
-        else:
-            return adapters
-        order = None
-        if self.reorder_mismatched_adapters:
-            order = slot_order(adapters, starts, classes, self.head_keys)
-            reason += "; no one order of its adapters fits its slots best"
-        if order is None:
+            if reason is None:
+                continue
+            if self.reorder_mismatched_adapters:
+                order = slot_order(adapters, starts, classes, self.head_keys)
+                if order is not None:
+                    return order
+                reason += "; no one order of its adapters fits its slots best"
             raise ProtocolError(f"adapter slot{i}: {reason}")
-        log(WARNING, "node %s: its adapters fit their slots in the order %s, taken so", node, order)
-        self.record.replies_reordered = (self.record.replies_reordered or 0) + 1
-        return [adapters[j] for j in order]
+        return None
 
     def _label_count_mismatch(self, adapter: Adapter, start: Adapter, classes: int) -> str | None:
         """Why ``adapter`` cannot have been trained on its slot's data (``None``: it can): its
