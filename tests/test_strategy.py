@@ -406,8 +406,9 @@ def test_a_head_that_moved_another_label_count_than_its_data_have_is_rejected(
 
 
 def test_the_label_count_check_measures_from_the_global_the_slot_started_from() -> None:
-    """Round 2: node 1's slot starts from round 1's global G (A (1, 1), head diag (1, 1)). An
-    adapter G + (0, 0 | row 0 only) moved one logit from G, though two from v0."""
+    """Node 1's one slot (1 class from round 2 on) starts from round 1's global G = (1, 1).
+    Round 2's adapter (2, 1) moved head row 0 only from G: one logit (two from v0), accepted.
+    Round 3's (2, 5) moved row 1 from the new global (2, 1): two logits, rejected."""
     grid = FakeGrid([1])
     strategy = paper_fltac(num_clusters=1, label_fingerprint=True, reject_label_count_mismatch=True)
     two, one = np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[0.0, 0.0]])
