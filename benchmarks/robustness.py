@@ -216,6 +216,8 @@ RULES = {
     # the mean, screened, leaving out every update of a node that sent an opposed one
     "drop_node": "robust.rule=mean robust.drop_opposed_updates=true robust.drop_opposed_scope=node",
     "clip_median": "robust.rule=mean robust.clip_to_median_norm=true",  # the mean, adaptive clip
+    # the mean, only the norms that are outliers for the local steps behind them clipped
+    "clip_steps": "robust.rule=mean robust.clip_outlier_norms_for_steps=true",
 }
 # FL-TAC only: node scope, with round 1 grouped on what the clients' data say (input and label
 # fingerprints), which an attack on the updates cannot move (conf/defence/fltac_sign_flip.yaml);
