@@ -1424,25 +1424,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             label_fingerprints = list(
                 self._parse_label_fingerprints(reply.label_fingerprints, num_slots)
             )
-        adapters = [record_to_numpy(record) for record in reply.adapters]
-        for i, arrays in enumerate(adapters):
-            reason = check_adapter(arrays, self.template, self.max_abs_value)
-            if reason is not None:
-                raise ProtocolError(f"adapter slot{i}: {reason}")
-        # a "local" slot started from its own adapter, unknown here: v0 is where that began
-        starts = [self.globals.get(u, self.globals["v0"]) for u in used]
-        order = self._slot_order(adapters, starts, label_fingerprints)
-        if order is not None:
-            adapters = [adapters[j] for j in order]
+        adapters, order = self._checked_adapters(reply, used, label_fingerprints)
         truth = reply.slot_tasks
         entries = []
         for i, arrays in enumerate(adapters):
-            reference = self.globals.get(used[i])
-            reason = check_adapter(
-                arrays, self.template, self.max_abs_value, reference, self.max_update_norm
-            )
-            if reason is not None:
-                raise ProtocolError(f"adapter slot{i}: {reason}")
             entries.append(
                 PoolEntry(
                     node_id=node,
@@ -1465,6 +1450,35 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             )
             self.record.replies_reordered = (self.record.replies_reordered or 0) + 1
         return entries
+
+    def _checked_adapters(
+        self,
+        reply: TrainReply,
+        used: Sequence[str],
+        label_fingerprints: Sequence[np.ndarray | None],
+    ) -> tuple[list[dict[str, np.ndarray]], list[int] | None]:
+        """The reply's adapters in the order of its slots, each checked against the template,
+        its slot's label count and the global it started from (``used``: value bound, update
+        norm); and the order they were taken in, if not the order they came."""
+        adapters = [record_to_numpy(record) for record in reply.adapters]
+        for i, arrays in enumerate(adapters):
+            reason = check_adapter(arrays, self.template, self.max_abs_value)
+            if reason is not None:
+                raise ProtocolError(f"adapter slot{i}: {reason}")
+        # a "local" slot started from its own adapter, unknown here: v0 is where that began
+        starts = [self.globals.get(u, self.globals["v0"]) for u in used]
+        order = self._slot_order(adapters, starts, label_fingerprints)
+        if order is not None:
+            adapters = [adapters[j] for j in order]
+        if self.max_update_norm is not None:  # measured once each adapter is in its slot
+            for i, arrays in enumerate(adapters):
+                reference = self.globals.get(used[i])
+                reason = check_adapter(
+                    arrays, self.template, self.max_abs_value, reference, self.max_update_norm
+                )
+                if reason is not None:
+                    raise ProtocolError(f"adapter slot{i}: {reason}")
+        return adapters, order
 
     def _slot_order(
         self,
