@@ -429,6 +429,16 @@ def auto_kmeans(
     return best, fitted_kmeans(features, best, seed, init=fits[best][1])[0]
 
 
+def label_count_mismatch(
+    adapter: Adapter, start: Adapter, classes: int, head_keys: Sequence[str]
+) -> int | None:
+    """How many logits ``adapter``'s head moved from ``start``, when a task of ``classes``
+    classes cannot have moved that many (:func:`head_label_counts`); ``None`` when it can, or
+    when the head did not move (that says nothing)."""
+    (moved,) = head_label_counts([adapter], [start], head_keys)
+    return None if moved in (0, classes) else int(moved)
+
+
 def slot_order(
     adapters: Sequence[Adapter],
     starts: Sequence[Adapter],
@@ -467,7 +477,7 @@ def slot_order(
     cost = np.full((n, n), np.inf)
     for i, (start, count) in enumerate(zip(starts, classes, strict=True)):
         for j, adapter in enumerate(adapters):
-            if head_label_counts([adapter], [start], head_keys)[0] in (0, count):
+            if label_count_mismatch(adapter, start, count, head_keys) is None:
                 cost[i, j] = _distance(adapter, start) ** 2
     best = _cheapest_order(cost)
     if best is None:
@@ -1511,8 +1521,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         head moved another number of logits than the slot's data have ``classes``. A head that
         did not move says nothing."""
         assert self.head_keys is not None
-        (moved,) = head_label_counts([adapter], [start], self.head_keys)
-        if moved in (0, classes):
+        moved = label_count_mismatch(adapter, start, classes, self.head_keys)
+        if moved is None:
             return None
         return (
             f"its head moved {moved} logits but its label fingerprint has {classes} classes"

@@ -373,6 +373,10 @@ def test_label_fingerprints_are_asked_for_and_unusable_ones_are_rejected(
     assert_allclose(strategy.globals[gid][A], [[1.0, 0.0]])  # node 1 alone
 
 
+# Label fingerprints of a slot whose data have one class, and two.
+ONE_CLASS, TWO_CLASSES = np.array([[0.0, 0.0]]), np.array([[1.0, -1.0], [-1.0, 1.0]])
+
+
 def test_a_head_that_moved_another_label_count_than_its_data_have_is_rejected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -380,7 +384,7 @@ def test_a_head_that_moved_another_label_count_than_its_data_have_is_rejected(
     y != 0, so it moved 1 + (the last moved row) logits: (1, 0) one, (0, 1) and (1, 1) two."""
     grid = FakeGrid([1, 2, 3, 4, 5])
     strategy = paper_fltac(num_clusters=1, label_fingerprint=True, reject_label_count_mismatch=True)
-    two, one = np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[0.0, 0.0]])
+    one, two = ONE_CLASS, TWO_CLASSES
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         out = [
@@ -411,7 +415,7 @@ def test_the_label_count_check_measures_from_the_global_the_slot_started_from() 
     Round 3's (2, 5) moved row 1 from the new global (2, 1): two logits, rejected."""
     grid = FakeGrid([1])
     strategy = paper_fltac(num_clusters=1, label_fingerprint=True, reject_label_count_mismatch=True)
-    two, one = np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([[0.0, 0.0]])
+    one, two = ONE_CLASS, TWO_CLASSES
     _round(
         strategy,
         1,
@@ -450,7 +454,7 @@ def test_adapters_that_fit_their_slots_only_in_another_order_are_taken_in_it(
         reject_label_count_mismatch=True,
         reorder_mismatched_adapters=True,
     )
-    one, two = np.array([[0.0, 0.0]]), np.array([[1.0, -1.0], [-1.0, 1.0]])
+    one, two = ONE_CLASS, TWO_CLASSES
 
     def replies(messages: dict[int, Message]) -> list[Message]:
         swapped = _reply(messages[1], [_adapter(3, 3), _adapter(1, 0)], examples=[5, 7])
