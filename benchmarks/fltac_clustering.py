@@ -49,6 +49,10 @@ METHODS = {
         "method=fltac fltac.source_check=false fltac.split_by_label_count=false"
         " fltac.label_fingerprint=false fltac.fingerprints_only_from_v0=false",
     ),
+    "fltac_weighted": (
+        "FL-TAC (default + K-means weighted by example count)",
+        "method=fltac fltac.kmeans_weighting=samples",
+    ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false"

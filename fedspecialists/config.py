@@ -54,6 +54,7 @@ FLTAC_CHOICES = {
     "feature_source": ("update", "cumulative", "weights", "cumulative+update"),
     "feature_tensors": ("all", "lora", "head"),
     "weighting": ("uniform", "samples"),
+    "kmeans_weighting": ("uniform", "samples"),
 }
 
 
@@ -237,6 +238,7 @@ class FLTACConfig:
     feature_tensors: str = MISSING
     normalize: bool = MISSING
     weighting: str = MISSING
+    kmeans_weighting: str = MISSING  # how much each adapter counts in K-means
     kmeans_n_init: int = MISSING
     input_fingerprint: bool = MISSING
     label_fingerprint: bool = MISSING

@@ -234,9 +234,21 @@ def random_projection(features: np.ndarray, dims: int, seed: int) -> np.ndarray:
     return np.asarray(features @ matrix)
 
 
-def kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
-    """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M."""
-    return fitted_kmeans(features, k, seed, n_init)[0]
+def kmeans_labels(
+    features: np.ndarray,
+    k: int,
+    seed: int,
+    n_init: int = 10,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M.
+
+    ``weights`` ``(M,)`` (None: all 1) weigh each row in the centroids and the inertia."""
+    k = max(1, min(k, features.shape[0]))
+    if k == 1:
+        return np.zeros(features.shape[0], dtype=np.int64)
+    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    return model.fit_predict(features, sample_weight=weights).astype(np.int64)
 
 
 def fitted_kmeans(
@@ -264,6 +276,7 @@ def constrained_kmeans_labels(
     seed: int,
     n_init: int = 10,
     max_iter: int = 100,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """K-means in which adapters of the same owner never share a cluster (cannot-link).
 
@@ -282,6 +295,12 @@ def constrained_kmeans_labels(
         ``(M,)`` owner (node id) of each row.
     k : int
         Number of clusters (capped at M).
+    weights : np.ndarray | None
+        ``(M,)`` positive row weights (None: all 1). Weighted K-means: a row's squared
+        distance counts ``weights[i]`` times in the assignment and the inertia, centroids are
+        weighted means, and the k-means++ draws are weighted. With each adapter's example
+        count, a centroid is the sample-weighted mean of its members, and a fingerprint (a
+        mean over n examples, its noise variance ~ 1/n) counts as the evidence it is.
 
     Returns
     -------
@@ -298,20 +317,43 @@ def constrained_kmeans_labels(
     rows_of = {o: np.flatnonzero(owners_arr == o) for o in dict.fromkeys(owners_arr.tolist())}
     best_labels, best_inertia = np.zeros(m, dtype=np.int64), np.inf
     for start in range(n_init):
-        centroids, _ = kmeans_plusplus(features, k, random_state=seed + start)
+        centroids, _ = kmeans_plusplus(features, k, random_state=seed + start, sample_weight=weights)
         labels = np.full(m, -1, dtype=np.int64)
         for _ in range(max_iter):
-            new = constrained_assignment(features, centroids, list(rows_of.values()))
+            new = constrained_assignment(features, centroids, list(rows_of.values()), weights)
             if np.array_equal(new, labels):
                 break
             labels = new
-            for c in range(k):
-                if np.any(labels == c):
-                    centroids[c] = features[labels == c].mean(0)
-        inertia = float(((features - centroids[labels]) ** 2).sum())
+            _update_centroids(centroids, features, labels, weights)
+        inertia = _inertia(features, centroids, labels, weights)
         if inertia < best_inertia - 1e-12:
             best_labels, best_inertia = labels.copy(), inertia
     return best_labels
+
+
+def _update_centroids(
+    centroids: np.ndarray, features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
+) -> None:
+    """K-means' update step in place: each used centroid ``(k, D)`` becomes its members' mean
+    (weighted by ``weights`` ``(M,)`` when given); an empty cluster keeps its centroid."""
+    for c in range(centroids.shape[0]):
+        members = labels == c
+        if not np.any(members):
+            continue
+        if weights is None:  # the unweighted path, bit for bit as before weights existed
+            centroids[c] = features[members].mean(0)
+        else:
+            centroids[c] = np.average(features[members], axis=0, weights=weights[members])
+
+
+def _inertia(
+    features: np.ndarray, centroids: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
+) -> float:
+    """Sum of (weighted) squared distances of the rows ``(M, D)`` to their centroids."""
+    squared = (features - centroids[labels]) ** 2
+    if weights is None:
+        return float(squared.sum())
+    return float((np.asarray(weights) * squared.sum(1)).sum())
 
 
 def squared_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -325,13 +367,17 @@ MAX_PERMUTATION_CELLS = 20_000_000  # owners x permutations x rows scored at onc
 
 
 def constrained_assignment(
-    features: np.ndarray, centroids: np.ndarray, groups: Sequence[np.ndarray]
+    features: np.ndarray,
+    centroids: np.ndarray,
+    groups: Sequence[np.ndarray],
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The assignment step of :func:`constrained_kmeans_labels`.
 
     ``features`` ``(M, D)``, ``centroids`` ``(k, D)``; ``groups`` are the row indices of each
-    owner. An owner's rows go to distinct clusters at least total squared distance; an owner
-    with more rows than clusters, each to its nearest centroid. Returns ``(M,)`` labels.
+    owner. An owner's rows go to distinct clusters at least total squared distance (each row's
+    times its ``weights`` ``(M,)`` entry, when given); an owner with more rows than clusters,
+    each to its nearest centroid. Returns ``(M,)`` labels.
 
     Owners with the same number of rows r are solved together: every injective map of r rows
     to k clusters (``k! / (k - r)!`` of them, few for the handful of tasks a client holds) is
@@ -341,6 +387,8 @@ def constrained_assignment(
     """
     k = centroids.shape[0]
     cost = squared_distances(features, centroids)  # (M, k)
+    if weights is not None:
+        cost = cost * np.asarray(weights, dtype=np.float64)[:, None]
     labels = np.empty(features.shape[0], dtype=np.int64)
     by_size: dict[int, list[np.ndarray]] = defaultdict(list)
     for rows in groups:
@@ -861,6 +909,7 @@ def check_settings(
     weighting: str,
     clustering: str,
     source_check_llr: float | None,
+    kmeans_weighting: str = "uniform",
 ) -> None:
     """Refuse settings the strategy cannot run with (``ConfigError``, a ``ValueError``, naming
     the setting): the config's own ranges (:func:`fedspecialists.config.check_setting`)."""
@@ -869,6 +918,7 @@ def check_settings(
     check_setting("fltac.num_clusters", num_clusters)
     check_setting("fltac.feature_source", feature_source)
     check_setting("fltac.weighting", weighting)
+    check_setting("fltac.kmeans_weighting", kmeans_weighting)
     check_setting("fltac.clustering", clustering)
     if source_check_llr is not None:  # None: no source check
         check_setting("fltac.source_check_llr", source_check_llr)
@@ -925,6 +975,10 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         L2-normalise each adapter's feature vector.
     weighting : str, default "uniform"
         Mean inside a cluster: ``uniform`` (the paper) or ``samples`` (by local example count).
+    kmeans_weighting : str, default "uniform"
+        How much each adapter counts in K-means: ``uniform`` (each the same, the paper) or
+        ``samples`` (its local example count: weighted K-means, see
+        :func:`constrained_kmeans_labels`).
     input_fingerprint : bool, default False
         Ask clients for each adapter's input fingerprint (the mean representation of its task's
         training inputs under the frozen base model) and cluster on it together with the
@@ -985,6 +1039,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         feature_tensors: str = "head",
         normalize: bool = True,
         weighting: str = "uniform",
+        kmeans_weighting: str = "uniform",
         input_fingerprint: bool = True,
         label_fingerprint: bool = False,
         fingerprints_only_from_v0: bool = False,
@@ -1005,7 +1060,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
         absent_clients: FaultDraw | None = None,
     ) -> None:
-        check_settings(num_clusters, feature_source, weighting, clustering, source_check_llr)
+        check_settings(
+            num_clusters, feature_source, weighting, clustering, source_check_llr, kmeans_weighting
+        )
         self.robust = robust or RobustAggregation()  # the plain mean unless configured
         self.init_rounds(
             FLTACRoundRecord,
@@ -1031,6 +1088,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.feature_tensors = feature_tensors
         self.normalize = normalize
         self.weighting = weighting
+        self.kmeans_weighting = kmeans_weighting
         self.input_fingerprint = input_fingerprint
         self.label_fingerprint = label_fingerprint
         self.fingerprints_only_from_v0 = fingerprints_only_from_v0
@@ -1071,6 +1129,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         return {
             **round_kwargs(cfg),
             "weighting": fltac.weighting,
+            "kmeans_weighting": fltac.kmeans_weighting,
             "num_clusters": num_clusters(cfg),
             "auto_k_range": (fltac.auto_k_min, fltac.auto_k_max),
             "kmeans_n_init": fltac.kmeans_n_init,
@@ -1107,25 +1166,43 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
     def cluster(self, pool: Sequence[PoolEntry], features: np.ndarray, seed: int) -> list[int]:
         """K-means labels ``(M,)``: within each label-count group when the split is on."""
         owners = np.asarray([e.node_id for e in pool])
+        weights = self.kmeans_weights(pool)
         split = self.label_count_split(pool)
         if split is None:
             if self.num_clusters == "auto" and self.clustering != "constrained_kmeans":
                 low, high = self.auto_k_range  # the scan's best fit is the clustering
                 return auto_kmeans(features, low, high, seed, self.kmeans_n_init)[1].tolist()
-            return self._kmeans(features, owners, self.cluster_count(pool), seed).tolist()
+            return self._kmeans(features, owners, self.cluster_count(pool), seed, weights).tolist()
         counts, per_group = split
         labels = np.zeros(len(pool), dtype=np.int64)
         offset = 0
         for count, k in sorted(per_group.items()):
             rows = np.flatnonzero(counts == count)
-            labels[rows] = self._kmeans(features[rows], owners[rows], k, seed) + offset
+            part = None if weights is None else weights[rows]
+            labels[rows] = self._kmeans(features[rows], owners[rows], k, seed, part) + offset
             offset += k
         return labels.tolist()
 
-    def _kmeans(self, features: np.ndarray, owners: np.ndarray, k: int, seed: int) -> np.ndarray:
+    def kmeans_weights(self, pool: Sequence[PoolEntry]) -> np.ndarray | None:
+        """``(M,)`` each adapter's weight in K-means (its example count, at least 1), or None
+        (``kmeans_weighting="uniform"``: every adapter counts once)."""
+        if self.kmeans_weighting != "samples":
+            return None
+        return np.maximum([float(e.num_examples) for e in pool], 1.0)
+
+    def _kmeans(
+        self,
+        features: np.ndarray,
+        owners: np.ndarray,
+        k: int,
+        seed: int,
+        weights: np.ndarray | None = None,
+    ) -> np.ndarray:
         if self.clustering == "constrained_kmeans":
-            return constrained_kmeans_labels(features, owners.tolist(), k, seed, self.kmeans_n_init)
-        return kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init)
+            return constrained_kmeans_labels(
+                features, owners.tolist(), k, seed, self.kmeans_n_init, weights=weights
+            )
+        return kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init, weights=weights)
 
     def label_count_split(
         self, pool: Sequence[PoolEntry]
@@ -1261,6 +1338,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "feature_tensors": self.feature_tensors,
             "normalize": self.normalize,
             "weighting": self.weighting,
+            "kmeans_weighting": self.kmeans_weighting,
             "input_fingerprint": self.input_fingerprint,
             "label_fingerprint": self.label_fingerprint,
             "fingerprints_only_from_v0": self.fingerprints_only_from_v0,
