@@ -317,7 +317,9 @@ def constrained_kmeans_labels(
     rows_of = {o: np.flatnonzero(owners_arr == o) for o in dict.fromkeys(owners_arr.tolist())}
     best_labels, best_inertia = np.zeros(m, dtype=np.int64), np.inf
     for start in range(n_init):
-        centroids, _ = kmeans_plusplus(features, k, random_state=seed + start, sample_weight=weights)
+        centroids, _ = kmeans_plusplus(
+            features, k, random_state=seed + start, sample_weight=weights
+        )
         labels = np.full(m, -1, dtype=np.int64)
         for _ in range(max_iter):
             new = constrained_assignment(features, centroids, list(rows_of.values()), weights)

@@ -111,6 +111,43 @@ def test_constrained_kmeans_never_puts_one_nodes_adapters_together() -> None:
     assert labels[0] == labels[3] and labels[1] == labels[2] and labels[0] != labels[1]
 
 
+def test_weighted_assignment_gives_the_heavier_adapter_its_nearest_cluster() -> None:
+    # Centroids 0 and 10; one node's adapters at 4 (a) and 3 (b). Unweighted costs:
+    #   a->0, b->10: 16 + 49 = 65;  a->10, b->0: 36 + 9 = 45  -> b takes 0.
+    # With a weighing 10 (b 1): 160 + 49 = 209 against 360 + 9 = 369 -> a takes 0.
+    features, centroids, node = np.array([[4.0], [3.0]]), np.array([[0.0], [10.0]]), [np.arange(2)]
+    assert constrained_assignment(features, centroids, node).tolist() == [1, 0]
+    weighted = constrained_assignment(features, centroids, node, np.array([10.0, 1.0]))
+    assert weighted.tolist() == [0, 1]
+
+
+def test_weighted_kmeans_moves_the_split_towards_the_heavy_point() -> None:
+    # 1-D points 0, 4, 6, 10, one node each, k = 2. Contiguous splits, unweighted SSE:
+    #   {0} {4,6,10}: 18.67;  {0,4} {6,10}: 8 + 8 = 16;  {0,4,6} {10}: 18.67  -> {0,4} {6,10}.
+    # With 10 weighing 100: {0,4} {6,10} has centroid (6 + 1000) / 101 = 9.960 and SSE
+    #   8 + 3.960^2 + 100 * 0.0396^2 = 23.84;  {0,4,6} {10}: 18.67 + 0 -> {0,4,6} {10}.
+    features = np.array([[0.0], [4.0], [6.0], [10.0]])
+    owners, weights = [0, 1, 2, 3], np.array([1.0, 1.0, 1.0, 100.0])
+    for labels in (
+        constrained_kmeans_labels(features, owners, 2, seed=0),
+        kmeans_labels(features, 2, seed=0),
+    ):
+        assert labels[0] == labels[1] != labels[2] == labels[3]
+    for labels in (
+        constrained_kmeans_labels(features, owners, 2, seed=0, weights=weights),
+        kmeans_labels(features, 2, seed=0, weights=weights),
+    ):
+        assert labels[0] == labels[1] == labels[2] != labels[3]
+
+
+def test_weights_of_one_change_nothing() -> None:
+    rng = np.random.default_rng(3)
+    features, owners = rng.standard_normal((24, 3)), [i // 3 for i in range(24)]
+    plain = constrained_kmeans_labels(features, owners, 4, seed=1)
+    ones = constrained_kmeans_labels(features, owners, 4, seed=1, weights=np.ones(24))
+    assert clustering_agreement([str(x) for x in plain], ones.tolist()) == 1.0
+
+
 def test_constrained_kmeans_falls_back_when_a_node_has_more_adapters_than_clusters() -> None:
     features = np.array([[0.0], [0.1], [0.2], [5.0]])
     labels = constrained_kmeans_labels(features, [1, 1, 1, 2], 2, seed=0)

@@ -813,6 +813,22 @@ def test_cumulative_plus_update_features_are_two_unit_blocks() -> None:
     assert_allclose(features, [[0.6, 0.0, 0.0, 0.8, 0.0, 0.0, 0.0, 1.0]])
 
 
+def test_kmeans_weighting_by_samples_weighs_each_adapter_by_its_example_count() -> None:
+    # The hand example of test_weighted_kmeans_moves_the_split_towards_the_heavy_point: points
+    # 0, 4, 6, 10 of four nodes; the adapter at 10 was trained on 100 examples, the rest on 1.
+    pool = [PoolEntry(n, 0, _adapter(1, 0), e, "v0", None) for n, e in enumerate([1, 1, 1, 100])]
+    features = np.array([[0.0], [4.0], [6.0], [10.0]])
+    uniform = paper_fltac(num_clusters=2)
+    weighted = paper_fltac(num_clusters=2, kmeans_weighting="samples")
+    assert uniform.kmeans_weights(pool) is None
+    assert_allclose(weighted.kmeans_weights(pool), [1.0, 1.0, 1.0, 100.0])
+    a, b, c, d = uniform.cluster(pool, features, seed=0)
+    assert a == b != c == d
+    a, b, c, d = weighted.cluster(pool, features, seed=0)
+    assert a == b == c != d
+    assert weighted.describe()["kmeans_weighting"] == "samples"
+
+
 def test_fingerprints_only_from_v0_leaves_the_heads_out_of_round_one_only() -> None:
     strategy = paper_fltac(
         num_clusters=1,
