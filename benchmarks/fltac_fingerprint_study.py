@@ -5,7 +5,9 @@ project's own data, partition and frozen model) this computes the two fingerprin
 sends, the input fingerprint (mean representation) and the label fingerprint (per class, the
 class's mean representation minus the mean of the class means), then groups them the way the
 server does (constrained K-means within each label count, K = the tasks of that count) and
-scores the grouping against the true tasks (adjusted Rand index). Cheap enough for many seeds,
+scores the grouping against the true tasks (adjusted Rand index), each feature with K-means as
+the server runs it by default and weighted by each adapter's example count
+(``fltac.kmeans_weighting=samples``). Cheap enough for many seeds,
 so it shows how a feature does on partitions no run was ever tuned on. The adapters' own head
 block, which a real round adds, is left out: this measures what the fingerprints carry.
 
@@ -41,7 +43,9 @@ from strategies.fltac import (
 )
 
 SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
-VARIANTS = ("input fingerprint", "label fingerprint", "input + label fingerprints")
+BLOCKS = ("input fingerprint", "label fingerprint", "input + label fingerprints")
+WEIGHTED = " (K-means weighted by example count)"  # fltac.kmeans_weighting=samples
+VARIANTS = (*BLOCKS, *(name + WEIGHTED for name in BLOCKS))
 
 
 def fingerprints(suite: str, seed: int) -> dict[str, Any]:
@@ -53,7 +57,14 @@ def fingerprints(suite: str, seed: int) -> dict[str, Any]:
     )
     pre = build_preprocessor(cfg.model, suite_kind(cfg))
     model = get_adapter_model(cfg, max(t.num_labels for t in tasks))
-    rows: dict[str, list[Any]] = {"owner": [], "task": [], "count": [], "input": [], "label": []}
+    rows: dict[str, list[Any]] = {
+        "owner": [],
+        "task": [],
+        "count": [],
+        "examples": [],
+        "input": [],
+        "label": [],
+    }
     for client, mine in enumerate(parts):
         for task in mine:
             enc = encode(task, "train", pre, cfg.model.max_length)
@@ -61,22 +72,32 @@ def fingerprints(suite: str, seed: int) -> dict[str, Any]:
             rows["owner"].append(client)
             rows["task"].append(task.name)
             rows["count"].append(task.num_labels)
+            rows["examples"].append(len(enc.labels))
             rows["input"].append(reps.mean(0))
             rows["label"].append(label_fingerprint(reps, enc.labels.numpy(), task.num_labels))
     return rows
 
 
 def split_kmeans(
-    features: np.ndarray, owners: list[int], counts: list[int], tasks: list[str], seed: int
+    features: np.ndarray,
+    owners: list[int],
+    counts: list[int],
+    tasks: list[str],
+    seed: int,
+    weights: np.ndarray | None = None,
 ) -> list[int]:
     """Constrained K-means within each label count (K = that count's true number of tasks),
-    as the server's label-count split runs it; labels ``(M,)``."""
+    as the server's label-count split runs it, rows weighted by ``weights`` ``(M,)`` where
+    given; labels ``(M,)``."""
     counts_arr, owners_arr = np.asarray(counts), np.asarray(owners)
     labels, offset = np.zeros(len(counts), dtype=np.int64), 0
     for count in sorted(set(counts)):
         idx = np.flatnonzero(counts_arr == count)
         k = len({tasks[i] for i in idx})
-        labels[idx] = constrained_kmeans_labels(features[idx], owners_arr[idx].tolist(), k, seed)
+        part = None if weights is None else weights[idx]
+        labels[idx] = constrained_kmeans_labels(
+            features[idx], owners_arr[idx].tolist(), k, seed, weights=part
+        )
         labels[idx] += offset
         offset += k
     return labels.tolist()
@@ -86,13 +107,17 @@ def study(suite: str, seed: int) -> dict[str, Any]:
     rows = fingerprints(suite, seed)
     inputs = fingerprint_features(np.stack(rows["input"]))
     labels = label_fingerprint_features(rows["label"])
-    blocks = {VARIANTS[0]: inputs, VARIANTS[1]: labels, VARIANTS[2]: np.hstack([inputs, labels])}
+    blocks = dict(zip(BLOCKS, (inputs, labels, np.hstack([inputs, labels])), strict=True))
+    examples = np.asarray(rows["examples"], dtype=np.float64)
     one_class = sum(not np.any(f) for f in rows["label"])
     result: dict[str, Any] = {"suite": suite, "seed": seed, "adapters": len(rows["task"])}
     result["one_class_adapters"] = int(one_class)
     for name, x in blocks.items():  # round 1 of a run clusters with seed + 1
-        grouping = split_kmeans(x, rows["owner"], rows["count"], rows["task"], seed + 1)
-        result[name] = clustering_agreement(rows["task"], grouping)
+        for suffix, weights in (("", None), (WEIGHTED, examples)):
+            grouping = split_kmeans(
+                x, rows["owner"], rows["count"], rows["task"], seed + 1, weights
+            )
+            result[name + suffix] = clustering_agreement(rows["task"], grouping)
     return result
 
 
