@@ -980,7 +980,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
     kmeans_weighting : str, default "uniform"
         How much each adapter counts in K-means: ``uniform`` (each the same, the paper) or
         ``samples`` (its local example count: weighted K-means, see
-        :func:`constrained_kmeans_labels`).
+        :func:`constrained_kmeans_labels`). Plain ``kmeans`` with ``num_clusters="auto"``
+        (the silhouette scan, :func:`auto_kmeans`) stays unweighted.
     input_fingerprint : bool, default False
         Ask clients for each adapter's input fingerprint (the mean representation of its task's
         training inputs under the frozen base model) and cluster on it together with the
