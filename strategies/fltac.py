@@ -244,20 +244,21 @@ def kmeans_labels(
     """K-means labels ``(M,)`` for ``features`` ``(M, D)``; ``k`` is capped at M.
 
     ``weights`` ``(M,)`` (None: all 1) weigh each row in the centroids and the inertia."""
-    k = max(1, min(k, features.shape[0]))
-    if k == 1:
-        return np.zeros(features.shape[0], dtype=np.int64)
-    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    return model.fit_predict(features, sample_weight=weights).astype(np.int64)
+    return fitted_kmeans(features, k, seed, n_init, weights=weights)[0]
 
 
 def fitted_kmeans(
-    features: np.ndarray, k: int, seed: int, n_init: int = 10, init: np.ndarray | None = None
+    features: np.ndarray,
+    k: int,
+    seed: int,
+    n_init: int = 10,
+    init: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """K-means on ``features`` ``(M, D)``: labels ``(M,)`` and centroids ``(k, D)``.
 
     ``init`` ``(k, D)`` starts Lloyd's iterations there (one run) instead of from ``n_init``
-    k-means++ draws; ``k`` is capped at M."""
+    k-means++ draws; ``k`` is capped at M; ``weights`` ``(M,)`` weigh the rows (None: all 1)."""
     k = max(1, min(k, features.shape[0]))
     if k == 1:
         return np.zeros(features.shape[0], dtype=np.int64), features.mean(0, keepdims=True)
@@ -265,7 +266,7 @@ def fitted_kmeans(
         model = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
     else:
         model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    labels = model.fit_predict(features).astype(np.int64)
+    labels = model.fit_predict(features, sample_weight=weights).astype(np.int64)
     return labels, np.asarray(model.cluster_centers_)
 
 
@@ -892,6 +893,11 @@ class PoolEntry:
     moved: bool = False  # the client's source check started it from another of its globals
 
 
+def _example_counts(pool: Sequence[PoolEntry]) -> list[float]:
+    """``(M,)`` each pooled adapter's reported training-example count."""
+    return [float(e.num_examples) for e in pool]
+
+
 def entry_digest(entry: PoolEntry) -> str:
     """SHA-256 of an uploaded adapter's tensors (sorted by name) and its fingerprints."""
     digest = hashlib.sha256()
@@ -1191,7 +1197,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         (``kmeans_weighting="uniform"``: every adapter counts once)."""
         if self.kmeans_weighting != "samples":
             return None
-        return np.maximum([float(e.num_examples) for e in pool], 1.0)
+        return np.maximum(_example_counts(pool), 1.0)
 
     def _kmeans(
         self,
@@ -1246,7 +1252,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         return int(min(max(seen, low), high))
 
     def group_weights(self, pool: Sequence[PoolEntry]) -> list[float] | None:
-        return [float(e.num_examples) for e in pool] if self.weighting == "samples" else None
+        return _example_counts(pool) if self.weighting == "samples" else None
 
     def cluster_means(
         self,
