@@ -7,7 +7,11 @@ class's mean representation minus the mean of the class means), then groups them
 server does (constrained K-means within each label count, K = the tasks of that count) and
 scores the grouping against the true tasks (adjusted Rand index), each feature with K-means as
 the server runs it by default and weighted by each adapter's example count
-(``fltac.kmeans_weighting=samples``). Cheap enough for many seeds,
+(``fltac.kmeans_weighting=samples``). For each unweighted grouping it also records K-means'
+objective (the rows' summed squared distance to their group's mean) for the grouping found and
+for the true tasks: a miss where the true tasks scatter less is the search's, one where they
+scatter more is the features' (no grouping that minimises the objective recovers the tasks
+there). Cheap enough for many seeds,
 so it shows how a feature does on partitions no run was ever tuned on. The adapters' own head
 block, which a real round adds, is left out: this measures what the fingerprints carry.
 
@@ -39,6 +43,7 @@ from strategies.fltac import (
     clustering_agreement,
     constrained_kmeans_labels,
     fingerprint_features,
+    grouping_scatter,
     label_fingerprint_features,
 )
 
@@ -46,6 +51,7 @@ SUITES = ("offline_text", "stress_binary", "stress_three_way", "stress_eight")
 BLOCKS = ("input fingerprint", "label fingerprint", "input + label fingerprints")
 WEIGHTED = " (K-means weighted by example count)"  # fltac.kmeans_weighting=samples
 VARIANTS = (*BLOCKS, *(name + WEIGHTED for name in BLOCKS))
+SCATTER = ": K-means objective, grouping found and true tasks"
 
 
 def fingerprints(suite: str, seed: int) -> dict[str, Any]:
@@ -118,6 +124,11 @@ def study(suite: str, seed: int) -> dict[str, Any]:
                 x, rows["owner"], rows["count"], rows["task"], seed + 1, weights
             )
             result[name + suffix] = clustering_agreement(rows["task"], grouping)
+            if weights is None:
+                result[name + SCATTER] = {
+                    "found": grouping_scatter(x, grouping),
+                    "tasks": grouping_scatter(x, rows["task"]),
+                }
     return result
 
 
@@ -151,6 +162,32 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def miss_kind(ari: float, scatter: dict[str, float]) -> str:
+    """``found`` (ARI 1), ``search`` (a miss whose true tasks scatter less than the grouping
+    K-means found) or ``features`` (a miss whose true tasks scatter at least as much)."""
+    if abs(ari - 1.0) < 1e-9:
+        return "found"
+    return "search" if scatter["tasks"] < scatter["found"] - 1e-9 else "features"
+
+
+def miss_table(results: list[dict[str, Any]]) -> str:
+    """Per suite and unweighted block: partitions found, search misses, feature misses."""
+    lines = [
+        "| suite | "
+        + " | ".join(f"{b}: found / search miss / features miss" for b in BLOCKS)
+        + " |",
+        "|---|" + "---|" * len(BLOCKS),
+    ]
+    for suite in dict.fromkeys(r["suite"] for r in results):
+        mine = [r for r in results if r["suite"] == suite]
+        cells = []
+        for b in BLOCKS:
+            kinds = [miss_kind(r[b], r[b + SCATTER]) for r in mine]
+            cells.append(" / ".join(str(kinds.count(k)) for k in ("found", "search", "features")))
+        lines.append(f"| {suite} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", nargs="+", default=list(SUITES))
@@ -161,7 +198,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_studies(study, args.suites, args.seeds, args.out)
-    text = table(results)
+    text = table(results) + "\n\n" + miss_table(results)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
 

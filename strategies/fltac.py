@@ -49,7 +49,7 @@ import hashlib
 import itertools
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -751,6 +751,19 @@ def clustering_agreement(true_tasks: Sequence[str], labels: Sequence[int]) -> fl
     if len(true_tasks) < 2:
         return 1.0
     return float(adjusted_rand_score(list(true_tasks), list(labels)))
+
+
+def grouping_scatter(features: np.ndarray, groups: Sequence[Hashable]) -> float:
+    """K-means' objective for a given grouping: the summed squared distance of the rows
+    ``(M, D)`` to their group's mean, groups given by any hashable label ``(M,)`` (a task
+    name or a cluster index). Comparing the true tasks' value with K-means' shows whether a
+    miss is the search's (the tasks scatter less) or the features' (they scatter more)."""
+    keys = list(groups)
+    total = 0.0
+    for key in dict.fromkeys(keys):
+        rows = features[[i for i, g in enumerate(keys) if g == key]]
+        total += float(((rows - rows.mean(0)) ** 2).sum())
+    return total
 
 
 def choose_sources(

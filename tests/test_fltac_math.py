@@ -18,6 +18,7 @@ from strategies.fltac import (
     constrained_kmeans_labels,
     fingerprint_features,
     group_means,
+    grouping_scatter,
     head_input_width,
     head_label_counts,
     kmeans_labels,
@@ -241,6 +242,17 @@ def test_clustering_agreement() -> None:
     # columns each give C(2,2)+C(2,2) = 2; expected = 2*2/C(4,2) = 2/3; max = (2+2)/2 = 2.
     # ARI = (0 - 2/3) / (2 - 2/3) = -0.5
     assert clustering_agreement(["a", "a", "b", "b"], [0, 1, 0, 1]) == pytest.approx(-0.5)
+
+
+def test_grouping_scatter_by_hand() -> None:
+    x = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 1.0], [10.0, 3.0]])
+    # {0, 1}: mean (1, 0), distances 1 + 1 = 2; {2, 3}: mean (10, 2), 1 + 1 = 2; total 4
+    assert grouping_scatter(x, ["a", "a", "b", "b"]) == pytest.approx(4.0)
+    # {0, 2}: mean (5, 0.5), 25.25 + 25.25 = 50.5; {1, 3}: mean (6, 1.5), 18.25 + 18.25 = 36.5
+    assert grouping_scatter(x, [0, 1, 0, 1]) == pytest.approx(87.0)
+    # one group: mean (5.5, 1), 31.25 + 13.25 + 20.25 + 24.25 = 89
+    assert grouping_scatter(x, [7, 7, 7, 7]) == pytest.approx(89.0)
+    assert grouping_scatter(x, [0, 1, 2, 3]) == 0.0
 
 
 def test_node_payload_sends_each_cluster_once() -> None:
