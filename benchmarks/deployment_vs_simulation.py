@@ -7,7 +7,9 @@ SuperNode (``--warm-sites off on``), with SuperNodes polling for work every 0.2 
 (``fedspecialists-supernode``) or as Flower's own do (``--supernode-poll flower 0.2``), and
 with ClientApps started as Flower starts them or forked from a process that imported Flower
 once (``--prefork off on``; ``fedspecialists.deploy.superexec``). The table reads the runs'
-``metrics.jsonl`` and ``summary.json``.
+``metrics.jsonl`` and ``summary.json``. With ``--trace`` every process of a deployment writes
+timing events (:mod:`fedspecialists.trace`) to ``<engine>-home/trace.jsonl``, and a second
+table says where a phase's time went, step by step (medians over nodes and phases).
 
 Usage::
 
@@ -21,12 +23,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 from pathlib import Path
 
 from fedspecialists.deploy.federation import local_federation
 from fedspecialists.deploy.supernode import DEFAULT_POLL_S
 from fedspecialists.run.local import RunOutcome, local_superlink, run_app
+from fedspecialists.trace import STEPS, TRACE_ENV, phase_times, read_events
 
 DEFAULT_EXPERIMENTS = ["fedmoe_da=method=fedmoe_da num_rounds=3"]
 
@@ -39,6 +43,24 @@ def _row(name: str, engine: str, outcome: RunOutcome, run: Path) -> str:
     later = f"{statistics.mean(times[1:]):.1f}" if len(times) > 1 else "n/a"
     wall = f"{float(rounds[-1]['wall_time_s']):.1f}" if rounds else "n/a"
     return f"| {name} | {engine} | {outcome.status} | {first} | {later} | {wall} | {len(times)} |"
+
+
+def trace_rows(engine: str, path: Path) -> list[str]:
+    """Median seconds of each step (:func:`fedspecialists.trace.phase_times`) over the nodes of
+    the phases after round 1, per phase kind, as table rows."""
+    if not path.exists():
+        return []
+    rows = []
+    phases = [p for p in phase_times(read_events(path)) if p["group"] not in ("", "1")]
+    for kind in sorted({p["phase"] for p in phases}):
+        mine = [p for p in phases if p["phase"] == kind]
+        nodes = [t for p in mine for t in p["nodes"].values()]
+        if not nodes:
+            continue
+        steps = [f"{statistics.median(t[s] for t in nodes):.2f}" for s in STEPS]
+        total = f"{statistics.median(p['total'] for p in mine):.2f}"
+        rows.append(f"| {engine} | {kind} | {len(mine)} | {total} | " + " | ".join(steps) + " |")
+    return rows
 
 
 def _engine(warm: bool, poll: str, prefork: bool = False) -> str:
@@ -84,6 +106,9 @@ def main() -> None:
         help="ClientApps started as Flower does (off, the published tables), or forked from a "
         "warm process (on, the loopback federation's default)",
     )
+    parser.add_argument(
+        "--trace", action="store_true", help="time every step of a deployment's phases"
+    )
     args = parser.parse_args()
     experiments = dict(e.split("=", 1) for e in (args.experiment or DEFAULT_EXPERIMENTS))
     out = args.out.resolve()
@@ -104,6 +129,9 @@ def main() -> None:
             continue  # forking needs fedspecialists-supernode
         engine = _engine(warm == "on", poll, fork == "on")
         home = out / f"{engine}-home"
+        if args.trace:  # every process of this federation inherits it
+            home.mkdir(parents=True, exist_ok=True)
+            os.environ[TRACE_ENV] = str(home / "trace.jsonl")
         poll_s = None if poll == "flower" else float(poll)
         with local_federation(
             home,
@@ -127,6 +155,15 @@ def main() -> None:
         lines.append(_row(name, engine, outcome, out / f"{name}-{engine}"))
     setup = "\n".join(f"- {name}: `{o} {common}`" for name, o in experiments.items())
     text = "\n".join(lines)
+    traced = [
+        r
+        for e in sorted({e for _, e in outcomes})
+        for r in trace_rows(e, out / f"{e}-home" / "trace.jsonl")
+    ]
+    if traced:
+        head = "| engine | phase | phases | total | " + " | ".join(STEPS) + " |"
+        text += "\n\nMedian seconds per step, rounds 2 and later:\n\n" + head + "\n"
+        text += "|---|---|---|---|" + "---|" * len(STEPS) + "\n" + "\n".join(traced)
     (out / "table.md").write_text(f"{text}\n\n{args.nodes} nodes. Overrides:\n{setup}\n")
     print(text)
 

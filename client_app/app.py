@@ -17,7 +17,7 @@ from client_app.faults import fault_mod
 from client_app.fold import fold_evaluation
 from client_app.node import client_id_of, config_for
 from client_app.privacy import privacy_mod
-from client_app.warm import warm_site_mod
+from client_app.warm import trace_mod, warm_site_mod
 from fedspecialists import methods
 from fedspecialists.protocol.identity import IdentityReply
 
@@ -33,10 +33,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
     return reply
 
 
-# A warm site's forwarder outermost (the site runs the rest); then a folded evaluation, split
-# into the two messages it stands for; then faults on purpose (an attacker skips DP), then local
-# DP. All four do nothing unless the node or the server asks for them.
-app = ClientApp(mods=[warm_site_mod, fold_evaluation(_evaluate), fault_mod, privacy_mod])
+# Timing events outermost (FEDSPECIALISTS_TRACE), then a warm site's forwarder (the site runs
+# the rest); then a folded evaluation, split into the two messages it stands for; then faults
+# on purpose (an attacker skips DP), then local DP. All five do nothing unless asked for.
+app = ClientApp(mods=[trace_mod, warm_site_mod, fold_evaluation(_evaluate), fault_mod, privacy_mod])
 
 
 @app.train()

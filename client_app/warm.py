@@ -11,8 +11,29 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
+from fedspecialists import trace
 from fedspecialists.site.channel import ChannelRefusedError, call, read_secret
 from fedspecialists.site.warm import SECRET_KEY, SOCKET_KEY, decode_response, encode_request
+
+
+def trace_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """With ``FEDSPECIALISTS_TRACE`` set (:mod:`fedspecialists.trace`), the times a message
+    reaches this app and its reply leaves it, and when this process started; otherwise
+    nothing. On a warm site the same app runs again, so the site's own times come too
+    (``forwarding`` false there)."""
+    if not trace.enabled():
+        return call_next(msg, context)
+    fields = {
+        "node": context.node_id,
+        "type": msg.metadata.message_type,
+        "group": msg.metadata.group_id,
+        "forwarding": bool(context.node_config.get(SOCKET_KEY)),
+    }
+    trace.trace("app_in", process_start=trace.process_start_time(), **fields)
+    try:
+        return call_next(msg, context)
+    finally:
+        trace.trace("app_out", **fields)
 
 
 def warm_site_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -22,6 +22,7 @@ from fedspecialists.faults import FaultDraw
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
 from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
+from fedspecialists.trace import trace
 from strategies.round_record import R
 
 T = TypeVar("T")
@@ -128,6 +129,7 @@ class TrafficLedger:
         out = list(messages)
         for message in out:
             self.count(phase, "down", message.metadata.dst_node_id, content_nbytes(message.content))
+        trace("sent", phase=phase, messages=len(out), group=out[0].metadata.group_id if out else "")
         return out
 
     def uncount_unsent(self, messages: Iterable[Message]) -> None:
@@ -146,6 +148,9 @@ class TrafficLedger:
         for reply in out:
             if not reply.has_error():
                 self.count(phase, "up", reply.metadata.src_node_id, content_nbytes(reply.content))
+        trace(
+            "received", phase=phase, replies=len(out), group=out[0].metadata.group_id if out else ""
+        )
         return out
 
     def round_summary(self) -> dict[str, object]:
