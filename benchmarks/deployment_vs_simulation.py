@@ -45,21 +45,23 @@ def _row(name: str, engine: str, outcome: RunOutcome, run: Path) -> str:
     return f"| {name} | {engine} | {outcome.status} | {first} | {later} | {wall} | {len(times)} |"
 
 
-def trace_rows(engine: str, path: Path) -> list[str]:
+def trace_rows(name: str, engine: str, path: Path) -> list[str]:
     """Median seconds of each step (:func:`fedspecialists.trace.phase_times`) over the nodes of
-    the phases after round 1, per phase kind, as table rows."""
+    each kind's phases after its first (round 1's; a run's phases come in round order), as
+    table rows."""
     if not path.exists():
         return []
     rows = []
-    phases = [p for p in phase_times(read_events(path)) if p["group"] not in ("", "1")]
+    phases = phase_times(read_events(path))
     for kind in sorted({p["phase"] for p in phases}):
-        mine = [p for p in phases if p["phase"] == kind]
+        mine = [p for p in phases if p["phase"] == kind][1:]  # round 1's phase left out
         nodes = [t for p in mine for t in p["nodes"].values()]
         if not nodes:
             continue
         steps = [f"{statistics.median(t[s] for t in nodes):.2f}" for s in STEPS]
         total = f"{statistics.median(p['total'] for p in mine):.2f}"
-        rows.append(f"| {engine} | {kind} | {len(mine)} | {total} | " + " | ".join(steps) + " |")
+        cells = [name, engine, kind, str(len(mine)), total, *steps]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -147,6 +149,9 @@ def main() -> None:
                 )
                 outcomes[name, engine] = outcome
                 print(name, f"{engine}:", outcome.status, flush=True)
+                trace_file = home / "trace.jsonl"
+                if trace_file.exists():  # each experiment's events apart (writers reopen it)
+                    trace_file.rename(home / f"trace-{name}.jsonl")
     lines = [
         "| experiment | engine | status | round 1 (s) | later rounds (s) | run (s) | rounds |",
         "|---|---|---|---|---|---|---|",
@@ -156,14 +161,14 @@ def main() -> None:
     setup = "\n".join(f"- {name}: `{o} {common}`" for name, o in experiments.items())
     text = "\n".join(lines)
     traced = [
-        r
-        for e in sorted({e for _, e in outcomes})
-        for r in trace_rows(e, out / f"{e}-home" / "trace.jsonl")
+        row
+        for name, engine in sorted(outcomes)
+        for row in trace_rows(name, engine, out / f"{engine}-home" / f"trace-{name}.jsonl")
     ]
     if traced:
-        head = "| engine | phase | phases | total | " + " | ".join(STEPS) + " |"
+        head = "| experiment | engine | phase | phases | total | " + " | ".join(STEPS) + " |"
         text += "\n\nMedian seconds per step, rounds 2 and later:\n\n" + head + "\n"
-        text += "|---|---|---|---|" + "---|" * len(STEPS) + "\n" + "\n".join(traced)
+        text += "|---|---|---|---|---|" + "---|" * len(STEPS) + "\n" + "\n".join(traced)
     (out / "table.md").write_text(f"{text}\n\n{args.nodes} nodes. Overrides:\n{setup}\n")
     print(text)
 

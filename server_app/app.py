@@ -16,7 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedspecialists import methods
 from fedspecialists.config import load_config
+from fedspecialists.deploy.supernode import cap_pull_backoff
 from server_app.outputs import RunRecorder, resumed_run, run_dir_for
+from strategies.common import REPLY_POLL_S
 
 app = ServerApp()
 
@@ -24,6 +26,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run one experiment: config -> strategy -> rounds -> files."""
+    cap_pull_backoff(REPLY_POLL_S)  # a reply's content is retried within the reply poll
     overrides = str(context.run_config.get("overrides", ""))
     cfg = load_config(overrides)  # refuses unknown keys / bad values before any training
     run_dir, checkpoint = resumed_run(cfg) if cfg.resume else (run_dir_for(cfg), None)

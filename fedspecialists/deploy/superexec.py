@@ -34,7 +34,11 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from fedspecialists.deploy.supernode import replace_stdlib_module
+from fedspecialists.deploy.supernode import (
+    SUPEREXEC_POLL_ENV,
+    cap_pull_backoff,
+    replace_stdlib_module,
+)
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # Flower's TASK_TYPE_TO_COMMAND for a ClientApp task
 EXECUTOR_MODULE = "flwr.supercore.superexec.executor.subprocess_executor"
@@ -93,6 +97,10 @@ def serve(conn: socket.socket, main: Callable[[], None]) -> None:
 def _clientapp_main() -> Callable[[], None]:
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # the import paid once
 
+    # The children inherit it: a ClientApp's pulls from its SuperNode retry within the poll.
+    poll = os.environ.get(SUPEREXEC_POLL_ENV)
+    if poll and not cap_pull_backoff(float(poll)):
+        log.warning("this Flower's object pulls are not the ones expected: their own backoff kept")
     return flwr_clientapp
 
 
