@@ -66,7 +66,8 @@ STEPS = ("to_process", "process_to_app", "site", "app", "to_server")
 def phase_times(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Where each phase's time went, from :func:`read_events`' events.
 
-    A phase runs from the ServerApp's ``sent`` to its next ``received`` of the same phase.
+    A phase runs from the ServerApp's ``sent`` to its next ``received`` of the same phase
+    (events of no message, or no reply, are not phases: a folded run's empty evaluation).
     Per node, from its ClientApp process's ``app_in``/``app_out`` (``forwarding`` true; with no
     warm site, the process's own) and its warm site's (``forwarding`` false), in seconds:
 
@@ -86,6 +87,8 @@ def phase_times(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     phases = []
     for i, sent in enumerate(events):
         if sent["event"] != "sent" or sent["phase"] not in PHASE_TYPES:
+            continue
+        if not sent.get("messages", 1):  # nothing sent (a folded evaluation): no phase
             continue
         later = events[i + 1 :]
         end = next((e for e in later if _receives(e, sent["phase"])), None)
@@ -109,7 +112,10 @@ def phase_times(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _receives(event: dict[str, Any], phase: str) -> bool:
-    return bool(event["event"] == "received" and event["phase"] == phase)
+    """``event`` is the end of a ``phase`` that sent messages (one with replies counted)."""
+    if event["event"] != "received" or event["phase"] != phase:
+        return False
+    return bool(event.get("replies", 1))
 
 
 def node_times(

@@ -111,3 +111,20 @@ def test_the_clientapp_mod_times_a_message_and_passes_it_on(
     monkeypatch.delenv(TRACE_ENV)
     assert trace_mod(msg, context, lambda m, c: reply) is reply
     assert len(read_events(path)) == 2  # off: nothing more written
+
+
+def test_a_phase_that_sent_nothing_is_no_phase() -> None:
+    # A folded run's evaluation: nothing sent, nothing received; then a real training phase.
+    events = [
+        {"event": "sent", "t": 1.0, "phase": "evaluate", "group": "", "messages": 0},
+        {"event": "received", "t": 1.1, "phase": "evaluate", "group": "", "replies": 0},
+        {"event": "sent", "t": 2.0, "phase": "train", "group": "", "messages": 1},
+        _app("app_in", 2.5, 4, False, process_start=2.2),
+        _app("app_out", 3.0, 4, False),
+        {"event": "received", "t": 3.5, "phase": "train", "group": "", "replies": 1},
+    ]
+    [phase] = phase_times(events)
+    assert phase["phase"] == "train" and phase["total"] == pytest.approx(1.5)
+    assert phase["nodes"][4] == pytest.approx(
+        {"to_process": 0.2, "process_to_app": 0.3, "site": 0.0, "app": 0.5, "to_server": 0.5}
+    )
