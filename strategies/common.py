@@ -65,6 +65,7 @@ def exchange(
         if pending and len(waiting) < window:
             room = window - len(waiting)
             waiting |= set(grid.push_messages(pending[:room]))
+            trace("pushed", messages=min(room, len(pending)))  # content on the SuperLink
             pending = pending[room:]
         pulled = list(grid.pull_messages(waiting))
         replies += pulled
