@@ -81,15 +81,15 @@ def test_the_range_bounds_are_accepted(value: str) -> None:
 
 @pytest.fixture
 def pull_defaults(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
-    """Flower's pull functions' keyword defaults, with Flower 1.42's 1 s initial backoff,
-    put back as they were after the test."""
+    """Flower's pull functions' keyword defaults, with Flower 1.42's backoff (1 s, doubling up
+    to 10 s), put back as they were after the test."""
     import importlib
 
     module = importlib.import_module(supernode.PULL_MODULE)
     defaults = []
     for name in supernode.PULL_FUNCTIONS:
         function = getattr(module, name)
-        fresh = {**function.__kwdefaults__, "initial_backoff": 1}
+        fresh = {**function.__kwdefaults__, "initial_backoff": 1, "backoff_cap": 10}
         monkeypatch.setattr(function, "__kwdefaults__", fresh)
         defaults.append(function.__kwdefaults__)
     return defaults
@@ -103,14 +103,13 @@ def test_flower_retries_a_missing_object_within_the_poll_interval(
     from flwr.supercore.inflatable import inflatable_utils
 
     assert supernode.cap_pull_backoff(0.2)
-    assert [d["initial_backoff"] for d in pull_defaults] == [0.2, 0.2]
-    # What a caller that leaves the argument out (all of Flower's) now gets:
-    signature = inspect.signature(inflatable_utils.pull_objects)
-    assert signature.parameters["initial_backoff"].default == 0.2
+    assert [(d["initial_backoff"], d["backoff_cap"]) for d in pull_defaults] == [(0.2, 0.2)] * 2
+    # What a caller that leaves the arguments out (all of Flower's) now gets:
+    parameters = inspect.signature(inflatable_utils.pull_objects).parameters
+    assert parameters["initial_backoff"].default == 0.2
+    assert parameters["backoff_cap"].default == 0.2  # no doubling past the poll interval
     assert supernode.cap_pull_backoff(5.0)  # never raised
-    assert [d["initial_backoff"] for d in pull_defaults] == [0.2, 0.2]
-    backoff_cap = inspect.signature(inflatable_utils.pull_objects).parameters["backoff_cap"]
-    assert backoff_cap.default == 10  # the doubling's cap stays Flower's
+    assert [(d["initial_backoff"], d["backoff_cap"]) for d in pull_defaults] == [(0.2, 0.2)] * 2
 
 
 def test_pulls_that_are_not_flowers_are_left_alone() -> None:
@@ -126,4 +125,4 @@ def test_forked_clientapps_retry_within_their_supernodes_poll(
     monkeypatch.setenv(supernode.SUPEREXEC_POLL_ENV, "0.3")  # what fedspecialists-supernode sets
     main = superexec._clientapp_main()  # in the fork server, before any child is forked
     assert callable(main)
-    assert [d["initial_backoff"] for d in pull_defaults] == [0.3, 0.3]
+    assert [(d["initial_backoff"], d["backoff_cap"]) for d in pull_defaults] == [(0.3, 0.3)] * 2

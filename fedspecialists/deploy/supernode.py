@@ -20,7 +20,7 @@ With ``--prefork`` (``--isolation subprocess``), the SuperNode starts
 message's ``flwr-clientapp`` from a process that has imported Flower already
 (:mod:`fedspecialists.deploy.superexec`).
 
-Flower's retry of an object that is not there yet starts after at most ``--poll-s`` too, in
+Flower's retries of an object that is not there yet come every ``--poll-s`` at most too, in
 the SuperNode and in the ClientApps forked for it (:func:`cap_pull_backoff`).
 """
 
@@ -115,19 +115,23 @@ def patch_superexec_command() -> bool:
 
 PULL_MODULE = "flwr.supercore.inflatable.inflatable_utils"  # Flower's object pulls
 PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+BACKOFF_KEYS = {"initial_backoff", "backoff_cap"}  # their keyword arguments that wait
 
 
 def cap_pull_backoff(seconds: float, module: str = PULL_MODULE) -> bool:
-    """Make Flower's pulls in this process retry a missing object after at most ``seconds``.
+    """Make Flower's pulls in this process retry a missing object every ``seconds`` at most.
 
-    Flower 1.42 passes a message on in two steps, its header and then its objects (the
-    content), and the next hop may ask for an object before it has arrived: a ClientApp
-    pulling from its SuperNode, a SuperNode from its SuperLink, the ServerApp a reply. Told
-    "unavailable", Flower waits ``PULL_INITIAL_BACKOFF`` = 1 s (doubling from there) before it
-    asks again. Measured with :mod:`fedspecialists.trace`, that wait was 1.1-1.2 s of the
-    1.5-2 s a forked ClientApp took to reach its message. This lowers the keyword default
-    ``initial_backoff`` of Flower's pull functions to ``seconds`` (never raises it; the doubling
-    and the cap stay Flower's). False, and nothing changed, if those functions are not there.
+    Flower 1.42 passes a message on in two steps, its header and then its content (objects),
+    and the next hop may ask for an object before it has arrived: a ClientApp pulling from its
+    SuperNode, a SuperNode from its SuperLink, the ServerApp a reply. Told "unavailable",
+    Flower waits ``PULL_INITIAL_BACKOFF`` = 1 s, then doubles the wait up to 10 s. Measured
+    with :mod:`fedspecialists.trace`: 1.1-1.2 s of the 1.5-2 s a forked FedMoE-DA ClientApp
+    took to reach its message, and for FL-TAC, whose server takes seconds to push a round's
+    adapters, the doubling on two hops in a row (SuperNode, then ClientApp) overshot by up to
+    10 s. This lowers the keyword defaults ``initial_backoff`` and ``backoff_cap`` of Flower's
+    pull functions to ``seconds`` (never raises them): a missing object is asked for again
+    every ``seconds`` until it is there or Flower's own time limit ends. False, and nothing
+    changed, if those functions are not there.
     """
     try:
         target = importlib.import_module(module)
@@ -135,10 +139,11 @@ def cap_pull_backoff(seconds: float, module: str = PULL_MODULE) -> bool:
         return False
     functions = [getattr(target, name, None) for name in PULL_FUNCTIONS]
     defaults = [getattr(f, "__kwdefaults__", None) or {} for f in functions]
-    if not all("initial_backoff" in d for d in defaults):
+    if not all(d.keys() >= BACKOFF_KEYS for d in defaults):
         return False
     for d in defaults:
-        d["initial_backoff"] = min(float(d["initial_backoff"]), seconds)
+        for key in BACKOFF_KEYS:
+            d[key] = min(float(d[key]), seconds)
     return True
 
 
