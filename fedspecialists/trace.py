@@ -1,13 +1,14 @@
 """Where a deployment round's time goes: timestamped events from every process of a run.
 
 Off unless the environment variable ``FEDSPECIALISTS_TRACE`` names a file. Then the ServerApp
-(a phase's messages sent, its replies received), each ClientApp process (its start, the
-message reaching the app, the warm site's answer, the reply leaving) and each warm site (a
-message's work) append one JSON line per event to that file: ``{"t": <unix time>, "pid": ...,
-"event": ..., ...}``. Every process of a loopback federation inherits the variable from the
-shell that started it. One ``write`` per line on a file opened for appending, so lines from
-concurrent processes do not interleave. ``benchmarks/deployment_vs_simulation.py --trace``
-reads the file back into a table of where a round's time went.
+(a phase's messages counted as sent, its push of them returned, its replies in), each
+ClientApp process (the message reaching the app, with the process's start time, and the reply
+leaving it) and each warm site (the same around its work) append one JSON line per event to
+that file: ``{"t": <unix time>, "pid": ..., "event": ..., ...}``. Every process of a loopback
+federation inherits the variable from the shell that started it. One ``write`` per line on a
+file opened for appending, so lines from concurrent processes do not interleave.
+``benchmarks/deployment_vs_simulation.py --trace`` reads the file back into a table of where a
+round's time went.
 """
 
 from __future__ import annotations
