@@ -758,12 +758,11 @@ def grouping_scatter(features: np.ndarray, groups: Sequence[Hashable]) -> float:
     ``(M, D)`` to their group's mean, groups given by any hashable label ``(M,)`` (a task
     name or a cluster index). Comparing the true tasks' value with K-means' shows whether a
     miss is the search's (the tasks scatter less) or the features' (they scatter more)."""
-    keys = list(groups)
-    total = 0.0
-    for key in dict.fromkeys(keys):
-        rows = features[[i for i, g in enumerate(keys) if g == key]]
-        total += float(((rows - rows.mean(0)) ** 2).sum())
-    return total
+    _, labels = np.unique(np.asarray(list(groups)), return_inverse=True)
+    labels = labels.ravel()
+    centroids = np.zeros((int(labels.max()) + 1, features.shape[1]))
+    _update_centroids(centroids, features, labels, None)  # each group's mean
+    return _inertia(features, centroids, labels, None)
 
 
 def choose_sources(
