@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from client_app.faults import fault_mod
 from client_app.fold import fold_evaluation
 from client_app.node import client_id_of, config_for
+from client_app.packing import packing_mod
 from client_app.privacy import privacy_mod
 from client_app.warm import trace_mod, warm_site_mod
 from fedspecialists import methods
@@ -34,9 +35,19 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 # Timing events outermost (FEDSPECIALISTS_TRACE), then a warm site's forwarder (the site runs
-# the rest); then a folded evaluation, split into the two messages it stands for; then faults
-# on purpose (an attacker skips DP), then local DP. All five do nothing unless asked for.
-app = ClientApp(mods=[trace_mod, warm_site_mod, fold_evaluation(_evaluate), fault_mod, privacy_mod])
+# the rest); then packed records in and out (federation.pack_arrays); then a folded
+# evaluation, split into the two messages it stands for; then faults on purpose (an attacker
+# skips DP), then local DP. All but packing do nothing unless asked for.
+app = ClientApp(
+    mods=[
+        trace_mod,
+        warm_site_mod,
+        packing_mod,
+        fold_evaluation(_evaluate),
+        fault_mod,
+        privacy_mod,
+    ]
+)
 
 
 @app.train()

@@ -314,6 +314,7 @@ class FederationConfig:
     evaluate_every: int = MISSING
     fold_evaluation: bool = MISSING  # round r's evaluation inside round r + 1's training message
     max_in_flight: int = MISSING  # messages awaiting a reply at once (0: all of a phase's)
+    pack_arrays: bool = MISSING  # each ArrayRecord travels as one safetensors array
 
 
 @dataclass

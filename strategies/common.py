@@ -20,6 +20,7 @@ from flwr.common.logger import log
 from fedspecialists.config import check_setting
 from fedspecialists.faults import FaultDraw
 from fedspecialists.protocol.identity import IdentityQuery, IdentityReply
+from fedspecialists.protocol.packing import pack_content, unpack_content
 from fedspecialists.protocol.records import FAULT_RECORD, content_nbytes
 from fedspecialists.protocol.values import ProtocolError
 from fedspecialists.trace import trace
@@ -92,7 +93,11 @@ class TrafficLedger:
     """Bytes that really travelled (serialized message contents), per node, phase and direction.
 
     ``phase`` is ``train`` or ``evaluate``; ``direction`` is ``down`` (server -> node) or ``up``.
+    The ledger is where the server's messages leave: with ``pack_arrays`` it packs each one's
+    ArrayRecords (:mod:`fedspecialists.protocol.packing`) and counts them as they travel.
     """
+
+    pack_arrays: bool = False
 
     round_bytes: dict[tuple[str, str], dict[int, int]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(int))
@@ -126,9 +131,11 @@ class TrafficLedger:
         self.per_node_total[node_id][direction] += nbytes
 
     def count_messages(self, phase: str, messages: Iterable[Message]) -> list[Message]:
-        """Count outgoing messages (down) and return them as a list."""
+        """Count outgoing messages (down), packed if the ledger packs, and return them."""
         out = list(messages)
         for message in out:
+            if self.pack_arrays:
+                message.content = pack_content(message.content)
             self.count(phase, "down", message.metadata.dst_node_id, content_nbytes(message.content))
         trace("sent", phase=phase, messages=len(out), group=out[0].metadata.group_id if out else "")
         return out
@@ -214,6 +221,12 @@ def sample_round_nodes(
     count = max(1, math.ceil(fraction * len(nodes)))
     drawn = set(random.Random(seed).sample(range(len(nodes)), count))
     return [node for i, node in enumerate(nodes) if i in drawn]
+
+
+def reply_content(reply: Message) -> RecordDict:
+    """A reply's content with its packed ArrayRecords unpacked (:class:`ProtocolError` if one
+    cannot be: the reply is then rejected like any malformed one)."""
+    return unpack_content(reply.content)
 
 
 def log_failed_reply(reply: Message, phase: str) -> None:
@@ -318,12 +331,14 @@ class RoundBookkeeping(Generic[R]):
         max_abs_value: float,
         on_round_end: Callable[[dict[str, Any]], None] | None,
         absent_clients: FaultDraw | None = None,
+        pack_arrays: bool = True,
     ) -> None:
         """Check and keep the shared settings; start the clocks, ledger and history.
 
         ``record_type`` is the method's round record (:class:`RoundRecord` or a subclass);
         ``absent_clients``: client ids never sampled for training in a round (``faults.kind=
-        absent``).
+        absent``); ``pack_arrays``: messages' ArrayRecords travel packed (``federation.
+        pack_arrays``).
         """
         check_round_settings(fraction_train, min_replies)
         self.record_type = record_type
@@ -333,7 +348,7 @@ class RoundBookkeeping(Generic[R]):
         self.max_abs_value = max_abs_value
         self.on_round_end = on_round_end
         self.absent_clients = absent_clients
-        self.ledger = TrafficLedger()
+        self.ledger = TrafficLedger(pack_arrays=pack_arrays)
         self.history = []
         self.record = record_type(round=0)
         self.deferred = None
@@ -477,7 +492,12 @@ class RoundBookkeeping(Generic[R]):
                 failures.append(failure_reason(reply))
                 continue
             node = reply.metadata.src_node_id
-            reason, parsed = parse(node, reply.content)
+            try:
+                content = reply_content(reply)
+            except ProtocolError as exc:
+                reason: str | None = str(exc)
+            else:
+                reason, parsed = parse(node, content)
             if reason is not None:
                 log_rejected_reply(node, phase, reason)
                 rejected += 1

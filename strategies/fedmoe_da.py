@@ -52,6 +52,7 @@ from strategies.common import (
     RoundBookkeeping,
     log_failed_reply,
     log_rejected_reply,
+    reply_content,
     weighted_mean,
 )
 from strategies.robust import RobustAggregation
@@ -574,7 +575,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         A client whose last accepted reply is more than this many rounds old leaves the pool
         (its proxies, hashes and address), so a node that stopped replying drops out of every
         sync plan; its next accepted reply brings it back.
-    seed, fraction_train, min_replies, max_abs_value, on_round_end
+    seed, fraction_train, min_replies, max_abs_value, on_round_end, absent_clients, pack_arrays
         As in ``TaskAdapterClustering``.
     """
 
@@ -602,6 +603,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
         absent_clients: FaultDraw | None = None,
+        pack_arrays: bool = True,
     ) -> None:
         self.robust = robust or RobustAggregation()  # the backbone's; the plain mean by default
         check_mixing(num_peers, tau, self_weight)
@@ -616,6 +618,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             max_abs_value,
             on_round_end,
             absent_clients,
+            pack_arrays,
         )
         self.shared = {k: np.asarray(v) for k, v in initial_shared.items()}
         self.template = dict(self.shared)
@@ -678,6 +681,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "max_abs_value": cfg.validation.max_abs_value,
             "robust": RobustAggregation.from_settings(cfg.robust, cfg.train),
             "absent_clients": absent_clients(cfg),
+            "pack_arrays": cfg.federation.pack_arrays,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -975,7 +979,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 log_failed_reply(reply, "evaluate")
                 continue
             try:
-                sums.add(reply.metadata.src_node_id, EvaluateReply.from_record(reply.content))
+                sums.add(
+                    reply.metadata.src_node_id, EvaluateReply.from_record(reply_content(reply))
+                )
             except ProtocolError as exc:
                 log_rejected_reply(reply.metadata.src_node_id, "evaluate", str(exc))
         sums.fill(self.record)

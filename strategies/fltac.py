@@ -80,6 +80,7 @@ from strategies.common import (
     log_failed_reply,
     log_rejected_reply,
     planar_embedding,
+    reply_content,
 )
 from strategies.robust import RobustAggregation
 from strategies.round_record import RoundRecord
@@ -958,6 +959,7 @@ def round_kwargs(cfg: AdapterRunConfig) -> dict[str, Any]:
         "max_update_norm": cfg.validation.max_update_norm,
         "robust": RobustAggregation.from_settings(cfg.robust, cfg.train),
         "absent_clients": absent_clients(cfg),
+        "pack_arrays": cfg.federation.pack_arrays,
     }
 
 
@@ -1044,6 +1046,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         Receives each round's metrics record (the ServerApp writes it to disk).
     absent_clients : FaultDraw | None
         Clients never sampled for training in a round (``faults.kind=absent``).
+    pack_arrays : bool, default True
+        Every ArrayRecord of a message travels as one safetensors array
+        (:mod:`fedspecialists.protocol.packing`); the bytes counted are the packed ones.
     """
 
     method = "fltac"
@@ -1080,6 +1085,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         robust: RobustAggregation | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
         absent_clients: FaultDraw | None = None,
+        pack_arrays: bool = True,
     ) -> None:
         check_settings(
             num_clusters, feature_source, weighting, clustering, source_check_llr, kmeans_weighting
@@ -1093,6 +1099,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             max_abs_value,
             on_round_end,
             absent_clients,
+            pack_arrays,
         )
         self.template = {k: np.asarray(v) for k, v in initial_adapter.items()}
         # A fingerprint is the head's input: its width is the head's in-features (else the
@@ -1465,7 +1472,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
                 log_failed_reply(reply, "evaluate")
                 continue
             try:
-                result = EvaluateReply.from_record(reply.content)
+                result = EvaluateReply.from_record(reply_content(reply))
             except ProtocolError as exc:
                 log_rejected_reply(reply.metadata.src_node_id, "evaluate", str(exc))
                 continue

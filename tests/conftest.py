@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
+from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedspecialists.protocol.packing import unpack_content
+
+
+def as_received(messages: Iterable[Message]) -> list[Message]:
+    """``messages`` as a ClientApp's handlers see them: their packed ArrayRecords unpacked
+    (``federation.pack_arrays``; the ClientApp's ``packing_mod`` does this), in place."""
+    out = list(messages)
+    for message in out:
+        message.content = unpack_content(message.content)
+    return out
 
 
 class FakeGrid:

@@ -32,6 +32,7 @@ from fedspecialists.protocol.fold import (
     detach_evaluation,
     split_request,
 )
+from fedspecialists.protocol.packing import unpack_content
 from fedspecialists.protocol.records import content_nbytes, record_to_numpy, state_to_record
 from server_app.fold import FAILED_EVALUATION, ask_for_evaluation, evaluation_replies
 from strategies.common import RoundBookkeeping, TrafficLedger
@@ -204,7 +205,7 @@ def test_fltac_folded_reply_equals_the_two_messages_it_replaces() -> None:
 
     folded_msg = message(2, MessageType.TRAIN)
     ask_evaluation_first(folded_msg.content, 1)
-    folded = app(folded_msg, context()).content  # the project's ClientApp, mods and all
+    folded = unpack_content(app(folded_msg, context()).content)  # the ClientApp, mods and all
     evaluation = detach_evaluation(folded)
     alone = fltac.evaluate(message(1, MessageType.EVALUATE), context()).content
     assert isinstance(evaluation, RecordDict)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import FakeGrid
+from conftest import FakeGrid, as_received
 from flwr.app import ConfigRecord, Error, Message
 from numpy.testing import assert_allclose
 
@@ -102,10 +102,8 @@ def _round(
     nodes: tuple[int, ...] = (1, 2, 3),
 ) -> dict[int, Message]:
     grid = FakeGrid(list(nodes))
-    messages = {
-        m.metadata.dst_node_id: m
-        for m in strategy.configure_train(server_round, None, ConfigRecord(), grid)  # type: ignore[arg-type]
-    }
+    sent = strategy.configure_train(server_round, None, ConfigRecord(), grid)  # type: ignore[arg-type]
+    messages = {m.metadata.dst_node_id: m for m in as_received(sent)}
     strategy.aggregate_train(server_round, [make(n, m) for n, m in messages.items()])
     return messages
 
@@ -223,7 +221,7 @@ def test_p_zero_sends_no_plan_and_baselines_share_what_they_say() -> None:
 
     everything = {**BACKBONE, "gate.weight": np.zeros((K, 2), np.float32)}
     fedavg = FedAvgMoE(everything, ["backbone", "gate", "experts"], num_experts=K)
-    msg = next(iter(fedavg.configure_train(1, None, ConfigRecord(), FakeGrid([1]))))  # type: ignore[arg-type]
+    msg = as_received(fedavg.configure_train(1, None, ConfigRecord(), FakeGrid([1])))[0]  # type: ignore[arg-type]
     assert set(record_to_numpy(msg.content.array_records["shared"])) == set(everything)
 
 

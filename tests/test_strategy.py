@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FakeGrid
+from conftest import FakeGrid, as_received
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from numpy.testing import assert_allclose
 
@@ -60,7 +60,8 @@ def _reply(
 
 
 def _by_node(messages: list[Message]) -> dict[int, Message]:
-    return {m.metadata.dst_node_id: m for m in messages}
+    """The messages by node, as the nodes' handlers read them (unpacked)."""
+    return {m.metadata.dst_node_id: m for m in as_received(messages)}
 
 
 def _round(strategy: TaskAdapterClustering, server_round: int, grid: FakeGrid, make_replies):  # type: ignore[no-untyped-def]
@@ -303,7 +304,8 @@ def test_local_only_sends_no_adapters_after_round_one() -> None:
 def test_traffic_ledger_counts_serialized_sizes() -> None:
     grid = FakeGrid([1, 2])
     strategy = paper_fltac(num_clusters=1)
-    messages = _by_node(list(strategy.configure_train(1, None, ConfigRecord(), grid)))  # type: ignore[arg-type]
+    sent = list(strategy.configure_train(1, None, ConfigRecord(), grid))  # type: ignore[arg-type]
+    messages = {m.metadata.dst_node_id: m for m in sent}  # as they travel (packed)
     replies = [_reply(messages[n], [_adapter(1, 0)]) for n in (1, 2)]
     strategy.aggregate_train(1, replies)
     summary = strategy.ledger.round_summary()

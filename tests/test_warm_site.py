@@ -24,6 +24,7 @@ from client_app.app import app
 from fedspecialists.config import AdapterRunConfig, load_config_as
 from fedspecialists.models.lora import initial_adapter
 from fedspecialists.protocol.fltac import Instruction
+from fedspecialists.protocol.packing import unpack_content
 from fedspecialists.protocol.records import record_to_numpy, state_to_record
 from fedspecialists.site.channel import (
     ChannelRefusedError,
@@ -180,7 +181,8 @@ def site(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]
 
 
 def _arrays(reply: Message) -> dict[str, dict[str, np.ndarray]]:
-    return {name: record_to_numpy(r) for name, r in reply.content.array_records.items()}
+    content = unpack_content(reply.content)  # the app packs its replies (federation.pack_arrays)
+    return {name: record_to_numpy(r) for name, r in content.array_records.items()}
 
 
 def test_forwarded_messages_get_the_replies_of_the_in_process_path(
