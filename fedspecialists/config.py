@@ -245,6 +245,7 @@ class FLTACConfig:
     fingerprints_only_from_v0: bool = MISSING  # round 1: K-means on the fingerprints alone
     reject_label_count_mismatch: bool = MISSING  # a head that moved another task's logit count
     reorder_mismatched_adapters: bool = MISSING  # ... taken in the one order that fits instead
+    refine_moves: bool = MISSING  # Hartigan's moves after constrained K-means
     source_check: bool = MISSING
     source_check_llr: float = MISSING
     split_by_label_count: bool = MISSING
@@ -748,6 +749,12 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
         fltac.reject_label_count_mismatch or not fltac.reorder_mismatched_adapters,
         "fltac.reorder_mismatched_adapters",
         "needs fltac.reject_label_count_mismatch: true (the check that finds them)",
+    )
+    _check(
+        not fltac.refine_moves
+        or (fltac.clustering == "constrained_kmeans" and fltac.kmeans_weighting == "uniform"),
+        "fltac.refine_moves",
+        "needs fltac.clustering: constrained_kmeans and fltac.kmeans_weighting: uniform",
     )
 
 

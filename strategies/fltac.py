@@ -335,6 +335,80 @@ def constrained_kmeans_labels(
     return best_labels
 
 
+MAX_REFINE_ROWS = 2_000  # above this many adapters the move search is skipped (O(M^2 k) a pass)
+
+
+def refine_by_moves(
+    features: np.ndarray, owners: Sequence[int], labels: np.ndarray, k: int, max_passes: int = 50
+) -> np.ndarray:
+    """Hartigan's local search on K-means' objective, within the cannot-links.
+
+    Lloyd's iterations (:func:`constrained_kmeans_labels`) stop where no row is nearer another
+    centroid, but moving a row also moves the two centroids: a row can be worth moving although
+    its own centroid is the nearest. Here every row is tried in every other cluster: alone if
+    its owner has no row there, else swapped with that row (two adapters of one owner never
+    share a cluster); the first change that lowers the summed squared distance to the cluster
+    means (exactly, both clusters recomputed) is made, until a pass changes nothing or after
+    ``max_passes``. A cluster is never emptied. The objective never rises, so the result is
+    never a worse K-means solution than ``labels``.
+
+    Parameters
+    ----------
+    features : np.ndarray
+        ``(M, D)`` feature rows.
+    owners : Sequence[int]
+        ``(M,)`` owner of each row.
+    labels : np.ndarray
+        ``(M,)`` a grouping in ``[0, k)`` that keeps the cannot-links.
+    k : int
+        Number of clusters.
+
+    Returns
+    -------
+    np.ndarray
+        ``(M,)`` labels, at most as scattered as ``labels`` (:func:`grouping_scatter`).
+    """
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    if len(labels) > MAX_REFINE_ROWS:
+        return labels
+    owners_arr = np.asarray(owners)
+    for _ in range(max_passes):
+        if not _refine_pass(features, owners_arr, labels, k):
+            break
+    return labels
+
+
+def _refine_pass(features: np.ndarray, owners: np.ndarray, labels: np.ndarray, k: int) -> bool:
+    """One pass of :func:`refine_by_moves` over the rows, changing ``labels`` in place;
+    whether anything changed."""
+    changed = False
+    for i in range(len(labels)):
+        a = int(labels[i])
+        for b in range(k):
+            if b == a:
+                continue
+            partner = np.flatnonzero((labels == b) & (owners == owners[i]))
+            if partner.size > 1:  # an owner with more rows than clusters: no constraint kept
+                continue
+            if partner.size == 0 and np.count_nonzero(labels == a) == 1:
+                continue  # moving the last row out would empty its cluster
+            before = _scatter(features[labels == a]) + _scatter(features[labels == b])
+            trial = labels.copy()
+            trial[i] = b
+            trial[partner] = a
+            after = _scatter(features[trial == a]) + _scatter(features[trial == b])
+            if after < before - 1e-12 * max(1.0, before):
+                labels[:] = trial
+                changed = True
+                break
+    return changed
+
+
+def _scatter(rows: np.ndarray) -> float:
+    """Summed squared distance of ``rows`` ``(n, D)`` to their mean (0 for no rows)."""
+    return float(((rows - rows.mean(0)) ** 2).sum()) if len(rows) else 0.0
+
+
 def _update_centroids(
     centroids: np.ndarray, features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
 ) -> None:
@@ -1024,6 +1098,9 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         With ``reject_label_count_mismatch``: a reply whose adapters fit their slots only in
         another order, and in one order nearer their starts than any other, is taken in that
         order (logged, counted in ``replies_reordered``) instead of refused (:func:`slot_order`).
+    refine_moves : bool, default False
+        After constrained K-means, :func:`refine_by_moves` (Hartigan's moves within the
+        cannot-links; unweighted K-means only). Measured as an option, not the default.
     projection_dim, projection_min_adapters : int, default 0 and 1000
         With more than ``projection_min_adapters`` adapters in a round's pool, K-means sees
         the features randomly projected to ``projection_dim`` columns
@@ -1071,6 +1148,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         fingerprints_only_from_v0: bool = False,
         reject_label_count_mismatch: bool = False,
         reorder_mismatched_adapters: bool = False,
+        refine_moves: bool = False,
         projection_dim: int = 256,
         projection_min_adapters: int = 1000,
         source_check_llr: float | None = 4.6,
@@ -1122,6 +1200,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         self.fingerprints_only_from_v0 = fingerprints_only_from_v0
         self.reject_label_count_mismatch = reject_label_count_mismatch
         self.reorder_mismatched_adapters = reorder_mismatched_adapters
+        self.refine_moves = refine_moves
         self.projection_dim = projection_dim
         self.projection_min_adapters = projection_min_adapters
         self.source_check_llr = source_check_llr
@@ -1167,6 +1246,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             "fingerprints_only_from_v0": fltac.fingerprints_only_from_v0,
             "reject_label_count_mismatch": fltac.reject_label_count_mismatch,
             "reorder_mismatched_adapters": fltac.reorder_mismatched_adapters,
+            "refine_moves": fltac.refine_moves,
             "projection_dim": fltac.projection_dim,
             "projection_min_adapters": fltac.projection_min_adapters,
             "source_check_llr": fltac.source_check_llr if fltac.source_check else None,
@@ -1227,9 +1307,14 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         weights: np.ndarray | None = None,
     ) -> np.ndarray:
         if self.clustering == "constrained_kmeans":
-            return constrained_kmeans_labels(
+            labels = constrained_kmeans_labels(
                 features, owners.tolist(), k, seed, self.kmeans_n_init, weights=weights
             )
+            if self.refine_moves and weights is None:
+                return refine_by_moves(
+                    features, owners.tolist(), labels, max(1, min(k, len(labels)))
+                )
+            return labels
         return kmeans_labels(features, k, seed=seed, n_init=self.kmeans_n_init, weights=weights)
 
     def label_count_split(

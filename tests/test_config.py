@@ -130,6 +130,8 @@ def test_method_defaults_follow_the_paper() -> None:
         ("method.plugins=[no_such_module]", "method.plugins"),
         ("method=fedmoe_da moe.no_such_key=1", "moe.no_such_key"),
         ("method=fedmoe_da fedmoe_da.tau=warm", "fedmoe_da.tau"),
+        ("fltac.refine_moves=true fltac.kmeans_weighting=samples", "fltac.refine_moves"),
+        ("fltac.refine_moves=true fltac.clustering=kmeans", "fltac.refine_moves"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides: str, key: str) -> None:

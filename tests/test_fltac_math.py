@@ -25,6 +25,7 @@ from strategies.fltac import (
     label_fingerprint_features,
     match_cluster_ids,
     node_payload,
+    refine_by_moves,
     select_feature_keys,
     slot_order,
     tasks_lower_bound,
@@ -461,3 +462,41 @@ def test_slot_order_by_distance_to_the_starts_when_the_counts_allow_both() -> No
     # a moved only logit 0 from s1: it fits slot 1 no more, and slot 0 only as it came
     a1 = _head([4.0, 3.0, 0.0])
     assert slot_order([a1, b], [s0, s1], [2, 2], HEAD) == [0, 1]
+
+
+# -- Hartigan's moves after constrained K-means (fltac.refine_moves) ------------------------------
+def test_refine_moves_a_row_lloyd_keeps_when_the_objective_falls() -> None:
+    """1-D rows 0, 2.9 | 4, 5, 6: a Lloyd fixed point (2.9 is 1.45 from its centroid, 2.1 from
+    the other), but moving 2.9 takes the scatter from 2 x 1.45^2 + 2 = 6.205 to 0 + 5.3075
+    (mean 4.475: 1.575^2 + 0.475^2 + 0.525^2 + 1.525^2)."""
+    x = np.array([[0.0], [2.9], [4.0], [5.0], [6.0]])
+    before = np.array([0, 0, 1, 1, 1])
+    after = refine_by_moves(x, [0, 1, 2, 3, 4], before, 2)
+    assert after.tolist() == [0, 1, 1, 1, 1]
+    assert grouping_scatter(x, before.tolist()) == pytest.approx(6.205)
+    assert grouping_scatter(x, after.tolist()) == pytest.approx(5.3075)
+
+
+def test_refine_keeps_the_cannot_link_a_move_would_break() -> None:
+    """The same rows with 2.9 and 4 of one owner: 2.9 may only swap with 4 (scatter 8 +
+    5.0067 = 13.0, worse than 6.205), and no other change helps: nothing moves."""
+    x = np.array([[0.0], [2.9], [4.0], [5.0], [6.0]])
+    before = np.array([0, 0, 1, 1, 1])
+    assert refine_by_moves(x, [0, 9, 9, 1, 2], before, 2).tolist() == before.tolist()
+
+
+def test_refine_swaps_two_rows_of_one_owner() -> None:
+    """Rows 0, 10 (owner 1) and 1, 11 (owner 2), each owner one row per cluster, grouped
+    {0, 11} {10, 1} (scatter 2 x 5.5^2 + 2 x 4.5^2 = 101): single moves would break a
+    cannot-link; swapping owner 1's rows gives {10, 11} {0, 1}, scatter 0.5 + 0.5 = 1."""
+    x = np.array([[0.0], [10.0], [1.0], [11.0]])
+    before = np.array([0, 1, 1, 0])
+    after = refine_by_moves(x, [1, 1, 2, 2], before, 2)
+    assert after.tolist() == [1, 0, 1, 0]
+    assert grouping_scatter(x, before.tolist()) == pytest.approx(101.0)
+    assert grouping_scatter(x, after.tolist()) == pytest.approx(1.0)
+
+
+def test_refine_never_empties_a_cluster() -> None:
+    x = np.array([[0.0], [0.1], [50.0]])
+    assert refine_by_moves(x, [0, 1, 2], np.array([0, 0, 1]), 2).tolist() == [0, 0, 1]

@@ -863,3 +863,18 @@ def test_evaluated_rounds_are_every_nth_and_the_last() -> None:
     assert [r for r in range(1, 7) if evaluates(r, 3, 6)] == [3, 6]
     assert [r for r in range(1, 4) if evaluates(r, 1, 3)] == [1, 2, 3]
     assert [r for r in range(1, 3) if evaluates(r, 5, 2)] == [2]
+
+
+def test_refine_moves_runs_after_constrained_kmeans() -> None:
+    """``fltac.refine_moves``: the strategy's K-means step is constrained K-means, then
+    Hartigan's moves (off: constrained K-means alone)."""
+    from strategies.fltac import constrained_kmeans_labels, refine_by_moves
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3))
+    owners = np.repeat(np.arange(6), 2)
+    plain = constrained_kmeans_labels(x, owners.tolist(), 3, 5, 10)
+    refined = refine_by_moves(x, owners.tolist(), plain, 3)
+    assert paper_fltac(num_clusters=3)._kmeans(x, owners, 3, 5).tolist() == plain.tolist()
+    on = paper_fltac(num_clusters=3, refine_moves=True)._kmeans(x, owners, 3, 5)
+    assert on.tolist() == refined.tolist()
