@@ -53,6 +53,10 @@ METHODS = {
         "FL-TAC (default + K-means weighted by example count)",
         "method=fltac fltac.kmeans_weighting=samples",
     ),
+    "fltac_refine": (
+        "FL-TAC (default + Hartigan's moves after constrained K-means)",
+        "method=fltac fltac.refine_moves=true",
+    ),
     "fltac_paper": (
         "FL-TAC (paper: plain K-means on the adapters)",
         "method=fltac fltac.clustering=kmeans fltac.input_fingerprint=false"
