@@ -64,6 +64,22 @@ def test_the_packed_bytes_are_a_safetensors_buffer_with_the_key_order() -> None:
     assert len(data) == 8 + size + 48
 
 
+def test_scalars_empty_and_boolean_arrays_keep_their_shapes_and_dtypes() -> None:
+    record = ArrayRecord(
+        {
+            "scalar": Array(np.array(3.0, dtype=np.float32)),
+            "empty": Array(np.zeros((0, 3), np.float32)),
+            "mask": Array(np.array([True, False])),
+            "half": Array(np.ones((2, 2), np.float16)),
+        }
+    )
+    back = unpack_record(pack_record(record))
+    for key in record:
+        assert back[key].numpy().shape == record[key].numpy().shape
+        assert back[key].numpy().dtype == record[key].numpy().dtype
+    assert back["scalar"].numpy() == np.float32(3.0)
+
+
 def test_small_and_unpacked_records_pass_unchanged() -> None:
     one = ArrayRecord({"w": Array(np.ones(3, np.float32))})
     assert pack_record(one) is one  # a single array gains nothing

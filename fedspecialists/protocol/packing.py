@@ -33,7 +33,8 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     """``record`` as one array of safetensors bytes (a record of < 2 arrays: unchanged)."""
     if len(record) < 2 or is_packed(record):
         return record
-    tensors = {key: np.ascontiguousarray(record[key].numpy()) for key in record}
+    # np.asarray(order="C"), not np.ascontiguousarray: that one turns a 0-d array into (1,)
+    tensors = {key: np.asarray(record[key].numpy(), order="C") for key in record}
     data = save(tensors, metadata={_ORDER: json.dumps(list(tensors))})
     packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
     return ArrayRecord({PACKED_KEY: packed})
