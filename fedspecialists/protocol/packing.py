@@ -53,11 +53,12 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     """
     if not is_packed(record):
         return record
+    data = bytes(record[PACKED_KEY].data)  # one copy of the buffer, read twice below
     try:
-        tensors = load(bytes(record[PACKED_KEY].data))
+        tensors = load(data)
     except (SafetensorError, ValueError, TypeError) as exc:
         raise ProtocolError(f"packed arrays unreadable: {exc}") from exc
-    order = _key_order(bytes(record[PACKED_KEY].data))
+    order = _key_order(data)
     if sorted(order) != sorted(tensors):
         raise ProtocolError("packed arrays: the key order does not name the tensors")
     return ArrayRecord({key: Array(tensors[key]) for key in order})
