@@ -85,6 +85,15 @@ VARIANTS = {
         f"{PAPER} fedmoe_da.proxy=gate_update peer.half_precision=true fedmoe_da.mix_every=3",
         "proxy: gate change, float16 payloads, mixed every 3 rounds",
     ),
+    # on top of the default (not the paper's reading): how experts are matched
+    "same_index": (
+        "fedmoe_da.same_index=true",
+        "default, experts matched only with other clients' experts at their index k",
+    ),
+    "declared_domains": (
+        "fedmoe_da.proxy=declared_domains",
+        "default, proxy: each client's known domain mixture at index k (finds the domains)",
+    ),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

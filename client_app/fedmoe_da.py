@@ -79,7 +79,12 @@ from fedspecialists.protocol.fedmoe_da import (
     TrainReply,
 )
 from fedspecialists.protocol.records import check_adapter, record_to_state, state_to_record
-from strategies.fedmoe_da import mix_experts, renormalise, routed_means
+from strategies.fedmoe_da import (
+    declared_domain_proxies,
+    mix_experts,
+    renormalise,
+    routed_means,
+)
 
 PERSONAL_FILE = "personal.safetensors"
 
@@ -313,7 +318,8 @@ def expert_proxies(node: Node) -> np.ndarray:
     federation's common start (every client's gate starts from the same rows, which otherwise
     dominate the cosine). ``routed_mean``: the mean backbone output of this client's training
     inputs, weighted by each expert's router probability (reveals an average of the client's
-    features, like FL-TAC's fingerprints).
+    features, like FL-TAC's fingerprints). ``declared_domains``: the client's known domain
+    mixture, placed at each expert's index (a measure of a proxy that finds the domains).
     """
     model = node.model
     assert isinstance(model, MoEClassifier)
@@ -324,6 +330,9 @@ def expert_proxies(node: Node) -> np.ndarray:
     if mode == "gate_update":
         assert node.initial_gate is not None
         return gate - node.initial_gate
+    if mode == "declared_domains":
+        counts = node.data.domain_counts(len(node.cfg.suite.tasks))
+        return declared_domain_proxies(counts, gate.shape[0])
     model.eval()
     device = next(model.parameters()).device
     feats, probs = [], []

@@ -84,7 +84,46 @@ def correlation_matrix(proxies: np.ndarray) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
-def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = None) -> np.ndarray:
+def barred_pairs(
+    rows: np.ndarray,
+    m: int,
+    owners: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Which pairs Eq. 9 may not keep [ours]: siblings (``owners`` given) and experts at another
+    index k (``positions`` given). An expert is never barred from itself.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        ``(B,)`` indices of the experts whose rows are asked for.
+    m : int
+        Size M of the pool.
+    owners, positions : Sequence[int] | None
+        ``(M,)`` each expert's client and its index k in that client's model.
+
+    Returns
+    -------
+    np.ndarray
+        ``(B, M)`` bool, True where the pair is barred.
+    """
+    barred = np.zeros((len(rows), m), dtype=bool)
+    if owners is not None:
+        who = np.asarray(owners)
+        barred |= who[rows, None] == who[None, :]
+    if positions is not None:
+        where = np.asarray(positions)
+        barred |= where[rows, None] != where[None, :]
+    barred[np.arange(len(rows)), rows] = False
+    return barred
+
+
+def top_p_mask(
+    correlation: np.ndarray,
+    p: int,
+    owners: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> np.ndarray:
     """Eq. 9: keep, in each row, every entry at least the row's (P+1)-th largest value.
 
     Ties at the threshold are all kept, so a row can keep more than P+1 entries. ``p = 0`` keeps
@@ -99,6 +138,9 @@ def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = N
     owners : Sequence[int] | None
         Owner of each expert. Given: an expert is never matched with another expert of its own
         client (its siblings) [ours], so its P come from other clients.
+    positions : Sequence[int] | None
+        Index k of each expert in its client's model. Given: an expert is matched only with
+        experts at its own index (``fedmoe_da.same_index``) [ours].
 
     Returns
     -------
@@ -110,9 +152,7 @@ def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = N
     if p == 0:
         return np.eye(m)
     r = np.asarray(correlation, dtype=np.float64)
-    if owners is not None:
-        who = np.asarray(owners)
-        r = np.where((who[:, None] == who[None, :]) & ~np.eye(m, dtype=bool), -np.inf, r)
+    r = np.where(barred_pairs(np.arange(m), m, owners, positions), -np.inf, r)
     threshold = -np.sort(-r, axis=1)[:, min(p, m - 1)]  # (P+1)-th largest of each row
     mask = ((r >= threshold[:, None]) & np.isfinite(r)).astype(np.float64)
     np.fill_diagonal(mask, 1.0)  # an expert always keeps itself
@@ -120,7 +160,11 @@ def top_p_mask(correlation: np.ndarray, p: int, owners: Sequence[int] | None = N
 
 
 def aggregation_matrix(
-    correlation: np.ndarray, p: int, tau: float, owners: Sequence[int] | None = None
+    correlation: np.ndarray,
+    p: int,
+    tau: float,
+    owners: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Eq. 9-10: the row-stochastic aggregation matrix A.
 
@@ -132,8 +176,8 @@ def aggregation_matrix(
         Number of most related experts each expert is mixed with (besides itself).
     tau : float
         Softmax temperature (> 0): small tau -> weight on the most similar; large -> uniform.
-    owners : Sequence[int] | None
-        As in :func:`top_p_mask`: given, siblings are never mixed.
+    owners, positions : Sequence[int] | None
+        As in :func:`top_p_mask`: given, siblings are never mixed / only equal indices are.
 
     Returns
     -------
@@ -141,7 +185,7 @@ def aggregation_matrix(
         ``(M, M)``; row i holds expert i's mixing weights, summing to 1.
     """
     check_setting("fedmoe_da.tau", tau)
-    mask = top_p_mask(correlation, p, owners)
+    mask = top_p_mask(correlation, p, owners, positions)
     logits = np.where(mask > 0, correlation / tau, -np.inf)
     logits = logits - logits.max(axis=1, keepdims=True)  # stable softmax over kept entries
     weights = np.exp(logits) * mask
@@ -182,6 +226,7 @@ def sparse_aggregation_matrix(
     self_weight: float,
     owners: Sequence[int] | None = None,
     block: int = ROW_BLOCK,
+    positions: Sequence[int] | None = None,
 ) -> sparse.csr_matrix:
     """Eq. 8-10 and :func:`keep_self` in one pass, as a sparse matrix.
 
@@ -195,7 +240,7 @@ def sparse_aggregation_matrix(
     ----------
     proxies : np.ndarray
         ``(M, d)`` gate vectors, one row per client-expert.
-    p, tau, owners
+    p, tau, owners, positions
         As in :func:`aggregation_matrix`.
     self_weight : float
         As in :func:`keep_self`.
@@ -210,11 +255,11 @@ def sparse_aggregation_matrix(
     m = x.shape[0]
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    who = None if owners is None else np.asarray(owners)
     rows, cols, vals = [], [], []
     for start in range(0, m, block):
         stop = min(m, start + block)
-        i, j, w = _sparse_rows(unit, start, stop, p, tau, who)
+        barred = barred_pairs(np.arange(start, stop), m, owners, positions)
+        i, j, w = _sparse_rows(unit, start, stop, p, tau, barred)
         rows.append(i)
         cols.append(j)
         vals.append(w * (1.0 - self_weight) + (i == j) * self_weight)
@@ -227,9 +272,10 @@ def sparse_aggregation_matrix(
 
 
 def _sparse_rows(
-    unit: np.ndarray, start: int, stop: int, p: int, tau: float, who: np.ndarray | None
+    unit: np.ndarray, start: int, stop: int, p: int, tau: float, barred: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows ``start:stop`` of A (before keep_self) as (row, column, weight) triples."""
+    """Rows ``start:stop`` of A (before keep_self) as (row, column, weight) triples; ``barred``
+    ``(stop - start, M)`` from :func:`barred_pairs`."""
     m = unit.shape[0]
     r = np.clip(unit[start:stop] @ unit.T, -1.0, 1.0)  # (B, M) of Eq. 8
     local = np.arange(stop - start)
@@ -237,10 +283,7 @@ def _sparse_rows(
     if p == 0:
         keep = np.zeros_like(r, dtype=bool)
     else:
-        if who is not None:  # siblings are never mixed (the diagonal stays)
-            siblings = who[start:stop, None] == who[None, :]
-            siblings[local, diagonal] = False
-            r = np.where(siblings, -np.inf, r)
+        r = np.where(barred, -np.inf, r)  # siblings / other indices (the diagonal stays)
         kth = min(p, m - 1)
         threshold = -np.partition(-r, kth, axis=1)[:, kth]  # (P+1)-th largest of each row
         keep = (r >= threshold[:, None]) & np.isfinite(r)
@@ -332,6 +375,34 @@ def routed_means(features: np.ndarray, router_probs: np.ndarray) -> np.ndarray:
     totals = weights.sum(axis=0)[:, None]  # (K, 1)
     sums = weights.T @ np.asarray(features, dtype=np.float64)  # (K, d)
     return np.divide(sums, totals, out=np.zeros_like(sums), where=totals > 0)
+
+
+def declared_domain_proxies(domain_counts: Sequence[int], num_experts: int) -> np.ndarray:
+    """Each expert's proxy as its client's known domain mixture, at its own index [ours].
+
+    Row k is ``e_k (x) q`` with q the client's training examples per domain, normalised: the
+    cosine of two experts is then the cosine of their clients' domain mixtures when they sit at
+    the same index k, and 0 otherwise. It needs each site to know which domain its data come
+    from (the benchmarks' partitions do), and tells the server the client's mixture (which the
+    ``domain-examples`` metric reports already): a measure of what a proxy that finds the
+    domains exactly gives, not a proxy the paper describes.
+
+    Parameters
+    ----------
+    domain_counts : Sequence[int]
+        ``(D,)`` training examples per domain.
+    num_experts : int
+        K.
+
+    Returns
+    -------
+    np.ndarray
+        ``(K, K * D)``; all zeros when the client holds no examples.
+    """
+    counts = np.asarray(domain_counts, dtype=np.float64)
+    total = counts.sum()
+    share = counts / total if total > 0 else counts
+    return np.kron(np.eye(num_experts), share[None, :])
 
 
 def mix_experts(
@@ -567,6 +638,9 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         Experts are mixed (plans sent, peers fetched) every this many rounds, from round 2.
     mix_within_client : bool
         Whether an expert may be matched with another expert of its own client (Eq. 9).
+    same_index : bool
+        Whether an expert is matched only with the experts at its own index k in other clients
+        (experts that started from the same initial weights) [ours].
     peer_root : str | None
         Folder under which simulation nodes keep their expert stores (sent to the nodes).
     grant_ttl_s : float
@@ -593,6 +667,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         self_weight: float = 0.0,
         mix_every: int = 3,
         mix_within_client: bool = True,
+        same_index: bool = False,
         peer_root: str | None = None,
         grant_ttl_s: float = 900.0,
         pool_max_age: int = 5,
@@ -631,6 +706,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         self.self_weight = self_weight
         self.mix_every = mix_every
         self.mix_within_client = mix_within_client
+        self.same_index = same_index
         self.peer_root = peer_root
         self.grant_ttl_s = grant_ttl_s
         self.pool_max_age = pool_max_age
@@ -673,6 +749,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "self_weight": fm.self_weight,
             "mix_every": fm.mix_every,
             "mix_within_client": fm.mix_within_client,
+            "same_index": fm.same_index,
             "grant_ttl_s": cfg.peer.grant_ttl_s,
             "pool_max_age": fm.pool_max_age,
             "seed": cfg.seed,
@@ -696,6 +773,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             "self_weight": self.self_weight,
             "mix_every": self.mix_every,
             "mix_within_client": self.mix_within_client,
+            "same_index": self.same_index,
             "pool_max_age": self.pool_max_age,
             "fraction_train": self.fraction_train,
             "min_replies": self.min_replies,
@@ -898,6 +976,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 self.tau,
                 self.self_weight,
                 owners=None if self.mix_within_client else owners,
+                positions=[int(i.split("/")[1]) for i in ids] if self.same_index else None,
             )
             self.matrix_ids = ids
             self.record.aggregation = aggregation_record(ids, proxies, self.matrix)
