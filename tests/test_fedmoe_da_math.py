@@ -10,7 +10,9 @@ from numpy.testing import assert_allclose
 
 from strategies.fedmoe_da import (
     aggregation_matrix,
+    barred_pairs,
     correlation_matrix,
+    declared_domain_proxies,
     keep_self,
     mix_experts,
     mix_round,
@@ -150,6 +152,49 @@ def test_eq9_without_siblings_takes_p_from_other_clients() -> None:
     assert_allclose(
         a[0], [math.e / (math.e + math.e**0.8), 0, 0, math.e**0.8 / (math.e + math.e**0.8)]
     )
+
+
+def test_barred_pairs_by_hand() -> None:
+    # experts 0, 1 of client 7 and 2, 3 of client 8, at indices 0, 1, 0, 1
+    owners, positions = [7, 7, 8, 8], [0, 1, 0, 1]
+    rows = np.array([0, 3])
+    assert not barred_pairs(rows, 4).any()
+    assert barred_pairs(rows, 4, owners=owners).tolist() == [
+        [False, True, False, False],  # its sibling 1
+        [False, False, True, False],  # its sibling 2
+    ]
+    assert barred_pairs(rows, 4, positions=positions).tolist() == [
+        [False, True, False, True],  # index 1
+        [True, False, True, False],  # index 0
+    ]
+    both = barred_pairs(rows, 4, owners, positions)
+    assert both.tolist() == [[False, True, False, True], [True, False, True, False]]
+
+
+def test_eq9_at_the_same_index_keeps_only_experts_at_that_index() -> None:
+    # indices 0, 1, 0, 1: expert 0 may keep only 2 (0.3), expert 1 only 3 (0.1), whatever P
+    positions = [0, 1, 0, 1]
+    expected = [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    assert_allclose(top_p_mask(R, p=1, positions=positions), expected)
+    assert_allclose(top_p_mask(R, p=3, positions=positions), expected)
+    a = aggregation_matrix(R, p=1, tau=1.0, positions=positions)
+    # row 0: itself (1.0) and expert 2 (0.3): e^1 / (e^1 + e^0.3); row 1: e^1 / (e^1 + e^0.1)
+    assert_allclose(a[0], [0.6681877721681662, 0, 0.3318122278318338, 0])
+    assert_allclose(a[1], [0, 0.7109495026250039, 0, 0.2890504973749960])
+
+
+def test_declared_domain_proxies_by_hand() -> None:
+    # counts (3, 1, 0) -> shares (0.75, 0.25, 0); K = 2: row k holds them in block k
+    q = declared_domain_proxies([3, 1, 0], 2)
+    assert_allclose(q, [[0.75, 0.25, 0, 0, 0, 0], [0, 0, 0, 0.75, 0.25, 0]])
+    assert_allclose(declared_domain_proxies([0, 0, 0], 2), np.zeros((2, 6)))
+    # the same mixture at twice the size: cosine 1 at the same index, 0 across indices
+    r = correlation_matrix(np.vstack([q, declared_domain_proxies([6, 2, 0], 2)]))
+    assert_allclose(r[0, 2], 1.0)
+    assert_allclose(r[0, 3], 0.0)
+    # (3, 1, 0) against (0, 1, 3): 0.25 * 0.25 / (0.625) = 0.1 (squared norms 0.625 each)
+    other = declared_domain_proxies([0, 1, 3], 2)
+    assert_allclose(correlation_matrix(np.vstack([q, other]))[1, 3], 0.1)
 
 
 def test_same_domain_share_by_hand() -> None:

@@ -177,6 +177,26 @@ def test_proxies_gate_its_change_and_the_mean_input_served(tmp_path: Path) -> No
     assert_allclose(expert_proxies(node), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_declared_domain_proxies_come_from_the_client_training_domains(tmp_path: Path) -> None:
+    node, _ = _node(1, tmp_path)
+    assert isinstance(node.model, MoEClassifier)
+    k = node.model.gate.weight.shape[0]
+    domains = np.array([2, 2, 0, 2])  # 1 example of domain 0, none of 1, 3 of domain 2
+    node.data = SimpleNamespace(  # type: ignore[assignment]
+        domain_counts=lambda n: np.bincount(domains, minlength=n).tolist()
+    )
+    node.cfg = SimpleNamespace(  # type: ignore[assignment]
+        fedmoe_da=SimpleNamespace(proxy="declared_domains"),
+        suite=SimpleNamespace(tasks=[None, None, None]),
+    )
+    proxies = expert_proxies(node)
+    assert proxies.shape == (k, 3 * k)
+    for row in range(k):  # expert k's block holds (0.25, 0, 0.75), the rest is 0
+        expected = np.zeros(3 * k)
+        expected[3 * row : 3 * row + 3] = [0.25, 0.0, 0.75]
+        assert_allclose(proxies[row], expected)
+
+
 def _forward_passes(local_steps: int | None, examples: int) -> int:
     model = build_model((1, 8, 8), 3, MOE, dense=False, seed=0)
     calls = []

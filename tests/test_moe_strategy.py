@@ -301,6 +301,32 @@ def test_no_siblings_changes_the_rows_where_a_sibling_ranks_high(within: bool) -
     assert_allclose(strategy.matrix.toarray(), np.array(expected), rtol=1e-12, atol=1e-12)
 
 
+def test_same_index_matches_each_expert_only_at_its_index() -> None:
+    twins = {
+        1: np.array([[1.0, 0.0], [1.0, 0.0]]),
+        2: np.array([[0.0, 1.0], [0.0, 1.0]]),
+        3: np.array([[1.0, 0.0], [0.0, 1.0]]),
+    }
+    strategy = _strategy(same_index=True)
+    _round(strategy, 1, lambda n, m: _reply(m, 0.0, twins[n]))
+    # Index 0 holds e0 = (1, 0), e2 = (0, 1), e4 = (1, 0); index 1 holds e1 = (1, 0),
+    # e3 = (0, 1), e5 = (0, 1). P = 1, tau = 0.5. e0 keeps e4 (r = 1): 1/2 each; e2's two
+    # candidates tie at r = 0, both kept: e^2 / (e^2 + 2) for itself, 1 / (e^2 + 2) each;
+    # likewise e1 with e3 and e5; e3 and e5 keep each other (r = 1).
+    h, a, b = 0.5, math.e**2 / (math.e**2 + 2), 1 / (math.e**2 + 2)
+    expected = [
+        [h, 0, 0, 0, h, 0],
+        [0, a, 0, b, 0, b],
+        [b, 0, a, 0, b, 0],
+        [0, 0, 0, h, 0, h],
+        [h, 0, 0, 0, h, 0],
+        [0, 0, 0, h, 0, h],
+    ]
+    assert strategy.matrix is not None
+    assert_allclose(strategy.matrix.toarray(), np.array(expected), rtol=1e-12, atol=1e-12)
+    assert strategy.describe()["same_index"] is True
+
+
 def test_same_domain_share_of_the_matrix_is_recorded_from_reported_domains() -> None:
     strategy = _strategy(mix_within_client=False)
     domains = {1: [9, 1], 2: [8, 2], 3: [0, 5]}  # training examples per domain

@@ -107,9 +107,13 @@ def test_the_sparse_matrix_equals_eq_8_to_10_and_keep_self(
     proxies = rng.normal(size=(m, d))
     proxies[3] = 0.0  # a silent expert: similarity 0 with everything
     owners = (np.arange(m) // 4).tolist() if by_owner else None
-    dense = keep_self(aggregation_matrix(correlation_matrix(proxies), p, tau, owners=owners), s)
+    positions = (np.arange(m) % 4).tolist() if by_owner and p % 2 else None  # some cases
+    r = correlation_matrix(proxies)
+    dense = keep_self(aggregation_matrix(r, p, tau, owners=owners, positions=positions), s)
     for block in (1, 7, 1024):  # however the rows are cut
-        a = sparse_aggregation_matrix(proxies, p, tau, s, owners=owners, block=block)
+        a = sparse_aggregation_matrix(
+            proxies, p, tau, s, owners=owners, block=block, positions=positions
+        )
         assert_allclose(a.toarray(), dense, rtol=0, atol=1e-15)
         assert ((a.toarray() > 0) == (dense > 0)).all()
         assert_allclose(np.asarray(a.sum(axis=1)).ravel(), 1.0)
