@@ -94,6 +94,10 @@ VARIANTS = {
         "fedmoe_da.proxy=declared_domains",
         "default, proxy: each client's known domain mixture at index k (finds the domains)",
     ),
+    "output_update": (
+        "fedmoe_da.proxy=output_update",
+        "default, proxy: each expert's output layer's change in this round's training",
+    ),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

@@ -59,6 +59,7 @@ from fedspecialists.models.moe import (
     DenseClassifier,
     MoEClassifier,
     build_model,
+    expert_outputs,
     expert_state,
     load_balancing_loss,
     part_of,
@@ -127,6 +128,7 @@ class Node:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     own_data: bool = False  # the site's own files: no global test set (no site holds all data)
     initial_gate: np.ndarray | None = None  # (K, d) the federation's common starting gate
+    outputs_at_start: np.ndarray | None = None  # experts' output layers when training began
 
     @property
     def personal_keys(self) -> list[str]:
@@ -320,6 +322,8 @@ def expert_proxies(node: Node) -> np.ndarray:
     inputs, weighted by each expert's router probability (reveals an average of the client's
     features, like FL-TAC's fingerprints). ``declared_domains``: the client's known domain
     mixture, placed at each expert's index (a measure of a proxy that finds the domains).
+    ``output_update``: the change of each expert's output layer in this round's training (from
+    after the mix to the end), what this client's labels did to it: ``(K, C * (h + 1))``.
     """
     model = node.model
     assert isinstance(model, MoEClassifier)
@@ -333,6 +337,9 @@ def expert_proxies(node: Node) -> np.ndarray:
     if mode == "declared_domains":
         counts = node.data.domain_counts(len(node.cfg.suite.tasks))
         return declared_domain_proxies(counts, gate.shape[0])
+    if mode == "output_update":
+        assert node.outputs_at_start is not None
+        return expert_outputs(model) - node.outputs_at_start
     model.eval()
     device = next(model.parameters()).device
     feats, probs = [], []
@@ -473,6 +480,8 @@ def train(msg: Message, context: Context) -> Message:
         transport.trust(str(instruction.grant_key), server_round)
         if instruction.plans:
             sync = sync_experts(node, instruction, transport)
+    if isinstance(node.model, MoEClassifier):
+        node.outputs_at_start = expert_outputs(node.model)
     seed = round_seed(cfg.seed, server_round, node.partition[0])
     ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
     # Accuracy of the model as local training left it (own backbone), next to the evaluate

@@ -25,7 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 # what stands for an expert in FedMoE-DA's Eq. 8
-PROXIES = ("gate", "gate_update", "routed_mean", "declared_domains")
+PROXIES = ("gate", "gate_update", "routed_mean", "declared_domains", "output_update")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
 ROBUST_KEYS = (  # robust.*
     "rule",
@@ -286,7 +286,7 @@ class FedMoEDASettings:
     interval: int = MISSING
     self_weight: float = MISSING  # share of itself each expert keeps when mixed (A' = sI + (1-s)A)
     mix_every: int = MISSING  # experts are mixed every this many rounds (from round 2)
-    proxy: str = MISSING  # gate | gate_update | routed_mean | declared_domains (Eq. 8)
+    proxy: str = MISSING  # what the server compares (Eq. 8), one of PROXIES
     mix_within_client: bool = MISSING  # an expert may be matched with its own client's experts
     same_index: bool = MISSING  # an expert is matched only with other clients' experts at index k
     pool_max_age: int = MISSING  # rounds a silent client keeps its experts in the pool

@@ -12,7 +12,7 @@ from numpy.testing import assert_allclose
 
 from client_app.fedmoe_da import Node, expert_proxies, sync_experts, train_model
 from fedspecialists.config import MoESettings
-from fedspecialists.models.moe import MoEClassifier, build_model, expert_state
+from fedspecialists.models.moe import MoEClassifier, build_model, expert_outputs, expert_state
 from fedspecialists.peer.exchange import GrantIssuer, LocalPeerStore
 from fedspecialists.protocol.fedmoe_da import Instruction, Source
 
@@ -166,6 +166,16 @@ def test_proxies_gate_its_change_and_the_mean_input_served(tmp_path: Path) -> No
     assert_allclose(expert_proxies(node), start + 1.0)
     node.cfg.fedmoe_da.proxy = "gate_update"
     assert_allclose(expert_proxies(node), np.ones_like(start), atol=1e-6)
+    node.cfg.fedmoe_da.proxy = "output_update"
+    node.outputs_at_start = expert_outputs(node.model)
+    with torch.no_grad():
+        node.model.experts[1].fc2.bias.add_(0.5)  # type: ignore[union-attr]
+    change = expert_proxies(node)
+    num_labels = node.model.experts[1].fc2.bias.shape[0]  # type: ignore[union-attr]
+    assert change.shape == (start.shape[0], node.outputs_at_start.shape[1])
+    assert_allclose(change[1, -num_labels:], 0.5, atol=1e-6)  # the bias, last in each row
+    change[1, -num_labels:] = 0.0
+    assert_allclose(change, 0.0, atol=1e-7)  # nothing else moved
     node.cfg.fedmoe_da.proxy = "routed_mean"
     with torch.no_grad():
         model = node.model

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -196,6 +197,16 @@ def build_model(
         dense_hidden = moe_cfg.dense_hidden or num_experts * hidden
         return DenseClassifier(backbone, int(dense_hidden), num_labels)
     return MoEClassifier(backbone, num_experts, moe_cfg.top_k, hidden, num_labels)
+
+
+@torch.no_grad()
+def expert_outputs(model: MoEClassifier) -> np.ndarray:
+    """``(K, C * (h + 1))``: each expert's output layer (``fc2`` weight and bias), flattened."""
+    rows = []
+    for expert in model.experts:
+        assert isinstance(expert, Expert)
+        rows.append(torch.cat([expert.fc2.weight.flatten(), expert.fc2.bias]).cpu().numpy())
+    return np.stack(rows).astype(np.float64)
 
 
 def part_of(name: str) -> str:
