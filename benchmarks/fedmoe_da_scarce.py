@@ -98,6 +98,8 @@ VARIANTS = {
         "fedmoe_da.proxy=output_update",
         "default, proxy: each expert's output layer's change in this round's training",
     ),
+    "prox0.1": ("fedmoe_da.prox_mu=0.1", "default, experts held near the mix (FedProx mu 0.1)"),
+    "prox1": ("fedmoe_da.prox_mu=1.0", "default, experts held near the mix (FedProx mu 1)"),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

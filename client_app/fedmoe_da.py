@@ -44,7 +44,13 @@ from client_app.node import (
     partition_of,
     run_config,
 )
-from client_app.training import local_batch_size, make_optimizer, round_seed, steps_per_round
+from client_app.training import (
+    local_batch_size,
+    make_optimizer,
+    proximal_term,
+    round_seed,
+    steps_per_round,
+)
 from fedspecialists import methods
 from fedspecialists.config import MoERunConfig
 from fedspecialists.data.domains import (
@@ -362,10 +368,16 @@ def train_model(
     y: np.ndarray,
     cfg: MoERunConfig,
     seed: int,
+    prox_mu: float = 0.0,
 ) -> tuple[float, float]:
-    """Local epochs of cross-entropy (+ load-balancing loss for MoE). Returns mean (CE, aux)."""
+    """Local epochs of cross-entropy (+ load-balancing loss for MoE). Returns mean (CE, aux).
+
+    ``prox_mu > 0``: plus FedProx's term holding every expert parameter near its value at the
+    start of training (after this round's mix) [ours]."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    named = dict(model.named_parameters())
+    anchor = {n: p.detach().clone() for n, p in named.items() if n.startswith("experts.")}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -387,6 +399,8 @@ def train_model(
             aux = load_balancing_loss(out.router_probs, out.selected)
             loss = ce + cfg.moe.load_balance_coef * aux
             aux_sum += float(aux.detach())
+        if prox_mu > 0:
+            loss = loss + proximal_term(named, anchor, prox_mu)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -483,7 +497,8 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(node.model, MoEClassifier):
         node.outputs_at_start = expert_outputs(node.model)
     seed = round_seed(cfg.seed, server_round, node.partition[0])
-    ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed)
+    mu = cfg.fedmoe_da.prox_mu if instruction.exchange else 0.0  # no exchange, no mix to hold
+    ce, aux = train_model(node.model, node.data.x_train, node.data.y_train, cfg, seed, mu)
     # Accuracy of the model as local training left it (own backbone), next to the evaluate
     # round's, which uses the server's aggregate of the shared parts.
     pred, _ = predict(node.model, node.data.x_test, cfg.train.eval_batch_size)

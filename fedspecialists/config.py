@@ -105,6 +105,7 @@ SETTING_RULES: dict[str, Rule] = {
     "fedmoe_da.interval": ((lambda v: v >= 1), "I must be >= 1"),
     "fedmoe_da.mix_every": ((lambda v: v >= 1), "must be >= 1"),
     "fedmoe_da.pool_max_age": ((lambda v: v >= 1), "must be >= 1"),
+    "fedmoe_da.prox_mu": ((lambda v: v >= 0), "must be >= 0"),
 }
 
 
@@ -289,6 +290,7 @@ class FedMoEDASettings:
     proxy: str = MISSING  # what the server compares (Eq. 8), one of PROXIES
     mix_within_client: bool = MISSING  # an expert may be matched with its own client's experts
     same_index: bool = MISSING  # an expert is matched only with other clients' experts at index k
+    prox_mu: float = MISSING  # proximal term holding each expert near its mixed value in training
     pool_max_age: int = MISSING  # rounds a silent client keeps its experts in the pool
 
 
@@ -773,7 +775,7 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     )
     _check(moe.load_balance_coef >= 0, "moe.load_balance_coef", "must be >= 0")
     _check(moe.global_test_per_domain >= 1, "moe.global_test_per_domain", "must be >= 1")
-    mixing = ("num_peers", "tau", "interval", "self_weight", "mix_every", "pool_max_age")
+    mixing = ("num_peers", "tau", "interval", "self_weight", "mix_every", "pool_max_age", "prox_mu")
     check_section("fedmoe_da", fm, mixing)
     _check(fm.proxy in PROXIES, "fedmoe_da.proxy", f"must be one of {', '.join(PROXIES)}")
     _check(peer.max_bytes >= 1, "peer.max_bytes", "must be >= 1")

@@ -230,3 +230,29 @@ def test_local_steps_fix_the_steps_per_round_whatever_the_data_size() -> None:
     assert _forward_passes(None, 20) == 10
     assert _forward_passes(7, 10) == 7
     assert _forward_passes(7, 20) == 7
+
+
+def _expert_drift(prox_mu: float) -> float:
+    """How far 20 steps move the experts (L2 over all their parameters) with ``prox_mu``."""
+    model = build_model((1, 8, 8), 3, MOE, dense=False, seed=0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "experts." in n}
+    train = SimpleNamespace(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.0,
+        weight_decay=0.0,
+        local_epochs=1.0,
+        local_steps=20,
+        batch_size=4,
+    )
+    cfg = SimpleNamespace(train=train, moe=SimpleNamespace(load_balance_coef=0.01))
+    x = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+    train_model(model, x, np.arange(12) % 3, cfg, seed=0, prox_mu=prox_mu)  # type: ignore[arg-type]
+    now = dict(model.named_parameters())
+    return float(sum((now[n] - s).pow(2).sum() for n, s in start.items()) ** 0.5)
+
+
+def test_the_proximal_term_holds_experts_near_their_start() -> None:
+    free, held = _expert_drift(0.0), _expert_drift(10.0)
+    assert free > 0
+    assert held < 0.5 * free  # with SGD, mu * lr = 0.5 pulls half the deviation back each step

@@ -7,7 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client_app.training import local_batch_size, make_optimizer, round_seed, steps_per_round
+from client_app.training import (
+    local_batch_size,
+    make_optimizer,
+    proximal_term,
+    round_seed,
+    steps_per_round,
+)
 from fedspecialists.config import TrainSettings
 
 BASE = TrainSettings(
@@ -81,3 +87,15 @@ def test_a_sites_own_num_threads_wins_over_the_runs() -> None:
     for bad in (-1, "two", 1.5):
         with pytest.raises(ValueError, match="node config 'num-threads'"):
             torch_threads({"num-threads": bad}, 0)
+
+
+def test_proximal_term_by_hand() -> None:
+    a = torch.tensor([1.0, 2.0], requires_grad=True)
+    b = torch.tensor([3.0], requires_grad=True)
+    # only a is held: 0.5 * 0.5 * ((1 - 0)^2 + (2 - 0)^2) = 1.25; its gradient mu * (a - a0)
+    term = proximal_term({"a": a, "b": b}, {"a": torch.zeros(2)}, mu=0.5)
+    assert float(term) == pytest.approx(1.25)
+    term.backward()
+    assert a.grad is not None and a.grad.tolist() == pytest.approx([0.5, 1.0])
+    assert b.grad is None
+    assert float(proximal_term({"a": a}, {}, mu=0.5)) == 0.0
