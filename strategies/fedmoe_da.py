@@ -283,7 +283,8 @@ def _sparse_rows(
     if p == 0:
         keep = np.zeros_like(r, dtype=bool)
     else:
-        r = np.where(barred, -np.inf, r)  # siblings / other indices (the diagonal stays)
+        if barred.any():  # siblings / other indices (the diagonal stays)
+            r = np.where(barred, -np.inf, r)
         kth = min(p, m - 1)
         threshold = -np.partition(-r, kth, axis=1)[:, kth]  # (P+1)-th largest of each row
         keep = (r >= threshold[:, None]) & np.isfinite(r)
