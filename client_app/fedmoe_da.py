@@ -377,7 +377,9 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     named = dict(model.named_parameters())
-    anchor = {n: p.detach().clone() for n, p in named.items() if n.startswith("experts.")}
+    anchor = {
+        n: p.detach().clone() for n, p in named.items() if prox_mu > 0 and n.startswith("experts.")
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -494,7 +496,7 @@ def train(msg: Message, context: Context) -> Message:
         transport.trust(str(instruction.grant_key), server_round)
         if instruction.plans:
             sync = sync_experts(node, instruction, transport)
-    if isinstance(node.model, MoEClassifier):
+    if isinstance(node.model, MoEClassifier) and cfg.fedmoe_da.proxy == "output_update":
         node.outputs_at_start = expert_outputs(node.model)
     seed = round_seed(cfg.seed, server_round, node.partition[0])
     mu = cfg.fedmoe_da.prox_mu if instruction.exchange else 0.0  # no exchange, no mix to hold
