@@ -547,17 +547,20 @@ class ExpertPool:
     hashes: dict[int, list[str]]  # client -> K content hashes
     addresses: dict[int, str]  # client -> peer address
 
-    def order(self) -> tuple[list[str], list[int], np.ndarray]:
-        """Expert ids, their owners and the ``(M, d)`` proxy matrix, clients sorted."""
+    def order(self) -> tuple[list[str], list[int], list[int], np.ndarray]:
+        """Expert ids, their owners, their indices k and the ``(M, d)`` proxy matrix, clients
+        sorted."""
         ids: list[str] = []
         owners: list[int] = []
+        positions: list[int] = []
         rows = []
         for node in sorted(self.proxies):
             for k, row in enumerate(self.proxies[node]):
                 ids.append(f"{node}/{k}")
                 owners.append(node)
+                positions.append(k)
                 rows.append(row)
-        return ids, owners, np.asarray(rows, dtype=np.float64)
+        return ids, owners, positions, np.asarray(rows, dtype=np.float64)
 
 
 @dataclass
@@ -810,7 +813,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         """A client's sync plan from the current A and the latest hashes (empty before A)."""
         if self.matrix is None or client not in self.pool.proxies:
             return {}
-        ids, owners, _ = self.pool.order()
+        ids, owners, _, _ = self.pool.order()
         if ids != self.matrix_ids:
             return {}
         flat = {f"{n}/{k}": h for n, hs in self.pool.hashes.items() for k, h in enumerate(hs)}
@@ -965,7 +968,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
             self.pool.addresses[client] = str(meta.address)
             self.last_heard[client] = server_round
         self._drop_stale_clients(server_round)
-        ids, owners, proxies = self.pool.order()
+        ids, owners, positions, proxies = self.pool.order()
         if (
             self.matrix is None
             or ids != self.matrix_ids
@@ -977,7 +980,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
                 self.tau,
                 self.self_weight,
                 owners=None if self.mix_within_client else owners,
-                positions=[int(i.split("/")[1]) for i in ids] if self.same_index else None,
+                positions=positions if self.same_index else None,
             )
             self.matrix_ids = ids
             self.record.aggregation = aggregation_record(ids, proxies, self.matrix)

@@ -207,11 +207,18 @@ def test_declared_domain_proxies_come_from_the_client_training_domains(tmp_path:
         assert_allclose(proxies[row], expected)
 
 
+def _train_cfg(**train: object) -> SimpleNamespace:
+    """What ``train_model`` reads: these ``train`` settings and the load-balancing weight."""
+    return SimpleNamespace(
+        train=SimpleNamespace(**train), moe=SimpleNamespace(load_balance_coef=0.01)
+    )
+
+
 def _forward_passes(local_steps: int | None, examples: int) -> int:
     model = build_model((1, 8, 8), 3, MOE, dense=False, seed=0)
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    train = SimpleNamespace(
+    cfg = _train_cfg(
         optimizer="adamw",
         lr=1e-3,
         weight_decay=0.0,
@@ -219,7 +226,6 @@ def _forward_passes(local_steps: int | None, examples: int) -> int:
         local_steps=local_steps,
         batch_size=4,
     )
-    cfg = SimpleNamespace(train=train, moe=SimpleNamespace(load_balance_coef=0.01))
     x = np.random.default_rng(0).random((examples, 1, 8, 8), dtype=np.float32)
     train_model(model, x, np.arange(examples) % 3, cfg, seed=0)  # type: ignore[arg-type]
     return len(calls)
@@ -236,7 +242,7 @@ def _expert_drift(prox_mu: float) -> float:
     """How far 20 steps move the experts (L2 over all their parameters) with ``prox_mu``."""
     model = build_model((1, 8, 8), 3, MOE, dense=False, seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if "experts." in n}
-    train = SimpleNamespace(
+    cfg = _train_cfg(
         optimizer="sgd",
         lr=0.05,
         momentum=0.0,
@@ -245,7 +251,6 @@ def _expert_drift(prox_mu: float) -> float:
         local_steps=20,
         batch_size=4,
     )
-    cfg = SimpleNamespace(train=train, moe=SimpleNamespace(load_balance_coef=0.01))
     x = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
     train_model(model, x, np.arange(12) % 3, cfg, seed=0, prox_mu=prox_mu)  # type: ignore[arg-type]
     now = dict(model.named_parameters())
