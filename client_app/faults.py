@@ -67,7 +67,7 @@ def _as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def _attack(msg: Message, reply: Message, cfg: ExperimentConfig) -> bool:

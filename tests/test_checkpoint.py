@@ -54,6 +54,15 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     ]
 
 
+def test_checkpoint_keeps_a_scalar_and_a_transposed_array(tmp_path: Path) -> None:
+    arrays = {"scalar": np.array(2.5, np.float32), "t": np.arange(6.0).reshape(2, 3).T}
+    save_checkpoint(tmp_path, Checkpoint(1, arrays, {}))
+    back = load_checkpoint(tmp_path).arrays
+    assert back["scalar"].shape == ()  # not (1,)
+    assert back["scalar"] == np.float32(2.5)
+    assert_array_equal(back["t"], [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]])
+
+
 def test_a_crash_before_the_commit_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, _checkpoint(1))
     # A crash after the new tensors were written, before checkpoint.json was replaced:

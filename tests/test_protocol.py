@@ -222,3 +222,17 @@ def test_content_nbytes_by_hand(shape: tuple[int, ...], expected: int) -> None:
     """
     record = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(shape, np.float32))})})
     assert content_nbytes(record) == expected
+
+
+def test_state_to_record_keeps_a_scalar_and_a_transposed_array() -> None:
+    import torch
+
+    from fedspecialists.peer.exchange import expert_from_bytes, expert_to_bytes
+
+    state = {"scalar": torch.tensor(3.0), "t": torch.arange(6.0).reshape(2, 3).T}
+    back = record_to_numpy(state_to_record(state))
+    assert back["scalar"].shape == ()  # not (1,)
+    np.testing.assert_array_equal(back["t"], [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]])
+    tensors = expert_from_bytes(expert_to_bytes({k: v.numpy() for k, v in state.items()}))
+    assert tensors["scalar"].shape == ()
+    np.testing.assert_array_equal(tensors["t"], back["t"])

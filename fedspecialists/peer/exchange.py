@@ -71,7 +71,8 @@ class ExpertRef:
 
 def expert_to_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
     """An expert as safetensors bytes (what is stored, hashed and sent)."""
-    return st_save({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())})
+    # order="C", not np.ascontiguousarray, which turns a 0-d array into (1,)
+    return st_save({k: np.asarray(v, order="C") for k, v in sorted(tensors.items())})
 
 
 def expert_from_bytes(data: bytes) -> dict[str, np.ndarray]:

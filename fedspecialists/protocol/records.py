@@ -25,7 +25,8 @@ FAULT_RECORD = "fault"  # config "fault": kind -- a fault injected on purpose (m
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """A tensor dict (e.g. a peft adapter state dict) as an ``ArrayRecord`` (keys kept)."""
     return ArrayRecord(
-        {key: Array(np.ascontiguousarray(_to_numpy(value))) for key, value in state.items()}
+        # order="C", not np.ascontiguousarray, which turns a 0-d array into (1,)
+        {key: Array(np.asarray(_to_numpy(value), order="C")) for key, value in state.items()}
     )
 
 

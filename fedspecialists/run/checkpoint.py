@@ -45,7 +45,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     tensors = f"round-{checkpoint.round}.safetensors"
-    data = save({k: np.ascontiguousarray(v) for k, v in checkpoint.arrays.items()})
+    # order="C", not np.ascontiguousarray, which turns a 0-d array into (1,)
+    data = save({k: np.asarray(v, order="C") for k, v in checkpoint.arrays.items()})
     atomic_write(folder / tensors, data)
     index = {
         "round": checkpoint.round,
