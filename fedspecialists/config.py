@@ -590,6 +590,17 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def check_refine_moves(refine_moves: bool, clustering: str, kmeans_weighting: str) -> None:
+    """Refuse ``fltac.refine_moves`` (Hartigan's moves, defined for the unweighted objective
+    within cannot-links) with any other clustering or with weighted K-means (``ConfigError``).
+    One rule for the config and for a strategy built directly."""
+    _check(
+        not refine_moves or (clustering == "constrained_kmeans" and kmeans_weighting == "uniform"),
+        "fltac.refine_moves",
+        "needs fltac.clustering: constrained_kmeans and fltac.kmeans_weighting: uniform",
+    )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Range checks the type system cannot express. Raises ``ConfigError`` naming the key."""
     _check(cfg.seed >= 0, "seed", "must be >= 0")
@@ -754,12 +765,7 @@ def _check_adapter_sections(cfg: AdapterRunConfig) -> None:
         "fltac.reorder_mismatched_adapters",
         "needs fltac.reject_label_count_mismatch: true (the check that finds them)",
     )
-    _check(
-        not fltac.refine_moves
-        or (fltac.clustering == "constrained_kmeans" and fltac.kmeans_weighting == "uniform"),
-        "fltac.refine_moves",
-        "needs fltac.clustering: constrained_kmeans and fltac.kmeans_weighting: uniform",
-    )
+    check_refine_moves(fltac.refine_moves, fltac.clustering, fltac.kmeans_weighting)
 
 
 def _check_moe_sections(cfg: MoERunConfig) -> None:

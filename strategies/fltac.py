@@ -63,7 +63,13 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, pairwise_distances, silhouette_score
 
-from fedspecialists.config import AdapterRunConfig, ConfigError, check_setting, num_clusters
+from fedspecialists.config import (
+    AdapterRunConfig,
+    ConfigError,
+    check_refine_moves,
+    check_setting,
+    num_clusters,
+)
 from fedspecialists.faults import FaultDraw, absent_clients
 from fedspecialists.protocol.fltac import LOCAL, EvaluateReply, Instruction, TrainReply
 from fedspecialists.protocol.records import (
@@ -1005,6 +1011,7 @@ def check_settings(
     clustering: str,
     source_check_llr: float | None,
     kmeans_weighting: str = "uniform",
+    refine_moves: bool = False,
 ) -> None:
     """Refuse settings the strategy cannot run with (``ConfigError``, a ``ValueError``, naming
     the setting): the config's own ranges (:func:`fedspecialists.config.check_setting`)."""
@@ -1015,6 +1022,7 @@ def check_settings(
     check_setting("fltac.weighting", weighting)
     check_setting("fltac.kmeans_weighting", kmeans_weighting)
     check_setting("fltac.clustering", clustering)
+    check_refine_moves(refine_moves, clustering, kmeans_weighting)
     if source_check_llr is not None:  # None: no source check
         check_setting("fltac.source_check_llr", source_check_llr)
 
@@ -1166,7 +1174,13 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         pack_arrays: bool = True,
     ) -> None:
         check_settings(
-            num_clusters, feature_source, weighting, clustering, source_check_llr, kmeans_weighting
+            num_clusters,
+            feature_source,
+            weighting,
+            clustering,
+            source_check_llr,
+            kmeans_weighting,
+            refine_moves,
         )
         self.robust = robust or RobustAggregation()  # the plain mean unless configured
         self.init_rounds(
@@ -1310,7 +1324,7 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
             labels = constrained_kmeans_labels(
                 features, owners.tolist(), k, seed, self.kmeans_n_init, weights=weights
             )
-            if self.refine_moves and weights is None:
+            if self.refine_moves:  # unweighted only: check_refine_moves
                 return refine_by_moves(
                     features, owners.tolist(), labels, max(1, min(k, len(labels)))
                 )

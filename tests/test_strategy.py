@@ -878,3 +878,17 @@ def test_refine_moves_runs_after_constrained_kmeans() -> None:
     assert paper_fltac(num_clusters=3)._kmeans(x, owners, 3, 5).tolist() == plain.tolist()
     on = paper_fltac(num_clusters=3, refine_moves=True)._kmeans(x, owners, 3, 5)
     assert on.tolist() == refined.tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"kmeans_weighting": "samples"}, {"clustering": "kmeans"}],
+    ids=["weighted", "kmeans"],
+)
+def test_refine_moves_is_refused_where_it_is_not_defined(kwargs: dict[str, str]) -> None:
+    """A strategy built directly refuses what the config refuses: Hartigan's moves only after
+    unweighted constrained K-means (they used to be skipped silently with weights)."""
+    from fedspecialists.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fltac\.refine_moves"):
+        paper_fltac(num_clusters=3, refine_moves=True, **kwargs)
