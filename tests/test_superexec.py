@@ -105,3 +105,16 @@ def test_the_executor_patch_forks_clientapps(
 def test_the_real_clientapp_main_is_loaded_once_in_the_server() -> None:
     main = superexec._clientapp_main()
     assert main.__module__ == "flwr.supernode.cli.flwr_clientapp"
+
+
+def test_the_fork_server_imports_the_apps_libraries_not_the_app() -> None:
+    """The libraries a forwarding ClientApp needs are imported once; a missing one is skipped;
+    nothing of the app is in the list (it is loaded from the run's FAB in each child)."""
+    import sys
+
+    assert superexec.preimport(("omegaconf", "no_such_library_xyz")) == ["omegaconf"]
+    assert "omegaconf" in sys.modules
+    assert not any(
+        name.split(".")[0] in ("client_app", "server_app", "strategies", "fedspecialists")
+        for name in superexec.PREIMPORTED
+    )
