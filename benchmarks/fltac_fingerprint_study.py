@@ -11,7 +11,9 @@ the server runs it by default and weighted by each adapter's example count
 objective (the rows' summed squared distance to their group's mean) for the grouping found and
 for the true tasks: a miss where the true tasks scatter less is the search's, one where they
 scatter more is the features' (no grouping that minimises the objective recovers the tasks
-there). Cheap enough for many seeds,
+there). With ``--min-examples`` it also asks whether holding back the adapters trained on few
+examples would let the rest be grouped right: the input fingerprints of the adapters with at
+least m examples, grouped alone (``held_back_table``). Cheap enough for many seeds,
 so it shows how a feature does on partitions no run was ever tuned on. The adapters' own head
 block, which a real round adds, is left out: this measures what the fingerprints carry.
 
@@ -109,7 +111,20 @@ def split_kmeans(
     return labels.tolist()
 
 
-def study(suite: str, seed: int) -> dict[str, Any]:
+def held_back(rows: dict[str, list[Any]], seed: int, min_examples: int) -> dict[str, Any]:
+    """Round 1 on the input fingerprints of the adapters with at least ``min_examples``
+    training examples only: their ARI, and how many adapters were held back."""
+    keep = [i for i, n in enumerate(rows["examples"]) if n >= min_examples]
+    pick = {key: [rows[key][i] for i in keep] for key in ("owner", "count", "task")}
+    x = fingerprint_features(np.stack([rows["input"][i] for i in keep]))
+    grouping = split_kmeans(x, pick["owner"], pick["count"], pick["task"], seed + 1)
+    return {
+        "ari": clustering_agreement(pick["task"], grouping),
+        "held_back": len(rows["task"]) - len(keep),
+    }
+
+
+def study(suite: str, seed: int, min_examples: tuple[int, ...] = ()) -> dict[str, Any]:
     rows = fingerprints(suite, seed)
     inputs = fingerprint_features(np.stack(rows["input"]))
     labels = label_fingerprint_features(rows["label"])
@@ -129,6 +144,8 @@ def study(suite: str, seed: int) -> dict[str, Any]:
                     "found": grouping_scatter(x, grouping),
                     "tasks": grouping_scatter(x, rows["task"]),
                 }
+    for m in min_examples:
+        result[f"input fingerprint, adapters with >= {m} examples"] = held_back(rows, seed, m)
     return result
 
 
@@ -188,17 +205,52 @@ def miss_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def held_back_table(results: list[dict[str, Any]], min_examples: list[int]) -> str:
+    """Per suite and threshold m: partitions at ARI 1.0 when only adapters with >= m examples
+    are grouped (input fingerprint), the lowest ARI, and the share of adapters held back."""
+    lines = [
+        "| suite | "
+        + " | ".join(f"m = {m}: at 1.0, lowest, held back" for m in min_examples)
+        + " |",
+        "|---|" + "---|" * len(min_examples),
+    ]
+    for suite in dict.fromkeys(r["suite"] for r in results):
+        mine = [r for r in results if r["suite"] == suite]
+        total = sum(r["adapters"] for r in mine)
+        cells = []
+        for m in min_examples:
+            runs = [r[f"input fingerprint, adapters with >= {m} examples"] for r in mine]
+            aris = [x["ari"] for x in runs]
+            hits = sum(abs(a - 1.0) < 1e-9 for a in aris)
+            held = sum(x["held_back"] for x in runs) / total
+            cells.append(f"{hits}/{len(aris)}, {min(aris):.2f}, {held:.0%}")
+        lines.append(f"| {suite} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", nargs="+", default=list(SUITES))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--out", type=Path, default=Path("runs/fltac_fingerprint_study"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--min-examples",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also group only the adapters with at least m examples, for each m given",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run_studies(study, args.suites, args.seeds, args.out)
+    thresholds = tuple(args.min_examples)
+    results = run_studies(
+        lambda suite, seed: study(suite, seed, thresholds), args.suites, args.seeds, args.out
+    )
     text = table(results) + "\n\n" + miss_table(results)
+    if thresholds:
+        text += "\n\n" + held_back_table(results, list(thresholds))
     (args.out / "table.md").write_text(text + "\n")
     print(text)
 
