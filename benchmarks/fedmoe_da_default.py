@@ -22,11 +22,17 @@ from runner import run_all
 # label -> (Hydra overrides, description)
 # The previous defaults (the re-implementations' reading): gate rows as proxies, mixed every
 # round, float32 payloads. Today's defaults come from benchmarks/fedmoe_da_scarce.py.
-PREVIOUS = "fedmoe_da.proxy=gate fedmoe_da.mix_every=1 peer.half_precision=false"
+# Experts were matched at any index until fedmoe_da.same_index became the default.
+CROSS_INDEX = "fedmoe_da.same_index=false"
+PREVIOUS = f"fedmoe_da.proxy=gate fedmoe_da.mix_every=1 peer.half_precision=false {CROSS_INDEX}"
 METHODS = {
     "fedmoe_da": (
         "method=fedmoe_da",
-        "FedMoE-DA, default (P=5, tau=1, gate-change proxy, float16, mixed every 3 rounds)",
+        "FedMoE-DA, default (P=5, tau=1, gate-change proxy, same index, float16, every 3 rounds)",
+    ),
+    "fedmoe_da_cross_index": (
+        f"method=fedmoe_da {CROSS_INDEX}",
+        "FedMoE-DA, experts matched at any index (the default before same_index)",
     ),
     "fedmoe_da_previous": (
         f"method=fedmoe_da {PREVIOUS}",

@@ -52,8 +52,11 @@ METHODS = {
 PAPER = (
     "fedmoe_da.tau=1.0 fedmoe_da.self_weight=0.0 fedmoe_da.proxy=gate fedmoe_da.mix_every=1 "
     "fedmoe_da.mix_within_client=true fedmoe_da.num_peers=5 fedmoe_da.interval=1 "
-    "peer.half_precision=false"
+    "peer.half_precision=false fedmoe_da.same_index=false"
 )
+# The default before experts were matched only at their own index (fedmoe_da.same_index): the
+# matching variants below were measured on it.
+CROSS_INDEX = "fedmoe_da.same_index=false"
 VARIANTS = {
     "paper_reading": (PAPER, "previous default: P 5, tau 1, s 0, gate proxy, every round"),
     "tau0.1": (f"{PAPER} fedmoe_da.tau=0.1", "tau 0.1"),
@@ -85,21 +88,28 @@ VARIANTS = {
         f"{PAPER} fedmoe_da.proxy=gate_update peer.half_precision=true fedmoe_da.mix_every=3",
         "proxy: gate change, float16 payloads, mixed every 3 rounds",
     ),
-    # on top of the default (not the paper's reading): how experts are matched
+    # how experts are matched: on top of the previous default (experts matched at any index)
+    "cross_index": (CROSS_INDEX, "previous default: experts matched at any index"),
     "same_index": (
         "fedmoe_da.same_index=true",
-        "default, experts matched only with other clients' experts at their index k",
+        "experts matched only with other clients' experts at their index k (the default now)",
     ),
     "declared_domains": (
-        "fedmoe_da.proxy=declared_domains",
-        "default, proxy: each client's known domain mixture at index k (finds the domains)",
+        f"{CROSS_INDEX} fedmoe_da.proxy=declared_domains",
+        "previous default, proxy: each client's known domain mixture at index k",
     ),
     "output_update": (
-        "fedmoe_da.proxy=output_update",
-        "default, proxy: each expert's output layer's change in this round's training",
+        f"{CROSS_INDEX} fedmoe_da.proxy=output_update",
+        "previous default, proxy: each expert's output layer's change this round",
     ),
-    "prox0.1": ("fedmoe_da.prox_mu=0.1", "default, experts held near the mix (FedProx mu 0.1)"),
-    "prox1": ("fedmoe_da.prox_mu=1.0", "default, experts held near the mix (FedProx mu 1)"),
+    "prox0.1": (
+        f"{CROSS_INDEX} fedmoe_da.prox_mu=0.1",
+        "previous default, experts held near the mix (FedProx mu 0.1)",
+    ),
+    "prox1": (
+        f"{CROSS_INDEX} fedmoe_da.prox_mu=1.0",
+        "previous default, experts held near the mix (FedProx mu 1)",
+    ),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

@@ -671,7 +671,7 @@ class DomainAwareMoEAggregation(RoundBookkeeping[FedMoEDARoundRecord], Strategy)
         self_weight: float = 0.0,
         mix_every: int = 3,
         mix_within_client: bool = True,
-        same_index: bool = False,
+        same_index: bool = True,
         peer_root: str | None = None,
         grant_ttl_s: float = 900.0,
         pool_max_age: int = 5,

@@ -109,6 +109,9 @@ def _round(
 
 
 def _strategy(**kwargs: object) -> DomainAwareMoEAggregation:
+    """The strategy with experts matched at any index (Eq. 9 as the re-implementations read
+    it), which the hand-worked matrices below assume; ``same_index=True`` to bar other indices."""
+    kwargs.setdefault("same_index", False)
     return DomainAwareMoEAggregation(
         BACKBONE,
         ["backbone"],
