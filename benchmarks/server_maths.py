@@ -7,7 +7,9 @@ fingerprint its task's centre plus noise. The strategy's own features and cluste
 in every mode, next to the per-owner Hungarian assignment it replaced ("before"), with the
 clustering agreement (ARI) against the true tasks. FedMoE-DA: M random gate proxies of the
 default width; Eq. 8 (R), Eq. 9 (mask) and Eq. 10 (softmax) as the dense reference functions
-compute them, and the sparse blockwise A the strategy uses. Peak memory is the process's
+compute them, and the sparse blockwise A the strategy uses, with siblings barred (``owners``)
+and as the default computes it (``fedmoe_da.same_index``: each index k's experts alone, K = 4
+of the default model). Peak memory is the process's
 (``ru_maxrss``) after each size.
 
 Usage::
@@ -177,6 +179,11 @@ def fedmoe_rows(m: int, width: int, p: int, dense_up_to: int) -> dict[str, Any]:
         del r
     a, row["sparse_a_s"] = timed(lambda: sparse_aggregation_matrix(proxies, p, 1.0, 0.0, owners))
     row["kept_entries"] = int(a.nnz)
+    # The default (fedmoe_da.same_index, siblings allowed): each index k's experts alone.
+    positions = (np.arange(m) % 4).tolist()
+    _, row["sparse_a_same_index_s"] = timed(
+        lambda: sparse_aggregation_matrix(proxies, p, 1.0, 0.0, positions=positions)
+    )
     print(json.dumps(row), flush=True)
     return row
 
@@ -225,8 +232,8 @@ def table(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| FedMoE-DA, M experts | R, Eq. 8 (s) | mask, Eq. 9 (s) | softmax, Eq. 10 (s) "
-        "| sparse A, all three (s) | kept entries | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| sparse A, all three (s) | kept entries | sparse A, same index (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["fedmoe_da"]:
         dense = [
@@ -234,6 +241,7 @@ def table(results: dict[str, Any]) -> str:
         ]
         lines.append(
             f"| {r['M']} | {' | '.join(dense)} | {r['sparse_a_s']:.2f} | {r['kept_entries']} "
+            f"| {r.get('sparse_a_same_index_s', float('nan')):.2f} "
             f"| {results['peak_rss_mb'][str(r['M'])]:.0f} |"
         )
     return "\n".join(lines)

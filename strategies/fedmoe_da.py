@@ -252,6 +252,8 @@ def sparse_aggregation_matrix(
     """
     check_mixing(p, tau, self_weight)
     x = np.asarray(proxies, dtype=np.float64)
+    if positions is not None:  # A is block-diagonal by index: K smaller problems, not one
+        return _by_position(x, p, tau, self_weight, owners, block, positions)
     m = x.shape[0]
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
@@ -267,6 +269,35 @@ def sparse_aggregation_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, m)
     )
     matrix.eliminate_zeros()  # weight 0 (self_weight = 1): nothing to fetch
+    matrix.sort_indices()
+    return matrix
+
+
+def _by_position(
+    proxies: np.ndarray,
+    p: int,
+    tau: float,
+    self_weight: float,
+    owners: Sequence[int] | None,
+    block: int,
+    positions: Sequence[int],
+) -> sparse.csr_matrix:
+    """:func:`sparse_aggregation_matrix` with ``positions``: every pair at different indices is
+    barred, so A is the matrix of each index's experts alone, put back in place; about K times
+    less work than barring them in one ``(M, M)`` pass, with the same entries."""
+    where = np.asarray(positions)
+    m = len(where)
+    rows, cols, vals = [], [], []
+    for k in np.unique(where):
+        idx = np.flatnonzero(where == k)
+        mine = None if owners is None else np.asarray(owners)[idx].tolist()
+        part = sparse_aggregation_matrix(proxies[idx], p, tau, self_weight, mine, block).tocoo()
+        rows.append(idx[part.row])
+        cols.append(idx[part.col])
+        vals.append(part.data)
+    matrix = sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(m, m)
+    )
     matrix.sort_indices()
     return matrix
 

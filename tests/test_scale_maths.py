@@ -107,7 +107,7 @@ def test_the_sparse_matrix_equals_eq_8_to_10_and_keep_self(
     proxies = rng.normal(size=(m, d))
     proxies[3] = 0.0  # a silent expert: similarity 0 with everything
     owners = (np.arange(m) // 4).tolist() if by_owner else None
-    positions = (np.arange(m) % 4).tolist() if by_owner and p % 2 else None  # some cases
+    positions = (np.arange(m) % 4).tolist() if p % 2 else None  # some cases, alone too
     r = correlation_matrix(proxies)
     dense = keep_self(aggregation_matrix(r, p, tau, owners=owners, positions=positions), s)
     for block in (1, 7, 1024):  # however the rows are cut
