@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,20 +163,32 @@ def run_studies(
     return results
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def suite_table(
+    results: list[dict[str, Any]],
+    columns: Sequence[Any],
+    header: Callable[[Any], str],
+    cell: Callable[[list[dict[str, Any]], Any], str],
+) -> str:
+    """A markdown table: one row per suite (in the order run), one cell per column, each
+    ``cell(that suite's results, column)`` under ``header(column)``."""
     lines = [
-        "| suite | " + " | ".join(f"{v}: ARI per seed (seeds at 1.0)" for v in VARIANTS) + " |",
-        "|---|" + "---|" * len(VARIANTS),
+        "| suite | " + " | ".join(header(c) for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for suite in dict.fromkeys(r["suite"] for r in results):
         mine = [r for r in results if r["suite"] == suite]
-        cells = []
-        for v in VARIANTS:
-            values = [r[v] for r in mine]
-            hits = sum(abs(x - 1.0) < 1e-9 for x in values)
-            cells.append(" ".join(f"{x:.2f}" for x in values) + f" ({hits}/{len(values)})")
-        lines.append(f"| {suite} | " + " | ".join(cells) + " |")
+        lines.append(f"| {suite} | " + " | ".join(cell(mine, c) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _ari_cell(mine: list[dict[str, Any]], variant: str) -> str:
+    values = [r[variant] for r in mine]
+    hits = sum(abs(x - 1.0) < 1e-9 for x in values)
+    return " ".join(f"{x:.2f}" for x in values) + f" ({hits}/{len(values)})"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    return suite_table(results, VARIANTS, lambda v: f"{v}: ARI per seed (seeds at 1.0)", _ari_cell)
 
 
 def miss_kind(ari: float, scatter: dict[str, float]) -> str:
@@ -187,45 +199,30 @@ def miss_kind(ari: float, scatter: dict[str, float]) -> str:
     return "search" if scatter["tasks"] < scatter["found"] - 1e-9 else "features"
 
 
+def _miss_cell(mine: list[dict[str, Any]], block: str) -> str:
+    kinds = [miss_kind(r[block], r[block + SCATTER]) for r in mine]
+    return " / ".join(str(kinds.count(k)) for k in ("found", "search", "features"))
+
+
 def miss_table(results: list[dict[str, Any]]) -> str:
     """Per suite and unweighted block: partitions found, search misses, feature misses."""
-    lines = [
-        "| suite | "
-        + " | ".join(f"{b}: found / search miss / features miss" for b in BLOCKS)
-        + " |",
-        "|---|" + "---|" * len(BLOCKS),
-    ]
-    for suite in dict.fromkeys(r["suite"] for r in results):
-        mine = [r for r in results if r["suite"] == suite]
-        cells = []
-        for b in BLOCKS:
-            kinds = [miss_kind(r[b], r[b + SCATTER]) for r in mine]
-            cells.append(" / ".join(str(kinds.count(k)) for k in ("found", "search", "features")))
-        lines.append(f"| {suite} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return suite_table(
+        results, BLOCKS, lambda b: f"{b}: found / search miss / features miss", _miss_cell
+    )
 
 
 def held_back_table(results: list[dict[str, Any]], min_examples: list[int]) -> str:
     """Per suite and threshold m: partitions at ARI 1.0 when only adapters with >= m examples
     are grouped (input fingerprint), the lowest ARI, and the share of adapters held back."""
-    lines = [
-        "| suite | "
-        + " | ".join(f"m = {m}: at 1.0, lowest, held back" for m in min_examples)
-        + " |",
-        "|---|" + "---|" * len(min_examples),
-    ]
-    for suite in dict.fromkeys(r["suite"] for r in results):
-        mine = [r for r in results if r["suite"] == suite]
-        total = sum(r["adapters"] for r in mine)
-        cells = []
-        for m in min_examples:
-            runs = [r[f"input fingerprint, adapters with >= {m} examples"] for r in mine]
-            aris = [x["ari"] for x in runs]
-            hits = sum(abs(a - 1.0) < 1e-9 for a in aris)
-            held = sum(x["held_back"] for x in runs) / total
-            cells.append(f"{hits}/{len(aris)}, {min(aris):.2f}, {held:.0%}")
-        lines.append(f"| {suite} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(mine: list[dict[str, Any]], m: int) -> str:
+        runs = [r[f"input fingerprint, adapters with >= {m} examples"] for r in mine]
+        aris = [x["ari"] for x in runs]
+        hits = sum(abs(a - 1.0) < 1e-9 for a in aris)
+        held = sum(x["held_back"] for x in runs) / sum(r["adapters"] for r in mine)
+        return f"{hits}/{len(aris)}, {min(aris):.2f}, {held:.0%}"
+
+    return suite_table(results, min_examples, lambda m: f"m = {m}: at 1.0, lowest, held back", cell)
 
 
 def main() -> None:
