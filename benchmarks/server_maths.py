@@ -66,9 +66,13 @@ NO_PROJECTION = {"projection_dim": 0}  # each mode again without it, where it ap
 
 
 def before_assignment(
-    features: np.ndarray, centroids: np.ndarray, groups: list[np.ndarray]
+    features: np.ndarray,
+    centroids: np.ndarray,
+    groups: list[np.ndarray],
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The assignment step before this release: an ``(M, k, D)`` cost, one Hungarian per owner."""
+    """The assignment step before issue 14: an ``(M, k, D)`` cost, one Hungarian per owner
+    (unweighted, as every mode timed here; ``weights`` is taken for the caller's signature)."""
     cost = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
     return fltac.hungarian_assignment(cost, groups)
 
