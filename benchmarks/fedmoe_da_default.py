@@ -16,14 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmoe_da_scarce import CROSS_INDEX  # experts matched at any index: the old default
 from runner import fmt as _fmt
 from runner import run_all
 
 # label -> (Hydra overrides, description)
 # The previous defaults (the re-implementations' reading): gate rows as proxies, mixed every
 # round, float32 payloads. Today's defaults come from benchmarks/fedmoe_da_scarce.py.
-# Experts were matched at any index until fedmoe_da.same_index became the default.
-CROSS_INDEX = "fedmoe_da.same_index=false"
 PREVIOUS = f"fedmoe_da.proxy=gate fedmoe_da.mix_every=1 peer.half_precision=false {CROSS_INDEX}"
 METHODS = {
     "fedmoe_da": (

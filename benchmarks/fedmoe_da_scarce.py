@@ -49,14 +49,14 @@ METHODS = {
 }
 
 # label -> (overrides on top of method=fedmoe_da, description): one choice changed at a time
+# The default before experts were matched only at their own index (fedmoe_da.same_index): the
+# paper's reading and the matching variants below were measured with it.
+CROSS_INDEX = "fedmoe_da.same_index=false"
 PAPER = (
     "fedmoe_da.tau=1.0 fedmoe_da.self_weight=0.0 fedmoe_da.proxy=gate fedmoe_da.mix_every=1 "
     "fedmoe_da.mix_within_client=true fedmoe_da.num_peers=5 fedmoe_da.interval=1 "
-    "peer.half_precision=false fedmoe_da.same_index=false"
+    f"peer.half_precision=false {CROSS_INDEX}"
 )
-# The default before experts were matched only at their own index (fedmoe_da.same_index): the
-# matching variants below were measured on it.
-CROSS_INDEX = "fedmoe_da.same_index=false"
 VARIANTS = {
     "paper_reading": (PAPER, "previous default: P 5, tau 1, s 0, gate proxy, every round"),
     "tau0.1": (f"{PAPER} fedmoe_da.tau=0.1", "tau 0.1"),

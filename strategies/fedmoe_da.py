@@ -260,7 +260,7 @@ def sparse_aggregation_matrix(
     rows, cols, vals = [], [], []
     for start in range(0, m, block):
         stop = min(m, start + block)
-        barred = barred_pairs(np.arange(start, stop), m, owners, positions)
+        barred = barred_pairs(np.arange(start, stop), m, owners)  # positions: _by_position
         i, j, w = _sparse_rows(unit, start, stop, p, tau, barred)
         rows.append(i)
         cols.append(j)
@@ -286,11 +286,12 @@ def _by_position(
     barred, so A is the matrix of each index's experts alone, put back in place; about K times
     less work than barring them in one ``(M, M)`` pass, with the same entries."""
     where = np.asarray(positions)
+    who = None if owners is None else np.asarray(owners)
     m = len(where)
     rows, cols, vals = [], [], []
     for k in np.unique(where):
         idx = np.flatnonzero(where == k)
-        mine = None if owners is None else np.asarray(owners)[idx].tolist()
+        mine = None if who is None else who[idx].tolist()
         part = sparse_aggregation_matrix(proxies[idx], p, tau, self_weight, mine, block).tocoo()
         rows.append(idx[part.row])
         cols.append(idx[part.col])
