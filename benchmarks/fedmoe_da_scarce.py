@@ -110,6 +110,10 @@ VARIANTS = {
         f"{CROSS_INDEX} fedmoe_da.prox_mu=1.0",
         "previous default, experts held near the mix (FedProx mu 1)",
     ),
+    "private_experts": (
+        "moe.private_experts=4",
+        "a private copy of each expert beside the mixed one (the gate routes over 4 + 4)",
+    ),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

@@ -333,13 +333,14 @@ def expert_proxies(node: Node) -> np.ndarray:
     """
     model = node.model
     assert isinstance(model, MoEClassifier)
-    gate = model.gate.weight.detach().cpu().numpy()
+    k = len(model.experts)  # the shared experts' rows; private experts' rows stay home
+    gate = model.gate.weight.detach().cpu().numpy()[:k]
     mode = node.cfg.fedmoe_da.proxy
     if mode == "gate":
         return gate
     if mode == "gate_update":
         assert node.initial_gate is not None
-        return gate - node.initial_gate
+        return gate - node.initial_gate[:k]
     if mode == "declared_domains":
         counts = node.data.domain_counts(len(node.cfg.suite.tasks))
         return declared_domain_proxies(counts, gate.shape[0])
@@ -353,7 +354,7 @@ def expert_proxies(node: Node) -> np.ndarray:
     for start in range(0, len(node.data.x_train), batch):
         h = model.backbone(torch.from_numpy(node.data.x_train[start : start + batch]).to(device))
         feats.append(h.cpu())
-        probs.append(torch.softmax(model.gate(h), dim=-1).cpu())
+        probs.append(torch.softmax(model.gate(h), dim=-1)[:, :k].cpu())
     return routed_means(torch.cat(feats).numpy(), torch.cat(probs).numpy())
 
 
@@ -562,7 +563,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         domain_total=np.bincount(data.d_test, minlength=num_domains).tolist(),
     )
     if selected is not None:
-        k = node.cfg.moe.num_experts
+        k = node.cfg.moe.num_experts + node.cfg.moe.private_experts
         counts = np.zeros((num_domains, k), dtype=np.int64)
         np.add.at(counts, (np.repeat(data.d_test, selected.shape[1]), selected.ravel()), 1)
         reply.routing = counts.ravel().tolist()

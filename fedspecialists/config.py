@@ -264,6 +264,8 @@ class MoESettings:
     projection to ``projection_dim``. Then a gate and ``num_experts`` two-layer MLP experts of
     width ``expert_hidden`` with top-``top_k`` routing. The dense baseline's head has
     ``dense_hidden`` units (null = num_experts * expert_hidden, a model of similar size).
+    ``private_experts`` more experts (copies of the first ones at the start) that stay on the
+    client in every method; the gate routes over all of them.
     """
 
     channels: list[int] = MISSING
@@ -275,6 +277,7 @@ class MoESettings:
     dense_hidden: int | None = MISSING
     load_balance_coef: float = MISSING
     global_test_per_domain: int = MISSING
+    private_experts: int = MISSING
 
 
 @dataclass
@@ -773,7 +776,16 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
     _check(len(moe.channels) >= 1 and min(moe.channels) >= 1, "moe.channels", "needs widths >= 1")
     for key in ("pooled_size", "projection_dim", "num_experts", "expert_hidden"):
         _check(getattr(moe, key) >= 1, f"moe.{key}", "must be >= 1")
-    _check(1 <= moe.top_k <= moe.num_experts, "moe.top_k", "must be in 1..moe.num_experts")
+    _check(
+        0 <= moe.private_experts <= moe.num_experts,
+        "moe.private_experts",
+        "must be in 0..moe.num_experts (each is a copy of a shared expert at the start)",
+    )
+    _check(
+        1 <= moe.top_k <= moe.num_experts + moe.private_experts,
+        "moe.top_k",
+        "must be in 1..moe.num_experts + moe.private_experts",
+    )
     _check(
         moe.dense_hidden is None or moe.dense_hidden >= 1,
         "moe.dense_hidden",

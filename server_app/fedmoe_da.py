@@ -105,7 +105,7 @@ def run(grid: Grid, cfg: MoERunConfig, recorder: RunRecorder, run_dir: Path) -> 
     )
     if cfg.output.plots:
         recorder.write_plots()
-        recorder.write_moe_plots(domain_names, cfg.moe.num_experts)
+        recorder.write_moe_plots(domain_names, cfg.moe.num_experts, cfg.moe.private_experts)
     if not recorder.rounds or summary["mean_accuracy"] is None:
         raise RuntimeError("no round produced evaluation results (did every client fail?)")
     recorder.set_status("completed")

@@ -377,8 +377,11 @@ class RunRecorder:
         self._track_plots(written)
         return written
 
-    def write_moe_plots(self, domains: list[str], num_experts: int) -> list[Path]:
-        """PNG plots of a mixture-of-experts run: accuracy, server vs peer bytes, A, routing."""
+    def write_moe_plots(
+        self, domains: list[str], num_experts: int, private_experts: int = 0
+    ) -> list[Path]:
+        """PNG plots of a mixture-of-experts run: accuracy, server vs peer bytes, A, routing
+        (over the ``num_experts`` shared experts, then the ``private_experts``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -442,13 +445,15 @@ class RunRecorder:
             written.append(_save(fig, out / "aggregation_matrix.png"))
         routed = [r for r in self.rounds if r.get("routing")]
         if routed:
+            names = [f"expert {k}" for k in range(num_experts)]
+            names += [f"private {j}" for j in range(private_experts)]
             counts = np.asarray(routed[-1]["routing"], dtype=float).reshape(
-                len(domains), num_experts
+                len(domains), len(names)
             )
             share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
             fig, ax = plt.subplots(figsize=(5.5, 3.6))
             image = ax.imshow(share, cmap="magma", vmin=0, vmax=1)
-            ax.set_xticks(range(num_experts), [f"expert {k}" for k in range(num_experts)])
+            ax.set_xticks(range(len(names)), names, rotation=45 if private_experts else 0)
             ax.set_yticks(range(len(domains)), domains)
             for (i, j), value in np.ndenumerate(share):
                 ax.text(

@@ -279,6 +279,9 @@ CROSS_FIELD_REFUSED = [
     ("fltac.auto_k_min=5 fltac.auto_k_max=4", "fltac.auto_k_max"),  # max >= min
     (f"{MOE} moe.top_k=0", "moe.top_k"),  # 1..num_experts
     (f"{MOE} moe.num_experts=2 moe.top_k=3", "moe.top_k"),
+    (f"{MOE} moe.private_experts=-1", "moe.private_experts"),  # 0..num_experts
+    (f"{MOE} moe.private_experts=5", "moe.private_experts"),
+    (f"{MOE} moe.private_experts=2 moe.top_k=7", "moe.top_k"),  # 1..K + K_p
     (f"{MOE} partition.test_per_client=null", "partition.test_per_client"),  # MoE needs it
     (f"{MOE} suite.tasks.0.kind=text_classification", "suite.tasks"),  # image and text mixed
     (f"{MOE} suite=dolly", "suite.tasks"),  # causal LM tasks
@@ -383,6 +386,8 @@ ACCEPTED = [
     (f"{MOE} moe.pooled_size=1", "moe.pooled_size", 1),
     (f"{MOE} moe.top_k=1", "moe.top_k", 1),
     (f"{MOE} moe.top_k=4", "moe.top_k", 4),  # = num_experts
+    (f"{MOE} moe.private_experts=4 moe.top_k=8", "moe.top_k", 8),  # = K + K_p
+    (f"{MOE} moe.private_experts=4", "moe.private_experts", 4),
     (f"{MOE} moe.num_experts=1 moe.top_k=1", "moe.num_experts", 1),
     (f"{MOE} moe.dense_hidden=1", "moe.dense_hidden", 1),
     (f"{MOE} moe.dense_hidden=null", "moe.dense_hidden", None),

@@ -24,6 +24,7 @@ MOE = MoESettings(  # only what the model reads
     top_k=1,
     expert_hidden=3,
     dense_hidden=None,
+    private_experts=0,
 )
 CFG = SimpleNamespace(validation=SimpleNamespace(max_abs_value=1e4))
 
@@ -261,3 +262,34 @@ def test_the_proximal_term_holds_experts_near_their_start() -> None:
     free, held = _expert_drift(0.0), _expert_drift(10.0)
     assert free > 0
     assert held < 0.5 * free  # with SGD, mu * lr = 0.5 pulls half the deviation back each step
+
+
+def test_private_experts_stay_home_and_out_of_the_proxies(tmp_path: Path) -> None:
+    moe = MoESettings(**{**vars(MOE), "private_experts": 1})
+    model = build_model((1, 8, 8), 3, moe, dense=False, seed=1)
+    # shared as FedAvg-MoE shares: backbone, gate and experts; the private expert still stays
+    node = Node(CFG, "", 1, 1, (1, 4), None, model, ["backbone", "gate", "experts"], tmp_path)  # type: ignore[arg-type]
+    assert {k for k in node.personal_keys} == {
+        "private_experts.0.fc1.weight",
+        "private_experts.0.fc1.bias",
+        "private_experts.0.fc2.weight",
+        "private_experts.0.fc2.bias",
+    }
+    assert isinstance(node.model, MoEClassifier)
+    start = node.model.gate.weight.detach().numpy().copy()  # (K + K_p, d) = (3, d)
+    node.initial_gate = start
+    with torch.no_grad():
+        node.model.gate.weight.add_(torch.tensor([[1.0], [2.0], [3.0]]))
+    x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    node.data = SimpleNamespace(x_train=x)  # type: ignore[assignment]
+    node.cfg = SimpleNamespace(  # type: ignore[assignment]
+        fedmoe_da=SimpleNamespace(proxy="gate_update"), train=SimpleNamespace(eval_batch_size=2)
+    )
+    # the shared experts' rows only (K = 2): the private row's change (3.0) is not sent
+    assert_allclose(expert_proxies(node), [[1.0] * start.shape[1], [2.0] * start.shape[1]])
+    node.cfg.fedmoe_da.proxy = "routed_mean"
+    with torch.no_grad():
+        h = node.model.backbone(torch.from_numpy(x))
+        p = torch.softmax(node.model.gate(h), dim=-1).numpy()[:, :2]  # over all 3, then K
+    expected = (p.T @ h.numpy()) / p.sum(axis=0)[:, None]
+    assert_allclose(expert_proxies(node), expected, rtol=1e-5, atol=1e-6)

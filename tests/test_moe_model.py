@@ -28,6 +28,7 @@ MOE = MoESettings(  # only what the model reads
     top_k=2,
     expert_hidden=5,
     dense_hidden=None,
+    private_experts=0,
 )
 
 
@@ -123,3 +124,64 @@ def test_top_k_at_the_ends_of_its_range_is_accepted(top_k: int) -> None:
         assert torch.equal(chosen, torch.ones(5, 3))
         mixed = (out.router_probs.unsqueeze(-1) * each).sum(1)
         assert torch.allclose(out.logits, mixed, atol=1e-6)
+
+
+def test_private_experts_start_as_copies_and_leave_the_shared_start_alone() -> None:
+    shared = build_model((1, 12, 12), 4, MOE, dense=False, seed=3).state_dict()
+    model = build_model(
+        (1, 12, 12), 4, dataclasses.replace(MOE, private_experts=2), dense=False, seed=3
+    )
+    assert isinstance(model, MoEClassifier)
+    state = model.state_dict()
+    assert list(state)[: len(shared)] == list(shared)  # the shared names, in their order
+    for key, value in shared.items():  # the same common start as without private experts
+        assert torch.equal(state[key] if key != "gate.weight" else state[key][:3], value)
+    assert state["gate.weight"].shape == (5, 8 * 2 * 2)  # K + K_p gate vectors
+    for j in range(2):  # private expert j starts as a copy of expert j
+        for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            assert torch.equal(state[f"private_experts.{j}.{name}"], state[f"experts.{j}.{name}"])
+    assert {part_of(k) for k in state} == {
+        "backbone",
+        "gate",
+        "expert.0",
+        "expert.1",
+        "expert.2",
+        "private_experts",
+    }
+
+
+def test_the_gate_routes_over_shared_and_private_experts() -> None:
+    model = build_model(
+        (1, 12, 12), 4, dataclasses.replace(MOE, private_experts=2), dense=False, seed=0
+    )
+    assert isinstance(model, MoEClassifier)
+    with torch.no_grad():
+        model.private_experts[1].fc2.bias.add_(1.0)  # type: ignore[operator]  # differs from expert 1
+        model.gate.weight.zero_()
+        model.gate.weight[4] = 1.0  # private expert 1 (index K + 1 = 4) ...
+        model.gate.weight[0] = 0.5  # ... then shared expert 0
+    x = torch.rand(3, 1, 12, 12)  # backbone outputs are >= 0 (ReLU, pooling): logit 4 wins
+    out = model(x)
+    h = model.backbone(x)
+    assert out.router_probs.shape == (3, 5)
+    assert out.selected[:, 0].tolist() == [4, 4, 4]
+    assert out.selected[:, 1].tolist() == [0, 0, 0]
+    probs = torch.softmax(model.gate(h), -1)
+    w4, w0 = probs[:, 4], probs[:, 0]
+    manual = (w4[:, None] * model.private_experts[1](h) + w0[:, None] * model.experts[0](h)) / (
+        w4 + w0
+    )[:, None]
+    assert torch.allclose(out.logits, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("private", "top_k", "message"),
+    [
+        (4, 2, "private_experts must be in 0..3, not 4"),
+        (2, 6, "top_k must be in 1..5, not 6"),
+    ],
+)
+def test_private_experts_out_of_range_are_refused(private: int, top_k: int, message: str) -> None:
+    bad = dataclasses.replace(MOE, private_experts=private, top_k=top_k)
+    with pytest.raises(ValueError, match=message):
+        build_model((1, 12, 12), 4, bad, dense=False, seed=0)

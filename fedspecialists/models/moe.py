@@ -12,10 +12,14 @@ load-balancing loss is Switch Transformer's ``K * sum_e f_e P_e``.
 
 Parameter names (what each method shares): ``backbone.*``, ``gate.weight`` and
 ``experts.<k>.*`` for the MoE model; ``backbone.*`` and ``head.*`` for the dense model.
+With ``moe.private_experts`` = K_p > 0 the MoE model also holds ``private_experts.<j>.*``
+(copies of experts 0..K_p-1 at the start) that no method ever sends anywhere, and the gate
+routes over all K + K_p experts; its first K rows stay the shared experts' gate vectors.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -135,28 +139,47 @@ Backbone = ConvBackbone | ProjectionBackbone
 
 
 class MoEClassifier(nn.Module):
-    """Backbone, gate ``Pi`` (K, d) and K experts with top-k routing.
+    """Backbone, gate ``Pi`` (K + K_p, d), K experts and K_p private ones, top-k routing.
 
     Every expert runs on every input and the top-k combine weights zero the others: the same
     outputs and gradients as a sparse dispatch, and faster at these sizes (K small, d ~ 500).
+    Private expert j starts as a copy of expert j; routing, outputs and the load-balancing loss
+    index the experts in the order ``experts``, then ``private_experts``.
     """
 
     def __init__(
-        self, backbone: Backbone, num_experts: int, top_k: int, hidden: int, num_labels: int
+        self,
+        backbone: Backbone,
+        num_experts: int,
+        top_k: int,
+        hidden: int,
+        num_labels: int,
+        private_experts: int = 0,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in 1..{num_experts}, not {top_k}")
+        if not 0 <= private_experts <= num_experts:
+            raise ValueError(f"private_experts must be in 0..{num_experts}, not {private_experts}")
+        if not 1 <= top_k <= num_experts + private_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts + private_experts}, not {top_k}")
         self.backbone = backbone
         dim = backbone.out_dim
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(dim, hidden, num_labels) for _ in range(num_experts))
+        self.private_experts = nn.ModuleList(
+            copy.deepcopy(self.experts[j]) for j in range(private_experts)
+        )
+        if private_experts:  # drawn last: the shared parts start as they do with K_p = 0
+            wide = nn.Linear(dim, num_experts + private_experts, bias=False)
+            with torch.no_grad():
+                wide.weight[:num_experts] = self.gate.weight
+            self.gate = wide  # same place in the state dict
         self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         h = self.backbone(x)
         combine, probs, selected = route(self.gate(h), self.top_k)
-        outputs = torch.stack([expert(h) for expert in self.experts], dim=1)  # (B, K, C)
+        every = [*self.experts, *self.private_experts]
+        outputs = torch.stack([expert(h) for expert in every], dim=1)  # (B, K + K_p, C)
         logits = torch.einsum("bk,bkc->bc", combine, outputs)
         return MoEOutput(logits, probs, selected)
 
@@ -196,7 +219,9 @@ def build_model(
     if dense:
         dense_hidden = moe_cfg.dense_hidden or num_experts * hidden
         return DenseClassifier(backbone, int(dense_hidden), num_labels)
-    return MoEClassifier(backbone, num_experts, moe_cfg.top_k, hidden, num_labels)
+    return MoEClassifier(
+        backbone, num_experts, moe_cfg.top_k, hidden, num_labels, moe_cfg.private_experts
+    )
 
 
 @torch.no_grad()
@@ -210,7 +235,8 @@ def expert_outputs(model: MoEClassifier) -> np.ndarray:
 
 
 def part_of(name: str) -> str:
-    """Which part a parameter belongs to: ``backbone``, ``gate``, ``expert.<k>`` or ``head``."""
+    """Which part a parameter belongs to: ``backbone``, ``gate``, ``expert.<k>``,
+    ``private_experts`` (no method shares it) or ``head``."""
     if name.startswith("experts."):
         return "expert." + name.split(".")[1]
     return name.split(".")[0]
