@@ -397,7 +397,8 @@ def test_fedmoe_da_scarce_experiment_at_a_tiny_size(
 
 
 def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> None:
-    """The SuperExec and a running simulation live in process groups of their own."""
+    """The SuperExec and a running simulation live in process groups of their own, and a
+    SuperLink started again in that home does not start the unfinished run again."""
     import time
 
     import psutil
@@ -421,6 +422,12 @@ def test_stopping_the_superlink_mid_run_leaves_no_process(tmp_path: Path) -> Non
         pids = [link.process.pid, *(p.pid for p in spawned)]
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not alive, [psutil.Process(p).cmdline()[:2] for p in alive]
+    # A SuperLink started again in the same home does not run the unfinished run again.
+    with local_superlink(tmp_path / "flwr-home") as again:
+        time.sleep(5)  # Flower's scheduler would have started it by now
+        assert run_status(again, run_id)[0] == "unknown"
+        spawned = psutil.Process(again.process.pid).children(recursive=True)
+        assert not any("flwr-simulation" in " ".join(p.cmdline()) for p in spawned)
 
 
 def test_fedmoe_da_text_variant_completes(superlink: LocalSuperLink, tmp_path: Path) -> None:

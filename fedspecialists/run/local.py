@@ -151,10 +151,13 @@ def local_superlink(
     """Start ``flower-superlink --simulation`` with its own ``FLWR_HOME`` and ports; stop on exit.
 
     ``flwr`` commands run with :attr:`LocalSuperLink.env` find this SuperLink as the ``local``
-    connection (same ports), so they never start one of their own.
+    connection (same ports), so they never start one of their own. It starts with an empty
+    database: runs an earlier SuperLink in ``home`` left unfinished (stopped mid-run) are not
+    started again beside this one's (a resumed run starts from its run folder, not from here).
     """
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
+    forget_runs(home)
     port, control = free_port(), free_port()
     env = _superlink_env(home, port, control, extra_env or {})
     log_file = home / "superlink.log"
@@ -171,6 +174,25 @@ def local_superlink(
         yield link
     finally:
         link.stop()
+
+
+STATE_DB = "state.db"
+
+
+def forget_runs(home: Path) -> list[Path]:
+    """Remove the SuperLink database of ``home`` (and SQLite's side files); the paths removed.
+
+    A simulation SuperLink starts the unfinished runs it finds in its database, so one started
+    on the database of a SuperLink that was stopped mid-run would run that run again, beside
+    whatever it is started for.
+    """
+    removed = []
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = home / f"{STATE_DB}{suffix}"
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 # What every Flower process this project starts runs with: no hub, no telemetry, and never a
@@ -211,7 +233,7 @@ def _superlink_command(home: Path, port: int, control: int, log_file: Path) -> l
         "--port",
         str(port),
         "--database",
-        str(home / "state.db"),
+        str(home / STATE_DB),
         "--log-file",
         str(log_file),
     ]
