@@ -530,7 +530,12 @@ def choose_k(features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: in
 
 
 def auto_kmeans(
-    features: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 10
+    features: np.ndarray,
+    k_min: int,
+    k_max: int,
+    seed: int,
+    n_init: int = 10,
+    weights: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray]:
     """Automatic K and the K-means labels ``(M,)`` it chose, for ``features`` ``(M, D)``.
 
@@ -539,26 +544,33 @@ def auto_kmeans(
     :data:`SILHOUETTE_SAMPLE` adapters the scan runs on a seeded sample of that many with at
     most :data:`SAMPLE_N_INIT` restarts per K (restarts for every K, and silhouette's O(M^2),
     made this slow at thousands), and all M adapters are then clustered by one K-means started
-    from the sample's centroids for the chosen K."""
+    from the sample's centroids for the chosen K. ``weights`` ``(M,)`` weigh the rows in every
+    K-means fit (None: all 1); the silhouette counts every adapter once."""
     m = features.shape[0]
-    sample, scan_init = features, n_init
+    rows = np.arange(m)
+    scan_init = n_init
     if m > SILHOUETTE_SAMPLE:
-        rows = np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False)
-        sample, scan_init = features[np.sort(rows)], min(n_init, SAMPLE_N_INIT)
+        rows = np.sort(np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False))
+        scan_init = min(n_init, SAMPLE_N_INIT)
+    sample = features[rows]
+    sample_weights = None if weights is None else weights[rows]
     upper = min(k_max, sample.shape[0] - 1)
     if upper < k_min:
         k = max(1, min(k_min, m))
-        return k, kmeans_labels(features, k, seed, n_init)
+        return k, kmeans_labels(features, k, seed, n_init, weights)
     distances = pairwise_distances(sample)  # (m, m), once for every K: silhouette's main cost
-    fits = {k: fitted_kmeans(sample, k, seed, scan_init) for k in range(k_min, upper + 1)}
+    fits = {
+        k: fitted_kmeans(sample, k, seed, scan_init, weights=sample_weights)
+        for k in range(k_min, upper + 1)
+    }
     scores = {
         k: float(silhouette_score(distances, labels, metric="precomputed"))
         for k, (labels, _) in fits.items()
     }
     best = max(scores, key=lambda k: (scores[k], -k))
-    if sample is features:
+    if len(rows) == m:
         return best, fits[best][0]
-    return best, fitted_kmeans(features, best, seed, init=fits[best][1])[0]
+    return best, fitted_kmeans(features, best, seed, init=fits[best][1], weights=weights)[0]
 
 
 def label_count_mismatch(
@@ -1293,7 +1305,8 @@ class TaskAdapterClustering(RoundBookkeeping[FLTACRoundRecord], Strategy):
         if split is None:
             if self.num_clusters == "auto" and self.clustering != "constrained_kmeans":
                 low, high = self.auto_k_range  # the scan's best fit is the clustering
-                return auto_kmeans(features, low, high, seed, self.kmeans_n_init)[1].tolist()
+                fit = auto_kmeans(features, low, high, seed, self.kmeans_n_init, weights)
+                return fit[1].tolist()
             return self._kmeans(features, owners, self.cluster_count(pool), seed, weights).tolist()
         counts, per_group = split
         labels = np.zeros(len(pool), dtype=np.int64)

@@ -200,6 +200,17 @@ def test_auto_kmeans_below_the_sample_size_is_the_scan_then_kmeans(seed: int) ->
     assert labels.tolist() == kmeans_labels(features, k, seed, n_init=10).tolist()
 
 
+def test_auto_kmeans_weighs_its_fits() -> None:
+    """1-D points 0, 4, 10 and K = 2. Merging a pair costs w_a w_b / (w_a + w_b) d^2: unweighted
+    {0, 4} (8) before {4, 10} (18); with weights 100, 100, 1, {0, 4} costs 50 * 16 = 800 and
+    {4, 10} 100/101 * 36 = 35.6, so 4 joins 10."""
+    features = np.array([[0.0], [4.0], [10.0]])
+    k, labels = auto_kmeans(features, 2, 2, seed=0)
+    assert k == 2 and labels[0] == labels[1] != labels[2]
+    k, labels = auto_kmeans(features, 2, 2, seed=0, weights=np.array([100.0, 100.0, 1.0]))
+    assert k == 2 and labels[0] != labels[1] == labels[2]
+
+
 def test_auto_kmeans_above_the_sample_size_clusters_every_adapter() -> None:
     """Above SILHOUETTE_SAMPLE adapters every adapter is labelled (not only the sample) by
     K-means started from the sample's centroids: on clear clusters, exactly the true ones."""

@@ -831,6 +831,18 @@ def test_kmeans_weighting_by_samples_weighs_each_adapter_by_its_example_count() 
     assert weighted.describe()["kmeans_weighting"] == "samples"
 
 
+def test_kmeans_weighting_by_samples_holds_with_automatic_k() -> None:
+    # The same hand example with plain K-means and K chosen by silhouette in 2..2: the scan's
+    # fit is weighted too (it used to ignore fltac.kmeans_weighting).
+    pool = [PoolEntry(n, 0, _adapter(1, 0), e, "v0", None) for n, e in enumerate([1, 1, 1, 100])]
+    features = np.array([[0.0], [4.0], [6.0], [10.0]])
+    auto = {"num_clusters": "auto", "auto_k_range": (2, 2), "clustering": "kmeans"}
+    a, b, c, d = paper_fltac(**auto).cluster(pool, features, seed=0)
+    assert a == b != c == d
+    a, b, c, d = paper_fltac(**auto, kmeans_weighting="samples").cluster(pool, features, seed=0)
+    assert a == b == c != d
+
+
 def test_fingerprints_only_from_v0_leaves_the_heads_out_of_round_one_only() -> None:
     strategy = paper_fltac(
         num_clusters=1,
