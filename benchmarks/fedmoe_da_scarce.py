@@ -114,6 +114,10 @@ VARIANTS = {
         "moe.private_experts=4",
         "a private copy of each expert beside the mixed one (the gate routes over 4 + 4)",
     ),
+    "private_paired": (
+        "moe.private_experts=4 moe.private_mode=paired",
+        "a private copy of each expert, blended with the mixed one by a learnt share",
+    ),
     "self0.5_fp16_every3": (
         f"{PAPER} fedmoe_da.self_weight=0.5 peer.half_precision=true fedmoe_da.mix_every=3",
         "s = 0.5, float16 payloads, mixed every 3 rounds",

@@ -563,7 +563,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         domain_total=np.bincount(data.d_test, minlength=num_domains).tolist(),
     )
     if selected is not None:
-        k = node.cfg.moe.num_experts + node.cfg.moe.private_experts
+        assert isinstance(node.model, MoEClassifier)
+        k = node.model.gate.out_features  # K, or K + K_p with routed private experts
         counts = np.zeros((num_domains, k), dtype=np.int64)
         np.add.at(counts, (np.repeat(data.d_test, selected.shape[1]), selected.ravel()), 1)
         reply.routing = counts.ravel().tolist()

@@ -25,6 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 # what stands for an expert in FedMoE-DA's Eq. 8
+PRIVATE_MODES = ("routed", "paired")  # how moe.private_experts are used
 PROXIES = ("gate", "gate_update", "routed_mean", "declared_domains", "output_update")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
 ROBUST_KEYS = (  # robust.*
@@ -265,7 +266,8 @@ class MoESettings:
     width ``expert_hidden`` with top-``top_k`` routing. The dense baseline's head has
     ``dense_hidden`` units (null = num_experts * expert_hidden, a model of similar size).
     ``private_experts`` more experts (copies of the first ones at the start) that stay on the
-    client in every method; the gate routes over all of them.
+    client in every method, used as ``private_mode`` says: ``routed`` (the gate routes over all
+    of them) or ``paired`` (each blended with the shared expert it copies, by a learnt share).
     """
 
     channels: list[int] = MISSING
@@ -278,6 +280,7 @@ class MoESettings:
     load_balance_coef: float = MISSING
     global_test_per_domain: int = MISSING
     private_experts: int = MISSING
+    private_mode: str = MISSING  # how private experts are used, one of PRIVATE_MODES
 
 
 @dataclass
@@ -782,9 +785,15 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
         "must be in 0..moe.num_experts (each is a copy of a shared expert at the start)",
     )
     _check(
-        1 <= moe.top_k <= moe.num_experts + moe.private_experts,
+        moe.private_mode in PRIVATE_MODES,
+        "moe.private_mode",
+        f"must be one of {', '.join(PRIVATE_MODES)}",
+    )
+    routed = moe.num_experts + (moe.private_experts if moe.private_mode == "routed" else 0)
+    _check(
+        1 <= moe.top_k <= routed,
         "moe.top_k",
-        "must be in 1..moe.num_experts + moe.private_experts",
+        "must be in 1..moe.num_experts (+ moe.private_experts when moe.private_mode is routed)",
     )
     _check(
         moe.dense_hidden is None or moe.dense_hidden >= 1,

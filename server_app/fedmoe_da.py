@@ -105,7 +105,8 @@ def run(grid: Grid, cfg: MoERunConfig, recorder: RunRecorder, run_dir: Path) -> 
     )
     if cfg.output.plots:
         recorder.write_plots()
-        recorder.write_moe_plots(domain_names, cfg.moe.num_experts, cfg.moe.private_experts)
+        routed_private = cfg.moe.private_experts if cfg.moe.private_mode == "routed" else 0
+        recorder.write_moe_plots(domain_names, cfg.moe.num_experts, routed_private)
     if not recorder.rounds or summary["mean_accuracy"] is None:
         raise RuntimeError("no round produced evaluation results (did every client fail?)")
     recorder.set_status("completed")

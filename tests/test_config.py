@@ -282,6 +282,8 @@ CROSS_FIELD_REFUSED = [
     (f"{MOE} moe.private_experts=-1", "moe.private_experts"),  # 0..num_experts
     (f"{MOE} moe.private_experts=5", "moe.private_experts"),
     (f"{MOE} moe.private_experts=2 moe.top_k=7", "moe.top_k"),  # 1..K + K_p
+    (f"{MOE} moe.private_experts=2 moe.private_mode=paired moe.top_k=5", "moe.top_k"),  # 1..K
+    (f"{MOE} moe.private_mode=blended", "moe.private_mode"),
     (f"{MOE} partition.test_per_client=null", "partition.test_per_client"),  # MoE needs it
     (f"{MOE} suite.tasks.0.kind=text_classification", "suite.tasks"),  # image and text mixed
     (f"{MOE} suite=dolly", "suite.tasks"),  # causal LM tasks
@@ -388,6 +390,7 @@ ACCEPTED = [
     (f"{MOE} moe.top_k=4", "moe.top_k", 4),  # = num_experts
     (f"{MOE} moe.private_experts=4 moe.top_k=8", "moe.top_k", 8),  # = K + K_p
     (f"{MOE} moe.private_experts=4", "moe.private_experts", 4),
+    (f"{MOE} moe.private_experts=4 moe.private_mode=paired", "moe.private_mode", "paired"),
     (f"{MOE} moe.num_experts=1 moe.top_k=1", "moe.num_experts", 1),
     (f"{MOE} moe.dense_hidden=1", "moe.dense_hidden", 1),
     (f"{MOE} moe.dense_hidden=null", "moe.dense_hidden", None),

@@ -25,6 +25,7 @@ MOE = MoESettings(  # only what the model reads
     expert_hidden=3,
     dense_hidden=None,
     private_experts=0,
+    private_mode="routed",
 )
 CFG = SimpleNamespace(validation=SimpleNamespace(max_abs_value=1e4))
 

@@ -29,6 +29,7 @@ MOE = MoESettings(  # only what the model reads
     expert_hidden=5,
     dense_hidden=None,
     private_experts=0,
+    private_mode="routed",
 )
 
 
@@ -185,3 +186,37 @@ def test_private_experts_out_of_range_are_refused(private: int, top_k: int, mess
     bad = dataclasses.replace(MOE, private_experts=private, top_k=top_k)
     with pytest.raises(ValueError, match=message):
         build_model((1, 12, 12), 4, bad, dense=False, seed=0)
+
+
+def test_paired_private_experts_blend_with_the_expert_they_copy() -> None:
+    """Slot j < K_p outputs sigma(b_j) E_j(h) + (1 - sigma(b_j)) P_j(h); the gate stays K wide."""
+    paired = dataclasses.replace(MOE, private_experts=2, private_mode="paired")
+    model = build_model((1, 12, 12), 4, paired, dense=False, seed=0)
+    assert isinstance(model, MoEClassifier) and model.private_blend is not None
+    state = model.state_dict()
+    assert state["gate.weight"].shape == (3, 8 * 2 * 2)
+    assert torch.equal(state["private_blend"], torch.zeros(2))  # half each at the start
+    assert part_of("private_blend") == "private_blend"
+    with torch.no_grad():
+        model.private_experts[0].fc2.bias.add_(1.0)  # type: ignore[operator]
+        model.private_experts[1].fc2.bias.add_(2.0)  # type: ignore[operator]
+        model.private_blend[1] = math.log(3.0)  # sigma = 3/4
+        model.gate.weight.zero_()
+        model.gate.weight[1] = 1.0  # slot 1, then slot 0 (backbone outputs are >= 0)
+        model.gate.weight[0] = 0.5
+    x = torch.rand(3, 1, 12, 12)
+    out = model(x)
+    h = model.backbone(x)
+    assert out.router_probs.shape == (3, 3) and out.selected[:, 0].tolist() == [1, 1, 1]
+    slot0 = 0.5 * model.experts[0](h) + 0.5 * model.private_experts[0](h)
+    slot1 = 0.75 * model.experts[1](h) + 0.25 * model.private_experts[1](h)
+    # private expert j = expert j + c on the bias: the blend is expert j + (1 - sigma) c
+    assert torch.allclose(slot0, model.experts[0](h) + 0.5, atol=1e-6)
+    assert torch.allclose(slot1, model.experts[1](h) + 0.5, atol=1e-6)
+    probs = torch.softmax(model.gate(h), -1)
+    w1, w0 = probs[:, 1:2], probs[:, 0:1]
+    assert torch.allclose(out.logits, (w1 * slot1 + w0 * slot0) / (w1 + w0), atol=1e-6)
+    # no blend parameter at all without paired private experts (the default model is unchanged)
+    assert "private_blend" not in build_model((1, 12, 12), 4, MOE, dense=False, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"top_k must be in 1\.\.3, not 4"):
+        build_model((1, 12, 12), 4, dataclasses.replace(paired, top_k=4), dense=False, seed=0)

@@ -13,8 +13,11 @@ load-balancing loss is Switch Transformer's ``K * sum_e f_e P_e``.
 Parameter names (what each method shares): ``backbone.*``, ``gate.weight`` and
 ``experts.<k>.*`` for the MoE model; ``backbone.*`` and ``head.*`` for the dense model.
 With ``moe.private_experts`` = K_p > 0 the MoE model also holds ``private_experts.<j>.*``
-(copies of experts 0..K_p-1 at the start) that no method ever sends anywhere, and the gate
-routes over all K + K_p experts; its first K rows stay the shared experts' gate vectors.
+(copies of experts 0..K_p-1 at the start) that no method ever sends anywhere. How they are
+used (``moe.private_mode``): ``routed``, the gate routes over all K + K_p experts (its first K
+rows stay the shared experts' gate vectors); ``paired``, the gate routes over the K slots and
+slot j < K_p outputs ``sigma(b_j) E_j(h) + (1 - sigma(b_j)) P_j(h)``, its shared expert and its
+private copy blended by a learnt ``private_blend`` b (K_p,), from 0 (half each).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedspecialists.config import MoESettings
+from fedspecialists.config import PRIVATE_MODES, MoESettings
 
 T = TypeVar("T")
 
@@ -155,12 +158,16 @@ class MoEClassifier(nn.Module):
         hidden: int,
         num_labels: int,
         private_experts: int = 0,
+        private_mode: str = "routed",
     ) -> None:
         super().__init__()
         if not 0 <= private_experts <= num_experts:
             raise ValueError(f"private_experts must be in 0..{num_experts}, not {private_experts}")
-        if not 1 <= top_k <= num_experts + private_experts:
-            raise ValueError(f"top_k must be in 1..{num_experts + private_experts}, not {top_k}")
+        if private_mode not in PRIVATE_MODES:
+            raise ValueError(f"private_mode must be one of {PRIVATE_MODES}, not {private_mode!r}")
+        routed = num_experts + (private_experts if private_mode == "routed" else 0)
+        if not 1 <= top_k <= routed:
+            raise ValueError(f"top_k must be in 1..{routed}, not {top_k}")
         self.backbone = backbone
         dim = backbone.out_dim
         self.gate = nn.Linear(dim, num_experts, bias=False)
@@ -168,8 +175,11 @@ class MoEClassifier(nn.Module):
         self.private_experts = nn.ModuleList(
             copy.deepcopy(self.experts[j]) for j in range(private_experts)
         )
-        if private_experts:  # drawn last: the shared parts start as they do with K_p = 0
-            wide = nn.Linear(dim, num_experts + private_experts, bias=False)
+        self.private_mode = private_mode
+        blend = private_experts > 0 and private_mode == "paired"  # else no parameter at all
+        self.private_blend = nn.Parameter(torch.zeros(private_experts)) if blend else None
+        if routed > num_experts:  # drawn last: the shared parts start as they do with K_p = 0
+            wide = nn.Linear(dim, routed, bias=False)
             with torch.no_grad():
                 wide.weight[:num_experts] = self.gate.weight
             self.gate = wide  # same place in the state dict
@@ -178,8 +188,14 @@ class MoEClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         h = self.backbone(x)
         combine, probs, selected = route(self.gate(h), self.top_k)
-        every = [*self.experts, *self.private_experts]
-        outputs = torch.stack([expert(h) for expert in every], dim=1)  # (B, K + K_p, C)
+        outputs = torch.stack([expert(h) for expert in self.experts], dim=1)  # (B, K, C)
+        private = [expert(h) for expert in self.private_experts]
+        if private and self.private_blend is not None:
+            share = torch.sigmoid(self.private_blend)[None, :, None]  # (1, K_p, 1)
+            paired = share * outputs[:, : len(private)] + (1 - share) * torch.stack(private, 1)
+            outputs = torch.cat([paired, outputs[:, len(private) :]], dim=1)
+        elif private:
+            outputs = torch.cat([outputs, torch.stack(private, dim=1)], dim=1)  # (B, K + K_p, C)
         logits = torch.einsum("bk,bkc->bc", combine, outputs)
         return MoEOutput(logits, probs, selected)
 
@@ -220,7 +236,13 @@ def build_model(
         dense_hidden = moe_cfg.dense_hidden or num_experts * hidden
         return DenseClassifier(backbone, int(dense_hidden), num_labels)
     return MoEClassifier(
-        backbone, num_experts, moe_cfg.top_k, hidden, num_labels, moe_cfg.private_experts
+        backbone,
+        num_experts,
+        moe_cfg.top_k,
+        hidden,
+        num_labels,
+        moe_cfg.private_experts,
+        moe_cfg.private_mode,
     )
 
 
@@ -236,7 +258,7 @@ def expert_outputs(model: MoEClassifier) -> np.ndarray:
 
 def part_of(name: str) -> str:
     """Which part a parameter belongs to: ``backbone``, ``gate``, ``expert.<k>``,
-    ``private_experts`` (no method shares it) or ``head``."""
+    ``private_experts`` or ``private_blend`` (no method shares them) or ``head``."""
     if name.startswith("experts."):
         return "expert." + name.split(".")[1]
     return name.split(".")[0]
