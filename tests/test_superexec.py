@@ -118,3 +118,16 @@ def test_the_fork_server_imports_the_apps_libraries_not_the_app() -> None:
         name.split(".")[0] in ("client_app", "server_app", "strategies", "fedspecialists")
         for name in superexec.PREIMPORTED
     )
+
+
+def test_the_preimported_libraries_start_no_thread() -> None:
+    """A fork copies only the calling thread: what the fork server imports must start none."""
+    code = (
+        "import threading\n"
+        "from fedspecialists.deploy import superexec\n"
+        "done = superexec.preimport()\n"
+        "assert done == list(superexec.PREIMPORTED), done\n"
+        "print(threading.active_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

@@ -96,10 +96,13 @@ def serve(conn: socket.socket, main: Callable[[], None]) -> None:
         conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
 
 
-# Third-party libraries the ClientApp imports even when it only forwards to a warm site
-# (omegaconf alone is about 0.15 s of a forked child's 0.2 s to load the app): imported once
-# here, so every child has them. Libraries only, never the app: that still comes from the FAB.
-PREIMPORTED = ("omegaconf", "safetensors.numpy")
+# Third-party libraries every forked ClientApp imports even when it only forwards to a warm
+# site, imported once here so every child has them: omegaconf (about 0.15 s of a child's 0.2 s
+# to load the app), safetensors, and httpcore, which Flower's Runtime API client (httpx)
+# imports when the child creates it (with trio: 0.1-0.2 s alone, 0.45 s median with three
+# sites starting ClientApps at once on two cores). Libraries only, never the app (it comes
+# from the FAB), and none whose import starts a thread (a fork copies only the calling one).
+PREIMPORTED = ("omegaconf", "safetensors.numpy", "httpcore")
 
 
 def preimport(names: Sequence[str] = PREIMPORTED) -> list[str]:
