@@ -142,12 +142,14 @@ Backbone = ConvBackbone | ProjectionBackbone
 
 
 class MoEClassifier(nn.Module):
-    """Backbone, gate ``Pi`` (K + K_p, d), K experts and K_p private ones, top-k routing.
+    """Backbone, gate ``Pi`` (K, d), K experts and K_p private ones, top-k routing (the gate
+    is (K + K_p, d) when the private experts are routed, ``private_mode="routed"``).
 
     Every expert runs on every input and the top-k combine weights zero the others: the same
     outputs and gradients as a sparse dispatch, and faster at these sizes (K small, d ~ 500).
-    Private expert j starts as a copy of expert j; routing, outputs and the load-balancing loss
-    index the experts in the order ``experts``, then ``private_experts``.
+    Private expert j starts as a copy of expert j. Routed: routing, outputs and the
+    load-balancing loss index the experts in the order ``experts``, then ``private_experts``.
+    Paired: slot j < K_p is its expert and private copy blended by ``private_blend`` (K_p,).
     """
 
     def __init__(
