@@ -24,8 +24,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
-# what stands for an expert in FedMoE-DA's Eq. 8
 PRIVATE_MODES = ("routed", "paired")  # how moe.private_experts are used
+# what stands for an expert in FedMoE-DA's Eq. 8
 PROXIES = ("gate", "gate_update", "routed_mean", "declared_domains", "output_update")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
 ROBUST_KEYS = (  # robust.*
