@@ -25,6 +25,13 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASK_KINDS = ("text_classification", "image_classification", "causal_lm")
 TASK_SOURCES = ("builtin", "hub", "files")
 PRIVATE_MODES = ("routed", "paired")  # how moe.private_experts are used
+
+
+def routed_experts(num_experts: int, private_experts: int, private_mode: str) -> int:
+    """How many experts the gate routes over: K, plus K_p when the private ones are routed."""
+    return num_experts + (private_experts if private_mode == "routed" else 0)
+
+
 # what stands for an expert in FedMoE-DA's Eq. 8
 PROXIES = ("gate", "gate_update", "routed_mean", "declared_domains", "output_update")
 ROBUST_RULES = ("mean", "median", "trimmed_mean")  # strategies.robust
@@ -789,9 +796,8 @@ def _check_moe_sections(cfg: MoERunConfig) -> None:
         "moe.private_mode",
         f"must be one of {', '.join(PRIVATE_MODES)}",
     )
-    routed = moe.num_experts + (moe.private_experts if moe.private_mode == "routed" else 0)
     _check(
-        1 <= moe.top_k <= routed,
+        1 <= moe.top_k <= routed_experts(moe.num_experts, moe.private_experts, moe.private_mode),
         "moe.top_k",
         "must be in 1..moe.num_experts (+ moe.private_experts when moe.private_mode is routed)",
     )

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from safetensors.numpy import save_file
 
 from fedspecialists import methods
-from fedspecialists.config import MoERunConfig
+from fedspecialists.config import MoERunConfig, routed_experts
 from fedspecialists.data.domains import model_input
 from fedspecialists.models.moe import build_model, part_of
 from server_app.outputs import RunRecorder
@@ -105,8 +105,9 @@ def run(grid: Grid, cfg: MoERunConfig, recorder: RunRecorder, run_dir: Path) -> 
     )
     if cfg.output.plots:
         recorder.write_plots()
-        routed_private = cfg.moe.private_experts if cfg.moe.private_mode == "routed" else 0
-        recorder.write_moe_plots(domain_names, cfg.moe.num_experts, routed_private)
+        moe = cfg.moe
+        routed = routed_experts(moe.num_experts, moe.private_experts, moe.private_mode)
+        recorder.write_moe_plots(domain_names, moe.num_experts, routed - moe.num_experts)
     if not recorder.rounds or summary["mean_accuracy"] is None:
         raise RuntimeError("no round produced evaluation results (did every client fail?)")
     recorder.set_status("completed")

@@ -547,13 +547,12 @@ def auto_kmeans(
     from the sample's centroids for the chosen K. ``weights`` ``(M,)`` weigh the rows in every
     K-means fit (None: all 1); the silhouette counts every adapter once."""
     m = features.shape[0]
-    rows = np.arange(m)
-    scan_init = n_init
-    if m > SILHOUETTE_SAMPLE:
+    sample, sample_weights, scan_init = features, weights, n_init
+    sampled = m > SILHOUETTE_SAMPLE
+    if sampled:
         rows = np.sort(np.random.default_rng(seed).choice(m, SILHOUETTE_SAMPLE, replace=False))
-        scan_init = min(n_init, SAMPLE_N_INIT)
-    sample = features[rows]
-    sample_weights = None if weights is None else weights[rows]
+        sample, scan_init = features[rows], min(n_init, SAMPLE_N_INIT)
+        sample_weights = None if weights is None else weights[rows]
     upper = min(k_max, sample.shape[0] - 1)
     if upper < k_min:
         k = max(1, min(k_min, m))
@@ -568,7 +567,7 @@ def auto_kmeans(
         for k, (labels, _) in fits.items()
     }
     best = max(scores, key=lambda k: (scores[k], -k))
-    if len(rows) == m:
+    if not sampled:
         return best, fits[best][0]
     return best, fitted_kmeans(features, best, seed, init=fits[best][1], weights=weights)[0]
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedspecialists.config import PRIVATE_MODES, MoESettings
+from fedspecialists.config import PRIVATE_MODES, MoESettings, routed_experts
 
 T = TypeVar("T")
 
@@ -167,7 +167,7 @@ class MoEClassifier(nn.Module):
             raise ValueError(f"private_experts must be in 0..{num_experts}, not {private_experts}")
         if private_mode not in PRIVATE_MODES:
             raise ValueError(f"private_mode must be one of {PRIVATE_MODES}, not {private_mode!r}")
-        routed = num_experts + (private_experts if private_mode == "routed" else 0)
+        routed = routed_experts(num_experts, private_experts, private_mode)
         if not 1 <= top_k <= routed:
             raise ValueError(f"top_k must be in 1..{routed}, not {top_k}")
         self.backbone = backbone
@@ -177,7 +177,6 @@ class MoEClassifier(nn.Module):
         self.private_experts = nn.ModuleList(
             copy.deepcopy(self.experts[j]) for j in range(private_experts)
         )
-        self.private_mode = private_mode
         blend = private_experts > 0 and private_mode == "paired"  # else no parameter at all
         self.private_blend = nn.Parameter(torch.zeros(private_experts)) if blend else None
         if routed > num_experts:  # drawn last: the shared parts start as they do with K_p = 0

@@ -179,20 +179,15 @@ def local_superlink(
 STATE_DB = "state.db"
 
 
-def forget_runs(home: Path) -> list[Path]:
-    """Remove the SuperLink database of ``home`` (and SQLite's side files); the paths removed.
+def forget_runs(home: Path) -> None:
+    """Remove the SuperLink database of ``home`` (and SQLite's side files).
 
     A simulation SuperLink starts the unfinished runs it finds in its database, so one started
     on the database of a SuperLink that was stopped mid-run would run that run again, beside
     whatever it is started for.
     """
-    removed = []
     for suffix in ("", "-wal", "-shm", "-journal"):
-        path = home / f"{STATE_DB}{suffix}"
-        if path.exists():
-            path.unlink()
-            removed.append(path)
-    return removed
+        (home / f"{STATE_DB}{suffix}").unlink(missing_ok=True)
 
 
 # What every Flower process this project starts runs with: no hub, no telemetry, and never a
